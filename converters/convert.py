@@ -1,0 +1,243 @@
+"""``convert``: an ONNX model plus its pre/post-processing -> a verified ``*.edgepkg``.
+
+This release writes fp32 packages. Calibration (int8) and pruning plug into the
+same signature; options they will take are refused clearly until then.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from converters.data import Sample, image_samples, text_lines, tsv_samples
+from converters.evaluate import Evaluation, evaluate
+from converters.graph import ModelSource, io_specs, load_onnx
+from converters.report import ConversionReport
+from edge_sdk.errors import ConversionError, EdgeSDKError
+from runtime.manifest import ImagePreprocess, Manifest, Postprocess, TensorSpec, TextPreprocess
+from runtime.package import golden_bytes, write_package
+from runtime.pipeline import Pipeline, make_encoder
+from runtime.runners.onnxrt import OnnxRuntimeRunner
+from runtime.select import Selection
+
+log = logging.getLogger(__name__)
+
+TASKS = ("image-classification", "text-classification")
+TEXT_ROLES = ("input_ids", "attention_mask", "token_type_ids")
+_LATER = {"precision": "int8 calibration", "prune": "pruning", "calibration_method": "int8 calibration"}
+_SYNTHETIC_TEXTS = ("pump vibration high at drive end bearing", "all parameters within limits", "oil leak seen under unit")
+
+
+@dataclass(frozen=True)
+class Options:
+    """The keyword options ``convert`` accepts beyond its named parameters."""
+
+    name: str | None = None
+    version: str = "1"
+    archive: bool = True
+    golden_samples: int = 4
+    output_name: str | None = None
+    threads: int | None = None
+
+
+def _options(options: Mapping[str, Any]) -> Options:
+    for key in options:
+        if key in _LATER:
+            raise ConversionError(f"option {key!r} needs {_LATER[key]}, which this edge-sdk release does not have yet",
+                                  hint="convert without it to get an fp32 package")
+    known = set(Options.__dataclass_fields__)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConversionError(f"unknown option(s) {unknown}", hint=f"known options: {', '.join(sorted(known))}")
+    opts = Options(**options)
+    if opts.golden_samples < 1:
+        raise ConversionError(f"golden_samples is {opts.golden_samples}; expected at least 1")
+    return opts
+
+
+def _labels(labels: Sequence[str] | str | os.PathLike[str]) -> tuple[str, ...]:
+    if isinstance(labels, (str, os.PathLike)):
+        path = Path(labels)
+        if not path.is_file():
+            raise ConversionError(f"labels file {str(path)!r} does not exist", hint="pass a list or a labels.txt path")
+        items = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        items = [str(label) for label in labels]
+    if not items or len(set(items)) != len(items):
+        raise ConversionError(f"labels {items[:10]} must be a non-empty list of unique names")
+    return tuple(items)
+
+
+def _image_preprocess(preprocess: Mapping[str, Any] | str | os.PathLike[str] | None) -> ImagePreprocess:
+    if preprocess is None:
+        raise ConversionError("an image model needs preprocess",
+                              hint='e.g. {"resize": [224, 224], "mean": [127, 127, 127], "std": [128, 128, 128]}')
+    if isinstance(preprocess, (str, os.PathLike)):
+        try:
+            preprocess = json.loads(Path(preprocess).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConversionError(f"preprocess file {str(preprocess)!r} cannot be read as JSON: {exc}") from None
+    try:
+        return ImagePreprocess.from_dict(dict(preprocess))  # type: ignore[arg-type]
+    except EdgeSDKError as exc:
+        raise ConversionError(exc.message, exc.hint) from None
+
+
+def _check_image_input(inputs: Sequence[TensorSpec], pre: ImagePreprocess) -> None:
+    if len(inputs) != 1 or len(inputs[0].shape) != 4:
+        raise ConversionError(f"an image model needs one rank-4 input; this graph has {[t.to_dict() for t in inputs]}")
+    spec = inputs[0]
+    if spec.dtype != pre.dtype:
+        raise ConversionError(f"input '{spec.name}' is {spec.dtype} but preprocess produces {pre.dtype}",
+                              hint=f'set "dtype": "{spec.dtype}" in preprocess')
+    h, w = pre.output_hw
+    want = (pre.channels, h, w) if pre.layout == "nchw" else (h, w, pre.channels)
+    for axis, (dim, expected) in enumerate(zip(spec.shape[1:], want), start=1):
+        if isinstance(dim, int) and dim != expected:
+            raise ConversionError(
+                f"input '{spec.name}' has shape {list(spec.shape)}, but preprocess ({pre.layout}, {pre.color}, "
+                f"{h}x{w}) gives {expected} on axis {axis}",
+                hint="make resize/crop, color and layout agree with the model's input",
+            )
+
+
+def _text_preprocess(inputs: Sequence[TensorSpec], max_length: int) -> TextPreprocess:
+    names = {t.name: t for t in inputs}
+    unknown = sorted(set(names) - set(TEXT_ROLES))
+    if unknown or "input_ids" not in names:
+        raise ConversionError(f"a text model's inputs must be input_ids [+ attention_mask, token_type_ids]; "
+                              f"this graph has {sorted(names)}", hint="rename the graph inputs when exporting")
+    for t in inputs:
+        if t.dtype not in ("int64", "int32") or len(t.shape) != 2:
+            raise ConversionError(f"text input '{t.name}' is {t.dtype} {list(t.shape)}; expected int64 [batch, sequence]")
+    if not isinstance(max_length, int) or max_length < 2:
+        raise ConversionError(f"max_length is {max_length!r}; expected an int >= 2")
+    return TextPreprocess(max_length=max_length, attention_mask="attention_mask" if "attention_mask" in names else None,
+                          token_type_ids="token_type_ids" if "token_type_ids" in names else None)
+
+
+def _tokenizer(tokenizer: str | os.PathLike[str] | None) -> str:
+    if tokenizer is None:
+        raise ConversionError("a text model needs tokenizer", hint="pass the path of its tokenizer.json")
+    path = Path(tokenizer)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise ConversionError(f"tokenizer {str(path)!r} does not exist", hint="pass a tokenizer.json file")
+    return path.read_text(encoding="utf-8")
+
+
+def _pick_output(outputs: Sequence[TensorSpec], name: str | None, labels: Sequence[str]) -> TensorSpec:
+    candidates = [o for o in outputs if name in (None, o.name)]
+    if len(candidates) != 1:
+        raise ConversionError(f"cannot choose the scores output among {[o.name for o in outputs]}",
+                              hint="pass output_name=... naming the [batch, classes] output")
+    out = candidates[0]
+    if len(out.shape) != 2 or (isinstance(out.shape[1], int) and out.shape[1] != len(labels)):
+        raise ConversionError(f"output '{out.name}' has shape {list(out.shape)}; expected [batch, {len(labels)}] "
+                              f"for the {len(labels)} labels")
+    return out
+
+
+def _samples(task: str, source: Any, labels: Sequence[str], labelled: bool) -> list[Sample]:
+    if source is None:
+        return []
+    if task == "image-classification":
+        samples = image_samples(source, labels)
+        if labelled and samples[0].label is None:
+            raise ConversionError(f"validation folder {str(source)!r} has no label sub-folders",
+                                  hint="put each image in a sub-folder named after its label")
+        return samples
+    return tsv_samples(source, labels) if labelled else text_lines(source)
+
+
+def _golden_items(task: str, pool: Sequence[Sample], count: int) -> list[Any]:
+    """Up to ``count`` inputs, spread over the labels; synthetic ones when no data was given."""
+    if not pool:
+        if task == "image-classification":
+            rng = np.random.default_rng(0)
+            return [rng.integers(0, 256, (96, 128, 3), dtype=np.uint8) for _ in range(count)]
+        return list(_SYNTHETIC_TEXTS[:count])
+    by_label: dict[str | None, list[Sample]] = {}
+    for s in pool:
+        by_label.setdefault(s.label, []).append(s)
+    picked: list[Any] = []
+    for i in range(max(len(v) for v in by_label.values())):
+        picked.extend(group[i].item for group in by_label.values() if i < len(group))
+    return picked[:count]
+
+
+def convert(
+    model: ModelSource,
+    output: str | os.PathLike[str],
+    *,
+    task: str,
+    labels: Sequence[str] | str | os.PathLike[str],
+    preprocess: Mapping[str, Any] | str | os.PathLike[str] | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
+    max_length: int = 128,
+    calibration: str | os.PathLike[str] | None = None,
+    validation: str | os.PathLike[str] | None = None,
+    **options: Any,
+) -> ConversionReport:
+    """Convert an ONNX model into a verified package at ``output`` and report on it."""
+    start = time.perf_counter()
+    opts = _options(options)
+    if task not in TASKS:
+        raise ConversionError(f"task is {task!r}; expected one of {', '.join(TASKS)}")
+    label_list = _labels(labels)
+    proto = load_onnx(model)
+    inputs, outputs = io_specs(proto)
+    out_spec = _pick_output(outputs, opts.output_name, label_list)
+    tokenizer_json: str | None = None
+    pre: ImagePreprocess | TextPreprocess
+    if task == "image-classification":
+        pre = _image_preprocess(preprocess)
+        _check_image_input(inputs, pre)
+    else:
+        pre = _text_preprocess(inputs, max_length)
+        tokenizer_json = _tokenizer(tokenizer)
+    default_name = Path(output).name.split(".")[0] or "model"
+    manifest = Manifest(
+        name=opts.name or default_name, version=opts.version, task=task, model="model.onnx",
+        inputs=inputs, outputs=(out_spec,), preprocess=pre,
+        postprocess=Postprocess(output=out_spec.name, labels=label_list), files={},
+        created_by="edge-sdk converters",
+    )
+    model_bytes = proto.SerializeToString()
+    encoder = make_encoder(manifest, tokenizer_json)
+    runner = OnnxRuntimeRunner(model_bytes, inputs, (out_spec,), threads=opts.threads).activate()
+    pipeline = Pipeline(manifest, Selection("onnxruntime-cpu", runner, ()), encoder)
+    try:
+        validation_set = _samples(task, validation, label_list, labelled=True)
+        pool = validation_set or _samples(task, calibration, label_list, labelled=False)
+        golden_in = encoder(_golden_items(task, pool, opts.golden_samples))
+        golden_out = runner.infer(golden_in)
+        evaluation: Evaluation | None = evaluate(pipeline, validation_set) if validation_set else None
+    finally:
+        runner.deactivate()
+    notes = ["precision fp32: int8 calibration is not part of this release"]
+    if calibration is not None:
+        notes.append("calibration data was used for golden vectors only")
+    reports = {"conversion": {"precision": "fp32", "notes": notes}}
+    if evaluation:
+        reports["validation"] = evaluation.to_dict()
+    manifest = replace(manifest, reports=reports)
+    files = {"model.onnx": model_bytes, "golden.npz": golden_bytes(golden_in, golden_out)}
+    if tokenizer_json is not None:
+        files["tokenizer.json"] = tokenizer_json.encode("utf-8")
+    package = write_package(manifest, files, output, archive=opts.archive)
+    log.info("wrote %s", package.path)
+    return ConversionReport(
+        package=str(package.path), name=manifest.name, task=task, precision="fp32", labels=label_list,
+        inputs=tuple(t.to_dict() for t in inputs), outputs=(out_spec.to_dict(),),
+        golden_samples=len(next(iter(golden_in.values()))), seconds=time.perf_counter() - start,
+        validation=evaluation, notes=tuple(notes),
+    )

@@ -1,0 +1,180 @@
+"""The ``edge-sdk`` command: thin glue over the SDK.
+
+Every ``EdgeSDKError`` is printed as one line (plus its hint) and exits 1,
+without a traceback. A missing optional dependency disables only the
+subcommand that needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from edge_sdk.errors import BackendUnavailableError, EdgeSDKError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _cmd_devices(args: argparse.Namespace) -> int:
+    import devices
+
+    info = devices.detect(args.root)
+    if args.json:
+        _print_json(info.to_dict())
+    else:
+        print("\n".join(info.summary_lines()))
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    try:
+        from converters.convert import convert
+    except ImportError as exc:
+        raise BackendUnavailableError(f"edge-sdk convert needs the 'convert' extra ({exc.name} is missing)",
+                                      hint="pip install 'edge-sdk[convert]'") from None
+    preprocess: Any = args.preprocess
+    if preprocess and preprocess.lstrip().startswith("{"):
+        try:
+            preprocess = json.loads(preprocess)
+        except json.JSONDecodeError as exc:
+            raise EdgeSDKError(f"--preprocess is not valid JSON: {exc}") from None
+    options = {"archive": not args.directory, "name": args.name, "version": args.version}
+    report = convert(
+        args.model, args.output, task=args.task, labels=_labels_arg(args.labels), preprocess=preprocess,
+        tokenizer=args.tokenizer, max_length=args.max_length, calibration=args.calibration,
+        validation=args.validation, **{k: v for k, v in options.items() if v is not None},
+    )
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print("\n".join(report.lines()))
+    return 0
+
+
+def _labels_arg(value: str) -> Any:
+    return value if Path(value).is_file() else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from runtime.package import Package
+
+    package = Package.open(args.package)
+    summary = {**package.manifest.summary(), "path": str(package.path), "verified": True,
+               "reports": dict(package.manifest.reports)}
+    if args.json:
+        _print_json(summary)
+        return 0
+    print(f"{summary['name']} {summary['version']}  ({summary['task']}, {summary['precision']})  verified")
+    print(f"path: {summary['path']}")
+    print(f"labels: {', '.join(summary['labels'])}")
+    for kind in ("inputs", "outputs"):
+        for t in summary[kind]:
+            print(f"{kind[:-1]}: {t['name']} {t['dtype']} {t['shape']}")
+    print(f"preprocess: {json.dumps(summary['preprocess'], sort_keys=True)}")
+    validation = summary["reports"].get("validation")
+    if validation:
+        print(f"validation accuracy: {validation['accuracy']:.3f} on {validation['samples']} samples")
+    return 0
+
+
+def _run_inputs(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = [(t[:40], t) for t in args.text or []]
+    if args.text_file:
+        lines = Path(args.text_file).read_text(encoding="utf-8").splitlines()
+        items += [(line[:40], line) for line in lines if line.strip()]
+    for value in args.inputs:
+        path = Path(value)
+        if path.is_dir():
+            items += [(str(p), str(p)) for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+        else:
+            items.append((value, value))
+    if not items:
+        raise EdgeSDKError("nothing to run", hint="pass image paths, a folder, --text or --text-file")
+    return items
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from edge_sdk.model import load
+
+    items = _run_inputs(args)
+    with load(args.package, backend=args.backend, threads=args.threads) as model:
+        predictions = model.predict_batch([x for _, x in items], max_batch=args.batch)
+        if args.json:
+            _print_json([{"input": name, **p.to_dict()} for (name, _), p in zip(items, predictions)])
+            return 0
+        width = max(len(name) for name, _ in items)
+        for (name, _), p in zip(items, predictions):
+            print(f"{name:<{width}}  {p.label:<18} {p.score:6.3f}  {p.backend}  {p.timings.total_ms / p.batch_size:7.2f} ms")
+        for skipped in model.info["skipped_backends"]:
+            print(f"(skipped {skipped['backend']}: {skipped['reason']})", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-sdk", description="Convert models and run them on edge devices.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("devices", help="what this machine is and what it can run")
+    p.add_argument("--root", default="/", help="read device files under this root (default /)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_devices)
+
+    p = sub.add_parser("convert", help="convert an ONNX model into an .edgepkg package")
+    p.add_argument("model", help="the .onnx file")
+    p.add_argument("-o", "--output", required=True, help="package path to write")
+    p.add_argument("--task", required=True, choices=["image-classification", "text-classification"])
+    p.add_argument("--labels", required=True, help="labels.txt path or comma-separated labels")
+    p.add_argument("--preprocess", help="image preprocessing as JSON or a JSON file path")
+    p.add_argument("--tokenizer", help="tokenizer.json of a text model")
+    p.add_argument("--max-length", type=int, default=128, help="text truncation length")
+    p.add_argument("--calibration", help="calibration images folder or text file")
+    p.add_argument("--validation", help="labelled validation: ImageFolder or label<TAB>text file")
+    p.add_argument("--name", help="package name (default: from the output file name)")
+    p.add_argument("--version", help="package version")
+    p.add_argument("--directory", action="store_true", help="write a directory instead of one archive file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("inspect", help="verify a package and show what it holds")
+    p.add_argument("package")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("run", help="predict images or texts with a package")
+    p.add_argument("package")
+    p.add_argument("inputs", nargs="*", help="image files or folders")
+    p.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    p.add_argument("--text-file", help="a file with one text per line")
+    p.add_argument("--backend", default="auto", help="auto, or a comma-separated policy (e.g. onnxruntime-cpu)")
+    p.add_argument("--threads", type=int, help="CPU threads for onnxruntime")
+    p.add_argument("--batch", type=int, default=16, help="max batch size")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except EdgeSDKError as exc:
+        print(f"edge-sdk: error: {exc.message}" + (f" (hint: {exc.hint})" if exc.hint else ""), file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"edge-sdk: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

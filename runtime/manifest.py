@@ -1,0 +1,296 @@
+"""The package manifest: a versioned, validated description of a model package.
+
+The manifest declares everything the runtime needs to run a package without
+guessing: the task, the graph's inputs and outputs, pre- and post-processing,
+labels, the files with their sha256 and the golden test vectors.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+from edge_sdk.errors import PackageError, PackageVersionError
+
+SCHEMA_VERSION = 1
+SUPPORTED_SCHEMA_VERSIONS = (1,)
+
+TASKS = ("image-classification", "text-classification")
+DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
+INTERPOLATIONS = ("nearest", "linear", "area", "cubic", "lanczos")
+COLORS = ("rgb", "bgr", "gray")
+LAYOUTS = ("nchw", "nhwc")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+Dim = int | str
+
+
+def _require(data: Mapping[str, Any], key: str, where: str) -> Any:
+    if key not in data:
+        raise PackageError(f"manifest {where} has no '{key}'", hint="rebuild the package with edge-sdk convert")
+    return data[key]
+
+
+def _choice(value: Any, allowed: tuple[str, ...], what: str) -> str:
+    if value not in allowed:
+        raise PackageError(f"{what} is {value!r}; expected one of {', '.join(allowed)}")
+    return str(value)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output: name, element type and shape (str for a dynamic axis)."""
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TensorSpec:
+        name = _require(data, "name", "tensor")
+        dtype = _choice(_require(data, "dtype", f"tensor '{name}'"), DTYPES, f"dtype of tensor '{name}'")
+        shape = tuple(_require(data, "shape", f"tensor '{name}'"))
+        for dim in shape:
+            if not (isinstance(dim, str) or (isinstance(dim, int) and dim > 0)):
+                raise PackageError(f"tensor '{name}' has dimension {dim!r}; expected a positive int or an axis name")
+        return cls(name=str(name), dtype=dtype, shape=shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """How a decoded image becomes the model's input tensor.
+
+    Order: decode (BGR) -> colour conversion -> resize -> centre crop -> float
+    -> (x - mean) / std -> layout -> dtype. ``mean``/``std`` are in the
+    *output* colour order, on the 0-255 scale.
+    """
+
+    resize: tuple[int, int]
+    interpolation: str = "linear"
+    crop: tuple[int, int] | None = None
+    color: str = "rgb"
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    layout: str = "nchw"
+    dtype: str = "float32"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ImagePreprocess:
+        known = {"resize", "interpolation", "crop", "color", "mean", "std", "layout", "dtype"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PackageError(
+                f"image preprocess has unknown key(s) {unknown}", hint=f"allowed keys: {', '.join(sorted(known))}"
+            )
+        resize = _pair(_require(data, "resize", "image preprocess"), "resize")
+        crop = _pair(data["crop"], "crop") if data.get("crop") is not None else None
+        color = _choice(data.get("color", "rgb"), COLORS, "preprocess color")
+        channels = 1 if color == "gray" else 3
+        mean = _per_channel(data.get("mean", [0.0] * channels), channels, "mean")
+        std = _per_channel(data.get("std", [1.0] * channels), channels, "std")
+        if any(s == 0 for s in std):
+            raise PackageError(f"preprocess std {list(std)} contains 0; expected non-zero values")
+        if crop and (crop[0] > resize[0] or crop[1] > resize[1]):
+            raise PackageError(f"preprocess crop {list(crop)} is larger than resize {list(resize)}")
+        return cls(
+            resize=resize,
+            interpolation=_choice(data.get("interpolation", "linear"), INTERPOLATIONS, "preprocess interpolation"),
+            crop=crop,
+            color=color,
+            mean=mean,
+            std=std,
+            layout=_choice(data.get("layout", "nchw"), LAYOUTS, "preprocess layout"),
+            dtype=_choice(data.get("dtype", "float32"), ("float32", "float16", "uint8"), "preprocess dtype"),
+        )
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color == "gray" else 3
+
+    @property
+    def output_hw(self) -> tuple[int, int]:
+        return self.crop or self.resize
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["resize"] = list(self.resize)
+        out["crop"] = list(self.crop) if self.crop else None
+        out["mean"], out["std"] = list(self.mean), list(self.std)
+        return out
+
+
+def _pair(value: Any, what: str) -> tuple[int, int]:
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value)):
+        raise PackageError(f"preprocess {what} is {value!r}; expected [height, width] as two positive ints")
+    return (int(value[0]), int(value[1]))
+
+
+def _per_channel(value: Any, channels: int, what: str) -> tuple[float, ...]:
+    if not (isinstance(value, (list, tuple)) and len(value) == channels):
+        raise PackageError(f"preprocess {what} is {value!r}; expected {channels} numbers (one per channel)")
+    try:
+        return tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise PackageError(f"preprocess {what} is {value!r}; expected numbers") from None
+
+
+@dataclass(frozen=True)
+class TextPreprocess:
+    """How a text becomes token tensors: the package's tokenizer file and its limits."""
+
+    tokenizer: str = "tokenizer.json"
+    max_length: int = 128
+    padding: str = "longest"
+    input_ids: str = "input_ids"
+    attention_mask: str | None = "attention_mask"
+    token_type_ids: str | None = "token_type_ids"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TextPreprocess:
+        max_length = data.get("max_length", 128)
+        if not isinstance(max_length, int) or max_length < 2:
+            raise PackageError(f"text max_length is {max_length!r}; expected an int >= 2")
+        return cls(
+            tokenizer=str(data.get("tokenizer", "tokenizer.json")),
+            max_length=max_length,
+            padding=_choice(data.get("padding", "longest"), ("longest", "max_length"), "text padding"),
+            input_ids=str(data.get("input_ids", "input_ids")),
+            attention_mask=data.get("attention_mask", "attention_mask"),
+            token_type_ids=data.get("token_type_ids", "token_type_ids"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Postprocess:
+    """Scores from the output tensor: softmax (or not), labels, per-class thresholds."""
+
+    output: str
+    labels: tuple[str, ...]
+    softmax: bool = True
+    thresholds: Mapping[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Postprocess:
+        labels = tuple(str(label) for label in _require(data, "labels", "postprocess"))
+        if not labels or len(set(labels)) != len(labels):
+            raise PackageError(f"postprocess labels {list(labels)} must be non-empty and unique")
+        thresholds = dict(data.get("thresholds") or {})
+        for label, value in thresholds.items():
+            if label not in labels or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise PackageError(f"threshold {label!r}: {value!r}; expected a known label with a value in [0, 1]")
+        return cls(
+            output=str(_require(data, "output", "postprocess")),
+            labels=labels,
+            softmax=bool(data.get("softmax", True)),
+            thresholds=thresholds,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"output": self.output, "labels": list(self.labels), "softmax": self.softmax,
+                "thresholds": dict(self.thresholds)}
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The validated content of ``manifest.json``."""
+
+    name: str
+    version: str
+    task: str
+    model: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    preprocess: ImagePreprocess | TextPreprocess
+    postprocess: Postprocess
+    files: Mapping[str, FileEntry]
+    golden: str | None = "golden.npz"
+    precision: str = "fp32"
+    engines: tuple[Mapping[str, Any], ...] = ()
+    reports: Mapping[str, Any] = field(default_factory=dict)
+    created_by: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
+        if not isinstance(data, Mapping):
+            raise PackageError(f"manifest is a {type(data).__name__}; expected a JSON object")
+        version = data.get("schema_version")
+        if version not in SUPPORTED_SCHEMA_VERSIONS:
+            raise PackageVersionError(
+                f"manifest schema_version is {version!r}; this edge-sdk reads {list(SUPPORTED_SCHEMA_VERSIONS)}",
+                hint="upgrade edge-sdk on this device, or re-convert the model with this version",
+            )
+        task = _choice(_require(data, "task", "manifest"), TASKS, "manifest task")
+        name = str(_require(data, "name", "manifest"))
+        if not _NAME_RE.match(name):
+            raise PackageError(f"package name {name!r} is invalid; expected letters, digits, '.', '_' or '-'")
+        pre = _require(data, "preprocess", "manifest")
+        files = {
+            str(path): FileEntry(sha256=str(_require(entry, "sha256", f"file '{path}'")),
+                                 size=int(_require(entry, "size", f"file '{path}'")))
+            for path, entry in dict(_require(data, "files", "manifest")).items()
+        }
+        return cls(
+            name=name,
+            version=str(_require(data, "version", "manifest")),
+            task=task,
+            model=str(_require(data, "model", "manifest")),
+            inputs=tuple(TensorSpec.from_dict(t) for t in _require(data, "inputs", "manifest")),
+            outputs=tuple(TensorSpec.from_dict(t) for t in _require(data, "outputs", "manifest")),
+            preprocess=ImagePreprocess.from_dict(pre) if task == "image-classification" else TextPreprocess.from_dict(pre),
+            postprocess=Postprocess.from_dict(_require(data, "postprocess", "manifest")),
+            files=files,
+            golden=data.get("golden"),
+            precision=str(data.get("precision", "fp32")),
+            engines=tuple(data.get("engines", ())),
+            reports=dict(data.get("reports", {})),
+            created_by=str(data.get("created_by", "")),
+            schema_version=int(version),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "name": self.name,
+            "version": self.version,
+            "task": self.task,
+            "model": self.model,
+            "precision": self.precision,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "preprocess": self.preprocess.to_dict(),
+            "postprocess": self.postprocess.to_dict(),
+            "golden": self.golden,
+            "engines": list(self.engines),
+            "reports": dict(self.reports),
+            "created_by": self.created_by,
+            "files": {p: {"sha256": e.sha256, "size": e.size} for p, e in sorted(self.files.items())},
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """A short, JSON-serialisable description for ``Model.info`` and ``edge-sdk inspect``."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "task": self.task,
+            "precision": self.precision,
+            "labels": list(self.postprocess.labels),
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "preprocess": self.preprocess.to_dict(),
+            "engines": list(self.engines),
+            "files": len(self.files),
+        }

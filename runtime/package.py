@@ -1,0 +1,300 @@
+"""Reading, verifying and writing model packages (``*.edgepkg``).
+
+A package is a directory, or a zip archive of that directory, holding
+``manifest.json`` plus every file it lists with a sha256 and a size. Reading a
+package verifies the schema version and every file before anything is used;
+a tampered, truncated or unsafe package is refused with a clear error.
+
+Writes are atomic: a package is staged next to its destination and renamed
+into place, so a crash never leaves a half-written package behind, and an
+existing package is replaced only once the new one is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import stat
+import tempfile
+import zipfile
+from dataclasses import replace
+from pathlib import Path, PurePosixPath
+from typing import Any, Mapping
+
+import numpy as np
+
+from edge_sdk.errors import PackageError, PackageIntegrityError
+from runtime.manifest import FileEntry, Manifest
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+_CHUNK = 1 << 20
+_MAX_MANIFEST_BYTES = 16 << 20
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_member_name(name: str) -> str:
+    """Return ``name`` if it is a safe relative POSIX path inside a package, else raise."""
+    path = PurePosixPath(name)
+    unsafe = (
+        not name
+        or "\\" in name
+        or "\x00" in name
+        or path.is_absolute()
+        or ":" in path.parts[0]
+        or any(part in ("..", ".", "") for part in path.parts)
+        or str(path) != name
+    )
+    if unsafe:
+        raise PackageIntegrityError(
+            f"package member {name!r} is not a safe relative path",
+            hint="the archive may be malicious; rebuild it with edge-sdk convert",
+        )
+    return name
+
+
+class Package:
+    """A verified model package. Open with :meth:`Package.open`."""
+
+    def __init__(self, path: Path, manifest: Manifest, archive: bool) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.is_archive = archive
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Package:
+        """Open and fully verify the package at ``path`` (a directory or an archive)."""
+        p = Path(path)
+        if p.is_dir():
+            manifest = _verify_directory(p)
+            archive = False
+        elif p.is_file():
+            manifest = _verify_archive(p)
+            archive = True
+        else:
+            raise PackageError(f"package {str(p)!r} does not exist", hint="check the path, or run edge-sdk convert first")
+        log.info("package %s verified: %s %s (%d files)", p, manifest.name, manifest.version, len(manifest.files))
+        return cls(p, manifest, archive)
+
+    def read_bytes(self, name: str) -> bytes:
+        """Read one listed file and check it against its sha256 again (it may have changed since open)."""
+        check_member_name(name)
+        entry = self.manifest.files.get(name)
+        if entry is None:
+            raise PackageError(f"package {self.path} has no file {name!r}", hint=f"listed files: {sorted(self.manifest.files)}")
+        if self.is_archive:
+            with _open_zip(self.path) as zf:
+                data = zf.read(name)
+        else:
+            data = (self.path / name).read_bytes()
+        if len(data) != entry.size or sha256_bytes(data) != entry.sha256:
+            raise PackageIntegrityError(f"package file {name!r} in {self.path} changed after it was verified")
+        return data
+
+    def golden(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The golden feeds and their reference fp32 outputs."""
+        if not self.manifest.golden:
+            return {}, {}
+        with np.load(io.BytesIO(self.read_bytes(self.manifest.golden)), allow_pickle=False) as npz:
+            inputs = {k[3:]: npz[k] for k in npz.files if k.startswith("in.")}
+            outputs = {k[4:]: npz[k] for k in npz.files if k.startswith("out.")}
+        return inputs, outputs
+
+
+def _parse_manifest(data: bytes, where: Path) -> Manifest:
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PackageIntegrityError(f"manifest.json in {where} is not valid JSON: {exc}") from None
+    manifest = Manifest.from_dict(raw)
+    for name in manifest.files:
+        check_member_name(name)
+    for name in (manifest.model, manifest.golden):
+        if name and name not in manifest.files:
+            raise PackageIntegrityError(f"manifest of {where} names {name!r} but does not list it in 'files'")
+    return manifest
+
+
+def _check_entry(name: str, entry: FileEntry, size: int, digest: str, where: Path) -> None:
+    if size != entry.size:
+        raise PackageIntegrityError(
+            f"package file {name!r} in {where} is {size} bytes; the manifest says {entry.size}",
+            hint="the package is truncated or was modified; copy it again or re-convert",
+        )
+    if digest != entry.sha256:
+        raise PackageIntegrityError(
+            f"package file {name!r} in {where} has sha256 {digest[:16]}...; the manifest says {entry.sha256[:16]}...",
+            hint="the package was modified after it was built; copy it again or re-convert",
+        )
+
+
+def _hash_stream(stream: Any, limit: int) -> tuple[int, str]:
+    h, size = hashlib.sha256(), 0
+    while chunk := stream.read(_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            break  # larger than declared: stop reading (zip bomb / tampering)
+        h.update(chunk)
+    return size, h.hexdigest()
+
+
+def _verify_directory(root: Path) -> Manifest:
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise PackageError(f"{root} has no manifest.json; it is not an edge-sdk package")
+    manifest = _parse_manifest(manifest_path.read_bytes(), root)
+    for name, entry in manifest.files.items():
+        path = root / name
+        if path.is_symlink() or not path.is_file():
+            raise PackageIntegrityError(f"package file {name!r} is missing from {root} (or is not a regular file)")
+        with path.open("rb") as f:
+            size, digest = _hash_stream(f, entry.size)
+        _check_entry(name, entry, size, digest, root)
+    return manifest
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise PackageIntegrityError(
+            f"package archive {path} cannot be read ({exc})",
+            hint="the file is truncated or not an edge-sdk package; copy it again or re-convert",
+        ) from None
+
+
+def _archive_members(zf: zipfile.ZipFile, where: Path) -> dict[str, zipfile.ZipInfo]:
+    members: dict[str, zipfile.ZipInfo] = {}
+    for info in zf.infolist():
+        check_member_name(info.filename.rstrip("/") if info.is_dir() else info.filename)
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise PackageIntegrityError(f"package archive {where} contains a symbolic link {info.filename!r}")
+        if not info.is_dir():
+            members[info.filename] = info
+    return members
+
+
+def _verify_archive(path: Path) -> Manifest:
+    with _open_zip(path) as zf:
+        members = _archive_members(zf, path)
+        if MANIFEST not in members or members[MANIFEST].file_size > _MAX_MANIFEST_BYTES:
+            raise PackageError(f"{path} has no usable manifest.json; it is not an edge-sdk package")
+        try:
+            manifest = _parse_manifest(zf.read(MANIFEST), path)
+            extra = sorted(set(members) - set(manifest.files) - {MANIFEST})
+            if extra:
+                raise PackageIntegrityError(f"package archive {path} holds files the manifest does not list: {extra}")
+            for name, entry in manifest.files.items():
+                if name not in members:
+                    raise PackageIntegrityError(f"package file {name!r} is missing from {path}")
+                with zf.open(members[name]) as f:
+                    size, digest = _hash_stream(f, entry.size)
+                _check_entry(name, entry, size, digest, path)
+        except (zipfile.BadZipFile, EOFError, OSError) as exc:
+            raise PackageIntegrityError(f"package archive {path} is damaged ({exc})", hint="copy it again or re-convert") from None
+    return manifest
+
+
+def extract_package(archive: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Package:
+    """Safely unpack a verified archive into a new directory ``dest`` and open it there."""
+    src, out = Path(archive), Path(dest)
+    if out.exists():
+        raise PackageError(f"extraction target {out} already exists", hint="choose a new directory")
+    manifest = Package.open(src).manifest
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with _open_zip(src) as zf:
+            for name in [*manifest.files, MANIFEST]:
+                target = staging / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(check_member_name(name)) as f, target.open("wb") as g:
+                    shutil.copyfileobj(f, g, _CHUNK)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Package.open(out)
+
+
+def golden_bytes(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> bytes:
+    """Serialise golden vectors to the ``golden.npz`` format (no pickles)."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **{f"in.{k}": v for k, v in inputs.items()}, **{f"out.{k}": v for k, v in outputs.items()})
+    return buf.getvalue()
+
+
+def write_package(
+    manifest: Manifest, files: Mapping[str, bytes], out: str | os.PathLike[str], *, archive: bool = True
+) -> Package:
+    """Write ``files`` with ``manifest`` (its ``files`` table is filled in here) to ``out`` atomically.
+
+    ``out`` may already hold a package, which is replaced; any other existing
+    path is refused rather than overwritten.
+    """
+    dest = Path(out)
+    _refuse_clobber(dest)
+    entries = {check_member_name(n): FileEntry(sha256_bytes(d), len(d)) for n, d in files.items()}
+    if MANIFEST in entries:
+        raise PackageError("a package file may not be named manifest.json")
+    manifest = replace(manifest, files=entries)
+    Manifest.from_dict(manifest.to_dict())  # validate the exact document we write
+    manifest_bytes = json.dumps(manifest.to_dict(), indent=2, sort_keys=True).encode("utf-8")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        if archive:
+            staged = staging / "package.zip"
+            with zipfile.ZipFile(staged, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+                zf.writestr(MANIFEST, manifest_bytes)
+                for name, data in sorted(files.items()):
+                    zf.writestr(name, data)
+            _fsync(staged)
+        else:
+            staged = staging / "package"
+            for name, data in [(MANIFEST, manifest_bytes), *files.items()]:
+                target = staged / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+                _fsync(target)
+        _swap_into_place(staged, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return Package.open(dest)
+
+
+def _refuse_clobber(dest: Path) -> None:
+    if not dest.exists():
+        return
+    is_package = (dest.is_dir() and (dest / MANIFEST).is_file()) or (dest.is_file() and zipfile.is_zipfile(dest))
+    if not is_package:
+        raise PackageError(f"{dest} exists and is not an edge-sdk package; refusing to overwrite it",
+                           hint="choose another output path")
+
+
+def _swap_into_place(staged: Path, dest: Path) -> None:
+    if staged.is_file() and not dest.is_dir():
+        os.replace(staged, dest)
+        return
+    old = dest.with_name(f".{dest.name}.old")
+    if dest.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+    os.replace(staged, dest)
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    elif old.exists():
+        old.unlink()
+
+
+def _fsync(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+

@@ -1,0 +1,158 @@
+"""Pipelines: input -> preprocess -> runner -> postprocess -> :class:`Prediction`.
+
+Pre- and post-processing come from the package manifest and are shared by
+every backend; backends differ only in how they run the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from edge_sdk.errors import InferenceError, PackageError, PackageIntegrityError, PipelineError
+from runtime.manifest import ImagePreprocess, Manifest, TextPreprocess
+from runtime.package import Package
+from runtime.prediction import Prediction, Timings, class_scores, to_predictions
+from runtime.preprocess.image import preprocess_images
+from runtime.preprocess.text import TextEncoder
+from runtime.select import Selection, Skipped, select_runner
+
+log = logging.getLogger(__name__)
+
+Encoder = Callable[[Sequence[Any]], dict[str, np.ndarray]]
+DEFAULT_MAX_BATCH = 32
+
+
+@dataclass(frozen=True)
+class Parity:
+    """How closely the selected backend reproduces the package's golden fp32 outputs."""
+
+    samples: int
+    max_abs_diff: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+
+def make_encoder(m: Manifest, tokenizer_json: str | None = None) -> Encoder:
+    """The manifest's preprocessing as a function from a batch of raw inputs to feeds."""
+    pre = m.preprocess
+    if isinstance(pre, ImagePreprocess):
+        name = m.inputs[0].name
+        return lambda images: {name: preprocess_images(images, pre)}
+    if tokenizer_json is None:
+        raise PackageError(f"package {m.name} is a text model but no tokenizer was given")
+    encoder = TextEncoder(tokenizer_json, pre)
+    dtypes = {t.name: np.dtype(t.dtype) for t in m.inputs}
+
+    def encode(texts: Sequence[Any]) -> dict[str, np.ndarray]:
+        feeds = encoder.encode(texts)
+        return {k: v.astype(dtypes[k], copy=False) for k, v in feeds.items() if k in dtypes}
+
+    return encode
+
+
+class Pipeline:
+    """A package, its preprocessing and an active runner, ready to predict."""
+
+    def __init__(
+        self, manifest: Manifest, selection: Selection, encoder: Encoder, package: Package | None = None
+    ) -> None:
+        self.manifest = manifest
+        self.package = package
+        self.selection = selection
+        self._encode = encoder
+        self.parity: Parity | None = None
+
+    @classmethod
+    def from_package(
+        cls,
+        path: str | os.PathLike[str] | Package,
+        backend: str | Sequence[str] = "auto",
+        *,
+        threads: int | None = None,
+        verify: bool = True,
+    ) -> Pipeline:
+        """Open and verify a package, select a backend, and (by default) check it against the golden outputs."""
+        package = path if isinstance(path, Package) else Package.open(path)
+        m = package.manifest
+        tokenizer = package.read_bytes(m.preprocess.tokenizer).decode("utf-8") if isinstance(
+            m.preprocess, TextPreprocess) else None
+        encoder = make_encoder(m, tokenizer)
+        selection = select_runner(package, backend, threads=threads)
+        pipeline = cls(m, selection, encoder, package)
+        if verify:
+            pipeline.parity = pipeline.check_parity()
+        return pipeline
+
+    @property
+    def backend(self) -> str:
+        return self.selection.backend
+
+    @property
+    def skipped(self) -> tuple[Skipped, ...]:
+        return self.selection.skipped
+
+    def predict(self, item: Any) -> Prediction:
+        return self.predict_batch([item])[0]
+
+    def predict_batch(self, items: Sequence[Any], *, max_batch: int = DEFAULT_MAX_BATCH) -> list[Prediction]:
+        """Predict every item, running at most ``max_batch`` at a time."""
+        if isinstance(items, (str, bytes)):
+            raise PipelineError("predict_batch takes a sequence of inputs, not a single str/bytes",
+                                hint="use predict(x) for one input or predict_batch([x])")
+        out: list[Prediction] = []
+        for start in range(0, len(items), max_batch):
+            out.extend(self._run(items[start : start + max_batch]))
+        return out
+
+    def _run(self, items: Sequence[Any]) -> list[Prediction]:
+        t0 = time.perf_counter()
+        feeds = self._encode(items)
+        t1 = time.perf_counter()
+        outputs = self.selection.runner.infer(feeds)
+        t2 = time.perf_counter()
+        post = self.manifest.postprocess
+        probs = class_scores(outputs[post.output], post)
+        t3 = time.perf_counter()
+        timing = Timings((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
+        return to_predictions(probs, post, backend=self.backend, model=self.manifest.name,
+                              timings=[timing] * len(items))
+
+    def check_parity(self, tolerance: float = 1e-3) -> Parity:
+        """Run the golden feeds and compare with the stored fp32 outputs; refuse a package that disagrees."""
+        inputs, expected = self.package.golden() if self.package else ({}, {})
+        if not inputs:
+            raise PackageIntegrityError(f"package {self.manifest.name} has no golden vectors to check")
+        got = self.selection.runner.infer(inputs)
+        worst = 0.0
+        for name, ref in expected.items():
+            if name not in got or got[name].shape != ref.shape:
+                raise InferenceError(f"golden output {name!r} is missing or has another shape on {self.backend}")
+            scale = max(1.0, float(np.abs(ref).max()))
+            worst = max(worst, float(np.abs(got[name].astype(np.float64) - ref).max()) / scale)
+        parity = Parity(samples=len(next(iter(inputs.values()))), max_abs_diff=worst, tolerance=tolerance)
+        if not parity.ok:
+            raise InferenceError(
+                f"{self.backend} output differs from the package's golden outputs by {worst:.3g} "
+                f"(tolerance {tolerance:g}); refusing to serve it",
+                hint="re-convert the package or select another backend",
+            )
+        log.info("parity on %s: %d samples, max relative diff %.2e", self.backend, parity.samples, worst)
+        return parity
+
+    def close(self) -> None:
+        self.selection.runner.deactivate()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

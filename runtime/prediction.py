@@ -1,0 +1,94 @@
+"""What a pipeline returns: a frozen ``Prediction`` with its scores, backend and timings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from edge_sdk.errors import InferenceError
+from runtime.manifest import Postprocess
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Milliseconds spent per stage for one call (a batch shares one inference time)."""
+
+    preprocess_ms: float
+    inference_ms: float
+    postprocess_ms: float
+
+    @property
+    def total_ms(self) -> float:
+        return self.preprocess_ms + self.inference_ms + self.postprocess_ms
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One input's result: the winning label, its score, every label's score, and provenance."""
+
+    label: str
+    score: float
+    scores: Mapping[str, float]
+    backend: str
+    timings: Timings
+    model: str = ""
+    over_threshold: bool = True
+    batch_size: int = 1
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "score": self.score,
+            "scores": dict(self.scores),
+            "backend": self.backend,
+            "model": self.model,
+            "over_threshold": self.over_threshold,
+            "batch_size": self.batch_size,
+            "timings_ms": {
+                "preprocess": self.timings.preprocess_ms,
+                "inference": self.timings.inference_ms,
+                "postprocess": self.timings.postprocess_ms,
+                "total": self.timings.total_ms,
+            },
+        }
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def class_scores(output: np.ndarray, spec: Postprocess) -> np.ndarray:
+    """``[batch, classes]`` probabilities from the raw output tensor, as the manifest declares."""
+    if output.ndim != 2 or output.shape[1] != len(spec.labels):
+        raise InferenceError(f"model output has shape {list(output.shape)}; expected [batch, {len(spec.labels)}] for the labels")
+    return softmax(output) if spec.softmax else output.astype(np.float64)
+
+
+def to_predictions(
+    probs: np.ndarray, spec: Postprocess, *, backend: str, model: str, timings: Sequence[Timings]
+) -> list[Prediction]:
+    """Wrap each row of class probabilities in a :class:`Prediction`."""
+    out = []
+    for row, timing in zip(probs, timings):
+        best = int(np.argmax(row))
+        label = spec.labels[best]
+        score = float(row[best])
+        out.append(
+            Prediction(
+                label=label,
+                score=score,
+                scores=MappingProxyType({lab: float(p) for lab, p in zip(spec.labels, row)}),
+                backend=backend,
+                timings=timing,
+                model=model,
+                over_threshold=score >= spec.thresholds.get(label, 0.0),
+                batch_size=len(probs),
+            )
+        )
+    return out

@@ -1,0 +1,87 @@
+"""onnxruntime runner: the CPU fallback that runs any package anywhere.
+
+The CUDA and TensorRT execution providers plug in through ``providers``;
+selection decides whether they are usable on this machine.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+
+from edge_sdk.errors import BackendUnavailableError, InferenceError
+from runtime.manifest import TensorSpec
+from runtime.runners.base import Feeds, Runner
+
+log = logging.getLogger(__name__)
+
+_PROVIDER_BACKENDS = {
+    "CPUExecutionProvider": "onnxruntime-cpu",
+    "CUDAExecutionProvider": "onnxruntime-cuda",
+    "TensorrtExecutionProvider": "onnxruntime-tensorrt",
+}
+
+
+def available_providers() -> tuple[str, ...]:
+    """Execution providers this onnxruntime build offers (empty when onnxruntime is missing)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return ()
+    return tuple(ort.get_available_providers())
+
+
+class OnnxRuntimeRunner(Runner):
+    """Runs an ONNX graph with onnxruntime on the given providers (CPU by default)."""
+
+    def __init__(
+        self,
+        model: bytes,
+        inputs: Sequence[TensorSpec],
+        outputs: Sequence[TensorSpec],
+        *,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        threads: int | None = None,
+    ) -> None:
+        super().__init__(inputs, outputs)
+        if threads is not None and threads < 1:
+            raise BackendUnavailableError(f"threads is {threads}; expected a positive int or None for all cores")
+        self._model = model
+        self.providers = tuple(providers)
+        self.threads = threads
+        self.backend = _PROVIDER_BACKENDS.get(self.providers[0], self.providers[0])
+        self._session: Any = None
+
+    def _activate_impl(self) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BackendUnavailableError("onnxruntime is not installed", hint="pip install onnxruntime") from None
+        options = ort.SessionOptions()
+        if self.threads is not None:
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self._session = ort.InferenceSession(self._model, sess_options=options, providers=list(self.providers))
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise InferenceError(f"onnxruntime could not load the model: {exc}") from None
+        used = self._session.get_providers()
+        if used[0] != self.providers[0]:
+            raise BackendUnavailableError(
+                f"onnxruntime fell back from {self.providers[0]} to {used[0]}",
+                hint="the provider's libraries are missing on this machine",
+            )
+
+    def _infer_impl(self, feeds: Feeds) -> dict[str, np.ndarray]:
+        names = [o.name for o in self.outputs]
+        try:
+            values = self._session.run(names, dict(feeds))
+        except Exception as exc:
+            raise InferenceError(f"onnxruntime failed to run the model: {exc}") from None
+        return dict(zip(names, values))
+
+    def _deactivate_impl(self) -> None:
+        self._session = None

@@ -1,0 +1,120 @@
+"""Runner selection: walk a policy (an ordered list of backends), return the first that runs.
+
+Every backend passed over is recorded with its reason, so a fallback is never
+silent: the caller reports ``Selection.skipped`` next to each prediction's backend.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from edge_sdk.errors import BackendUnavailableError, EdgeSDKError
+from runtime.package import Package
+from runtime.runners.base import Runner
+from runtime.runners.onnxrt import OnnxRuntimeRunner, available_providers
+
+log = logging.getLogger(__name__)
+
+DEFAULT_POLICY = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
+_ALIASES = {"cpu": "onnxruntime-cpu", "cuda": "onnxruntime-cuda", "trt": "tensorrt"}
+
+
+@dataclass(frozen=True)
+class Skipped:
+    backend: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The runner chosen (already active) and why every earlier backend was passed over."""
+
+    backend: str
+    runner: Runner
+    skipped: tuple[Skipped, ...]
+
+
+# A probe returns why the backend cannot run this package here, or None when it can try.
+Probe = Callable[[Package], "str | None"]
+Factory = Callable[[Package, "int | None"], Runner]
+
+
+def _probe_tensorrt(package: Package) -> str | None:
+    if importlib.util.find_spec("tensorrt") is None:
+        return "the tensorrt Python package is not installed (pip install 'edge-sdk[tensorrt]' on a machine with an NVIDIA GPU)"
+    if not package.manifest.engines:
+        return "the package carries no TensorRT engine"
+    return "this edge-sdk release has no TensorRT runner yet; engines in the package are not used"
+
+
+def _ort_probe(provider: str) -> Probe:
+    def probe(package: Package) -> str | None:
+        providers = available_providers()
+        if provider not in providers:
+            return f"onnxruntime offers {list(providers) or 'no providers'}, not {provider}"
+        return None
+
+    return probe
+
+
+def _ort_factory(providers: tuple[str, ...]) -> Factory:
+    def make(package: Package, threads: int | None) -> Runner:
+        m = package.manifest
+        return OnnxRuntimeRunner(package.read_bytes(m.model), m.inputs, m.outputs, providers=providers, threads=threads)
+
+    return make
+
+
+def _no_factory(package: Package, threads: int | None) -> Runner:
+    raise BackendUnavailableError("no runner for this backend")
+
+
+BACKENDS: dict[str, tuple[Probe, Factory]] = {
+    "tensorrt": (_probe_tensorrt, _no_factory),
+    "onnxruntime-cuda": (
+        _ort_probe("CUDAExecutionProvider"),
+        _ort_factory(("CUDAExecutionProvider", "CPUExecutionProvider")),
+    ),
+    "onnxruntime-cpu": (_ort_probe("CPUExecutionProvider"), _ort_factory(("CPUExecutionProvider",))),
+}
+
+
+def parse_policy(backend: str | Sequence[str]) -> tuple[str, ...]:
+    """``"auto"`` -> the default policy; ``"a,b"`` or a list -> that order. Aliases: cpu, cuda, trt."""
+    if isinstance(backend, str):
+        items = list(DEFAULT_POLICY) if backend == "auto" else backend.split(",")
+    else:
+        items = list(backend)
+    policy = tuple(_ALIASES.get(b.strip(), b.strip()) for b in items)
+    unknown = [b for b in policy if b not in BACKENDS]
+    if unknown or not policy:
+        raise BackendUnavailableError(
+            f"backend {backend!r} is not known; expected 'auto' or a list of {', '.join(BACKENDS)}",
+            hint="for example backend='onnxruntime-cpu' or backend='auto'",
+        )
+    return policy
+
+
+def select_runner(package: Package, backend: str | Sequence[str] = "auto", *, threads: int | None = None) -> Selection:
+    """Activate and return the first backend in the policy that can run ``package`` here."""
+    skipped: list[Skipped] = []
+    for name in parse_policy(backend):
+        probe, factory = BACKENDS[name]
+        reason = probe(package)
+        if reason is None:
+            try:
+                runner = factory(package, threads).activate()
+            except EdgeSDKError as exc:
+                reason = str(exc)
+            else:
+                for s in skipped:
+                    log.info("backend %s skipped: %s", s.backend, s.reason)
+                log.info("selected backend %s for %s", name, package.manifest.name)
+                return Selection(name, runner, tuple(skipped))
+        skipped.append(Skipped(name, reason))
+    details = "; ".join(f"{s.backend}: {s.reason}" for s in skipped)
+    raise BackendUnavailableError(f"no backend in the policy can run {package.manifest.name}: {details}",
+                                  hint="add 'onnxruntime-cpu' to the policy")

@@ -1,0 +1,103 @@
+"""Tiny real ONNX models and tokenizers, built in tests with onnx.helper and tokenizers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+COLOR_LABELS = ["red", "green", "blue"]
+TEXT_LABELS = ["bearing", "leak", "overheating"]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "bearing", "noise", "grinding", "leak", "oil", "drip",
+         "hot", "temperature", "overheat", "the", "pump", "is"]
+# Token -> class evidence for the tiny text model (rows follow VOCAB).
+_TOKEN_CLASS = {"bearing": 0, "noise": 0, "grinding": 0, "leak": 1, "oil": 1, "drip": 1,
+                "hot": 2, "temperature": 2, "overheat": 2}
+
+
+def image_model(size: int = 8, dynamic_hw: bool = False) -> onnx.ModelProto:
+    """[N,3,H,W] float32 -> channel means -> identity Gemm -> logits [N,3]: class = brightest RGB channel."""
+    hw: list[int | str] = ["height", "width"] if dynamic_hw else [size, size]
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, *hw])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])
+    w = numpy_helper.from_array(np.eye(3, dtype=np.float32) * 4.0, "W")
+    b = numpy_helper.from_array(np.zeros(3, np.float32), "B")
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "W", "B"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(nodes, "colors", [x], [y], initializer=[w, b])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def text_model(with_token_types: bool = True) -> onnx.ModelProto:
+    """Masked mean of per-token class evidence: [N,S] int64 ids (+ mask, token types) -> logits [N,3]."""
+    table = np.zeros((len(VOCAB), 3), np.float32)
+    for token, cls in _TOKEN_CLASS.items():
+        table[VOCAB.index(token), cls] = 6.0
+    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if with_token_types else [])
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"]) for n in names]
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])
+    inits = [numpy_helper.from_array(table, "E"), numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+             numpy_helper.from_array(np.zeros((2, 3), np.float32), "T")]
+    nodes = [
+        helper.make_node("Gather", ["E", "input_ids"], ["emb"]),
+        helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["maskf", "axis2"], ["mask3"]),
+        helper.make_node("Mul", ["emb", "mask3"], ["masked"]),
+        helper.make_node("ReduceSum", ["masked", "axis1"], ["summed"], keepdims=0),
+        helper.make_node("ReduceSum", ["maskf", "axis1"], ["count"], keepdims=1),
+        helper.make_node("Div", ["summed", "count"], ["mean"]),
+    ]
+    inits.append(numpy_helper.from_array(np.array([2], np.int64), "axis2"))
+    if with_token_types:
+        nodes += [helper.make_node("Gather", ["T", "token_type_ids"], ["temb"]),
+                  helper.make_node("ReduceSum", ["temb", "axis1"], ["tsum"], keepdims=0),
+                  helper.make_node("Add", ["mean", "tsum"], ["logits"])]
+    else:
+        nodes.append(helper.make_node("Identity", ["mean"], ["logits"]))
+    graph = helper.make_graph(nodes, "words", inputs, [y], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def tokenizer_json(path: Path) -> Path:
+    """A BERT-style WordPiece tokenizer over VOCAB ([CLS] text [SEP]), saved as tokenizer.json."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(VOCAB)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", VOCAB.index("[CLS]")), ("[SEP]", VOCAB.index("[SEP]"))],
+    )
+    tok.save(str(path))
+    return path
+
+
+def write_image_folder(root: Path, per_class: int = 3, size: int = 32) -> Path:
+    """An ImageFolder of solid-colour PNGs whose label is their dominant colour."""
+    import cv2
+
+    bgr = {"red": (30, 40, 220), "green": (40, 200, 30), "blue": (210, 50, 40)}
+    for label, color in bgr.items():
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = np.full((size, size + 8, 3), color, np.uint8)
+            img[i : i + 4, :] = 128
+            cv2.imwrite(str(root / label / f"{i}.png"), img)
+    return root
+
+
+def preprocess_dict(size: int = 8) -> dict:
+    return {"resize": [size, size], "interpolation": "area", "color": "rgb", "mean": [127.0, 127.0, 127.0],
+            "std": [128.0, 128.0, 128.0], "layout": "nchw", "dtype": "float32"}
+
+
+def write_json(path: Path, data: object) -> Path:
+    path.write_text(json.dumps(data))
+    return path
