@@ -1,0 +1,35 @@
+# edge-sdk: two commands for a new user.
+#   make demo  - build the demo models (once), convert them, run both pipelines on held-out samples
+#   make test  - run the whole test suite (what CI runs)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+BUILD  := build/demo
+
+.PHONY: demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.test-deps: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e ".[convert,dev]"
+	touch $@
+
+$(VENV)/.demo-deps: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e ".[convert,demo]"
+	touch $@
+
+demo: $(VENV)/.demo-deps
+	$(BIN)/python -m demo.build_image_model --out $(BUILD)/image
+	$(BIN)/python -m demo.build_text_model --out $(BUILD)/text
+	$(BIN)/python -m demo.run --build $(BUILD)
+
+test: $(VENV)/.test-deps
+	$(BIN)/python -m pytest
+
+bench: $(VENV)/.test-deps
+	$(BIN)/python -m bench.run_all
+
+clean:
+	rm -rf $(BUILD) $(VENV)
