@@ -1,0 +1,90 @@
+"""The edge-sdk command: convert, inspect, run, devices, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_sdk.cli import main
+from tests import builders
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_convert_inspect_run_images(tmp_path: Path, image_onnx: Path, image_folder: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    pkg = tmp_path / "colors.edgepkg"
+    code, out, _ = _cli(capsys, "convert", str(image_onnx), "-o", str(pkg), "--task", "image-classification",
+                        "--labels", "red,green,blue", "--preprocess", json.dumps(builders.preprocess_dict()),
+                        "--validation", str(image_folder))
+    assert code == 0 and "validation: accuracy 1.000 on 9 samples" in out
+
+    code, out, _ = _cli(capsys, "inspect", str(pkg))
+    assert code == 0 and "verified" in out and "labels: red, green, blue" in out and "input: image float32" in out
+
+    code, out, err = _cli(capsys, "run", str(pkg), str(image_folder / "green"), str(image_folder / "red" / "1.png"))
+    lines = out.strip().splitlines()
+    assert code == 0 and len(lines) == 4
+    assert [line.split()[1] for line in lines] == ["green", "green", "green", "red"]
+    assert all("onnxruntime-cpu" in line for line in lines)
+    assert "skipped tensorrt" in err
+
+    code, out, _ = _cli(capsys, "run", str(pkg), str(image_folder / "blue" / "0.png"), "--json", "--backend", "cpu")
+    record = json.loads(out)[0]
+    assert record["label"] == "blue" and record["backend"] == "onnxruntime-cpu" and "total" in record["timings_ms"]
+
+
+def test_convert_and_run_text(tmp_path: Path, text_onnx: Path, tokenizer_file: Path, text_validation: Path,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "labels.txt").write_text("\n".join(builders.TEXT_LABELS))
+    pkg = tmp_path / "words"
+    code, out, _ = _cli(capsys, "convert", str(text_onnx), "-o", str(pkg), "--task", "text-classification",
+                        "--labels", str(tmp_path / "labels.txt"), "--tokenizer", str(tokenizer_file),
+                        "--validation", str(text_validation), "--directory", "--json")
+    assert code == 0 and json.loads(out)["validation"]["accuracy"] == 1.0 and pkg.is_dir()
+    (tmp_path / "reports.txt").write_text("oil leak at flange\n\nbearing grinding\n")
+    code, out, _ = _cli(capsys, "run", str(pkg), "--text", "pump is hot", "--text-file", str(tmp_path / "reports.txt"),
+                        "--json")
+    assert code == 0 and [r["label"] for r in json.loads(out)] == ["overheating", "leak", "bearing"]
+
+
+def test_devices_text_and_json(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _cli(capsys, "devices", "--json")
+    data = json.loads(out)
+    assert code == 0 and "CPUExecutionProvider" in data["onnxruntime_providers"]
+    code, out, _ = _cli(capsys, "devices")
+    assert code == 0 and out.strip()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["inspect", "/no/such.edgepkg"], "edge-sdk: error: package '/no/such.edgepkg' does not exist"),
+        (["devices", "--root", "/no/such/root"], "/no/such/root"),
+        (["run", "/no/such.edgepkg", "x.png"], "does not exist"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(argv: list[str], message: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "edge_sdk.cli", *argv], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_bad_preprocess_json_is_named(tmp_path: Path, image_onnx: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _cli(capsys, "convert", str(image_onnx), "-o", str(tmp_path / "x"), "--task",
+                        "image-classification", "--labels", "a,b,c", "--preprocess", "{oops")
+    assert code == 1 and "--preprocess is not valid JSON" in err
+
+
+def test_run_without_inputs_is_refused(image_package: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _cli(capsys, "run", str(image_package))
+    assert code == 1 and "nothing to run" in err
