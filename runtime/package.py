@@ -117,9 +117,9 @@ def _parse_manifest(data: bytes, where: Path) -> Manifest:
     manifest = Manifest.from_dict(raw)
     for name in manifest.files:
         check_member_name(name)
-    for name in (manifest.model, manifest.golden):
-        if name and name not in manifest.files:
-            raise PackageIntegrityError(f"manifest of {where} names {name!r} but does not list it in 'files'")
+    for named in (manifest.model, manifest.golden):
+        if named and named not in manifest.files:
+            raise PackageIntegrityError(f"manifest of {where} names {named!r} but does not list it in 'files'")
     return manifest
 
 
@@ -227,7 +227,9 @@ def extract_package(archive: str | os.PathLike[str], dest: str | os.PathLike[str
 def golden_bytes(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> bytes:
     """Serialise golden vectors to the ``golden.npz`` format (no pickles)."""
     buf = io.BytesIO()
-    np.savez_compressed(buf, **{f"in.{k}": v for k, v in inputs.items()}, **{f"out.{k}": v for k, v in outputs.items()})
+    arrays: dict[str, Any] = {f"in.{k}": v for k, v in inputs.items()}
+    arrays.update({f"out.{k}": v for k, v in outputs.items()})
+    np.savez_compressed(buf, **arrays)
     return buf.getvalue()
 
 

@@ -85,9 +85,8 @@ def preprocess_image(image: ImageInput, spec: ImagePreprocess) -> np.ndarray:
         ch, cw = spec.crop
         top, left = (h - ch) // 2, (w - cw) // 2
         img = img[top : top + ch, left : left + cw]
-    if spec.dtype == "uint8":
-        out = img
-    else:
+    out: np.ndarray = img
+    if spec.dtype != "uint8":
         out = (img.astype(np.float32) - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
         out = out.astype(spec.dtype, copy=False)
     if spec.layout == "nchw":
