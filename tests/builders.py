@@ -18,13 +18,13 @@ _TOKEN_CLASS = {"bearing": 0, "noise": 0, "grinding": 0, "leak": 1, "oil": 1, "d
                 "hot": 2, "temperature": 2, "overheat": 2}
 
 
-def image_model(size: int = 8, dynamic_hw: bool = False) -> onnx.ModelProto:
-    """[N,3,H,W] float32 -> channel means -> identity Gemm -> logits [N,3]: class = brightest RGB channel."""
+def image_model(size: int = 8, dynamic_hw: bool = False, classes: int = 3) -> onnx.ModelProto:
+    """[N,3,H,W] float32 -> channel means -> Gemm -> logits [N,classes]: class = brightest RGB channel."""
     hw: list[int | str] = ["height", "width"] if dynamic_hw else [size, size]
     x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, *hw])
-    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])
-    w = numpy_helper.from_array(np.eye(3, dtype=np.float32) * 4.0, "W")
-    b = numpy_helper.from_array(np.zeros(3, np.float32), "B")
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])
+    w = numpy_helper.from_array(np.eye(classes, 3, dtype=np.float32) * 4.0, "W")
+    b = numpy_helper.from_array(np.zeros(classes, np.float32), "B")
     nodes = [
         helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
         helper.make_node("Flatten", ["pooled"], ["flat"]),
