@@ -29,7 +29,7 @@ test: $(VENV)/.test-deps
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.test-deps
-	$(BIN)/python -m bench.run_all
+	$(BIN)/python -m bench.runtime_overhead
 
 clean:
 	rm -rf $(BUILD) $(VENV)
