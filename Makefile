@@ -26,6 +26,7 @@ demo: $(VENV)/.demo-deps
 	$(BIN)/python -m demo.run --build $(BUILD)
 
 test: $(VENV)/.test-deps
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.test-deps
