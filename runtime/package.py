@@ -225,11 +225,14 @@ def extract_package(archive: str | os.PathLike[str], dest: str | os.PathLike[str
 
 
 def golden_bytes(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> bytes:
-    """Serialise golden vectors to the ``golden.npz`` format (no pickles)."""
-    buf = io.BytesIO()
-    arrays: dict[str, Any] = {f"in.{k}": v for k, v in inputs.items()}
+    """Serialise golden vectors to the ``golden.npz`` format (no pickles, reproducible bytes)."""
+    arrays: dict[str, np.ndarray] = {f"in.{k}": v for k, v in inputs.items()}
     arrays.update({f"out.{k}": v for k, v in outputs.items()})
-    np.savez_compressed(buf, **arrays)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for key, value in arrays.items():
+            with zf.open(_fixed_time_info(f"{key}.npy"), "w") as f:
+                np.lib.format.write_array(f, np.ascontiguousarray(value), allow_pickle=False)
     return buf.getvalue()
 
 
@@ -255,9 +258,8 @@ def write_package(
         if archive:
             staged = staging / "package.zip"
             with zipfile.ZipFile(staged, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
-                zf.writestr(MANIFEST, manifest_bytes)
-                for name, data in sorted(files.items()):
-                    zf.writestr(name, data)
+                for name, data in [(MANIFEST, manifest_bytes), *sorted(files.items())]:
+                    zf.writestr(_fixed_time_info(name), data)
             _fsync(staged)
         else:
             staged = staging / "package"
@@ -270,6 +272,14 @@ def write_package(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return Package.open(dest)
+
+
+def _fixed_time_info(name: str) -> zipfile.ZipInfo:
+    """A member header with a fixed timestamp, so the same content gives the same archive bytes."""
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info.external_attr = 0o644 << 16
+    return info
 
 
 def _refuse_clobber(dest: Path) -> None:

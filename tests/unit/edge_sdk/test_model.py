@@ -66,8 +66,12 @@ def test_golden_mismatch_refuses_to_serve(tmp_path: Path, image_package: Path) -
 
 
 def test_tampered_package_is_refused_at_load(tmp_path: Path, image_package: Path) -> None:
+    with zipfile.ZipFile(image_package) as zf:
+        info = zf.getinfo("model.onnx")
     data = bytearray(image_package.read_bytes())
-    data[len(data) // 3] ^= 0xFF
+    name_len, extra_len = int.from_bytes(data[info.header_offset + 26 : info.header_offset + 28], "little"), \
+        int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little")
+    data[info.header_offset + 30 + name_len + extra_len + info.compress_size // 2] ^= 0xFF  # inside model.onnx
     (tmp_path / "t.edgepkg").write_bytes(bytes(data))
     with pytest.raises(PackageIntegrityError):
         edge_sdk.load(tmp_path / "t.edgepkg")

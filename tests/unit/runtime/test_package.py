@@ -45,6 +45,13 @@ def test_round_trip_keeps_manifest_files_and_golden(tmp_path: Path, archive: boo
     np.testing.assert_allclose(outputs["logits"], [[0.1, 0.9]])
 
 
+def test_same_content_gives_identical_archives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a = write_package(_manifest(), _files(), tmp_path / "a.edgepkg").path.read_bytes()
+    monkeypatch.setattr("time.time", lambda: 2_000_000_000.0)  # another day: timestamps must not leak in
+    b = write_package(_manifest(), _files(), tmp_path / "b.edgepkg").path.read_bytes()
+    assert a == b
+
+
 def test_directory_with_a_modified_file_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "pkg"
     write_package(_manifest(), _files(), out, archive=False)
