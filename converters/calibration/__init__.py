@@ -1,0 +1,1 @@
+"""Int8 calibration: histograms of activations, range methods and quantization schemes."""
