@@ -1,7 +1,9 @@
 """``convert``: an ONNX model plus its pre/post-processing -> a verified ``*.edgepkg``.
 
-This release writes fp32 packages. Calibration (int8) and pruning plug into the
-same signature; options they will take are refused clearly until then.
+Without ``quantize`` the package is fp32. With ``quantize="int8"`` the model is
+calibrated on ``calibration`` and the package also carries an S8S8 graph for
+TensorRT, a U8S8 graph for the onnxruntime CPU provider and the scale file.
+Pruning plugs into the same signature; its options are refused until then.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from converters.calibration.methods import CalibrationMethod
+from converters.convert_int8 import GRAPH_FILES, Int8Stage, require_calibration, run_int8
 from converters.data import Sample, image_samples, text_lines, tsv_samples
 from converters.evaluate import Evaluation, evaluate
 from converters.graph import ModelSource, io_specs, load_onnx
@@ -31,7 +35,8 @@ log = logging.getLogger(__name__)
 
 TASKS = ("image-classification", "text-classification")
 TEXT_ROLES = ("input_ids", "attention_mask", "token_type_ids")
-_LATER = {"precision": "int8 calibration", "prune": "pruning", "calibration_method": "int8 calibration"}
+_LATER = {"prune": "pruning"}
+QUANTIZE = (None, "int8")
 _SYNTHETIC_TEXTS = ("pump vibration high at drive end bearing", "all parameters within limits", "oil leak seen under unit")
 
 
@@ -45,6 +50,10 @@ class Options:
     golden_samples: int = 4
     output_name: str | None = None
     threads: int | None = None
+    quantize: str | None = None
+    method: str = "auto"
+    budget: float | None = 1.0
+    calibration_samples: int = 256
 
 
 def _options(options: Mapping[str, Any]) -> Options:
@@ -59,6 +68,13 @@ def _options(options: Mapping[str, Any]) -> Options:
     opts = Options(**options)
     if opts.golden_samples < 1:
         raise ConversionError(f"golden_samples is {opts.golden_samples}; expected at least 1")
+    if opts.quantize not in QUANTIZE:
+        raise ConversionError(f"quantize is {opts.quantize!r}; expected 'int8' or None (fp32)")
+    if opts.budget is not None and not opts.budget >= 0:
+        raise ConversionError(f"budget is {opts.budget!r}; expected accuracy points >= 0 (e.g. 1.0) or None")
+    if opts.calibration_samples < 1:
+        raise ConversionError(f"calibration_samples is {opts.calibration_samples}; expected at least 1")
+    CalibrationMethod.parse(opts.method)
     return opts
 
 
@@ -185,11 +201,20 @@ def convert(
     max_length: int = 128,
     calibration: str | os.PathLike[str] | None = None,
     validation: str | os.PathLike[str] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
     **options: Any,
 ) -> ConversionReport:
-    """Convert an ONNX model into a verified package at ``output`` and report on it."""
+    """Convert an ONNX model into a verified package at ``output`` and report on it.
+
+    Options: ``quantize="int8"`` with ``method`` (auto, entropy, percentile, mse,
+    minmax), ``budget`` (allowed accuracy drop in points) and ``calibration_samples``;
+    ``name``, ``version``, ``archive``, ``golden_samples``, ``output_name``, ``threads``.
+    ``progress(stage, done, total)`` is called during calibration and sensitivity analysis.
+    """
     start = time.perf_counter()
     opts = _options(options)
+    if opts.quantize:
+        require_calibration(calibration)
     if task not in TASKS:
         raise ConversionError(f"task is {task!r}; expected one of {', '.join(TASKS)}")
     label_list = _labels(labels)
@@ -223,21 +248,33 @@ def convert(
         evaluation: Evaluation | None = evaluate(pipeline, validation_set) if validation_set else None
     finally:
         runner.deactivate()
-    notes = ["precision fp32: int8 calibration is not part of this release"]
-    if calibration is not None:
+    int8: Int8Stage | None = None
+    if opts.quantize:
+        int8 = run_int8(proto, manifest, encoder, task=task, calibration=calibration,  # type: ignore[arg-type]
+                        validation=validation_set, fp32=evaluation, golden_in=golden_in, method=opts.method,
+                        budget=opts.budget, samples=opts.calibration_samples, progress=progress)
+    precision = "int8" if int8 else "fp32"
+    notes = [] if int8 else ["precision fp32: pass quantize='int8' with calibration data for int8 graphs"]
+    if calibration is not None and not int8:
         notes.append("calibration data was used for golden vectors only")
-    reports = {"conversion": {"precision": "fp32", "notes": notes}}
+    reports: dict[str, Any] = {"conversion": {"precision": precision, "notes": notes}}
     if evaluation:
         reports["validation"] = evaluation.to_dict()
-    manifest = replace(manifest, reports=reports)
-    files = {"model.onnx": model_bytes, "golden.npz": golden_bytes(golden_in, golden_out)}
+    if int8:
+        reports["int8"] = {**int8.report, "validation": int8.evaluation.to_dict() if int8.evaluation else None}
+    manifest = replace(manifest, reports=reports, precision=precision,
+                       graphs=dict(GRAPH_FILES) if int8 else {})
+    files = {"model.onnx": model_bytes,
+             "golden.npz": golden_bytes(golden_in, golden_out, int8.golden if int8 else None)}
+    if int8:
+        files.update(int8.files)
     if tokenizer_json is not None:
         files["tokenizer.json"] = tokenizer_json.encode("utf-8")
     package = write_package(manifest, files, output, archive=opts.archive)
     log.info("wrote %s", package.path)
     return ConversionReport(
-        package=str(package.path), name=manifest.name, task=task, precision="fp32", labels=label_list,
+        package=str(package.path), name=manifest.name, task=task, precision=precision, labels=label_list,
         inputs=tuple(t.to_dict() for t in inputs), outputs=(out_spec.to_dict(),),
         golden_samples=len(next(iter(golden_in.values()))), seconds=time.perf_counter() - start,
-        validation=evaluation, notes=tuple(notes),
+        validation=evaluation, notes=tuple(notes), int8=reports.get("int8"),
     )

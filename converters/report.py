@@ -21,6 +21,7 @@ class ConversionReport:
     seconds: float
     validation: Evaluation | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    int8: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -35,6 +36,7 @@ class ConversionReport:
             "seconds": round(self.seconds, 3),
             "validation": self.validation.to_dict() if self.validation else None,
             "notes": list(self.notes),
+            "int8": self.int8,
         }
 
     def lines(self) -> list[str]:
@@ -48,6 +50,31 @@ class ConversionReport:
             v = self.validation
             out.append(f"validation: accuracy {v.accuracy:.3f} on {v.samples} samples ({v.backend}), "
                        f"median {v.median_latency_ms:.2f} ms/sample")
+        if self.int8:
+            out.extend(int8_lines(self.int8))
         out.extend(f"note: {n}" for n in self.notes)
         out.append(f"converted in {self.seconds:.1f} s")
         return out
+
+
+def int8_lines(int8: dict[str, Any]) -> list[str]:
+    """Summary of the int8 report: calibration, fidelity, float-kept layers and the most sensitive layers."""
+    agreement = int8["agreement_with_fp32"]
+    lines = [
+        f"int8: {int8['method']} calibration on {int8['samples']} samples in {int8['calibration_seconds']:.1f} s, "
+        f"{int8['tensors']} tensors, {int8['family']} placement",
+        f"int8 vs fp32: metric {int8['metric_int8']:.2f} vs {int8['metric_fp32']:.2f} points "
+        f"(budget {int8['budget']}), top-1 agreement {100 * agreement['top1_agreement']:.1f}%, "
+        f"mean cosine {agreement['mean_cosine']:.4f}",
+    ]
+    if int8.get("validation"):
+        lines.append(f"int8 validation accuracy: {int8['validation']['accuracy']:.3f}")
+    sizes = int8["sizes_bytes"]
+    lines.append("sizes: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sizes.items()))
+    for node, reason in int8["float_layers"].items():
+        lines.append(f"kept in float: {node} ({reason})")
+    ranked = sorted((l for l in int8["layers"] if l["sensitivity"] is not None), key=lambda l: -l["sensitivity"])
+    for layer in ranked[:5]:
+        lines.append(f"sensitive: {layer['node']} ({layer['op_type']}) error {layer['sensitivity']:.2e}, "
+                     f"{layer['method']} amax {layer['amax']:.4g}, {layer['precision']}")
+    return lines

@@ -32,6 +32,7 @@ class Model:
             **self._pipeline.manifest.summary(),
             "path": str(self._pipeline.package.path) if self._pipeline.package else None,
             "backend": self.backend,
+            "graph": self._pipeline.selection.graph,
             "skipped_backends": [{"backend": s.backend, "reason": s.reason} for s in self._pipeline.skipped],
             "parity": None if parity is None else {
                 "samples": parity.samples, "max_abs_diff": parity.max_abs_diff, "tolerance": parity.tolerance,
@@ -66,12 +67,14 @@ def load(
     backend: str | Sequence[str] = "auto",
     *,
     threads: int | None = None,
+    precision: str = "auto",
     verify: bool = True,
 ) -> Model:
     """Open and verify the package at ``path`` and activate a backend.
 
     ``backend`` is ``"auto"`` (TensorRT, then onnxruntime CUDA, then CPU), one
-    backend name, or an ordered list. With ``verify`` the backend must
-    reproduce the package's golden outputs before the model is returned.
+    backend name, or an ordered list. ``precision`` is "auto" (the int8 graph
+    when the package carries one), "fp32" or "int8". With ``verify`` the backend
+    must reproduce the package's golden outputs before the model is returned.
     """
-    return Model(Pipeline.from_package(path, backend, threads=threads, verify=verify))
+    return Model(Pipeline.from_package(path, backend, threads=threads, precision=precision, verify=verify))

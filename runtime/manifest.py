@@ -17,6 +17,8 @@ SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 
 TASKS = ("image-classification", "text-classification")
+PRECISIONS = ("fp32", "int8")
+GRAPH_VARIANTS = ("u8s8", "s8s8")  # int8 for the onnxruntime CPU provider / for TensorRT
 DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
 INTERPOLATIONS = ("nearest", "linear", "area", "cubic", "lanczos")
 COLORS = ("rgb", "bgr", "gray")
@@ -197,6 +199,14 @@ class Postprocess:
                 "thresholds": dict(self.thresholds)}
 
 
+def _graphs(data: Any) -> dict[str, str]:
+    if not isinstance(data, Mapping):
+        raise PackageError(f"manifest graphs is {data!r}; expected an object of variant -> file")
+    for variant in data:
+        _choice(variant, GRAPH_VARIANTS, "graph variant")
+    return {str(k): str(v) for k, v in data.items()}
+
+
 @dataclass(frozen=True)
 class FileEntry:
     sha256: str
@@ -218,6 +228,7 @@ class Manifest:
     files: Mapping[str, FileEntry]
     golden: str | None = "golden.npz"
     precision: str = "fp32"
+    graphs: Mapping[str, str] = field(default_factory=dict)  # variant ("u8s8", "s8s8") -> file
     engines: tuple[Mapping[str, Any], ...] = ()
     reports: Mapping[str, Any] = field(default_factory=dict)
     created_by: str = ""
@@ -254,7 +265,8 @@ class Manifest:
             postprocess=Postprocess.from_dict(_require(data, "postprocess", "manifest")),
             files=files,
             golden=data.get("golden"),
-            precision=str(data.get("precision", "fp32")),
+            precision=_choice(data.get("precision", "fp32"), PRECISIONS, "manifest precision"),
+            graphs=_graphs(data.get("graphs", {})),
             engines=tuple(data.get("engines", ())),
             reports=dict(data.get("reports", {})),
             created_by=str(data.get("created_by", "")),
@@ -269,6 +281,7 @@ class Manifest:
             "task": self.task,
             "model": self.model,
             "precision": self.precision,
+            "graphs": dict(self.graphs),
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
             "preprocess": self.preprocess.to_dict(),
@@ -287,6 +300,7 @@ class Manifest:
             "version": self.version,
             "task": self.task,
             "precision": self.precision,
+            "graphs": dict(self.graphs),
             "labels": list(self.postprocess.labels),
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],

@@ -99,13 +99,14 @@ class Package:
             raise PackageIntegrityError(f"package file {name!r} in {self.path} changed after it was verified")
         return data
 
-    def golden(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """The golden feeds and their reference fp32 outputs."""
+    def golden(self, graph: str = "fp32") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The golden feeds and the reference outputs of ``graph`` ("fp32" or an int8 variant)."""
         if not self.manifest.golden:
             return {}, {}
+        prefix = golden_prefix(graph)
         with np.load(io.BytesIO(self.read_bytes(self.manifest.golden)), allow_pickle=False) as npz:
             inputs = {k[3:]: npz[k] for k in npz.files if k.startswith("in.")}
-            outputs = {k[4:]: npz[k] for k in npz.files if k.startswith("out.")}
+            outputs = {k[len(prefix):]: npz[k] for k in npz.files if k.startswith(prefix)}
         return inputs, outputs
 
 
@@ -117,7 +118,7 @@ def _parse_manifest(data: bytes, where: Path) -> Manifest:
     manifest = Manifest.from_dict(raw)
     for name in manifest.files:
         check_member_name(name)
-    for named in (manifest.model, manifest.golden):
+    for named in (manifest.model, manifest.golden, *manifest.graphs.values()):
         if named and named not in manifest.files:
             raise PackageIntegrityError(f"manifest of {where} names {named!r} but does not list it in 'files'")
     return manifest
@@ -224,10 +225,20 @@ def extract_package(archive: str | os.PathLike[str], dest: str | os.PathLike[str
     return Package.open(out)
 
 
-def golden_bytes(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> bytes:
-    """Serialise golden vectors to the ``golden.npz`` format (no pickles, reproducible bytes)."""
+def golden_prefix(graph: str) -> str:
+    """Key prefix of a graph's outputs in golden.npz: ``out.`` for fp32, ``out@u8s8.`` for a variant."""
+    return "out." if graph == "fp32" else f"out@{graph}."
+
+
+def golden_bytes(
+    inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray],
+    variants: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+) -> bytes:
+    """Serialise golden vectors (fp32 outputs, plus each int8 variant's) to ``golden.npz``: no pickles,
+    reproducible bytes."""
     arrays: dict[str, np.ndarray] = {f"in.{k}": v for k, v in inputs.items()}
-    arrays.update({f"out.{k}": v for k, v in outputs.items()})
+    for graph, outs in {"fp32": outputs, **(variants or {})}.items():
+        arrays.update({f"{golden_prefix(graph)}{k}": v for k, v in outs.items()})
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for key, value in arrays.items():

@@ -78,6 +78,7 @@ class Pipeline:
         backend: str | Sequence[str] = "auto",
         *,
         threads: int | None = None,
+        precision: str = "auto",
         verify: bool = True,
     ) -> Pipeline:
         """Open and verify a package, select a backend, and (by default) check it against the golden outputs."""
@@ -86,7 +87,7 @@ class Pipeline:
         tokenizer = package.read_bytes(m.preprocess.tokenizer).decode("utf-8") if isinstance(
             m.preprocess, TextPreprocess) else None
         encoder = make_encoder(m, tokenizer)
-        selection = select_runner(package, backend, threads=threads)
+        selection = select_runner(package, backend, threads=threads, precision=precision)
         pipeline = cls(m, selection, encoder, package)
         if verify:
             pipeline.parity = pipeline.check_parity()
@@ -124,11 +125,17 @@ class Pipeline:
         t3 = time.perf_counter()
         timing = Timings((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
         return to_predictions(probs, post, backend=self.backend, model=self.manifest.name,
-                              timings=[timing] * len(items))
+                              precision=self.selection.precision, timings=[timing] * len(items))
 
-    def check_parity(self, tolerance: float = 1e-3) -> Parity:
-        """Run the golden feeds and compare with the stored fp32 outputs; refuse a package that disagrees."""
-        inputs, expected = self.package.golden() if self.package else ({}, {})
+    def check_parity(self, tolerance: float | None = None) -> Parity:
+        """Run the golden feeds and compare with the stored outputs of the selected graph; refuse a mismatch.
+
+        The default tolerance (relative to the largest reference output) is 1e-3 for fp32 and
+        5e-2 for int8 graphs, whose integer kernels round differently across CPU instruction sets.
+        """
+        graph = self.selection.graph
+        tolerance = tolerance if tolerance is not None else (1e-3 if graph == "fp32" else 5e-2)
+        inputs, expected = self.package.golden(graph) if self.package else ({}, {})
         if not inputs:
             raise PackageIntegrityError(f"package {self.manifest.name} has no golden vectors to check")
         got = self.selection.runner.infer(inputs)
@@ -141,7 +148,7 @@ class Pipeline:
         parity = Parity(samples=len(next(iter(inputs.values()))), max_abs_diff=worst, tolerance=tolerance)
         if not parity.ok:
             raise InferenceError(
-                f"{self.backend} output differs from the package's golden outputs by {worst:.3g} "
+                f"{self.backend} output ({graph} graph) differs from the package's golden outputs by {worst:.3g} "
                 f"(tolerance {tolerance:g}); refusing to serve it",
                 hint="re-convert the package or select another backend",
             )

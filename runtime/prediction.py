@@ -35,6 +35,7 @@ class Prediction:
     backend: str
     timings: Timings
     model: str = ""
+    precision: str = "fp32"
     over_threshold: bool = True
     batch_size: int = 1
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -46,6 +47,7 @@ class Prediction:
             "scores": dict(self.scores),
             "backend": self.backend,
             "model": self.model,
+            "precision": self.precision,
             "over_threshold": self.over_threshold,
             "batch_size": self.batch_size,
             "timings_ms": {
@@ -71,7 +73,8 @@ def class_scores(output: np.ndarray, spec: Postprocess) -> np.ndarray:
 
 
 def to_predictions(
-    probs: np.ndarray, spec: Postprocess, *, backend: str, model: str, timings: Sequence[Timings]
+    probs: np.ndarray, spec: Postprocess, *, backend: str, model: str, timings: Sequence[Timings],
+    precision: str = "fp32",
 ) -> list[Prediction]:
     """Wrap each row of class probabilities in a :class:`Prediction`."""
     out = []
@@ -87,6 +90,7 @@ def to_predictions(
                 backend=backend,
                 timings=timing,
                 model=model,
+                precision=precision,
                 over_threshold=score >= spec.thresholds.get(label, 0.0),
                 batch_size=len(probs),
             )

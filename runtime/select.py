@@ -30,16 +30,22 @@ class Skipped:
 
 @dataclass(frozen=True)
 class Selection:
-    """The runner chosen (already active) and why every earlier backend was passed over."""
+    """The runner chosen (already active), the graph it runs, and why earlier backends were passed over."""
 
     backend: str
     runner: Runner
     skipped: tuple[Skipped, ...]
+    graph: str = "fp32"  # "fp32" or the int8 variant ("u8s8", "s8s8")
+
+    @property
+    def precision(self) -> str:
+        return "fp32" if self.graph == "fp32" else "int8"
 
 
+PRECISIONS = ("auto", "fp32", "int8")
 # A probe returns why the backend cannot run this package here, or None when it can try.
 Probe = Callable[[Package], "str | None"]
-Factory = Callable[[Package, "int | None"], Runner]
+Factory = Callable[[Package, "int | None", str], "tuple[Runner, str]"]
 
 
 def _probe_tensorrt(package: Package) -> str | None:
@@ -60,15 +66,26 @@ def _ort_probe(provider: str) -> Probe:
     return probe
 
 
+def cpu_graph(package: Package, precision: str) -> str:
+    """The graph the onnxruntime providers run: the U8S8 int8 graph when there is one, unless fp32 is asked."""
+    has_int8 = "u8s8" in package.manifest.graphs
+    if precision == "int8" and not has_int8:
+        raise BackendUnavailableError(f"package {package.manifest.name} has no int8 graph for onnxruntime",
+                                      hint="convert it with quantize='int8', or load it with precision='fp32'")
+    return "u8s8" if has_int8 and precision != "fp32" else "fp32"
+
+
 def _ort_factory(providers: tuple[str, ...]) -> Factory:
-    def make(package: Package, threads: int | None) -> Runner:
+    def make(package: Package, threads: int | None, precision: str) -> tuple[Runner, str]:
         m = package.manifest
-        return OnnxRuntimeRunner(package.read_bytes(m.model), m.inputs, m.outputs, providers=providers, threads=threads)
+        graph = cpu_graph(package, precision)
+        model = package.read_bytes(m.model if graph == "fp32" else m.graphs[graph])
+        return OnnxRuntimeRunner(model, m.inputs, m.outputs, providers=providers, threads=threads), graph
 
     return make
 
 
-def _no_factory(package: Package, threads: int | None) -> Runner:
+def _no_factory(package: Package, threads: int | None, precision: str) -> tuple[Runner, str]:
     raise BackendUnavailableError("no runner for this backend")
 
 
@@ -98,22 +115,30 @@ def parse_policy(backend: str | Sequence[str]) -> tuple[str, ...]:
     return policy
 
 
-def select_runner(package: Package, backend: str | Sequence[str] = "auto", *, threads: int | None = None) -> Selection:
-    """Activate and return the first backend in the policy that can run ``package`` here."""
+def select_runner(
+    package: Package, backend: str | Sequence[str] = "auto", *, threads: int | None = None, precision: str = "auto"
+) -> Selection:
+    """Activate and return the first backend in the policy that can run ``package`` here.
+
+    ``precision`` is "auto" (int8 when the package has it), "fp32" or "int8".
+    """
+    if precision not in PRECISIONS:
+        raise BackendUnavailableError(f"precision is {precision!r}; expected one of {', '.join(PRECISIONS)}")
     skipped: list[Skipped] = []
     for name in parse_policy(backend):
         probe, factory = BACKENDS[name]
         reason = probe(package)
         if reason is None:
             try:
-                runner = factory(package, threads).activate()
+                runner, graph = factory(package, threads, precision)
+                runner.activate()
             except EdgeSDKError as exc:
                 reason = str(exc)
             else:
                 for s in skipped:
                     log.info("backend %s skipped: %s", s.backend, s.reason)
-                log.info("selected backend %s for %s", name, package.manifest.name)
-                return Selection(name, runner, tuple(skipped))
+                log.info("selected backend %s (%s graph) for %s", name, graph, package.manifest.name)
+                return Selection(name, runner, tuple(skipped), graph)
         skipped.append(Skipped(name, reason))
     details = "; ".join(f"{s.backend}: {s.reason}" for s in skipped)
     raise BackendUnavailableError(f"no backend in the policy can run {package.manifest.name}: {details}",

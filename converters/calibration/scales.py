@@ -100,7 +100,7 @@ class ScaleFile:
                                        hint="compute it with graph_hash() / data_hash()")
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
             raise CalibrationError(f"scale file samples is {self.samples!r}; expected an integer >= 1")
-        _check_choice("scale file", "method", self.method, METHODS)
+        _check_choice("scale file", "method", self.method, (*METHODS, "auto"))
         for key, scale in self.tensors.items():
             if not isinstance(scale, TensorScale) or scale.name != key:
                 raise CalibrationError(f"scale file entry {key!r} holds {scale!r}; "

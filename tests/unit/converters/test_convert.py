@@ -65,7 +65,10 @@ def test_labels_and_preprocess_from_files(tmp_path: Path, image_onnx: Path) -> N
         ({"preprocess": {**builders.preprocess_dict(), "dtype": "uint8"}}, "preprocess produces uint8"),
         ({"preprocess": {**builders.preprocess_dict(), "mean": [1]}}, "mean"),
         ({"prune": {"method": "magnitude"}}, "needs pruning"),
-        ({"precision": "int8"}, "needs int8 calibration"),
+        ({"quantize": "int8"}, "needs calibration data"),
+        ({"quantize": "int4"}, "quantize is 'int4'"),
+        ({"quantize": "int8", "method": "kl"}, "'kl' is unknown|method"),
+        ({"budget": -1}, "budget is -1"),
         ({"colour": "rgb"}, r"unknown option\(s\) \['colour'\]"),
     ],
 )

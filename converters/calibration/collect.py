@@ -1,0 +1,87 @@
+"""Run the fp32 graph over the calibration data and histogram the tensors that get quantized.
+
+The graph is augmented with the chosen intermediate tensors as extra outputs and
+run once per batch on onnxruntime CPU; each tensor streams into the histogram
+collector, so memory stays O(bins) per tensor whatever the data size.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from converters.calibration.histogram import HistogramCollector, TensorHistogram
+from edge_sdk.errors import CalibrationError
+
+log = logging.getLogger(__name__)
+
+Feeds = dict[str, np.ndarray]
+Progress = Callable[[int], None]
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16)
+
+
+def float_tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every typed tensor in the graph (after shape inference)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = inferred.graph
+    return {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.value_info, *graph.output)}
+
+
+def tensors_around(model: onnx.ModelProto, op_types: Sequence[str]) -> list[str]:
+    """Float activation tensors read or written by nodes of ``op_types`` (initializers excluded)."""
+    types = float_tensor_types(model)
+    constants = {i.name for i in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    names: dict[str, None] = {}
+    for node in model.graph.node:
+        if node.op_type in op_types:
+            for name in (*node.input, *node.output):
+                if name and name not in constants and types.get(name) in FLOAT_TYPES:
+                    names[name] = None
+    return list(names)
+
+
+def _augmented(model: onnx.ModelProto, tensors: Sequence[str]) -> bytes:
+    extra = onnx.ModelProto()
+    extra.CopyFrom(model)
+    existing = {o.name for o in extra.graph.output}
+    types = float_tensor_types(model)
+    for name in tensors:
+        if name not in existing:
+            extra.graph.output.append(helper.make_tensor_value_info(name, types[name], None))
+    return extra.SerializeToString()
+
+
+def collect_histograms(
+    model: onnx.ModelProto, batches: Iterable[Feeds], tensors: Sequence[str], *,
+    num_bins: int = 2048, threads: int | None = None, progress: Progress | None = None,
+) -> dict[str, TensorHistogram]:
+    """Histogram ``tensors`` over every calibration batch."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    # Keep graph optimizations off: fused nodes would hide the tensors we calibrate.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(_augmented(model, tensors), options, providers=["CPUExecutionProvider"])
+    collector = HistogramCollector(num_bins)
+    seen = 0
+    for feeds in batches:
+        try:
+            values = session.run(list(tensors), feeds)
+        except Exception as exc:  # onnxruntime's own error types are not exported
+            raise CalibrationError(f"running the model on calibration batch {seen} failed: {exc}") from None
+        for name, value in zip(tensors, values):
+            collector.update(name, value)
+        seen += 1
+        if progress:
+            progress(len(next(iter(feeds.values()))))
+    if seen == 0:
+        raise CalibrationError("the calibration data gave no batches", hint="pass a non-empty calibration set")
+    log.info("calibrated %d tensors over %d batches", len(tensors), seen)
+    return collector.histograms()

@@ -1,0 +1,140 @@
+"""Q/DQ graph writer: one calibration -> two explicit-quantization graphs.
+
+* **S8S8** for TensorRT: symmetric int8 activations (zero point 0, ±amax),
+  per-channel symmetric int8 weights on the output-channel axis, Q/DQ only on
+  the *inputs* of the quantized ops (TensorRT's explicit-quantization placement),
+  fp32 weights behind Q/DQ so TensorRT 8.x folds them itself.
+* **U8S8** for the onnxruntime CPU provider: uint8 activations with a zero point
+  (affine) and int8 per-channel weights, in the QDQ layout onnxruntime fuses into
+  integer kernels (VNNI on x86, dot-product on Arm).
+
+Placement is model-aware: in transformers only the linear projections (MatMul /
+Gemm with a constant weight) are quantized; softmax, LayerNorm and GELU stay in
+float. Insertion itself is onnxruntime's QDQ quantizer, fed our own ranges.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from edge_sdk.errors import ConversionError
+
+log = logging.getLogger(__name__)
+
+WEIGHTED_OPS = ("Conv", "MatMul", "Gemm")
+# Ops onnxruntime runs in int8 on the CPU between weighted ops, keeping chains quantized.
+CPU_CNN_OPS = (*WEIGHTED_OPS, "Add", "Clip", "Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "Concat")
+TRANSFORMER_MARKERS = frozenset({"Softmax", "LayerNormalization", "Erf", "Gelu"})
+
+
+class Variant(str, enum.Enum):
+    S8S8 = "s8s8"  # TensorRT
+    U8S8 = "u8s8"  # onnxruntime CPU
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which nodes get quantized, and for which op types, in a model family."""
+
+    family: str  # "transformer" or "cnn"
+    nodes: tuple[str, ...]
+    op_types: Mapping[Variant, tuple[str, ...]]
+
+
+def _constant_names(model: onnx.ModelProto) -> set[str]:
+    names = {i.name for i in model.graph.initializer}
+    return names | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+
+
+def plan_placement(model: onnx.ModelProto, exclude: Sequence[str] = ()) -> Placement:
+    """Decide what to quantize: weighted ops with a constant weight, never float-sensitive paths."""
+    constants = _constant_names(model)
+    ops = {n.op_type for n in model.graph.node}
+    family = "transformer" if ops & TRANSFORMER_MARKERS else "cnn"
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type not in WEIGHTED_OPS or node.name in exclude:
+            continue
+        weight = node.input[1] if len(node.input) > 1 else ""
+        if weight in constants:  # activation x activation MatMuls (attention scores) stay float
+            nodes.append(node.name)
+    op_types: dict[Variant, tuple[str, ...]]
+    if family == "transformer":
+        op_types = {Variant.S8S8: ("MatMul", "Gemm"), Variant.U8S8: ("MatMul", "Gemm")}
+    else:
+        op_types = {Variant.S8S8: WEIGHTED_OPS, Variant.U8S8: CPU_CNN_OPS}
+    return Placement(family, tuple(nodes), op_types)
+
+
+def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every unnamed node a stable name (quantization and reports refer to nodes by name)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    taken = {n.name for n in out.graph.node if n.name}
+    for i, node in enumerate(out.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+    return out
+
+
+def write_qdq(
+    model: onnx.ModelProto,
+    ranges: Mapping[str, tuple[float, float]],
+    variant: Variant,
+    placement: Placement,
+) -> onnx.ModelProto:
+    """Insert Q/DQ for ``variant`` using ``ranges`` (tensor -> (lo, hi); symmetric for S8S8)."""
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+
+    if not placement.nodes:
+        raise ConversionError("no Conv, MatMul or Gemm with constant weights to quantize in this graph",
+                              hint="convert without quantize='int8' to keep it fp32")
+    op_types = placement.op_types[variant]
+    s8 = variant is Variant.S8S8
+    data = {}
+    for name, (lo, hi) in ranges.items():
+        if s8:
+            amax = max(abs(lo), abs(hi))
+            lo, hi = -amax, amax
+        data[name] = TensorData(lowest=np.float32(lo), highest=np.float32(hi))
+    extra = {
+        "ActivationSymmetric": s8,
+        "WeightSymmetric": True,
+        "MatMulConstBOnly": True,
+        "AddQDQPairToWeight": s8,
+        "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+        "ForceQuantizeNoInputCheck": False,
+        "QuantizeBias": not s8,  # TensorRT takes float biases; onnxruntime fuses int32 ones
+    }
+    if s8:
+        extra["OpTypesToExcludeOutputQuantization"] = list(op_types)
+    nodes = list(placement.nodes)
+    if not s8 and placement.family == "cnn":
+        nodes = [n.name for n in model.graph.node if n.op_type in op_types and n.name not in _excluded(model, placement)]
+    quantizer = QDQQuantizer(
+        model, True, False, QuantType.QInt8, QuantType.QInt8 if s8 else QuantType.QUInt8,
+        TensorsData(CalibrationMethod.MinMax, data), nodes, [], list(op_types), extra,
+    )
+    quantizer.quantize_model()
+    quantizer.model.topological_sort()
+    out: onnx.ModelProto = quantizer.model.model
+    onnx.checker.check_model(out)
+    return out
+
+
+def _excluded(model: onnx.ModelProto, placement: Placement) -> set[str]:
+    """Weighted nodes the placement left in float (mixed precision or non-constant weights)."""
+    chosen = set(placement.nodes)
+    return {n.name for n in model.graph.node if n.op_type in WEIGHTED_OPS and n.name not in chosen}
