@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from converters.calibration.methods import CalibrationMethod
+from converters.calibration.readers import ArrayReader, calibration_reader
 from converters.convert_int8 import GRAPH_FILES, Int8Stage, require_calibration, run_int8
 from converters.data import Sample, image_samples, text_lines, tsv_samples
 from converters.evaluate import Evaluation, evaluate
@@ -174,6 +175,19 @@ def _samples(task: str, source: Any, labels: Sequence[str], labelled: bool) -> l
     return tsv_samples(source, labels) if labelled else text_lines(source)
 
 
+def _golden_feeds(
+    task: str, encoder: Any, validation: Sequence[Sample], calibration: Any, inputs: Sequence[TensorSpec],
+    labels: Sequence[str], count: int,
+) -> dict[str, np.ndarray]:
+    """Golden feeds from validation data, else calibration data (raw inputs or tensors), else synthetic."""
+    if not validation and calibration is not None and Path(calibration).suffix in (".npy", ".npz"):
+        reader = calibration_reader(calibration, task=task, inputs=inputs, encode=encoder, limit=count)
+        assert isinstance(reader, ArrayReader)
+        return dict(reader.arrays)
+    pool = validation or _samples(task, calibration, labels, labelled=False)
+    return encoder(_golden_items(task, pool, count))  # type: ignore[no-any-return]
+
+
 def _golden_items(task: str, pool: Sequence[Sample], count: int) -> list[Any]:
     """Up to ``count`` inputs, spread over the labels; synthetic ones when no data was given."""
     if not pool:
@@ -242,8 +256,7 @@ def convert(
     pipeline = Pipeline(manifest, Selection("onnxruntime-cpu", runner, ()), encoder)
     try:
         validation_set = _samples(task, validation, label_list, labelled=True)
-        pool = validation_set or _samples(task, calibration, label_list, labelled=False)
-        golden_in = encoder(_golden_items(task, pool, opts.golden_samples))
+        golden_in = _golden_feeds(task, encoder, validation_set, calibration, inputs, label_list, opts.golden_samples)
         golden_out = runner.infer(golden_in)
         evaluation: Evaluation | None = evaluate(pipeline, validation_set) if validation_set else None
     finally:

@@ -118,7 +118,8 @@ def write_qdq(
         "ForceQuantizeNoInputCheck": False,
         "QuantizeBias": not s8,  # TensorRT takes float biases; onnxruntime fuses int32 ones
     }
-    if s8:
+    if s8 or placement.family == "transformer":
+        # Q/DQ only on inputs: TensorRT's placement, and in transformers the float attention path stays exact.
         extra["OpTypesToExcludeOutputQuantization"] = list(op_types)
     nodes = list(placement.nodes)
     if not s8 and placement.family == "cnn":

@@ -101,3 +101,78 @@ def preprocess_dict(size: int = 8) -> dict:
 def write_json(path: Path, data: object) -> Path:
     path.write_text(json.dumps(data))
     return path
+
+
+def _init(rng: np.random.Generator, name: str, shape: tuple[int, ...], scale: float = 0.3) -> onnx.TensorProto:
+    return numpy_helper.from_array(rng.normal(0, scale, shape).astype(np.float32), name)
+
+
+def cnn_model(size: int = 16, classes: int = 3, seed: int = 0) -> onnx.ModelProto:
+    """A small residual CNN (conv, depthwise conv, residual add, pooling, dense) with random weights."""
+    rng = np.random.default_rng(seed)
+    inits = [_init(rng, "w1", (8, 3, 3, 3)), _init(rng, "b1", (8,), 0.1), _init(rng, "w2", (8, 1, 3, 3)),
+             _init(rng, "w3", (8, 8, 1, 1)), _init(rng, "fc", (classes, 8)), _init(rng, "fcb", (classes,), 0.1)]
+    nodes = [
+        helper.make_node("Conv", ["image", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="stem"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="stem_relu"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1], group=8, name="depthwise"),
+        helper.make_node("Relu", ["c2"], ["r2"], name="dw_relu"),
+        helper.make_node("Conv", ["r2", "w3"], ["c3"], name="project"),
+        helper.make_node("Add", ["c3", "r1"], ["res"], name="residual"),
+        helper.make_node("GlobalAveragePool", ["res"], ["pool"], name="pool"),
+        helper.make_node("Flatten", ["pool"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc", "fcb"], ["logits"], transB=1, name="head"),
+    ]
+    graph = helper.make_graph(
+        nodes, "cnn", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def transformer_model(vocab: int = len(VOCAB), dim: int = 16, classes: int = 3, seed: int = 0) -> onnx.ModelProto:
+    """One pre-LN encoder block (single-head attention, Erf-GELU MLP), masked mean pooling and a head."""
+    rng = np.random.default_rng(seed)
+    inits = [_init(rng, "emb", (vocab, dim), 1.0), *(_init(rng, w, (dim, dim)) for w in ("wq", "wk", "wv", "wo")),
+             _init(rng, "w1", (dim, 4 * dim)), _init(rng, "w2", (4 * dim, dim)), _init(rng, "head", (dim, classes)),
+             numpy_helper.from_array(np.ones(dim, np.float32), "ln_g"),
+             numpy_helper.from_array(np.zeros(dim, np.float32), "ln_b"),
+             numpy_helper.from_array(np.array(1 / np.sqrt(dim), np.float32), "inv_sqrt_d"),
+             numpy_helper.from_array(np.array(np.sqrt(0.5), np.float32), "inv_sqrt2"),
+             numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+             numpy_helper.from_array(np.array([1], np.int64), "ax1"),
+             numpy_helper.from_array(np.array([2], np.int64), "ax2")]
+    mm = lambda a, b, out: helper.make_node("MatMul", [a, b], [out], name=f"mm_{out}")  # noqa: E731
+    nodes = [
+        helper.make_node("Gather", ["emb", "input_ids"], ["x0"], name="embed"),
+        helper.make_node("LayerNormalization", ["x0", "ln_g", "ln_b"], ["h0"], axis=-1, name="ln1"),
+        mm("h0", "wq", "q"), mm("h0", "wk", "k"), mm("h0", "wv", "v"),
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1], name="kt"),
+        mm("q", "kt", "scores"),
+        helper.make_node("Mul", ["scores", "inv_sqrt_d"], ["scaled"], name="scale"),
+        helper.make_node("Softmax", ["scaled"], ["attn"], axis=-1, name="softmax"),
+        mm("attn", "v", "ctx"), mm("ctx", "wo", "o"),
+        helper.make_node("Add", ["x0", "o"], ["x1"], name="res1"),
+        helper.make_node("LayerNormalization", ["x1", "ln_g", "ln_b"], ["h1"], axis=-1, name="ln2"),
+        mm("h1", "w1", "f1"),
+        helper.make_node("Mul", ["f1", "inv_sqrt2"], ["f1s"], name="gelu_scale"),
+        helper.make_node("Erf", ["f1s"], ["erf"], name="gelu_erf"),
+        helper.make_node("Add", ["erf", "one"], ["erf1"], name="gelu_add"),
+        helper.make_node("Mul", ["f1", "erf1"], ["g0"], name="gelu_mul"),
+        helper.make_node("Mul", ["g0", "half"], ["g"], name="gelu_half"),
+        mm("g", "w2", "f2"),
+        helper.make_node("Add", ["x1", "f2"], ["x2"], name="res2"),
+        helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT, name="mask_cast"),
+        helper.make_node("Unsqueeze", ["maskf", "ax2"], ["mask3"], name="mask_unsq"),
+        helper.make_node("Mul", ["x2", "mask3"], ["xm"], name="mask_mul"),
+        helper.make_node("ReduceSum", ["xm", "ax1"], ["xs"], keepdims=0, name="pool_sum"),
+        helper.make_node("ReduceSum", ["maskf", "ax1"], ["cnt"], keepdims=1, name="pool_cnt"),
+        helper.make_node("Div", ["xs", "cnt"], ["pooled"], name="pool_div"),
+        mm("pooled", "head", "logits"),
+    ]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"])
+              for n in ("input_ids", "attention_mask")]
+    graph = helper.make_graph(nodes, "encoder", inputs,
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)

@@ -128,6 +128,10 @@ def amax_percentile(h: TensorHistogram, percentile: float = DEFAULT_PERCENTILE) 
     return _clip(h, _quantile(h.abs_counts(), 0.0, h.bin_width, percentile / 100))
 
 
+#: Largest fraction of values the entropy threshold may clip (guards KL's degenerate minimum).
+MAX_ENTROPY_CLIPPED = 0.01
+
+
 def _xlogx(x: np.ndarray) -> np.ndarray:
     return x * np.log(np.where(x > 0, x, 1.0))
 
@@ -163,6 +167,9 @@ def _entropy_bins(hist: np.ndarray, num_quant_bins: int) -> int:
     q = (1 - _KL_SMOOTHING) * q + _KL_SMOOTHING / kept[:, None]
     group_mass[:, -1] += outliers
     divergence = (p_log_p - np.sum(group_mass * np.log(q), axis=1)) / total - np.log(total)
+    # KL collapses when the mass sits far from zero (e.g. after pooling): clipping everything into
+    # the last bin makes P and Q the same spike. Never clip more than MAX_ENTROPY_CLIPPED of the values.
+    divergence[outliers > MAX_ENTROPY_CLIPPED * total] = np.inf
     return int(kept[np.argmin(divergence)])
 
 

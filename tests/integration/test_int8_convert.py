@@ -1,0 +1,122 @@
+"""int8 conversion of small CNN and transformer graphs built here, checked for fidelity to fp32.
+
+Stated fidelity (random weights, random data, onnxruntime CPU): the U8S8 graph keeps a
+mean logits cosine >= 0.99 to fp32 on held-out inputs, and top-1 agreement >= 90%.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import edge_sdk
+from converters.calibration.scales import ScaleFile, parse_trt_cache
+from converters.trt_rules import check_trt_qdq
+from runtime.package import Package
+from tests import builders
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+
+
+def _run(model_bytes: bytes, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    return ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+@pytest.fixture
+def cnn_int8(tmp_path: Path) -> tuple[Path, Path]:
+    onnx.save(builders.cnn_model(), tmp_path / "cnn.onnx")
+    rng = np.random.default_rng(3)
+    np.save(tmp_path / "calib.npy", rng.random((64, 3, 16, 16), dtype=np.float32) * 2 - 1)
+    pre = {"resize": [16, 16], "mean": [127, 127, 127], "std": [128, 128, 128]}
+    edge_sdk.convert(tmp_path / "cnn.onnx", tmp_path / "cnn.edgepkg", task="image-classification",
+                     labels=builders.COLOR_LABELS, preprocess=pre, calibration=tmp_path / "calib.npy",
+                     quantize="int8", method="entropy", budget=None)
+    return tmp_path / "cnn.edgepkg", tmp_path / "cnn.onnx"
+
+
+def test_cnn_int8_package_keeps_fidelity_and_carries_both_graphs(cnn_int8: tuple[Path, Path]) -> None:
+    pkg_path, fp32_path = cnn_int8
+    package = Package.open(pkg_path)
+    m = package.manifest
+    assert m.precision == "int8" and set(m.graphs) == {"u8s8", "s8s8"}
+    s8 = onnx.load_from_string(package.read_bytes(m.graphs["s8s8"]))
+    u8 = onnx.load_from_string(package.read_bytes(m.graphs["u8s8"]))
+    assert check_trt_qdq(s8) == []
+    zero_points = [i for i in u8.graph.initializer if i.name.endswith("zero_point") and i.data_type == onnx.TensorProto.UINT8]
+    assert zero_points, "the CPU graph uses uint8 activations"
+    x = {"image": np.random.default_rng(99).random((32, 3, 16, 16), dtype=np.float32) * 2 - 1}
+    ref = _run(fp32_path.read_bytes(), x)
+    for graph in (u8, s8):
+        out = _run(graph.SerializeToString(), x)
+        assert _cosine(ref, out) >= 0.99
+        assert np.mean(ref.argmax(1) == out.argmax(1)) >= 0.9
+    report = m.reports["int8"]
+    assert report["method"] == "entropy" and report["samples"] == 64
+    assert {l["node"] for l in report["layers"]} == {"stem", "depthwise", "project", "head"}
+    assert all(l["sensitivity"] is not None and l["sensitivity"] >= 0 for l in report["layers"])
+
+
+def test_scale_file_renders_a_trt_cache(cnn_int8: tuple[Path, Path]) -> None:
+    pkg_path, fp32_path = cnn_int8
+    package = Package.open(pkg_path)
+    scales = ScaleFile.from_json(package.read_bytes("scales.json").decode())
+    assert scales.graph_hash  # tied to the graph it was made for
+    header, table = parse_trt_cache(scales.to_trt_cache("8.5.2"))
+    assert header == "TRT-8502-EntropyCalibration2"
+    assert "image" in table and table["image"] == pytest.approx(scales.tensors["image"].amax / 127, rel=1e-6)
+
+
+def test_loading_picks_int8_on_cpu_unless_fp32_is_asked(cnn_int8: tuple[Path, Path]) -> None:
+    pkg_path, _ = cnn_int8
+    image = np.random.default_rng(5).integers(0, 255, (20, 20, 3), dtype=np.uint8)
+    with edge_sdk.load(pkg_path) as int8, edge_sdk.load(pkg_path, precision="fp32") as fp32:
+        assert int8.info["graph"] == "u8s8" and fp32.info["graph"] == "fp32"
+        a, b = int8.predict(image), fp32.predict(image)
+        assert a.precision == "int8" and b.precision == "fp32"
+        assert a.scores.keys() == b.scores.keys()
+
+
+def test_transformer_int8_quantizes_only_projections(tmp_path: Path, tokenizer_file: Path) -> None:
+    onnx.save(builders.transformer_model(), tmp_path / "enc.onnx")
+    words = builders.VOCAB[4:]
+    rng = np.random.default_rng(4)
+    texts = [" ".join(rng.choice(words, size=rng.integers(2, 9))) for _ in range(96)]
+    (tmp_path / "calib.txt").write_text("\n".join(texts[:64]))
+    report = edge_sdk.convert(tmp_path / "enc.onnx", tmp_path / "enc.edgepkg", task="text-classification",
+                              labels=builders.TEXT_LABELS, tokenizer=tokenizer_file, calibration=tmp_path / "calib.txt",
+                              quantize="int8", budget=None, max_length=16)
+    assert report.int8 is not None and report.int8["family"] == "transformer"
+    quantized = {l["node"] for l in report.int8["layers"]}
+    assert quantized == {"mm_q", "mm_k", "mm_v", "mm_o", "mm_f1", "mm_f2", "mm_logits"}  # not scores / ctx
+    package = Package.open(tmp_path / "enc.edgepkg")
+    u8 = onnx.load_from_string(package.read_bytes(package.manifest.graphs["u8s8"]))
+    consumers = {n.name: n for n in u8.graph.node}
+    assert not any(i.endswith("DequantizeLinear_Output") for i in consumers["mm_scores"].input)
+    assert not any(i.endswith("DequantizeLinear_Output") for i in consumers["softmax"].input)
+    with edge_sdk.load(tmp_path / "enc.edgepkg") as int8, edge_sdk.load(tmp_path / "enc.edgepkg", precision="fp32") as fp32:
+        a = np.array([list(p.scores.values()) for p in int8.predict_batch(texts[64:])])
+        b = np.array([list(p.scores.values()) for p in fp32.predict_batch(texts[64:])])
+    assert _cosine(a, b) >= 0.99 and np.mean(a.argmax(1) == b.argmax(1)) >= 0.9
+
+
+def test_budget_returns_sensitive_layers_to_float(tmp_path: Path, image_folder: Path) -> None:
+    onnx.save(builders.cnn_model(size=8), tmp_path / "cnn.onnx")
+    report = edge_sdk.convert(tmp_path / "cnn.onnx", tmp_path / "p.edgepkg", task="image-classification",
+                              labels=builders.COLOR_LABELS, preprocess=builders.preprocess_dict(),
+                              calibration=image_folder, validation=image_folder, quantize="int8", budget=0.0)
+    int8 = report.int8
+    assert int8 is not None and int8["metric_fp32"] - int8["metric_int8"] <= 0.0
+    assert int8["mixed_precision_steps"] == [] or int8["mixed_precision_steps"][-1]["drop"] <= 0.0
+    for node, reason in int8["float_layers"].items():
+        assert reason.startswith("mixed precision: sensitivity rank")
+    with zipfile.ZipFile(tmp_path / "p.edgepkg") as zf:
+        manifest = json.loads(zf.read("manifest.json"))
+    assert manifest["reports"]["int8"]["float_layers"] == int8["float_layers"]
