@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load": "edge_sdk.model",
     "Model": "edge_sdk.model",
-    "convert": "converters.convert",
+    "convert": "converters.conversion",
     "ConversionReport": "converters.report",
     "Prediction": "runtime.prediction",
     "Pipeline": "runtime.pipeline",
@@ -32,7 +32,7 @@ _LAZY = {
 __all__ = ["__version__", *sorted(_LAZY)]
 
 if TYPE_CHECKING:
-    from converters.convert import convert
+    from converters.conversion import convert
     from converters.report import ConversionReport
     from devices import DeviceInfo, detect
     from edge_sdk import errors

@@ -36,7 +36,7 @@ def _cmd_devices(args: argparse.Namespace) -> int:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     try:
-        from converters.convert import convert
+        from converters.conversion import convert
     except ImportError as exc:
         raise BackendUnavailableError(f"edge-sdk convert needs the 'convert' extra ({exc.name} is missing)",
                                       hint="pip install 'edge-sdk[convert]'") from None
@@ -46,17 +46,39 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             preprocess = json.loads(preprocess)
         except json.JSONDecodeError as exc:
             raise EdgeSDKError(f"--preprocess is not valid JSON: {exc}") from None
-    options = {"archive": not args.directory, "name": args.name, "version": args.version}
+    options = {"archive": not args.directory, "name": args.name, "version": args.version,
+               "quantize": args.quantize, "method": args.method, "calibration_samples": args.calibration_samples,
+               "budget": None if args.budget is not None and args.budget < 0 else args.budget}
     report = convert(
         args.model, args.output, task=args.task, labels=_labels_arg(args.labels), preprocess=preprocess,
         tokenizer=args.tokenizer, max_length=args.max_length, calibration=args.calibration,
-        validation=args.validation, **{k: v for k, v in options.items() if v is not None},
+        validation=args.validation, progress=None if args.json else _Progress(),
+        **{k: v for k, v in options.items() if v is not None},
     )
     if args.json:
         _print_json(report.to_dict())
     else:
         print("\n".join(report.lines()))
     return 0
+
+
+class _Progress:
+    """A one-line progress bar on stderr for calibration and the sensitivity search."""
+
+    def __init__(self) -> None:
+        self.stage, self.done = "", 0
+
+    def __call__(self, stage: str, step: int, total: int) -> None:
+        if stage != self.stage:
+            if self.stage:
+                print(file=sys.stderr)
+            self.stage, self.done = stage, 0
+        self.done += step
+        filled = int(30 * min(self.done, total) / max(total, 1))
+        print(f"\r{stage:<12} [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{total}", end="", file=sys.stderr)
+        if self.done >= total:
+            print(file=sys.stderr)
+            self.stage = ""
 
 
 def _labels_arg(value: str) -> Any:
@@ -82,6 +104,25 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     validation = summary["reports"].get("validation")
     if validation:
         print(f"validation accuracy: {validation['accuracy']:.3f} on {validation['samples']} samples")
+    if summary["reports"].get("int8"):
+        from converters.report import int8_lines
+
+        print("\n".join(int8_lines(summary["reports"]["int8"])))
+    return 0
+
+
+def _cmd_calib_cache(args: argparse.Namespace) -> int:
+    from converters.calibration.scales import ScaleFile
+    from runtime.package import Package
+
+    package = Package.open(args.package)
+    if "scales.json" not in package.manifest.files:
+        raise EdgeSDKError(f"package {args.package} has no scales.json", hint="convert it with --quantize int8")
+    cache = ScaleFile.from_json(package.read_bytes("scales.json").decode("utf-8")).to_trt_cache(args.trt_version)
+    if args.output:
+        Path(args.output).write_text(cache, encoding="utf-8")
+    else:
+        print(cache, end="")
     return 0
 
 
@@ -105,14 +146,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from edge_sdk.model import load
 
     items = _run_inputs(args)
-    with load(args.package, backend=args.backend, threads=args.threads) as model:
+    with load(args.package, backend=args.backend, threads=args.threads, precision=args.precision) as model:
         predictions = model.predict_batch([x for _, x in items], max_batch=args.batch)
         if args.json:
             _print_json([{"input": name, **p.to_dict()} for (name, _), p in zip(items, predictions)])
             return 0
         width = max(len(name) for name, _ in items)
         for (name, _), p in zip(items, predictions):
-            print(f"{name:<{width}}  {p.label:<18} {p.score:6.3f}  {p.backend}  {p.timings.total_ms / p.batch_size:7.2f} ms")
+            print(f"{name:<{width}}  {p.label:<18} {p.score:6.3f}  {p.backend} {p.precision}  "
+                  f"{p.timings.total_ms / p.batch_size:7.2f} ms")
         for skipped in model.info["skipped_backends"]:
             print(f"(skipped {skipped['backend']}: {skipped['reason']})", file=sys.stderr)
     return 0
@@ -141,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="package name (default: from the output file name)")
     p.add_argument("--version", help="package version")
     p.add_argument("--directory", action="store_true", help="write a directory instead of one archive file")
+    p.add_argument("--quantize", choices=["int8"], help="also build int8 graphs (needs --calibration)")
+    p.add_argument("--method", default="auto", choices=["auto", "entropy", "percentile", "mse", "minmax"],
+                   help="calibration range method (auto: least quantization error per tensor)")
+    p.add_argument("--budget", type=float, default=1.0,
+                   help="allowed accuracy drop in points before layers return to float (negative: no search)")
+    p.add_argument("--calibration-samples", type=int, default=256, help="calibration samples to use")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_convert)
 
@@ -149,12 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_inspect)
 
+    p = sub.add_parser("calib-cache", help="render a package's int8 scales as a TensorRT calibration cache")
+    p.add_argument("package")
+    p.add_argument("--trt-version", default="8.6.1", help="TensorRT version of the device (e.g. 8.5.2 on JetPack 5)")
+    p.add_argument("-o", "--output", help="file to write (default: stdout)")
+    p.set_defaults(func=_cmd_calib_cache)
+
     p = sub.add_parser("run", help="predict images or texts with a package")
     p.add_argument("package")
     p.add_argument("inputs", nargs="*", help="image files or folders")
     p.add_argument("--text", action="append", help="a text to classify (repeatable)")
     p.add_argument("--text-file", help="a file with one text per line")
     p.add_argument("--backend", default="auto", help="auto, or a comma-separated policy (e.g. onnxruntime-cpu)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8"],
+                   help="graph to run (auto: int8 when the package has it)")
     p.add_argument("--threads", type=int, help="CPU threads for onnxruntime")
     p.add_argument("--batch", type=int, default=16, help="max batch size")
     p.add_argument("--json", action="store_true")

@@ -88,3 +88,35 @@ def test_bad_preprocess_json_is_named(tmp_path: Path, image_onnx: Path, capsys: 
 def test_run_without_inputs_is_refused(image_package: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = _cli(capsys, "run", str(image_package))
     assert code == 1 and "nothing to run" in err
+
+
+def test_int8_convert_inspect_and_calibration_cache(tmp_path: Path, image_folder: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    import onnx
+
+    onnx.save(builders.cnn_model(size=8), tmp_path / "cnn.onnx")
+    pkg = tmp_path / "cnn.edgepkg"
+    code, out, err = _cli(capsys, "convert", str(tmp_path / "cnn.onnx"), "-o", str(pkg), "--task",
+                          "image-classification", "--labels", "red,green,blue", "--preprocess",
+                          json.dumps(builders.preprocess_dict()), "--calibration", str(image_folder),
+                          "--quantize", "int8", "--method", "percentile", "--budget", "-1")
+    assert code == 0, err
+    assert "int8: percentile calibration on 9 samples" in out and "calibration  [" in err
+    code, out, _ = _cli(capsys, "inspect", str(pkg))
+    assert code == 0 and "(image-classification, int8)" in out and "sensitive: " in out
+    code, out, _ = _cli(capsys, "calib-cache", str(pkg), "--trt-version", "8.5.2")
+    lines = out.splitlines()
+    assert code == 0 and lines[0] == "TRT-8502-EntropyCalibration2" and any(l.startswith("image: ") for l in lines)
+    code, out, _ = _cli(capsys, "run", str(pkg), str(image_folder / "red" / "0.png"), "--precision", "fp32")
+    assert code == 0 and "onnxruntime-cpu fp32" in out
+
+
+def test_calibration_cache_needs_an_int8_package(image_package: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _cli(capsys, "calib-cache", str(image_package))
+    assert code == 1 and "has no scales.json" in err
+
+
+def test_inspect_path_imports_no_onnx() -> None:
+    code = "import sys, converters.report, converters.calibration.scales; print('onnx' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
