@@ -85,7 +85,7 @@ def run_int8(
     placement = plan_placement(model)
     cal = calibrate(model, batches, placement, chosen,
                     progress=(lambda n: progress("calibration", n, len(reader))) if progress else None)
-    graphs = build_int8(model, cal, placement)
+    graphs = build_int8(cal, placement)
     output = manifest.postprocess.output
     reference = _logits(model, batches, output)
     score = _metric(manifest, encoder, validation, batches, reference)
@@ -96,7 +96,7 @@ def run_int8(
     steps: list[dict[str, Any]] = []
     achieved = score(graphs.u8s8)
     if budget is not None and baseline - achieved > budget:
-        graphs, steps = mixed_precision(model, cal, placement, sensitivity, score, baseline, budget)
+        graphs, steps = mixed_precision(cal, placement, sensitivity, score, baseline, budget)
         achieved = steps[-1]["metric"]
     evaluation = None
     if validation:
@@ -131,6 +131,7 @@ def _report(
         })
     return {
         "method": cal.scales.method, "samples": cal.scales.samples, "calibration_seconds": round(cal.seconds, 2),
+        "bias_corrected": list(cal.bias_corrected),
         "family": family, "tensors": len(cal.linear), "layers": layers, "float_layers": dict(graphs.float_nodes),
         "budget": budget, "metric_fp32": baseline, "metric_int8": achieved, "agreement_with_fp32": agreement,
         "mixed_precision_steps": steps,

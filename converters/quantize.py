@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from converters.bias_correction import ChannelMeans, correct_biases, input_axes
 from converters.calibration.collect import collect_histograms, tensors_around
 from converters.calibration.histogram import TensorHistogram
 from converters.calibration.methods import CalibrationMethod, TensorRange, choose_range
@@ -41,6 +42,8 @@ class Calibration:
     affine: dict[str, TensorRange]
     scales: ScaleFile
     seconds: float
+    model: onnx.ModelProto  # the graph to quantize: the fp32 one, biases corrected when asked
+    bias_corrected: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -52,13 +55,19 @@ class Int8Graphs:
 
 def calibrate(
     model: onnx.ModelProto, batches: Sequence[Feeds], placement: Placement, method: CalibrationMethod, *,
-    num_bins: int = 2048, progress: Callable[[int], None] | None = None,
+    num_bins: int = 2048, progress: Callable[[int], None] | None = None, bias_correction: bool = True,
 ) -> Calibration:
-    """Histogram the tensors both variants quantize and choose their ranges with ``method``."""
+    """Histogram the tensors both variants quantize and choose their ranges with ``method``.
+
+    With ``bias_correction`` the per-channel input means of Conv/Gemm layers are measured in
+    the same pass and their biases absorb the int8 weight-rounding shift.
+    """
     start = time.perf_counter()
     op_types = sorted({op for ops in placement.op_types.values() for op in ops})
     tensors = tensors_around(model, op_types)
-    hists = collect_histograms(model, batches, tensors, num_bins=num_bins, progress=progress)
+    means = ChannelMeans(input_axes(model, placement.nodes) if bias_correction else {})
+    hists = collect_histograms(model, batches, tensors, num_bins=num_bins, progress=progress, observe=means)
+    corrected_model, corrected = correct_biases(model, placement.nodes, means) if bias_correction else (model, [])
     linear = {n: choose_range(h, method, Scheme.LINEAR) for n, h in hists.items()}
     affine = {n: choose_range(h, method, Scheme.AFFINE) for n, h in hists.items()}
     scales = ScaleFile(
@@ -67,7 +76,7 @@ def calibrate(
         samples=sum(len(next(iter(b.values()))) for b in batches), method=method.value,
         created_by="edge-sdk converters",
     )
-    return Calibration(hists, linear, affine, scales, time.perf_counter() - start)
+    return Calibration(hists, linear, affine, scales, time.perf_counter() - start, corrected_model, tuple(corrected))
 
 
 def _tensor_scale(h: TensorHistogram, r: TensorRange) -> TensorScale:
@@ -77,8 +86,9 @@ def _tensor_scale(h: TensorHistogram, r: TensorRange) -> TensorScale:
                        error=r.error)
 
 
-def build_int8(model: onnx.ModelProto, calibration: Calibration, placement: Placement) -> Int8Graphs:
+def build_int8(calibration: Calibration, placement: Placement) -> Int8Graphs:
     """Write both Q/DQ graphs from one calibration; the S8S8 one must meet TensorRT's rules."""
+    model = calibration.model
     s8 = write_qdq(model, {n: (r.lo, r.hi) for n, r in calibration.linear.items()}, Variant.S8S8, placement)
     assert_trt_compatible(s8)
     u8 = write_qdq(model, {n: (r.lo, r.hi) for n, r in calibration.affine.items()}, Variant.U8S8, placement)
@@ -136,7 +146,7 @@ def layer_sensitivity(
         act = calibration.linear.get(inputs[node])
         if act is None:
             continue
-        quantized = _run(fake_quantize_node(model, node, act), batches)
+        quantized = _run(fake_quantize_node(calibration.model, node, act), batches)
         result[node] = float(np.mean((quantized - reference) ** 2)) / power
         if progress:
             progress(1)
@@ -144,7 +154,7 @@ def layer_sensitivity(
 
 
 def mixed_precision(
-    model: onnx.ModelProto, calibration: Calibration, placement: Placement, sensitivity: dict[str, float],
+    calibration: Calibration, placement: Placement, sensitivity: dict[str, float],
     metric: Metric, baseline: float, budget: float,
 ) -> tuple[Int8Graphs, list[dict[str, Any]]]:
     """Return the most sensitive layers to float, doubling the count, until ``baseline - metric <= budget``.
@@ -158,7 +168,7 @@ def mixed_precision(
         floats = order[:kept]
         current = Placement(placement.family, tuple(n for n in placement.nodes if n not in floats),
                             placement.op_types)
-        graphs = build_int8(model, calibration, current) if current.nodes else None
+        graphs = build_int8(calibration, current) if current.nodes else None
         score = metric(graphs.u8s8) if graphs else baseline
         steps.append({"float_layers": kept, "metric": score, "drop": baseline - score})
         log.info("mixed precision: %d layers in float -> metric %.2f (drop %.2f)", kept, score, baseline - score)

@@ -59,8 +59,9 @@ def _augmented(model: onnx.ModelProto, tensors: Sequence[str]) -> bytes:
 def collect_histograms(
     model: onnx.ModelProto, batches: Iterable[Feeds], tensors: Sequence[str], *,
     num_bins: int = 2048, threads: int | None = None, progress: Progress | None = None,
+    observe: Callable[[str, np.ndarray], None] | None = None,
 ) -> dict[str, TensorHistogram]:
-    """Histogram ``tensors`` over every calibration batch."""
+    """Histogram ``tensors`` over every calibration batch; ``observe(name, value)`` sees each value too."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -78,6 +79,8 @@ def collect_histograms(
             raise CalibrationError(f"running the model on calibration batch {seen} failed: {exc}") from None
         for name, value in zip(tensors, values):
             collector.update(name, value)
+            if observe:
+                observe(name, value)
         seen += 1
         if progress:
             progress(len(next(iter(feeds.values()))))
