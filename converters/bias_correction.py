@@ -35,10 +35,13 @@ class ChannelMeans:
         axis = self.axes.get(name)
         if axis is None:
             return
-        moved = np.moveaxis(value.astype(np.float64), axis, -1).reshape(-1, value.shape[axis])
-        finite = np.where(np.isfinite(moved), moved, 0.0)
-        self.sums[name] = self.sums.get(name, 0.0) + finite.sum(axis=0)
-        self.counts[name] = self.counts.get(name, 0) + moved.shape[0]
+        axis %= value.ndim
+        others = tuple(i for i in range(value.ndim) if i != axis)
+        total = value.sum(axis=others, dtype=np.float64)
+        if not np.isfinite(total).all():  # rare: drop NaN/inf rather than poison the mean
+            total = np.where(np.isfinite(value), value, 0).sum(axis=others, dtype=np.float64)
+        self.sums[name] = self.sums.get(name, 0.0) + total
+        self.counts[name] = self.counts.get(name, 0) + value.size // value.shape[axis]
 
     def mean(self, name: str) -> np.ndarray | None:
         return self.sums[name] / self.counts[name] if name in self.sums else None

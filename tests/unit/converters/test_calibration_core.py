@@ -363,3 +363,18 @@ def test_entropy_never_clips_a_mass_that_sits_far_from_zero() -> None:
     amax = amax_entropy(h)
     assert np.mean(np.random.default_rng(0).uniform(5.0, 6.0, 20_000) > amax) <= 0.011
     assert amax >= 5.9
+
+
+def test_large_batches_are_binned_on_a_subset_with_exact_extremes() -> None:
+    from converters.calibration.histogram import MAX_BINNED_PER_BATCH
+
+    values = np.random.default_rng(5).normal(0, 1, 3 * MAX_BINNED_PER_BATCH).astype(np.float32)
+    values[123] = 9.5  # an extreme the strided subset skips
+    collector = HistogramCollector()
+    collector.update("big", values)
+    h = collector.histograms()["big"]
+    assert h.max == pytest.approx(9.5) and h.count == values.size
+    assert amax_minmax(h) == pytest.approx(9.5)
+    binned = int(h.counts.sum())
+    assert MAX_BINNED_PER_BATCH // 2 < binned <= MAX_BINNED_PER_BATCH
+    assert amax_percentile(h, 99.0) == pytest.approx(np.percentile(np.abs(values), 99.0), rel=0.02)
