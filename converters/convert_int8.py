@@ -14,6 +14,7 @@ from converters.calibration.methods import CalibrationMethod
 from converters.calibration.readers import Encoder, calibration_reader
 from converters.data import Sample
 from converters.evaluate import Evaluation, evaluate
+from converters.plots import histogram_png
 from converters.qdq import name_nodes, plan_placement
 from converters.quantize import Calibration, Int8Graphs, build_int8, calibrate, layer_sensitivity, mixed_precision
 from edge_sdk.errors import CalibrationError
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 
 GRAPH_FILES = {"u8s8": "model.int8.u8s8.onnx", "s8s8": "model.int8.s8s8.onnx"}
 SCALES_FILE = "scales.json"
+PLOT_FILE = "reports/histograms.png"
+PLOTTED_LAYERS = 6
 
 
 @dataclass(frozen=True)
@@ -107,10 +110,25 @@ def run_int8(
             pipeline.close()
     golden = {v: {output: _logits(g, [golden_in], output)} for v, g in (("u8s8", graphs.u8s8), ("s8s8", graphs.s8s8))}
     files = {GRAPH_FILES["u8s8"]: graphs.u8s8.SerializeToString(), GRAPH_FILES["s8s8"]: graphs.s8s8.SerializeToString(),
-             SCALES_FILE: cal.scales.to_json().encode("utf-8")}
+             SCALES_FILE: cal.scales.to_json().encode("utf-8"), PLOT_FILE: _plot(model, cal, sensitivity)}
     report = _report(model, cal, placement.family, graphs, sensitivity, steps, files, proto, budget, baseline, achieved,
                      _agreement(reference, _logits(graphs.u8s8, batches, output)))
     return Int8Stage(files, golden, report, evaluation)
+
+
+def _plot(model: onnx.ModelProto, cal: Calibration, sensitivity: dict[str, float]) -> bytes:
+    """Histograms of the inputs of the most sensitive layers, with their TensorRT (linear) thresholds."""
+    inputs = {n.name: (n.op_type, n.input[0]) for n in model.graph.node}
+    ranked = sorted(sensitivity, key=lambda n: -sensitivity[n])
+    panels = []
+    for node in ranked:
+        op_type, tensor = inputs[node]
+        if tensor in cal.histograms and len(panels) < PLOTTED_LAYERS:
+            title = f"{node} ({op_type}) input {tensor}: sensitivity {sensitivity[node]:.2e}"
+            panels.append((title, cal.histograms[tensor], cal.linear[tensor]))
+    if not panels:  # no sensitivity measured: plot the first calibrated tensors
+        panels = [(n, cal.histograms[n], cal.linear[n]) for n in list(cal.histograms)[:PLOTTED_LAYERS]]
+    return histogram_png(panels)
 
 
 def _report(
@@ -136,7 +154,7 @@ def _report(
         "budget": budget, "metric_fp32": baseline, "metric_int8": achieved, "agreement_with_fp32": agreement,
         "mixed_precision_steps": steps,
         "sizes_bytes": {"fp32": len(proto.SerializeToString()), **{k: len(v) for k, v in files.items()}},
-        "graphs": dict(GRAPH_FILES), "scales": SCALES_FILE,
+        "graphs": dict(GRAPH_FILES), "scales": SCALES_FILE, "histogram_plot": PLOT_FILE,
     }
 
 
