@@ -118,7 +118,7 @@ def run_int8(
 
 def _plot(model: onnx.ModelProto, cal: Calibration, sensitivity: dict[str, float]) -> bytes:
     """Histograms of the inputs of the most sensitive layers, with their TensorRT (linear) thresholds."""
-    inputs = {n.name: (n.op_type, n.input[0]) for n in model.graph.node}
+    inputs = {n.name: (n.op_type, n.input[0]) for n in model.graph.node if n.input}
     ranked = sorted(sensitivity, key=lambda n: -sensitivity[n])
     panels = []
     for node in ranked:

@@ -140,7 +140,7 @@ def layer_sensitivity(
     """Relative output error (MSE / output power) of each layer quantized alone, on a few batches."""
     reference = _run(model, batches)
     power = float(np.mean(reference**2)) or 1.0
-    inputs = {n.name: n.input[0] for n in model.graph.node}
+    inputs = {n.name: n.input[0] for n in model.graph.node if n.input}
     result = {}
     for node in placement.nodes:
         act = calibration.linear.get(inputs[node])

@@ -136,7 +136,6 @@ def transformer_model(vocab: int = len(VOCAB), dim: int = 16, classes: int = 3, 
              _init(rng, "w1", (dim, 4 * dim)), _init(rng, "w2", (4 * dim, dim)), _init(rng, "head", (dim, classes)),
              numpy_helper.from_array(np.ones(dim, np.float32), "ln_g"),
              numpy_helper.from_array(np.zeros(dim, np.float32), "ln_b"),
-             numpy_helper.from_array(np.array(1 / np.sqrt(dim), np.float32), "inv_sqrt_d"),
              numpy_helper.from_array(np.array(np.sqrt(0.5), np.float32), "inv_sqrt2"),
              numpy_helper.from_array(np.array(0.5, np.float32), "half"),
              numpy_helper.from_array(np.array(1.0, np.float32), "one"),
@@ -144,6 +143,8 @@ def transformer_model(vocab: int = len(VOCAB), dim: int = 16, classes: int = 3, 
              numpy_helper.from_array(np.array([2], np.int64), "ax2")]
     mm = lambda a, b, out: helper.make_node("MatMul", [a, b], [out], name=f"mm_{out}")  # noqa: E731
     nodes = [
+        helper.make_node("Constant", [], ["inv_sqrt_d"], name="inv_sqrt_d",
+                         value=numpy_helper.from_array(np.array(1 / np.sqrt(dim), np.float32))),
         helper.make_node("Gather", ["emb", "input_ids"], ["x0"], name="embed"),
         helper.make_node("LayerNormalization", ["x0", "ln_g", "ln_b"], ["h0"], axis=-1, name="ln1"),
         mm("h0", "wq", "q"), mm("h0", "wk", "k"), mm("h0", "wv", "v"),
