@@ -3,8 +3,10 @@
     python -m demo.run --build build/demo
 
 Expects the models built by ``demo.build_image_model`` and ``demo.build_text_model``.
-Prints, per model, a short table (sample, true label, predicted label, score,
-backend, latency) and the accuracy and median latency over the whole held-out set.
+Each model becomes an fp32 package and an int8 one (calibrated on the demo's
+calibration split). Prints, per model, a short table (sample, true label,
+predicted label, score, backend, latency) and the accuracy and median latency
+of fp32 and int8 over the whole held-out set.
 """
 
 from __future__ import annotations
@@ -43,23 +45,33 @@ def _text_heldout(root: Path) -> Heldout:
 
 
 def _convert(build: Path, packages: Path) -> dict[str, Path]:
+    """Convert both models, fp32 and int8; a package newer than its model is reused."""
     image, text = build / "image", build / "text"
-    out = {"surface-defects": packages / "surface-defects.edgepkg", "fault-reports": packages / "fault-reports.edgepkg"}
-    started = time.perf_counter()
-    edge_sdk.convert(image / "model.onnx", out["surface-defects"], task="image-classification",
-                     labels=image / "labels.txt", preprocess=image / "preprocess.json",
-                     calibration=image / "data" / "calib", validation=image / "data" / "test")
-    edge_sdk.convert(text / "model.onnx", out["fault-reports"], task="text-classification",
-                     labels=text / "labels.txt", tokenizer=text / "tokenizer.json", max_length=128,
-                     calibration=text / "data" / "calib.txt", validation=text / "data" / "test.tsv")
-    print(f"converted 2 packages into {packages} in {time.perf_counter() - started:.1f} s")
+    jobs = {
+        "surface-defects": (image / "model.onnx", dict(
+            task="image-classification", labels=image / "labels.txt", preprocess=image / "preprocess.json",
+            calibration=image / "data" / "calib", validation=image / "data" / "test")),
+        "fault-reports": (text / "model.onnx", dict(
+            task="text-classification", labels=text / "labels.txt", tokenizer=text / "tokenizer.json",
+            max_length=128, calibration=text / "data" / "calib.txt", validation=text / "data" / "test.tsv")),
+    }
+    out: dict[str, Path] = {}
+    for name, (model, kwargs) in jobs.items():
+        for precision in ("fp32", "int8"):
+            target = packages / f"{name}.{precision}.edgepkg"
+            out[f"{name}.{precision}"] = target
+            if target.is_file() and target.stat().st_mtime > model.stat().st_mtime:
+                continue
+            started = time.perf_counter()
+            extra = {"quantize": "int8"} if precision == "int8" else {}
+            edge_sdk.convert(model, target, name=name, **kwargs, **extra)  # type: ignore[arg-type]
+            print(f"converted {target.name} in {time.perf_counter() - started:.1f} s")
     return out
 
 
-def _run(package: Path, heldout: Heldout) -> None:
+def _measure(package: Path, heldout: Heldout) -> tuple[list[tuple[str, ...]], float, float, str]:
+    """Predict every held-out sample one at a time: table rows, accuracy, median latency, backend."""
     with edge_sdk.load(package) as model:
-        print(f"\n== {heldout.name}: {package.name} on {model.backend} "
-              f"({len(heldout.items)} held-out samples, one at a time)")
         rows, latencies, hits, shown = [], [], 0, {}
         for display, item, truth in heldout.items:
             started = time.perf_counter()
@@ -68,12 +80,21 @@ def _run(package: Path, heldout: Heldout) -> None:
             hits += p.label == truth
             if shown.get(truth, 0) < SHOWN_PER_LABEL:
                 shown[truth] = shown.get(truth, 0) + 1
-                rows.append((display, truth, p.label, f"{p.score:.3f}", p.backend, f"{latencies[-1]:.1f} ms"))
-        _table(("sample", "true", "predicted", "score", "backend", "latency"), rows)
-        print(f"accuracy {hits / len(heldout.items):.3f} ({hits}/{len(heldout.items)}), "
-              f"median latency {statistics.median(latencies):.1f} ms per sample")
-        for s in model.info["skipped_backends"]:
-            print(f"  (skipped {s['backend']}: {s['reason']})")
+                rows.append((display, truth, p.label, f"{p.score:.3f}", f"{p.backend} {p.precision}",
+                             f"{latencies[-1]:.1f} ms"))
+        skipped = "; ".join(f"{s['backend']}: {s['reason']}" for s in model.info["skipped_backends"])
+    return rows, hits / len(heldout.items), statistics.median(latencies), skipped
+
+
+def _run(packages: dict[str, Path], heldout: Heldout) -> None:
+    fp32_rows, fp32_acc, fp32_ms, _ = _measure(packages[f"{heldout.name}.fp32"], heldout)
+    int8_rows, int8_acc, int8_ms, skipped = _measure(packages[f"{heldout.name}.int8"], heldout)
+    print(f"\n== {heldout.name}: {len(heldout.items)} held-out samples, one at a time (int8 package shown)")
+    _table(("sample", "true", "predicted", "score", "backend", "latency"), int8_rows)
+    print(f"fp32: accuracy {fp32_acc:.3f}, median latency {fp32_ms:.1f} ms per sample")
+    print(f"int8: accuracy {int8_acc:.3f}, median latency {int8_ms:.1f} ms per sample "
+          f"({fp32_ms / int8_ms:.2f}x fp32)")
+    print(f"  (skipped {skipped})")
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
@@ -88,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         packages = _convert(args.build, args.build / "packages")
-        _run(packages["surface-defects"], _image_heldout(args.build / "image"))
-        _run(packages["fault-reports"], _text_heldout(args.build / "text"))
+        _run(packages, _image_heldout(args.build / "image"))
+        _run(packages, _text_heldout(args.build / "text"))
     except EdgeSDKError as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 1
