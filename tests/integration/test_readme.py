@@ -1,4 +1,4 @@
-"""The README's SDK example runs as written, against a build/demo layout of tiny real models."""
+"""The README's Python examples run as written, against a build/demo layout of tiny real models."""
 
 from __future__ import annotations
 
@@ -23,22 +23,27 @@ def _demo_layout(root: Path) -> None:
     (image / "labels.txt").write_text("\n".join(LABELS) + "\n")
     builders.write_json(image / "preprocess.json", builders.preprocess_dict())
     rng = np.random.default_rng(1)
-    for label in LABELS:
-        folder = image / "data" / "test" / label
-        folder.mkdir(parents=True)
-        for i in range(2):
-            cv2.imwrite(str(folder / f"{label}_{i:04d}.png"), rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    for split in ("test", "calib"):
+        for label in LABELS:
+            folder = image / "data" / split / label
+            folder.mkdir(parents=True)
+            for i in range(2):
+                cv2.imwrite(str(folder / f"{label}_{i:04d}.png"), rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))
 
 
-def test_readme_sdk_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_readme_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                             capsys: pytest.CaptureFixture[str]) -> None:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert blocks, "README has no python example"
+    assert len(blocks) == 2, "README's python examples changed: update this test"
     _demo_layout(tmp_path)
     monkeypatch.chdir(tmp_path)
-    exec(compile(blocks[0], str(README), "exec"), {})
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), namespace)
     out = capsys.readouterr().out.splitlines()
     assert re.fullmatch(r"held-out accuracy \d\.\d{3}", out[0])
     label, score, backend, _ = out[1].split(" ", 3)
     assert label in LABELS and 0.0 < float(score) <= 1.0 and backend == "onnxruntime-cpu"
     assert (tmp_path / "build" / "surface-defects.edgepkg").is_file()
+    assert any(line.startswith("int8: auto calibration on 10 samples") for line in out[2:])
+    assert (tmp_path / "build" / "surface-defects.int8.edgepkg").is_file()
