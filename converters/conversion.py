@@ -182,8 +182,8 @@ def _golden_feeds(
     """Golden feeds from validation data, else calibration data (raw inputs or tensors), else synthetic."""
     if not validation and calibration is not None and Path(calibration).suffix in (".npy", ".npz"):
         reader = calibration_reader(calibration, task=task, inputs=inputs, encode=encoder, limit=count)
-        assert isinstance(reader, ArrayReader)
-        return dict(reader.arrays)
+        if isinstance(reader, ArrayReader):
+            return dict(reader.arrays)
     pool = validation or _samples(task, calibration, labels, labelled=False)
     return encoder(_golden_items(task, pool, count))  # type: ignore[no-any-return]
 
@@ -202,6 +202,84 @@ def _golden_items(task: str, pool: Sequence[Sample], count: int) -> list[Any]:
     for i in range(max(len(v) for v in by_label.values())):
         picked.extend(group[i].item for group in by_label.values() if i < len(group))
     return picked[:count]
+
+
+
+@dataclass(frozen=True)
+class _Fp32Stage:
+    validation_set: list[Sample]
+    golden_in: dict[str, np.ndarray]
+    golden_out: dict[str, np.ndarray]
+    evaluation: Evaluation | None
+
+
+def _prepare(
+    model: ModelSource, output: Any, task: str, labels: Any, preprocess: Any, tokenizer: Any, max_length: int,
+    opts: Options,
+) -> tuple[Any, Manifest, str | None]:
+    """Load and check the graph and the user's pre/post-processing; the manifest without files."""
+    if task not in TASKS:
+        raise ConversionError(f"task is {task!r}; expected one of {', '.join(TASKS)}")
+    label_list = _labels(labels)
+    proto = load_onnx(model)
+    inputs, outputs = io_specs(proto)
+    out_spec = _pick_output(outputs, opts.output_name, label_list)
+    tokenizer_json: str | None = None
+    pre: ImagePreprocess | TextPreprocess
+    if task == "image-classification":
+        pre = _image_preprocess(preprocess)
+        _check_image_input(inputs, pre)
+    else:
+        pre = _text_preprocess(inputs, max_length)
+        tokenizer_json = _tokenizer(tokenizer)
+    manifest = Manifest(
+        name=opts.name or Path(output).name.split(".")[0] or "model", version=opts.version, task=task,
+        model="model.onnx", inputs=inputs, outputs=(out_spec,), preprocess=pre,
+        postprocess=Postprocess(output=out_spec.name, labels=label_list), files={},
+        created_by="edge-sdk converters",
+    )
+    return proto, manifest, tokenizer_json
+
+
+def _fp32_stage(proto: Any, manifest: Manifest, encoder: Any, calibration: Any, validation: Any,
+                opts: Options) -> _Fp32Stage:
+    """Golden vectors and validation accuracy of the fp32 graph, through the runtime's own pipeline."""
+    labels = manifest.postprocess.labels
+    runner = OnnxRuntimeRunner(proto.SerializeToString(), manifest.inputs, manifest.outputs,
+                               threads=opts.threads).activate()
+    pipeline = Pipeline(manifest, Selection("onnxruntime-cpu", runner, ()), encoder)
+    try:
+        validation_set = _samples(manifest.task, validation, labels, labelled=True)
+        golden_in = _golden_feeds(manifest.task, encoder, validation_set, calibration, manifest.inputs, labels,
+                                  opts.golden_samples)
+        golden_out = runner.infer(golden_in)
+        evaluation = evaluate(pipeline, validation_set) if validation_set else None
+    finally:
+        runner.deactivate()
+    return _Fp32Stage(validation_set, golden_in, golden_out, evaluation)
+
+
+def _assemble(
+    manifest: Manifest, proto: Any, fp32: _Fp32Stage, int8: Int8Stage | None, tokenizer_json: str | None,
+    has_calibration: bool,
+) -> tuple[Manifest, dict[str, bytes], list[str]]:
+    """The final manifest (precision, graphs, reports) and every file of the package."""
+    precision = "int8" if int8 else "fp32"
+    notes = [] if int8 else ["precision fp32: pass quantize='int8' with calibration data for int8 graphs"]
+    if has_calibration and not int8:
+        notes.append("calibration data was used for golden vectors only")
+    reports: dict[str, Any] = {"conversion": {"precision": precision, "notes": notes}}
+    if fp32.evaluation:
+        reports["validation"] = fp32.evaluation.to_dict()
+    files = {"model.onnx": proto.SerializeToString(),
+             "golden.npz": golden_bytes(fp32.golden_in, fp32.golden_out, int8.golden if int8 else None)}
+    if int8:
+        reports["int8"] = {**int8.report, "validation": int8.evaluation.to_dict() if int8.evaluation else None}
+        files.update(int8.files)
+    if tokenizer_json is not None:
+        files["tokenizer.json"] = tokenizer_json.encode("utf-8")
+    manifest = replace(manifest, reports=reports, precision=precision, graphs=dict(GRAPH_FILES) if int8 else {})
+    return manifest, files, notes
 
 
 def convert(
@@ -229,65 +307,21 @@ def convert(
     opts = _options(options)
     if opts.quantize:
         require_calibration(calibration)
-    if task not in TASKS:
-        raise ConversionError(f"task is {task!r}; expected one of {', '.join(TASKS)}")
-    label_list = _labels(labels)
-    proto = load_onnx(model)
-    inputs, outputs = io_specs(proto)
-    out_spec = _pick_output(outputs, opts.output_name, label_list)
-    tokenizer_json: str | None = None
-    pre: ImagePreprocess | TextPreprocess
-    if task == "image-classification":
-        pre = _image_preprocess(preprocess)
-        _check_image_input(inputs, pre)
-    else:
-        pre = _text_preprocess(inputs, max_length)
-        tokenizer_json = _tokenizer(tokenizer)
-    default_name = Path(output).name.split(".")[0] or "model"
-    manifest = Manifest(
-        name=opts.name or default_name, version=opts.version, task=task, model="model.onnx",
-        inputs=inputs, outputs=(out_spec,), preprocess=pre,
-        postprocess=Postprocess(output=out_spec.name, labels=label_list), files={},
-        created_by="edge-sdk converters",
-    )
-    model_bytes = proto.SerializeToString()
+    proto, manifest, tokenizer_json = _prepare(model, output, task, labels, preprocess, tokenizer, max_length, opts)
     encoder = make_encoder(manifest, tokenizer_json)
-    runner = OnnxRuntimeRunner(model_bytes, inputs, (out_spec,), threads=opts.threads).activate()
-    pipeline = Pipeline(manifest, Selection("onnxruntime-cpu", runner, ()), encoder)
-    try:
-        validation_set = _samples(task, validation, label_list, labelled=True)
-        golden_in = _golden_feeds(task, encoder, validation_set, calibration, inputs, label_list, opts.golden_samples)
-        golden_out = runner.infer(golden_in)
-        evaluation: Evaluation | None = evaluate(pipeline, validation_set) if validation_set else None
-    finally:
-        runner.deactivate()
+    fp32 = _fp32_stage(proto, manifest, encoder, calibration, validation, opts)
     int8: Int8Stage | None = None
     if opts.quantize:
         int8 = run_int8(proto, manifest, encoder, task=task, calibration=calibration,  # type: ignore[arg-type]
-                        validation=validation_set, fp32=evaluation, golden_in=golden_in, method=opts.method,
-                        budget=opts.budget, samples=opts.calibration_samples, progress=progress)
-    precision = "int8" if int8 else "fp32"
-    notes = [] if int8 else ["precision fp32: pass quantize='int8' with calibration data for int8 graphs"]
-    if calibration is not None and not int8:
-        notes.append("calibration data was used for golden vectors only")
-    reports: dict[str, Any] = {"conversion": {"precision": precision, "notes": notes}}
-    if evaluation:
-        reports["validation"] = evaluation.to_dict()
-    if int8:
-        reports["int8"] = {**int8.report, "validation": int8.evaluation.to_dict() if int8.evaluation else None}
-    manifest = replace(manifest, reports=reports, precision=precision,
-                       graphs=dict(GRAPH_FILES) if int8 else {})
-    files = {"model.onnx": model_bytes,
-             "golden.npz": golden_bytes(golden_in, golden_out, int8.golden if int8 else None)}
-    if int8:
-        files.update(int8.files)
-    if tokenizer_json is not None:
-        files["tokenizer.json"] = tokenizer_json.encode("utf-8")
+                        validation=fp32.validation_set, fp32=fp32.evaluation, golden_in=fp32.golden_in,
+                        method=opts.method, budget=opts.budget, samples=opts.calibration_samples, progress=progress)
+    manifest, files, notes = _assemble(manifest, proto, fp32, int8, tokenizer_json, calibration is not None)
     package = write_package(manifest, files, output, archive=opts.archive)
     log.info("wrote %s", package.path)
     return ConversionReport(
-        package=str(package.path), name=manifest.name, task=task, precision=precision, labels=label_list,
-        inputs=tuple(t.to_dict() for t in inputs), outputs=(out_spec.to_dict(),),
-        golden_samples=len(next(iter(golden_in.values()))), seconds=time.perf_counter() - start,
-        validation=evaluation, notes=tuple(notes), int8=reports.get("int8"),
+        package=str(package.path), name=manifest.name, task=task, precision=manifest.precision,
+        labels=manifest.postprocess.labels, inputs=tuple(t.to_dict() for t in manifest.inputs),
+        outputs=tuple(t.to_dict() for t in manifest.outputs),
+        golden_samples=len(next(iter(fp32.golden_in.values()))), seconds=time.perf_counter() - start,
+        validation=fp32.evaluation, notes=tuple(notes), int8=manifest.reports.get("int8"),
     )

@@ -10,7 +10,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import onnx
 
-from converters.calibration.methods import CalibrationMethod
+from converters.calibration.histogram import TensorHistogram
+from converters.calibration.methods import CalibrationMethod, TensorRange
 from converters.calibration.readers import Encoder, calibration_reader
 from converters.data import Sample
 from converters.evaluate import Evaluation, evaluate
@@ -120,7 +121,7 @@ def _plot(model: onnx.ModelProto, cal: Calibration, sensitivity: dict[str, float
     """Histograms of the inputs of the most sensitive layers, with their TensorRT (linear) thresholds."""
     inputs = {n.name: (n.op_type, n.input[0]) for n in model.graph.node if n.input}
     ranked = sorted(sensitivity, key=lambda n: -sensitivity[n])
-    panels = []
+    panels: list[tuple[str, TensorHistogram, TensorRange]] = []
     for node in ranked:
         op_type, tensor = inputs[node]
         if tensor in cal.histograms and len(panels) < PLOTTED_LAYERS:
