@@ -21,9 +21,11 @@ import numpy as np
 from converters.calibration.methods import CalibrationMethod
 from converters.calibration.readers import ArrayReader, calibration_reader
 from converters.convert_int8 import GRAPH_FILES, Int8Stage, require_calibration, run_int8
+from converters.smoothing import DEFAULT_ALPHA
 from converters.data import Sample, image_samples, text_lines, tsv_samples
 from converters.evaluate import Evaluation, evaluate
 from converters.graph import ModelSource, io_specs, load_onnx
+from converters.qdq import name_nodes
 from converters.report import ConversionReport
 from edge_sdk.errors import ConversionError, EdgeSDKError
 from runtime.manifest import ImagePreprocess, Manifest, Postprocess, TensorSpec, TextPreprocess
@@ -55,6 +57,7 @@ class Options:
     method: str = "auto"
     budget: float | None = 1.0
     calibration_samples: int = 256
+    smoothing: float | None = DEFAULT_ALPHA
 
 
 def _options(options: Mapping[str, Any]) -> Options:
@@ -73,6 +76,8 @@ def _options(options: Mapping[str, Any]) -> Options:
         raise ConversionError(f"quantize is {opts.quantize!r}; expected 'int8' or None (fp32)")
     if opts.budget is not None and not opts.budget >= 0:
         raise ConversionError(f"budget is {opts.budget!r}; expected accuracy points >= 0 (e.g. 1.0) or None")
+    if opts.smoothing is not None and not 0.0 <= opts.smoothing <= 1.0:
+        raise ConversionError(f"smoothing is {opts.smoothing!r}; expected a migration strength in [0, 1] or None")
     if opts.calibration_samples < 1:
         raise ConversionError(f"calibration_samples is {opts.calibration_samples}; expected at least 1")
     CalibrationMethod.parse(opts.method)
@@ -221,7 +226,7 @@ def _prepare(
     if task not in TASKS:
         raise ConversionError(f"task is {task!r}; expected one of {', '.join(TASKS)}")
     label_list = _labels(labels)
-    proto = load_onnx(model)
+    proto = name_nodes(load_onnx(model))  # reports and scales refer to nodes by name
     inputs, outputs = io_specs(proto)
     out_spec = _pick_output(outputs, opts.output_name, label_list)
     tokenizer_json: str | None = None
@@ -314,7 +319,8 @@ def convert(
     if opts.quantize:
         int8 = run_int8(proto, manifest, encoder, task=task, calibration=calibration,  # type: ignore[arg-type]
                         validation=fp32.validation_set, fp32=fp32.evaluation, golden_in=fp32.golden_in,
-                        method=opts.method, budget=opts.budget, samples=opts.calibration_samples, progress=progress)
+                        method=opts.method, budget=opts.budget, samples=opts.calibration_samples,
+                        smoothing=opts.smoothing, progress=progress)
     manifest, files, notes = _assemble(manifest, proto, fp32, int8, tokenizer_json, calibration is not None)
     package = write_package(manifest, files, output, archive=opts.archive)
     log.info("wrote %s", package.path)

@@ -16,8 +16,9 @@ from converters.calibration.readers import Encoder, calibration_reader
 from converters.data import Sample
 from converters.evaluate import Evaluation, evaluate
 from converters.plots import histogram_png
-from converters.qdq import name_nodes, plan_placement
-from converters.quantize import Calibration, Int8Graphs, build_int8, calibrate, layer_sensitivity, mixed_precision
+from converters.qdq import name_nodes
+from converters.quantize import Calibration, Int8Graphs, build_int8, layer_sensitivity, mixed_precision, prepare_int8
+from converters.smoothing import DEFAULT_ALPHA
 from edge_sdk.errors import CalibrationError
 from runtime.manifest import Manifest
 from runtime.pipeline import Pipeline
@@ -79,16 +80,16 @@ def _metric(manifest: Manifest, encoder: Encoder, validation: Sequence[Sample], 
 def run_int8(
     proto: onnx.ModelProto, manifest: Manifest, encoder: Encoder, *, task: str, calibration: str | os.PathLike[str],
     validation: Sequence[Sample], fp32: Evaluation | None, golden_in: dict[str, np.ndarray], method: str,
-    budget: float | None, samples: int, progress: Callable[[str, int, int], None] | None = None,
+    budget: float | None, samples: int, smoothing: float | None = DEFAULT_ALPHA,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> Int8Stage:
     """Calibrate ``proto`` on ``calibration`` and produce the int8 graphs, scale file and report."""
     model = name_nodes(proto)
     chosen = CalibrationMethod.parse(method)
     reader = calibration_reader(calibration, task=task, inputs=manifest.inputs, encode=encoder, limit=samples)
     batches = list(reader)
-    placement = plan_placement(model)
-    cal = calibrate(model, batches, placement, chosen,
-                    progress=(lambda n: progress("calibration", n, len(reader))) if progress else None)
+    cal, placement = prepare_int8(model, batches, chosen, smoothing=smoothing,
+                                  progress=(lambda n: progress("calibration", n, len(reader))) if progress else None)
     graphs = build_int8(cal, placement)
     output = manifest.postprocess.output
     reference = _logits(model, batches, output)
@@ -111,8 +112,8 @@ def run_int8(
             pipeline.close()
     golden = {v: {output: _logits(g, [golden_in], output)} for v, g in (("u8s8", graphs.u8s8), ("s8s8", graphs.s8s8))}
     files = {GRAPH_FILES["u8s8"]: graphs.u8s8.SerializeToString(), GRAPH_FILES["s8s8"]: graphs.s8s8.SerializeToString(),
-             SCALES_FILE: cal.scales.to_json().encode("utf-8"), PLOT_FILE: _plot(model, cal, sensitivity)}
-    report = _report(model, cal, placement.family, graphs, sensitivity, steps, files, proto, budget, baseline, achieved,
+             SCALES_FILE: cal.scales.to_json().encode("utf-8"), PLOT_FILE: _plot(cal.model, cal, sensitivity)}
+    report = _report(cal.model, cal, placement.family, graphs, sensitivity, steps, files, proto, budget, baseline, achieved,
                      _agreement(reference, _logits(graphs.u8s8, batches, output)))
     return Int8Stage(files, golden, report, evaluation)
 
@@ -151,6 +152,7 @@ def _report(
     return {
         "method": cal.scales.method, "samples": cal.scales.samples, "calibration_seconds": round(cal.seconds, 2),
         "bias_corrected": list(cal.bias_corrected),
+        "smoothing": {"alpha": cal.smoothing_alpha, "layers": list(cal.smoothed)} if cal.smoothed else None,
         "family": family, "tensors": len(cal.linear), "layers": layers, "float_layers": dict(graphs.float_nodes),
         "budget": budget, "metric_fp32": baseline, "metric_int8": achieved, "agreement_with_fp32": agreement,
         "mixed_precision_steps": steps,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -25,6 +25,7 @@ from converters.calibration.methods import CalibrationMethod, TensorRange, choos
 from converters.calibration.scales import ScaleFile, TensorScale, data_hash, graph_hash
 from converters.calibration.schemes import Scheme, dequantize, per_channel_weight_params, quantize
 from converters.qdq import Placement, Variant, plan_placement, write_qdq
+from converters.smoothing import DEFAULT_ALPHA, smooth_model
 from converters.trt_rules import assert_trt_compatible
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,10 @@ class Calibration:
     affine: dict[str, TensorRange]
     scales: ScaleFile
     seconds: float
-    model: onnx.ModelProto  # the graph to quantize: the fp32 one, biases corrected when asked
+    model: onnx.ModelProto  # the graph to quantize: the fp32 one, smoothed and biases corrected when asked
     bias_corrected: tuple[str, ...] = ()
+    smoothed: tuple[str, ...] = ()
+    smoothing_alpha: float | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,23 @@ def calibrate(
         created_by="edge-sdk converters",
     )
     return Calibration(hists, linear, affine, scales, time.perf_counter() - start, corrected_model, tuple(corrected))
+
+
+def prepare_int8(
+    model: onnx.ModelProto, batches: Sequence[Feeds], method: CalibrationMethod, *,
+    smoothing: float | None = DEFAULT_ALPHA, progress: Callable[[int], None] | None = None,
+) -> tuple[Calibration, Placement]:
+    """Plan the placement, smooth transformer MatMul inputs (``smoothing`` = migration strength,
+    None to skip), then calibrate. The one entry point for ``convert`` and the benchmarks."""
+    placement = plan_placement(model)
+    smoothed: list[str] = []
+    if smoothing is not None and placement.family == "transformer":
+        model, smoothed = smooth_model(model, batches, placement.nodes, smoothing)
+        placement = plan_placement(model)
+    cal = calibrate(model, batches, placement, method, progress=progress)
+    if smoothed:
+        cal = replace(cal, smoothed=tuple(smoothed), smoothing_alpha=smoothing)
+    return cal, placement
 
 
 def _tensor_scale(h: TensorHistogram, r: TensorRange) -> TensorScale:
@@ -140,7 +160,7 @@ def layer_sensitivity(
     """Relative output error (MSE / output power) of each layer quantized alone, on a few batches."""
     reference = _run(model, batches)
     power = float(np.mean(reference**2)) or 1.0
-    inputs = {n.name: n.input[0] for n in model.graph.node if n.input}
+    inputs = {n.name: n.input[0] for n in calibration.model.graph.node if n.input}
     result = {}
     for node in placement.nodes:
         act = calibration.linear.get(inputs[node])
@@ -192,4 +212,4 @@ def raise_budget(budget: float, steps: list[dict[str, Any]]) -> None:
 
 
 __all__ = ["Calibration", "Int8Graphs", "build_int8", "calibrate", "layer_sensitivity", "mixed_precision",
-           "plan_placement"]
+           "plan_placement", "prepare_int8"]

@@ -46,14 +46,17 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             preprocess = json.loads(preprocess)
         except json.JSONDecodeError as exc:
             raise EdgeSDKError(f"--preprocess is not valid JSON: {exc}") from None
-    options = {"archive": not args.directory, "name": args.name, "version": args.version,
-               "quantize": args.quantize, "method": args.method, "calibration_samples": args.calibration_samples,
-               "budget": None if args.budget is not None and args.budget < 0 else args.budget}
+    options: dict[str, Any] = {k: v for k, v in {
+        "name": args.name, "version": args.version, "quantize": args.quantize, "smoothing": args.smoothing,
+    }.items() if v is not None}  # unset: the SDK's defaults
+    options.update(archive=not args.directory, method=args.method, calibration_samples=args.calibration_samples,
+                   budget=None if args.budget < 0 else args.budget)
+    if args.no_smoothing:
+        options["smoothing"] = None
     report = convert(
         args.model, args.output, task=args.task, labels=_labels_arg(args.labels), preprocess=preprocess,
         tokenizer=args.tokenizer, max_length=args.max_length, calibration=args.calibration,
-        validation=args.validation, progress=None if args.json else _Progress(),
-        **{k: v for k, v in options.items() if v is not None},
+        validation=args.validation, progress=None if args.json else _Progress(), **options,
     )
     if args.json:
         _print_json(report.to_dict())
@@ -113,12 +116,19 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_calib_cache(args: argparse.Namespace) -> int:
     from converters.calibration.scales import ScaleFile
-    from runtime.package import Package
+    from runtime.package import Package, sha256_bytes
 
     package = Package.open(args.package)
     if "scales.json" not in package.manifest.files:
         raise EdgeSDKError(f"package {args.package} has no scales.json", hint="convert it with --quantize int8")
-    cache = ScaleFile.from_json(package.read_bytes("scales.json").decode("utf-8")).to_trt_cache(args.trt_version)
+    scales = ScaleFile.from_json(package.read_bytes("scales.json").decode("utf-8"))
+    if scales.graph_hash != sha256_bytes(package.read_bytes(package.manifest.model)):
+        raise EdgeSDKError(
+            f"the scales in {args.package} belong to a smoothed graph, not to its {package.manifest.model}; "
+            "a calibration cache for that model would be wrong",
+            hint="build TensorRT engines from the package's s8s8 graph (explicit quantization), or re-convert "
+                 "with smoothing=None (--no-smoothing) for a cache usable with implicit int8")
+    cache = scales.to_trt_cache(args.trt_version)
     if args.output:
         Path(args.output).write_text(cache, encoding="utf-8")
     else:
@@ -189,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=1.0,
                    help="allowed accuracy drop in points before layers return to float (negative: no search)")
     p.add_argument("--calibration-samples", type=int, default=256, help="calibration samples to use")
+    p.add_argument("--smoothing", type=float, help="activation smoothing strength for transformers (0-1)")
+    p.add_argument("--no-smoothing", action="store_true", help="keep the fp32 graph as is before quantizing")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_convert)
 

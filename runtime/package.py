@@ -21,6 +21,7 @@ import shutil
 import stat
 import tempfile
 import zipfile
+import zlib
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
@@ -92,7 +93,10 @@ class Package:
             raise PackageError(f"package {self.path} has no file {name!r}", hint=f"listed files: {sorted(self.manifest.files)}")
         if self.is_archive:
             with _open_zip(self.path) as zf:
-                data = zf.read(name)
+                try:
+                    data = zf.read(name)
+                except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
+                    raise PackageIntegrityError(f"package file {name!r} in {self.path} is damaged ({exc})") from None
         else:
             data = (self.path / name).read_bytes()
         if len(data) != entry.size or sha256_bytes(data) != entry.sha256:
@@ -199,7 +203,7 @@ def _verify_archive(path: Path) -> Manifest:
                 with zf.open(members[name]) as f:
                     size, digest = _hash_stream(f, entry.size)
                 _check_entry(name, entry, size, digest, path)
-        except (zipfile.BadZipFile, EOFError, OSError) as exc:
+        except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
             raise PackageIntegrityError(f"package archive {path} is damaged ({exc})", hint="copy it again or re-convert") from None
     return manifest
 

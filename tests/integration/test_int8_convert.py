@@ -120,3 +120,22 @@ def test_budget_returns_sensitive_layers_to_float(tmp_path: Path, image_folder: 
     with zipfile.ZipFile(tmp_path / "p.edgepkg") as zf:
         manifest = json.loads(zf.read("manifest.json"))
     assert manifest["reports"]["int8"]["float_layers"] == int8["float_layers"]
+
+
+def test_smoothing_keeps_the_fp32_function_and_the_residual_paths(tmp_path: Path, tokenizer_file: Path) -> None:
+    from converters.qdq import name_nodes, plan_placement
+    from converters.smoothing import smooth_model
+
+    model = name_nodes(builders.transformer_model())
+    ids = np.array([[2, 4, 5, 13, 14, 3], [2, 7, 8, 3, 0, 0]], np.int64)
+    feeds = {"input_ids": ids, "attention_mask": (ids > 0).astype(np.int64)}
+    smoothed, names = smooth_model(model, [feeds], plan_placement(model).nodes, alpha=1.0)
+    assert set(names) == {"mm_q", "mm_k", "mm_v", "mm_o", "mm_f1", "mm_f2", "mm_logits"}
+    np.testing.assert_allclose(_run(smoothed.SerializeToString(), feeds), _run(model.SerializeToString(), feeds),
+                               rtol=1e-4, atol=1e-5)
+    muls = [n for n in smoothed.graph.node if n.name.endswith("_smooth_Mul")]
+    assert len(muls) == 5  # h0 (shared by q, k, v), ctx, h1, g, pooled
+    consumers_of_h0 = [n.name for n in smoothed.graph.node if "h0" in n.input]
+    assert consumers_of_h0 == ["h0_smooth_Mul"]
+    consumers_of_x1 = {n.name for n in smoothed.graph.node if "x1" in n.input}
+    assert "res2" in consumers_of_x1  # residual paths keep the unsmoothed tensor

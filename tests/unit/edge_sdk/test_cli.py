@@ -120,3 +120,20 @@ def test_inspect_path_imports_no_onnx() -> None:
     code = "import sys, converters.report, converters.calibration.scales; print('onnx' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_calibration_cache_refuses_scales_of_a_smoothed_graph(tmp_path: Path, tokenizer_file: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import onnx
+
+    onnx.save(builders.transformer_model(), tmp_path / "enc.onnx")
+    (tmp_path / "calib.txt").write_text("bearing noise\noil leak at the pump\nthe pump is hot\n")
+    args = ["convert", str(tmp_path / "enc.onnx"), "--task", "text-classification", "--labels",
+            ",".join(builders.TEXT_LABELS), "--tokenizer", str(tokenizer_file), "--calibration",
+            str(tmp_path / "calib.txt"), "--quantize", "int8", "--budget", "-1", "--json"]
+    assert _cli(capsys, *args, "-o", str(tmp_path / "smooth.edgepkg"))[0] == 0
+    code, _, err = _cli(capsys, "calib-cache", str(tmp_path / "smooth.edgepkg"))
+    assert code == 1 and "belong to a smoothed graph" in err and "--no-smoothing" in err
+    assert _cli(capsys, *args, "--no-smoothing", "-o", str(tmp_path / "plain.edgepkg"))[0] == 0
+    code, out, _ = _cli(capsys, "calib-cache", str(tmp_path / "plain.edgepkg"))
+    assert code == 0 and out.startswith("TRT-8601-EntropyCalibration2\n")
