@@ -276,7 +276,9 @@ def _assemble(
     reports: dict[str, Any] = {"conversion": {"precision": precision, "notes": notes}}
     if fp32.evaluation:
         reports["validation"] = fp32.evaluation.to_dict()
-    files = {"model.onnx": proto.SerializeToString(),
+    # With int8 the fp32 graph is the prepared one (smoothed / equalized, same function), so that
+    # the scale file and a TensorRT calibration cache rendered from it fit model.onnx.
+    files = {"model.onnx": int8.fp32_model if int8 else proto.SerializeToString(),
              "golden.npz": golden_bytes(fp32.golden_in, fp32.golden_out, int8.golden if int8 else None)}
     if int8:
         reports["int8"] = {**int8.report, "validation": int8.evaluation.to_dict() if int8.evaluation else None}

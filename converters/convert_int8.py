@@ -35,6 +35,7 @@ PLOTTED_LAYERS = 6
 
 @dataclass(frozen=True)
 class Int8Stage:
+    fp32_model: bytes  # the prepared fp32 graph (smoothed / equalized): the scales belong to it
     files: dict[str, bytes]
     golden: dict[str, dict[str, np.ndarray]]  # variant -> outputs on the golden feeds
     report: dict[str, Any]
@@ -115,7 +116,7 @@ def run_int8(
              SCALES_FILE: cal.scales.to_json().encode("utf-8"), PLOT_FILE: _plot(cal.model, cal, sensitivity)}
     report = _report(cal.model, cal, placement.family, graphs, sensitivity, steps, files, proto, budget, baseline, achieved,
                      _agreement(reference, _logits(graphs.u8s8, batches, output)))
-    return Int8Stage(files, golden, report, evaluation)
+    return Int8Stage(cal.prepared.SerializeToString(), files, golden, report, evaluation)
 
 
 def _plot(model: onnx.ModelProto, cal: Calibration, sensitivity: dict[str, float]) -> bytes:
@@ -153,6 +154,7 @@ def _report(
         "method": cal.scales.method, "samples": cal.scales.samples, "calibration_seconds": round(cal.seconds, 2),
         "bias_corrected": list(cal.bias_corrected),
         "smoothing": {"alpha": cal.smoothing_alpha, "layers": list(cal.smoothed)} if cal.smoothed else None,
+        "equalized_pairs": [list(p) for p in cal.equalized], "equalization_skipped": dict(cal.equalization_skipped),
         "family": family, "tensors": len(cal.linear), "layers": layers, "float_layers": dict(graphs.float_nodes),
         "budget": budget, "metric_fp32": baseline, "metric_int8": achieved, "agreement_with_fp32": agreement,
         "mixed_precision_steps": steps,

@@ -19,6 +19,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from converters.bias_correction import ChannelMeans, correct_biases, input_axes
+from converters.equalization import equalize
 from converters.calibration.collect import collect_histograms, tensors_around
 from converters.calibration.histogram import TensorHistogram
 from converters.calibration.methods import CalibrationMethod, TensorRange, choose_range
@@ -43,10 +44,13 @@ class Calibration:
     affine: dict[str, TensorRange]
     scales: ScaleFile
     seconds: float
-    model: onnx.ModelProto  # the graph to quantize: the fp32 one, smoothed and biases corrected when asked
+    model: onnx.ModelProto  # the graph to quantize: the prepared one, biases corrected when asked
+    prepared: onnx.ModelProto  # the fp32 graph after smoothing / equalization (same function)
     bias_corrected: tuple[str, ...] = ()
     smoothed: tuple[str, ...] = ()
     smoothing_alpha: float | None = None
+    equalized: tuple[tuple[str, str], ...] = ()
+    equalization_skipped: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -79,24 +83,30 @@ def calibrate(
         samples=sum(len(next(iter(b.values()))) for b in batches), method=method.value,
         created_by="edge-sdk converters",
     )
-    return Calibration(hists, linear, affine, scales, time.perf_counter() - start, corrected_model, tuple(corrected))
+    return Calibration(hists, linear, affine, scales, time.perf_counter() - start, corrected_model, model,
+                       tuple(corrected))
 
 
 def prepare_int8(
     model: onnx.ModelProto, batches: Sequence[Feeds], method: CalibrationMethod, *,
-    smoothing: float | None = DEFAULT_ALPHA, progress: Callable[[int], None] | None = None,
+    smoothing: float | None = DEFAULT_ALPHA, equalization: bool = True, bias_correction: bool = True,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[Calibration, Placement]:
-    """Plan the placement, smooth transformer MatMul inputs (``smoothing`` = migration strength,
-    None to skip), then calibrate. The one entry point for ``convert`` and the benchmarks."""
+    """Plan the placement; smooth transformer MatMul inputs (``smoothing`` = migration strength,
+    None to skip) or equalize CNN conv pairs; then calibrate (with bias correction). The one
+    entry point for ``convert`` and the benchmarks."""
     placement = plan_placement(model)
     smoothed: list[str] = []
+    pairs: list[tuple[str, str]] = []
+    skipped: dict[str, str] = {}
     if smoothing is not None and placement.family == "transformer":
         model, smoothed = smooth_model(model, batches, placement.nodes, smoothing)
         placement = plan_placement(model)
-    cal = calibrate(model, batches, placement, method, progress=progress)
-    if smoothed:
-        cal = replace(cal, smoothed=tuple(smoothed), smoothing_alpha=smoothing)
-    return cal, placement
+    elif equalization and placement.family == "cnn":
+        model, pairs, skipped = equalize(model)
+    cal = calibrate(model, batches, placement, method, progress=progress, bias_correction=bias_correction)
+    return replace(cal, smoothed=tuple(smoothed), smoothing_alpha=smoothing if smoothed else None,
+                   equalized=tuple(pairs), equalization_skipped=skipped), placement
 
 
 def _tensor_scale(h: TensorHistogram, r: TensorRange) -> TensorScale:

@@ -124,10 +124,9 @@ def _cmd_calib_cache(args: argparse.Namespace) -> int:
     scales = ScaleFile.from_json(package.read_bytes("scales.json").decode("utf-8"))
     if scales.graph_hash != sha256_bytes(package.read_bytes(package.manifest.model)):
         raise EdgeSDKError(
-            f"the scales in {args.package} belong to a smoothed graph, not to its {package.manifest.model}; "
-            "a calibration cache for that model would be wrong",
-            hint="build TensorRT engines from the package's s8s8 graph (explicit quantization), or re-convert "
-                 "with smoothing=None (--no-smoothing) for a cache usable with implicit int8")
+            f"the scales in {args.package} were made for another graph than its {package.manifest.model}; "
+            "a calibration cache from them would be silently wrong",
+            hint="re-convert the package with --quantize int8")
     cache = scales.to_trt_cache(args.trt_version)
     if args.output:
         Path(args.output).write_text(cache, encoding="utf-8")

@@ -122,9 +122,11 @@ def test_inspect_path_imports_no_onnx() -> None:
     assert out.strip() == "False"
 
 
-def test_calibration_cache_refuses_scales_of_a_smoothed_graph(tmp_path: Path, tokenizer_file: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_calibration_cache_fits_the_packaged_fp32_graph(tmp_path: Path, tokenizer_file: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
     import onnx
+
+    from runtime.package import Package
 
     onnx.save(builders.transformer_model(), tmp_path / "enc.onnx")
     (tmp_path / "calib.txt").write_text("bearing noise\noil leak at the pump\nthe pump is hot\n")
@@ -132,8 +134,31 @@ def test_calibration_cache_refuses_scales_of_a_smoothed_graph(tmp_path: Path, to
             ",".join(builders.TEXT_LABELS), "--tokenizer", str(tokenizer_file), "--calibration",
             str(tmp_path / "calib.txt"), "--quantize", "int8", "--budget", "-1", "--json"]
     assert _cli(capsys, *args, "-o", str(tmp_path / "smooth.edgepkg"))[0] == 0
-    code, _, err = _cli(capsys, "calib-cache", str(tmp_path / "smooth.edgepkg"))
-    assert code == 1 and "belong to a smoothed graph" in err and "--no-smoothing" in err
+    package = Package.open(tmp_path / "smooth.edgepkg")
+    fp32 = onnx.load_from_string(package.read_bytes("model.onnx"))
+    assert any(n.name == "h0_smooth_Mul" for n in fp32.graph.node)  # the packaged fp32 graph is the smoothed one
+    code, out, _ = _cli(capsys, "calib-cache", str(tmp_path / "smooth.edgepkg"))
+    assert code == 0 and "\nh0_smooth: " in out
     assert _cli(capsys, *args, "--no-smoothing", "-o", str(tmp_path / "plain.edgepkg"))[0] == 0
     code, out, _ = _cli(capsys, "calib-cache", str(tmp_path / "plain.edgepkg"))
-    assert code == 0 and out.startswith("TRT-8601-EntropyCalibration2\n")
+    assert code == 0 and out.startswith("TRT-8601-EntropyCalibration2\n") and "h0_smooth" not in out
+
+
+def test_calibration_cache_refuses_scales_of_another_graph(tmp_path: Path, image_folder: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import onnx
+
+    from converters import convert
+    from runtime.package import Package, write_package
+
+    onnx.save(builders.cnn_model(size=8), tmp_path / "cnn.onnx")
+    convert(tmp_path / "cnn.onnx", tmp_path / "a.edgepkg", task="image-classification", labels=builders.COLOR_LABELS,
+            preprocess=builders.preprocess_dict(), calibration=image_folder, quantize="int8", budget=None)
+    package = Package.open(tmp_path / "a.edgepkg")
+    files = {name: package.read_bytes(name) for name in package.manifest.files}
+    scales = json.loads(files["scales.json"])
+    scales["graph_hash"] = "0" * 64
+    files["scales.json"] = json.dumps(scales).encode()
+    write_package(package.manifest, files, tmp_path / "b.edgepkg")
+    code, _, err = _cli(capsys, "calib-cache", str(tmp_path / "b.edgepkg"))
+    assert code == 1 and "were made for another graph" in err
