@@ -131,8 +131,41 @@ def write_qdq(
     quantizer.quantize_model()
     quantizer.model.topological_sort()
     out: onnx.ModelProto = quantizer.model.model
+    if placement.family == "transformer":
+        _float_readers_read_float(out, set(placement.nodes))
     onnx.checker.check_model(out)
     return out
+
+
+def _float_readers_read_float(model: onnx.ModelProto, quantized: set[str]) -> None:
+    """Point every non-quantized reader of a dequantized activation back at the float tensor.
+
+    onnxruntime's quantizer rewires *all* readers of a quantized tensor to its DequantizeLinear
+    output, so residual Adds and LayerNorms would read int8-rounded values (and unfused DQ
+    nodes would cost time). Only the quantized MatMul/Gemm nodes should see them.
+    """
+    producers = {o: n for n in model.graph.node for o in n.output}
+    float_source: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear":
+            continue
+        q = producers.get(node.input[0])
+        if q is not None and q.op_type == "QuantizeLinear":
+            float_source[node.output[0]] = q.input[0]
+    for node in model.graph.node:
+        if node.name in quantized or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for i, name in enumerate(node.input):
+            if name in float_source:
+                node.input[i] = float_source[name]
+    while True:  # drop DQ nodes nobody reads any more, then Q nodes that fed only those
+        used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+        dead = [n for n in model.graph.node
+                if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.output[0] not in used]
+        if not dead:
+            return
+        for node in dead:
+            model.graph.node.remove(node)
 
 
 def _excluded(model: onnx.ModelProto, placement: Placement) -> set[str]:

@@ -129,8 +129,13 @@ def cnn_model(size: int = 16, classes: int = 3, seed: int = 0) -> onnx.ModelProt
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def transformer_model(vocab: int = len(VOCAB), dim: int = 16, classes: int = 3, seed: int = 0) -> onnx.ModelProto:
-    """One pre-LN encoder block (single-head attention, Erf-GELU MLP), masked mean pooling and a head."""
+def transformer_model(vocab: int = len(VOCAB), dim: int = 16, classes: int = 3, seed: int = 0,
+                      post_ln: bool = False) -> onnx.ModelProto:
+    """One encoder block (single-head attention, Erf-GELU MLP), masked mean pooling and a head.
+
+    Pre-LN by default; ``post_ln`` makes the residuals read the LayerNorm outputs, as in BERT,
+    so that a LayerNorm output feeds both the projections and a residual Add.
+    """
     rng = np.random.default_rng(seed)
     inits = [_init(rng, "emb", (vocab, dim), 1.0), *(_init(rng, w, (dim, dim)) for w in ("wq", "wk", "wv", "wo")),
              _init(rng, "w1", (dim, 4 * dim)), _init(rng, "w2", (4 * dim, dim)), _init(rng, "head", (dim, classes)),
@@ -153,7 +158,7 @@ def transformer_model(vocab: int = len(VOCAB), dim: int = 16, classes: int = 3, 
         helper.make_node("Mul", ["scores", "inv_sqrt_d"], ["scaled"], name="scale"),
         helper.make_node("Softmax", ["scaled"], ["attn"], axis=-1, name="softmax"),
         mm("attn", "v", "ctx"), mm("ctx", "wo", "o"),
-        helper.make_node("Add", ["x0", "o"], ["x1"], name="res1"),
+        helper.make_node("Add", ["h0" if post_ln else "x0", "o"], ["x1"], name="res1"),
         helper.make_node("LayerNormalization", ["x1", "ln_g", "ln_b"], ["h1"], axis=-1, name="ln2"),
         mm("h1", "w1", "f1"),
         helper.make_node("Mul", ["f1", "inv_sqrt2"], ["f1s"], name="gelu_scale"),
@@ -162,7 +167,7 @@ def transformer_model(vocab: int = len(VOCAB), dim: int = 16, classes: int = 3, 
         helper.make_node("Mul", ["f1", "erf1"], ["g0"], name="gelu_mul"),
         helper.make_node("Mul", ["g0", "half"], ["g"], name="gelu_half"),
         mm("g", "w2", "f2"),
-        helper.make_node("Add", ["x1", "f2"], ["x2"], name="res2"),
+        helper.make_node("Add", ["h1" if post_ln else "x1", "f2"], ["x2"], name="res2"),
         helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT, name="mask_cast"),
         helper.make_node("Unsqueeze", ["maskf", "ax2"], ["mask3"], name="mask_unsq"),
         helper.make_node("Mul", ["x2", "mask3"], ["xm"], name="mask_mul"),

@@ -139,3 +139,19 @@ def test_smoothing_keeps_the_fp32_function_and_the_residual_paths(tmp_path: Path
     assert consumers_of_h0 == ["h0_smooth_Mul"]
     consumers_of_x1 = {n.name for n in smoothed.graph.node if "x1" in n.input}
     assert "res2" in consumers_of_x1  # residual paths keep the unsmoothed tensor
+
+
+def test_unsmoothed_transformer_keeps_float_readers_on_float_tensors(tmp_path: Path, tokenizer_file: Path) -> None:
+    onnx.save(builders.transformer_model(post_ln=True), tmp_path / "enc.onnx")  # h0 feeds q/k/v and res1
+    (tmp_path / "calib.txt").write_text("bearing noise\noil leak at the pump\nthe pump is hot\ngrinding oil drip\n")
+    edge_sdk.convert(tmp_path / "enc.onnx", tmp_path / "enc.edgepkg", task="text-classification",
+                     labels=builders.TEXT_LABELS, tokenizer=tokenizer_file, calibration=tmp_path / "calib.txt",
+                     quantize="int8", budget=None, smoothing=None)
+    package = Package.open(tmp_path / "enc.edgepkg")
+    for variant in ("u8s8", "s8s8"):
+        graph = onnx.load_from_string(package.read_bytes(package.manifest.graphs[variant])).graph
+        dq_outputs = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+        readers = {n.name for n in graph.node for i in n.input if i in dq_outputs}
+        assert readers == {"mm_q", "mm_k", "mm_v", "mm_o", "mm_f1", "mm_f2", "mm_logits"}, variant
+        nodes = {n.name: n for n in graph.node}
+        assert list(nodes["res1"].input) == ["h0", "o"] and list(nodes["res2"].input) == ["h1", "f2"]
