@@ -155,6 +155,7 @@ def _report(
         "bias_corrected": list(cal.bias_corrected),
         "smoothing": {"alpha": cal.smoothing_alpha, "layers": list(cal.smoothed)} if cal.smoothed else None,
         "equalized_pairs": [list(p) for p in cal.equalized], "equalization_skipped": dict(cal.equalization_skipped),
+        "range_fallbacks": dict(cal.range_fallbacks),
         "family": family, "tensors": len(cal.linear), "layers": layers, "float_layers": dict(graphs.float_nodes),
         "budget": budget, "metric_fp32": baseline, "metric_int8": achieved, "agreement_with_fp32": agreement,
         "mixed_precision_steps": steps,

@@ -51,6 +51,7 @@ class Calibration:
     smoothing_alpha: float | None = None
     equalized: tuple[tuple[str, str], ...] = ()
     equalization_skipped: dict[str, str] = field(default_factory=dict)
+    range_fallbacks: dict[str, str] = field(default_factory=dict)  # tensor -> why MSE replaced the method
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,9 @@ def calibrate(
     means = ChannelMeans(input_axes(model, placement.nodes) if bias_correction else {})
     hists = collect_histograms(model, batches, tensors, num_bins=num_bins, progress=progress, observe=means)
     corrected_model, corrected = correct_biases(model, placement.nodes, means) if bias_correction else (model, [])
-    linear = {n: choose_range(h, method, Scheme.LINEAR) for n, h in hists.items()}
-    affine = {n: choose_range(h, method, Scheme.AFFINE) for n, h in hists.items()}
+    fallbacks: dict[str, str] = {}
+    linear = {n: _guarded_range(h, method, Scheme.LINEAR, fallbacks) for n, h in hists.items()}
+    affine = {n: _guarded_range(h, method, Scheme.AFFINE, fallbacks) for n, h in hists.items()}
     scales = ScaleFile(
         tensors={n: _tensor_scale(hists[n], r) for n, r in linear.items()},
         calibration_hash=data_hash(batches), graph_hash=graph_hash(model.SerializeToString()),
@@ -84,7 +86,7 @@ def calibrate(
         created_by="edge-sdk converters",
     )
     return Calibration(hists, linear, affine, scales, time.perf_counter() - start, corrected_model, model,
-                       tuple(corrected))
+                       tuple(corrected), range_fallbacks=fallbacks)
 
 
 def prepare_int8(
@@ -107,6 +109,26 @@ def prepare_int8(
     cal = calibrate(model, batches, placement, method, progress=progress, bias_correction=bias_correction)
     return replace(cal, smoothed=tuple(smoothed), smoothing_alpha=smoothing if smoothed else None,
                    equalized=tuple(pairs), equalization_skipped=skipped), placement
+
+
+#: An entropy or percentile range whose expected error exceeds the MSE-optimal range's by this
+#: factor is replaced by the MSE range, and the replacement is reported. KL and percentile clip
+#: hard where mass piles up at one end (ReLU6 outputs at 6, pooled features, LayerNorm outliers).
+RANGE_ERROR_GUARD = 4.0
+
+
+def _guarded_range(h: TensorHistogram, method: CalibrationMethod, scheme: Scheme, fallbacks: dict[str, str]) -> TensorRange:
+    chosen = choose_range(h, method, scheme)
+    if method not in (CalibrationMethod.ENTROPY, CalibrationMethod.PERCENTILE):
+        return chosen
+    mse = choose_range(h, CalibrationMethod.MSE, scheme)
+    if chosen.error > RANGE_ERROR_GUARD * max(mse.error, 1e-30):
+        fallbacks[f"{h.name} ({scheme.value})"] = (
+            f"{method.value} range [{chosen.lo:.4g}, {chosen.hi:.4g}] has {chosen.error / max(mse.error, 1e-30):.0f}x "
+            f"the quantization error of the MSE range [{mse.lo:.4g}, {mse.hi:.4g}]; MSE used")
+        log.warning("%s: %s", h.name, fallbacks[f"{h.name} ({scheme.value})"])
+        return mse
+    return chosen
 
 
 def _tensor_scale(h: TensorHistogram, r: TensorRange) -> TensorScale:
