@@ -20,7 +20,7 @@ from converters.qdq import name_nodes
 from converters.quantize import Calibration, Int8Graphs, build_int8, layer_sensitivity, mixed_precision, prepare_int8
 from converters.smoothing import DEFAULT_ALPHA
 from edge_sdk.errors import CalibrationError
-from runtime.manifest import Manifest
+from runtime.manifest import Manifest, TextPreprocess
 from runtime.pipeline import Pipeline
 from runtime.runners.onnxrt import OnnxRuntimeRunner
 from runtime.select import Selection
@@ -89,7 +89,8 @@ def run_int8(
     chosen = CalibrationMethod.parse(method)
     reader = calibration_reader(calibration, task=task, inputs=manifest.inputs, encode=encoder, limit=samples)
     batches = list(reader)
-    cal, placement = prepare_int8(model, batches, chosen, smoothing=smoothing,
+    mask = manifest.preprocess.attention_mask if isinstance(manifest.preprocess, TextPreprocess) else None
+    cal, placement = prepare_int8(model, batches, chosen, smoothing=smoothing, mask=mask,
                                   progress=(lambda n: progress("calibration", n, len(reader))) if progress else None)
     graphs = build_int8(cal, placement)
     output = manifest.postprocess.output

@@ -64,6 +64,7 @@ class Int8Graphs:
 def calibrate(
     model: onnx.ModelProto, batches: Sequence[Feeds], placement: Placement, method: CalibrationMethod, *,
     num_bins: int = 2048, progress: Callable[[int], None] | None = None, bias_correction: bool = True,
+    mask: str | None = None,
 ) -> Calibration:
     """Histogram the tensors both variants quantize and choose their ranges with ``method``.
 
@@ -74,7 +75,8 @@ def calibrate(
     op_types = sorted({op for ops in placement.op_types.values() for op in ops})
     tensors = tensors_around(model, op_types)
     means = ChannelMeans(input_axes(model, placement.nodes) if bias_correction else {})
-    hists = collect_histograms(model, batches, tensors, num_bins=num_bins, progress=progress, observe=means)
+    hists = collect_histograms(model, batches, tensors, num_bins=num_bins, progress=progress, observe=means,
+                               mask=mask)
     corrected_model, corrected = correct_biases(model, placement.nodes, means) if bias_correction else (model, [])
     fallbacks: dict[str, str] = {}
     linear = {n: _guarded_range(h, method, Scheme.LINEAR, fallbacks) for n, h in hists.items()}
@@ -92,21 +94,23 @@ def calibrate(
 def prepare_int8(
     model: onnx.ModelProto, batches: Sequence[Feeds], method: CalibrationMethod, *,
     smoothing: float | None = DEFAULT_ALPHA, equalization: bool = True, bias_correction: bool = True,
-    progress: Callable[[int], None] | None = None,
+    mask: str | None = None, progress: Callable[[int], None] | None = None,
 ) -> tuple[Calibration, Placement]:
     """Plan the placement; smooth transformer MatMul inputs (``smoothing`` = migration strength,
     None to skip) or equalize CNN conv pairs; then calibrate (with bias correction). The one
-    entry point for ``convert`` and the benchmarks."""
+    entry point for ``convert`` and the benchmarks. ``mask`` names the attention-mask input of a
+    text model, so that padding positions stay out of the statistics."""
     placement = plan_placement(model)
     smoothed: list[str] = []
     pairs: list[tuple[str, str]] = []
     skipped: dict[str, str] = {}
     if smoothing is not None and placement.family == "transformer":
-        model, smoothed = smooth_model(model, batches, placement.nodes, smoothing)
+        model, smoothed = smooth_model(model, batches, placement.nodes, smoothing, mask=mask)
         placement = plan_placement(model)
     elif equalization and placement.family == "cnn":
         model, pairs, skipped = equalize(model)
-    cal = calibrate(model, batches, placement, method, progress=progress, bias_correction=bias_correction)
+    cal = calibrate(model, batches, placement, method, progress=progress, bias_correction=bias_correction,
+                    mask=mask)
     return replace(cal, smoothed=tuple(smoothed), smoothing_alpha=smoothing if smoothed else None,
                    equalized=tuple(pairs), equalization_skipped=skipped), placement
 

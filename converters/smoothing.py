@@ -99,6 +99,7 @@ def _drop_unused(model: onnx.ModelProto) -> None:
 
 def smooth_model(
     model: onnx.ModelProto, batches: Sequence[dict[str, np.ndarray]], nodes: Sequence[str], alpha: float,
+    mask: str | None = None,
 ) -> tuple[onnx.ModelProto, list[str]]:
     """Measure the per-channel maxima of the MatMul inputs on ``batches`` and smooth them."""
     from converters.calibration.collect import collect_histograms
@@ -107,5 +108,5 @@ def smooth_model(
     if not groups:
         return model, []
     absmax = ChannelAbsMax(set(groups))
-    collect_histograms(model, batches[:SMOOTHING_BATCHES], list(groups), observe=absmax)
+    collect_histograms(model, batches[:SMOOTHING_BATCHES], list(groups), observe=absmax, mask=mask)
     return smooth(model, groups, absmax, alpha)

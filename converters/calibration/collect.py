@@ -59,9 +59,14 @@ def _augmented(model: onnx.ModelProto, tensors: Sequence[str]) -> bytes:
 def collect_histograms(
     model: onnx.ModelProto, batches: Iterable[Feeds], tensors: Sequence[str], *,
     num_bins: int = 2048, threads: int | None = None, progress: Progress | None = None,
-    observe: Callable[[str, np.ndarray], None] | None = None,
+    observe: Callable[[str, np.ndarray], None] | None = None, mask: str | None = None,
 ) -> dict[str, TensorHistogram]:
-    """Histogram ``tensors`` over every calibration batch; ``observe(name, value)`` sees each value too."""
+    """Histogram ``tensors`` over every calibration batch; ``observe(name, value)`` sees each value too.
+
+    ``mask`` names a ``[batch, sequence]`` attention-mask input: ``[batch, sequence, hidden]``
+    tensors are then histogrammed over real tokens only, since padding positions are not data
+    (at sequence 128 most positions of short reports are padding).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -78,7 +83,10 @@ def collect_histograms(
             values = session.run(list(tensors), feeds)
         except Exception as exc:  # onnxruntime's own error types are not exported
             raise CalibrationError(f"running the model on calibration batch {seen} failed: {exc}") from None
+        keep = feeds[mask].astype(bool) if mask and mask in feeds else None
         for name, value in zip(tensors, values):
+            if keep is not None and value.ndim == 3 and value.shape[:2] == keep.shape:
+                value = value[keep]
             collector.update(name, value)
             if observe:
                 observe(name, value)
