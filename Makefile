@@ -1,6 +1,7 @@
 # edge-sdk: two commands for a new user.
 #   make demo  - build the demo models (once), convert them, run both pipelines on held-out samples
 #   make test  - run the whole test suite (what CI runs)
+#   make bench - benchmarks (ratios against baselines measured in the same run)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -29,8 +30,9 @@ test: $(VENV)/.test-deps
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest
 
-bench: $(VENV)/.test-deps
+bench: $(VENV)/.demo-deps $(VENV)/.test-deps
 	$(BIN)/python -m bench.runtime_overhead
+	$(BIN)/python -m bench.int8 --out build/bench/int8.json
 
 clean:
 	rm -rf $(BUILD) $(VENV)

