@@ -9,7 +9,6 @@ several times faster than torch on CPU) and only a 5-class linear head is traine
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
+from demo._cli import run_build
 from demo.defects import LABELS, generate
 
 if TYPE_CHECKING:
@@ -245,20 +245,7 @@ def build(out: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    parser = argparse.ArgumentParser(description="Build the demo surface-defect image classifier.")
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--force", action="store_true", help="rebuild even if already built")
-    args = parser.parse_args(argv)
-    info_path = args.out / "build_info.json"
-    if info_path.exists() and not args.force:
-        log(f"already built ({info_path} exists); use --force to rebuild")
-        return 0
-    args.out.mkdir(parents=True, exist_ok=True)
-    info_path.unlink(missing_ok=True)
-    info = build(args.out)
-    info_path.write_text(json.dumps(info, indent=2) + "\n")
-    log(f"done in {info['build_seconds']} s -> {args.out}")
-    return 0
+    return run_build("Build the demo surface-defect image classifier.", build, log, argv)
 
 
 if __name__ == "__main__":

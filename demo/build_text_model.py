@@ -11,8 +11,6 @@ path stays fast.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import time
@@ -23,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from demo._cli import run_build
 from demo.corpus import LABELS, TEMPLATES, generate, split_templates
 
 if TYPE_CHECKING:
@@ -272,20 +271,7 @@ def build(out: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--force", action="store_true", help="rebuild even if already built")
-    args = parser.parse_args(argv)
-    info_path = args.out / "build_info.json"
-    if info_path.exists() and not args.force:
-        log(f"already built ({info_path} exists); use --force to rebuild")
-        return 0
-    args.out.mkdir(parents=True, exist_ok=True)
-    info_path.unlink(missing_ok=True)
-    info = build(args.out)
-    info_path.write_text(json.dumps(info, indent=2) + "\n")
-    log(f"done in {info['build_seconds']} s -> {args.out}")
-    return 0
+    return run_build(__doc__.splitlines()[0], build, log, argv)
 
 
 if __name__ == "__main__":
