@@ -5,7 +5,8 @@ Imports without onnx, torch or the converters, so it installs light on a Jetson.
 
 from runtime.manifest import ImagePreprocess, Manifest, Postprocess, TensorSpec, TextPreprocess
 from runtime.package import Package, extract_package, write_package
-from runtime.pipeline import Parity, Pipeline
+from runtime.parity import Parity, check_parity
+from runtime.pipeline import Pipeline
 from runtime.prediction import Prediction, Timings
 from runtime.runners.base import Runner
 from runtime.runners.onnxrt import OnnxRuntimeRunner
@@ -27,6 +28,7 @@ __all__ = [
     "TensorSpec",
     "TextPreprocess",
     "Timings",
+    "check_parity",
     "extract_package",
     "select_runner",
     "write_package",

@@ -9,36 +9,23 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from edge_sdk.errors import InferenceError, PackageError, PackageIntegrityError, PipelineError
+from edge_sdk.errors import PackageError, PipelineError
 from runtime.manifest import ImagePreprocess, Manifest, TextPreprocess
 from runtime.package import Package
 from runtime.prediction import Prediction, Timings, class_scores, to_predictions
 from runtime.preprocess.image import preprocess_images
 from runtime.preprocess.text import TextEncoder
+from runtime.parity import Parity
 from runtime.select import Selection, Skipped, select_runner
 
 log = logging.getLogger(__name__)
 
 Encoder = Callable[[Sequence[Any]], dict[str, np.ndarray]]
 DEFAULT_MAX_BATCH = 32
-
-
-@dataclass(frozen=True)
-class Parity:
-    """How closely the selected backend reproduces the package's golden fp32 outputs."""
-
-    samples: int
-    max_abs_diff: float
-    tolerance: float
-
-    @property
-    def ok(self) -> bool:
-        return self.max_abs_diff <= self.tolerance
 
 
 def make_encoder(m: Manifest, tokenizer_json: str | None = None) -> Encoder:
@@ -69,7 +56,11 @@ class Pipeline:
         self.package = package
         self.selection = selection
         self._encode = encoder
-        self.parity: Parity | None = None
+
+    @property
+    def parity(self) -> Parity | None:
+        """The golden-vector check the backend passed before serving (None when not verified)."""
+        return self.selection.parity
 
     @classmethod
     def from_package(
@@ -87,11 +78,8 @@ class Pipeline:
         tokenizer = package.read_bytes(m.preprocess.tokenizer).decode("utf-8") if isinstance(
             m.preprocess, TextPreprocess) else None
         encoder = make_encoder(m, tokenizer)
-        selection = select_runner(package, backend, threads=threads, precision=precision)
-        pipeline = cls(m, selection, encoder, package)
-        if verify:
-            pipeline.parity = pipeline.check_parity()
-        return pipeline
+        selection = select_runner(package, backend, threads=threads, precision=precision, verify=verify)
+        return cls(m, selection, encoder, package)
 
     @property
     def backend(self) -> str:
@@ -126,34 +114,6 @@ class Pipeline:
         timing = Timings((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
         return to_predictions(probs, post, backend=self.backend, model=self.manifest.name,
                               precision=self.selection.precision, timings=[timing] * len(items))
-
-    def check_parity(self, tolerance: float | None = None) -> Parity:
-        """Run the golden feeds and compare with the stored outputs of the selected graph; refuse a mismatch.
-
-        The default tolerance (relative to the largest reference output) is 1e-3 for fp32 and
-        5e-2 for int8 graphs, whose integer kernels round differently across CPU instruction sets.
-        """
-        graph = self.selection.graph
-        tolerance = tolerance if tolerance is not None else (1e-3 if graph == "fp32" else 5e-2)
-        inputs, expected = self.package.golden(graph) if self.package else ({}, {})
-        if not inputs:
-            raise PackageIntegrityError(f"package {self.manifest.name} has no golden vectors to check")
-        got = self.selection.runner.infer(inputs)
-        worst = 0.0
-        for name, ref in expected.items():
-            if name not in got or got[name].shape != ref.shape:
-                raise InferenceError(f"golden output {name!r} is missing or has another shape on {self.backend}")
-            scale = max(1.0, float(np.abs(ref).max()))
-            worst = max(worst, float(np.abs(got[name].astype(np.float64) - ref).max()) / scale)
-        parity = Parity(samples=len(next(iter(inputs.values()))), max_abs_diff=worst, tolerance=tolerance)
-        if not parity.ok:
-            raise InferenceError(
-                f"{self.backend} output ({graph} graph) differs from the package's golden outputs by {worst:.3g} "
-                f"(tolerance {tolerance:g}); refusing to serve it",
-                hint="re-convert the package or select another backend",
-            )
-        log.info("parity on %s: %d samples, max relative diff %.2e", self.backend, parity.samples, worst)
-        return parity
 
     def close(self) -> None:
         self.selection.runner.deactivate()

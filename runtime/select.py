@@ -9,10 +9,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from edge_sdk.errors import BackendUnavailableError, EdgeSDKError
 from runtime.package import Package
+from runtime.parity import Parity, check_parity
 from runtime.runners.base import Runner
 from runtime.runners.onnxrt import OnnxRuntimeRunner, available_providers
 
@@ -36,6 +37,7 @@ class Selection:
     runner: Runner
     skipped: tuple[Skipped, ...]
     graph: str = "fp32"  # "fp32" or the int8 variant ("u8s8", "s8s8")
+    parity: Parity | None = None  # the golden-vector check the runner passed before serving
 
     @property
     def precision(self) -> str:
@@ -99,34 +101,40 @@ BACKENDS: dict[str, tuple[Probe, Factory]] = {
 }
 
 
-def parse_policy(backend: str | Sequence[str]) -> tuple[str, ...]:
+Registry = Mapping[str, "tuple[Probe, Factory]"]
+
+
+def parse_policy(backend: str | Sequence[str], registry: Registry = BACKENDS) -> tuple[str, ...]:
     """``"auto"`` -> the default policy; ``"a,b"`` or a list -> that order. Aliases: cpu, cuda, trt."""
     if isinstance(backend, str):
         items = list(DEFAULT_POLICY) if backend == "auto" else backend.split(",")
     else:
         items = list(backend)
     policy = tuple(_ALIASES.get(b.strip(), b.strip()) for b in items)
-    unknown = [b for b in policy if b not in BACKENDS]
+    unknown = [b for b in policy if b not in registry]
     if unknown or not policy:
         raise BackendUnavailableError(
-            f"backend {backend!r} is not known; expected 'auto' or a list of {', '.join(BACKENDS)}",
+            f"backend {backend!r} is not known; expected 'auto' or a list of {', '.join(registry)}",
             hint="for example backend='onnxruntime-cpu' or backend='auto'",
         )
     return policy
 
 
 def select_runner(
-    package: Package, backend: str | Sequence[str] = "auto", *, threads: int | None = None, precision: str = "auto"
+    package: Package, backend: str | Sequence[str] = "auto", *, threads: int | None = None, precision: str = "auto",
+    verify: bool = True, registry: Registry = BACKENDS,
 ) -> Selection:
     """Activate and return the first backend in the policy that can run ``package`` here.
 
-    ``precision`` is "auto" (int8 when the package has it), "fp32" or "int8".
+    ``precision`` is "auto" (int8 when the package has it), "fp32" or "int8". With ``verify``
+    a backend must reproduce the package's golden outputs before it is chosen; one that fails
+    is deactivated, recorded with the difference, and the next backend is tried.
     """
     if precision not in PRECISIONS:
         raise BackendUnavailableError(f"precision is {precision!r}; expected one of {', '.join(PRECISIONS)}")
     skipped: list[Skipped] = []
-    for name in parse_policy(backend):
-        probe, factory = BACKENDS[name]
+    for name in parse_policy(backend, registry):
+        probe, factory = registry[name]
         reason = probe(package)
         if reason is None:
             try:
@@ -135,11 +143,21 @@ def select_runner(
             except EdgeSDKError as exc:
                 reason = str(exc)
             else:
-                for s in skipped:
-                    log.info("backend %s skipped: %s", s.backend, s.reason)
-                log.info("selected backend %s (%s graph) for %s", name, graph, package.manifest.name)
-                return Selection(name, runner, tuple(skipped), graph)
+                try:
+                    parity = check_parity(package, runner, graph) if verify else None
+                except EdgeSDKError as exc:
+                    runner.deactivate()
+                    reason = f"failed the golden-vector check: {exc}"
+                    log.warning("backend %s passed over: %s", name, reason)
+                else:
+                    for s in skipped:
+                        log.info("backend %s skipped: %s", s.backend, s.reason)
+                    log.info("selected backend %s (%s graph) for %s", name, graph, package.manifest.name)
+                    return Selection(name, runner, tuple(skipped), graph, parity)
         skipped.append(Skipped(name, reason))
     details = "; ".join(f"{s.backend}: {s.reason}" for s in skipped)
-    raise BackendUnavailableError(f"no backend in the policy can run {package.manifest.name}: {details}",
-                                  hint="add 'onnxruntime-cpu' to the policy")
+    tried = {s.backend for s in skipped}
+    raise BackendUnavailableError(
+        f"no backend in the policy can run {package.manifest.name}: {details}",
+        hint="add 'onnxruntime-cpu' to the policy" if "onnxruntime-cpu" not in tried
+        else "every backend was tried; the reasons above say what to fix")

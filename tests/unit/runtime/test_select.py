@@ -9,7 +9,8 @@ import pytest
 from edge_sdk.errors import BackendUnavailableError
 from runtime.package import Package
 from runtime.runners.onnxrt import available_providers
-from runtime.select import DEFAULT_POLICY, parse_policy, select_runner
+from runtime.runners.onnxrt import OnnxRuntimeRunner
+from runtime.select import BACKENDS, DEFAULT_POLICY, parse_policy, select_runner
 
 
 def test_parse_policy_expands_auto_aliases_and_lists() -> None:
@@ -49,3 +50,58 @@ def test_explicit_cpu_policy_skips_nothing(image_package: Path) -> None:
     selection = select_runner(Package.open(image_package), "cpu", threads=1)
     assert selection.backend == "onnxruntime-cpu" and selection.skipped == ()
     selection.runner.deactivate()
+
+
+class _ScaledRunner(OnnxRuntimeRunner):
+    """A backend standing in for a GPU one whose kernels are off: real onnxruntime, outputs scaled."""
+
+    backend = "fake-gpu"
+
+    def __init__(self, *args, factor: float, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.factor = factor
+        self.backend = "fake-gpu"
+
+    def _infer_impl(self, feeds):  # type: ignore[no-untyped-def]
+        return {k: v * self.factor for k, v in super()._infer_impl(feeds).items()}
+
+
+def _registry(factor: float) -> dict:
+    def make(package: Package, threads: int | None, precision: str):  # type: ignore[no-untyped-def]
+        m = package.manifest
+        return _ScaledRunner(package.read_bytes(m.model), m.inputs, m.outputs, factor=factor), "fp32"
+
+    return {"fake-gpu": (lambda package: None, make), **BACKENDS}
+
+
+def test_a_backend_failing_parity_is_skipped_and_reported(image_package: Path) -> None:
+    selection = select_runner(Package.open(image_package), ["fake-gpu", "cpu"], registry=_registry(1.5))
+    try:
+        assert selection.backend == "onnxruntime-cpu" and selection.parity is not None and selection.parity.ok
+        [skipped] = selection.skipped
+        assert skipped.backend == "fake-gpu"
+        assert "failed the golden-vector check" in skipped.reason and "tolerance 0.001" in skipped.reason
+    finally:
+        selection.runner.deactivate()
+
+
+def test_a_backend_within_tolerance_serves(image_package: Path) -> None:
+    selection = select_runner(Package.open(image_package), ["fake-gpu", "cpu"], registry=_registry(1.0 + 1e-5))
+    assert selection.backend == "fake-gpu" and selection.skipped == ()
+    assert selection.parity is not None and 0 < selection.parity.max_abs_diff <= 1e-3
+    selection.runner.deactivate()
+
+
+def test_parity_check_itself_on_perturbed_outputs(image_package: Path) -> None:
+    from edge_sdk.errors import InferenceError
+    from runtime.parity import check_parity
+
+    package = Package.open(image_package)
+    m = package.manifest
+    for factor, ok in ((1.0, True), (1.0005, True), (1.2, False)):
+        with _ScaledRunner(package.read_bytes(m.model), m.inputs, m.outputs, factor=factor) as runner:
+            if ok:
+                assert check_parity(package, runner, "fp32").ok
+            else:
+                with pytest.raises(InferenceError, match="refusing to serve it"):
+                    check_parity(package, runner, "fp32")

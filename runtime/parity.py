@@ -1,0 +1,56 @@
+"""Parity before serving: a backend must reproduce the package's golden outputs before it serves."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_sdk.errors import InferenceError, PackageIntegrityError
+from runtime.package import Package
+from runtime.runners.base import Runner
+
+log = logging.getLogger(__name__)
+
+#: Largest difference allowed, relative to the largest reference output, per graph precision.
+#: Integer kernels round differently across instruction sets and TensorRT tactics.
+TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "int8": 5e-2}
+
+
+@dataclass(frozen=True)
+class Parity:
+    """How closely a backend reproduces the package's golden outputs of one graph."""
+
+    samples: int
+    max_abs_diff: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+
+def check_parity(package: Package, runner: Runner, graph: str, tolerance: float | None = None) -> Parity:
+    """Run the golden feeds on ``runner`` and compare with the stored outputs of ``graph``; raise on mismatch."""
+    precision = "fp32" if graph == "fp32" else "int8"
+    limit = TOLERANCE[precision] if tolerance is None else tolerance
+    inputs, expected = package.golden(graph)
+    if not inputs or not expected:
+        raise PackageIntegrityError(f"package {package.manifest.name} has no golden vectors for its {graph} graph")
+    got = runner.infer(inputs)
+    worst = 0.0
+    for name, ref in expected.items():
+        if name not in got or got[name].shape != ref.shape:
+            raise InferenceError(f"golden output {name!r} is missing or has another shape on {runner.backend}")
+        scale = max(1.0, float(np.abs(ref).max()))
+        worst = max(worst, float(np.abs(got[name].astype(np.float64) - ref).max()) / scale)
+    parity = Parity(samples=len(next(iter(inputs.values()))), max_abs_diff=worst, tolerance=limit)
+    if not parity.ok:
+        raise InferenceError(
+            f"{runner.backend} output ({graph} graph) differs from the package's golden outputs by {worst:.3g} "
+            f"(tolerance {limit:g}); refusing to serve it",
+            hint="re-convert the package or select another backend",
+        )
+    log.info("parity on %s (%s): %d samples, max relative diff %.2e", runner.backend, graph, parity.samples, worst)
+    return parity
