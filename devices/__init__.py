@@ -8,6 +8,7 @@ module (onnxruntime, tensorrt, pycuda) until ``detect()`` probes for it.
 from __future__ import annotations
 
 from .probe import DeviceInfo, detect
+from .fingerprint import Fingerprint, fingerprint
 from .jetson import jetpack_for_l4t
 
-__all__ = ["DeviceInfo", "detect", "jetpack_for_l4t"]
+__all__ = ["DeviceInfo", "Fingerprint", "detect", "fingerprint", "jetpack_for_l4t"]

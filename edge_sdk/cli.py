@@ -111,6 +111,66 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         from converters.report import int8_lines
 
         print("\n".join(int8_lines(summary["reports"]["int8"])))
+    if args.device:
+        _print_device_choice(package)
+    return 0
+
+
+def _print_device_choice(package: Any) -> None:
+    """Run selection here (with the golden-vector check) and say what serves and why the rest do not."""
+    from runtime.backends import device_key
+    from runtime.select import select_runner
+
+    print(f"this device: {device_key()}")
+    try:
+        selection = select_runner(package)
+    except EdgeSDKError as exc:
+        print(f"no backend can serve here: {exc.message}")
+        return
+    try:
+        parity = selection.parity
+        detail = f", parity {parity.max_abs_diff:.2e} <= {parity.tolerance:g}" if parity else ""
+        print(f"would serve with: {selection.backend} ({selection.graph} graph{detail})")
+        for skipped in selection.skipped:
+            print(f"  skipped {skipped.backend}: {skipped.reason}")
+    finally:
+        selection.runner.deactivate()
+
+
+def _cmd_engine_build(args: argparse.Namespace) -> int:
+    import devices
+    from converters.device_build import build_for_device, plan_build
+    from runtime.package import Package
+
+    if args.dry_run:
+        package = Package.open(args.package)
+        plan = plan_build(package, devices.detect(), dla_core=args.dla_core, workspace_mb=args.workspace_mb,
+                          sparsity=args.sparsity)
+        print(f"would build the {plan.graph} graph for {plan.fingerprint.key} (about {plan.needed_mb} MB needed)")
+        print(plan.command(package))
+        return 0
+    path, result, plan = build_for_device(args.package, dla_core=args.dla_core, workspace_mb=args.workspace_mb,
+                                          sparsity=args.sparsity, progress=_build_progress)
+    print(f"built {plan.graph} engine for {plan.fingerprint.key} in {result.seconds:.0f} s with TensorRT "
+          f"{result.tensorrt_version}: {path}")
+    print(f"reproduce with: {result.command}")
+    return 0
+
+
+def _build_progress(phase: str, fraction: float) -> None:
+    print(f"\r{phase[:40]:<40} {100 * fraction:5.1f}%", end="" if fraction < 1 else "\n", file=sys.stderr)
+
+
+def _cmd_engine_list(args: argparse.Namespace) -> int:
+    from runtime.engine_cache import EngineCache, default_cache_dir
+
+    entries = EngineCache(default_cache_dir()).entries()
+    if args.json:
+        _print_json(entries)
+    for entry in [] if args.json else entries:
+        print(json.dumps(entry, sort_keys=True, default=str))
+    if not entries and not args.json:
+        print(f"no engines in {default_cache_dir()}")
     return 0
 
 
@@ -205,8 +265,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="verify a package and show what it holds")
     p.add_argument("package")
+    p.add_argument("--device", action="store_true", help="also show which backend would serve it here, and why")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("engine", help="TensorRT engines for this device")
+    engine = p.add_subparsers(dest="engine_command", required=True)
+    p = engine.add_parser("build", help="build this device's engine for a package into the engine cache")
+    p.add_argument("package")
+    p.add_argument("--dla-core", type=int, help="build for this DLA core (GPU fallback allowed)")
+    p.add_argument("--workspace-mb", type=int, default=1024, help="TensorRT workspace limit")
+    p.add_argument("--sparsity", action="store_true", help="enable 2:4 sparse tactics")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the trtexec command, build nothing")
+    p.set_defaults(func=_cmd_engine_build)
+    p = engine.add_parser("list", help="engines in the engine cache")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_engine_list)
 
     p = sub.add_parser("calib-cache", help="render a package's int8 scales as a TensorRT calibration cache")
     p.add_argument("package")

@@ -6,21 +6,20 @@ silent: the caller reports ``Selection.skipped`` next to each prediction's backe
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from edge_sdk.errors import BackendUnavailableError, EdgeSDKError
+from runtime.backends import BACKENDS, Factory, Probe
 from runtime.package import Package
 from runtime.parity import Parity, check_parity
 from runtime.runners.base import Runner
-from runtime.runners.onnxrt import OnnxRuntimeRunner, available_providers
 
 log = logging.getLogger(__name__)
 
-DEFAULT_POLICY = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
-_ALIASES = {"cpu": "onnxruntime-cpu", "cuda": "onnxruntime-cuda", "trt": "tensorrt"}
+DEFAULT_POLICY = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
+_ALIASES = {"cpu": "onnxruntime-cpu", "cuda": "onnxruntime-cuda", "trt": "tensorrt", "trt-ep": "onnxruntime-tensorrt"}
 
 
 @dataclass(frozen=True)
@@ -45,60 +44,6 @@ class Selection:
 
 
 PRECISIONS = ("auto", "fp32", "int8")
-# A probe returns why the backend cannot run this package here, or None when it can try.
-Probe = Callable[[Package], "str | None"]
-Factory = Callable[[Package, "int | None", str], "tuple[Runner, str]"]
-
-
-def _probe_tensorrt(package: Package) -> str | None:
-    if importlib.util.find_spec("tensorrt") is None:
-        return "the tensorrt Python package is not installed (pip install 'edge-sdk[tensorrt]' on a machine with an NVIDIA GPU)"
-    if not package.manifest.engines:
-        return "the package carries no TensorRT engine"
-    return "this edge-sdk release has no TensorRT runner yet; engines in the package are not used"
-
-
-def _ort_probe(provider: str) -> Probe:
-    def probe(package: Package) -> str | None:
-        providers = available_providers()
-        if provider not in providers:
-            return f"onnxruntime offers {list(providers) or 'no providers'}, not {provider}"
-        return None
-
-    return probe
-
-
-def cpu_graph(package: Package, precision: str) -> str:
-    """The graph the onnxruntime providers run: the U8S8 int8 graph when there is one, unless fp32 is asked."""
-    has_int8 = "u8s8" in package.manifest.graphs
-    if precision == "int8" and not has_int8:
-        raise BackendUnavailableError(f"package {package.manifest.name} has no int8 graph for onnxruntime",
-                                      hint="convert it with quantize='int8', or load it with precision='fp32'")
-    return "u8s8" if has_int8 and precision != "fp32" else "fp32"
-
-
-def _ort_factory(providers: tuple[str, ...]) -> Factory:
-    def make(package: Package, threads: int | None, precision: str) -> tuple[Runner, str]:
-        m = package.manifest
-        graph = cpu_graph(package, precision)
-        model = package.read_bytes(m.model if graph == "fp32" else m.graphs[graph])
-        return OnnxRuntimeRunner(model, m.inputs, m.outputs, providers=providers, threads=threads), graph
-
-    return make
-
-
-def _no_factory(package: Package, threads: int | None, precision: str) -> tuple[Runner, str]:
-    raise BackendUnavailableError("no runner for this backend")
-
-
-BACKENDS: dict[str, tuple[Probe, Factory]] = {
-    "tensorrt": (_probe_tensorrt, _no_factory),
-    "onnxruntime-cuda": (
-        _ort_probe("CUDAExecutionProvider"),
-        _ort_factory(("CUDAExecutionProvider", "CPUExecutionProvider")),
-    ),
-    "onnxruntime-cpu": (_ort_probe("CPUExecutionProvider"), _ort_factory(("CPUExecutionProvider",))),
-}
 
 
 Registry = Mapping[str, "tuple[Probe, Factory]"]

@@ -43,6 +43,7 @@ class OnnxRuntimeRunner(Runner):
         outputs: Sequence[TensorSpec],
         *,
         providers: Sequence[str] = ("CPUExecutionProvider",),
+        provider_options: Sequence[dict[str, Any]] | None = None,
         threads: int | None = None,
     ) -> None:
         super().__init__(inputs, outputs)
@@ -50,6 +51,7 @@ class OnnxRuntimeRunner(Runner):
             raise BackendUnavailableError(f"threads is {threads}; expected a positive int or None for all cores")
         self._model = model
         self.providers = tuple(providers)
+        self.provider_options = list(provider_options) if provider_options else None
         self.threads = threads
         self.backend = _PROVIDER_BACKENDS.get(self.providers[0], self.providers[0])
         self._session: Any = None
@@ -65,7 +67,8 @@ class OnnxRuntimeRunner(Runner):
             options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
-            self._session = ort.InferenceSession(self._model, sess_options=options, providers=list(self.providers))
+            self._session = ort.InferenceSession(self._model, sess_options=options, providers=list(self.providers),
+                                                 provider_options=self.provider_options)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise InferenceError(f"onnxruntime could not load the model: {exc}") from None
         used = self._session.get_providers()

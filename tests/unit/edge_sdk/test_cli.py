@@ -162,3 +162,15 @@ def test_calibration_cache_refuses_scales_of_another_graph(tmp_path: Path, image
     write_package(package.manifest, files, tmp_path / "b.edgepkg")
     code, _, err = _cli(capsys, "calib-cache", str(tmp_path / "b.edgepkg"))
     assert code == 1 and "were made for another graph" in err
+
+
+def test_inspect_device_and_engine_dry_run(image_package: Path, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("EDGE_SDK_CACHE", str(tmp_path / "cache"))
+    code, out, _ = _cli(capsys, "inspect", str(image_package), "--device")
+    assert code == 0 and "would serve with: onnxruntime-cpu (fp32 graph, parity" in out
+    assert "skipped onnxruntime-tensorrt: " in out
+    code, out, _ = _cli(capsys, "engine", "build", str(image_package), "--dry-run")
+    assert code == 0 and "would build the fp32 graph" in out and "trtexec --onnx=model.onnx" in out
+    code, out, _ = _cli(capsys, "engine", "list")
+    assert code == 0 and "no engines in" in out

@@ -16,6 +16,7 @@ from runtime.select import BACKENDS, DEFAULT_POLICY, parse_policy, select_runner
 def test_parse_policy_expands_auto_aliases_and_lists() -> None:
     assert parse_policy("auto") == DEFAULT_POLICY
     assert parse_policy("cuda, cpu") == ("onnxruntime-cuda", "onnxruntime-cpu")
+    assert parse_policy("trt-ep") == ("onnxruntime-tensorrt",)
     assert parse_policy(["trt", "onnxruntime-cpu"]) == ("tensorrt", "onnxruntime-cpu")
 
 
@@ -31,7 +32,8 @@ def test_auto_falls_back_to_cpu_and_records_why(image_package: Path) -> None:
     try:
         assert selection.backend == "onnxruntime-cpu" and selection.runner.is_active
         reasons = {s.backend: s.reason for s in selection.skipped}
-        assert list(reasons) == ["tensorrt", "onnxruntime-cuda"]
+        assert list(reasons) == ["tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda"]
+        assert "not TensorrtExecutionProvider" in reasons["onnxruntime-tensorrt"]
         assert "edge-sdk[tensorrt]" in reasons["tensorrt"] or "engine" in reasons["tensorrt"]
         assert "not CUDAExecutionProvider" in reasons["onnxruntime-cuda"]
         assert "CPUExecutionProvider" in reasons["onnxruntime-cuda"]

@@ -1,0 +1,235 @@
+"""An on-device cache of TensorRT engines and onnxruntime TensorRT-EP caches.
+
+Building a TensorRT engine takes minutes on a Jetson, so an engine is built once per
+package content and device, and kept under the cache root::
+
+    <root>/engines/<graph digest>/<graph>-<fingerprint key>.plan   the serialized engine
+    <root>/engines/<graph digest>/<graph>-<fingerprint key>.json   its sidecar (commit record)
+    <root>/ort-trt/<package digest>/<fingerprint key>/             onnxruntime's TensorRT-EP caches
+
+The graph digest is the graph file's sha256 from the package manifest, so a new package
+version never reuses a stale engine. The fingerprint key (``devices.Fingerprint.key``) names
+the TensorRT version, GPU architecture, CUDA, L4T and DLA core the engine was built for.
+
+An engine counts as cached only once its sidecar is written, and only while the sidecar's
+sha256 and size match the engine file: a crash mid-write, a corrupt sidecar or a damaged
+engine reads as a cache miss (with a warning), never as an error.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+from edge_sdk.errors import DeviceError, PackageError
+from runtime.package import Package, sha256_bytes
+
+__all__ = ["EngineCache", "default_cache_dir", "package_engine"]
+
+log = logging.getLogger(__name__)
+
+_DIGEST_CHARS = 16
+_KEY_RE = re.compile(r"[a-z0-9]+(?:[.-][a-z0-9]+)*", re.ASCII)  # what Fingerprint.key produces
+
+
+def default_cache_dir() -> Path:
+    """``$EDGE_SDK_CACHE``, else ``$XDG_CACHE_HOME/edge-sdk``, else ``~/.cache/edge-sdk``."""
+    explicit = os.environ.get("EDGE_SDK_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return Path(xdg).expanduser() / "edge-sdk"
+    return Path.home() / ".cache" / "edge-sdk"
+
+
+def _check_key(fingerprint_key: str) -> str:
+    if not isinstance(fingerprint_key, str) or not _KEY_RE.fullmatch(fingerprint_key):
+        raise DeviceError(
+            f"fingerprint key {fingerprint_key!r} is not a device fingerprint key",
+            hint="pass devices.fingerprint(info).key, e.g. 'sm87-trt10.3.0-cuda12.2-l4t36.3.0'",
+        )
+    return fingerprint_key
+
+
+def _graph_file(package: Package, graph: str) -> str:
+    """The file of ``graph``: an int8 variant from ``manifest.graphs``, or ``"fp32"`` for the model."""
+    manifest = package.manifest
+    if graph == "fp32":
+        return manifest.model
+    if graph not in manifest.graphs:
+        raise PackageError(
+            f"package {manifest.name} {manifest.version} has no {graph!r} graph",
+            hint=f"its graphs are {sorted(['fp32', *manifest.graphs])}",
+        )
+    return manifest.graphs[graph]
+
+
+def _graph_digest(package: Package, graph: str) -> str:
+    return package.manifest.files[_graph_file(package, graph)].sha256[:_DIGEST_CHARS]
+
+
+def _package_digest(package: Package) -> str:
+    """A digest of the whole file table: any change of content gives a new digest."""
+    table = "\n".join(f"{name} {entry.sha256}" for name, entry in sorted(package.manifest.files.items()))
+    return sha256_bytes(table.encode("utf-8"))[:_DIGEST_CHARS]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``path``, fsync it, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename durable too; not every filesystem lets a directory be opened
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def _read_sidecar(path: Path) -> dict[str, Any] | None:
+    """The sidecar's content, or None (with a warning) when it is unreadable or malformed."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        log.warning("ignoring engine cache sidecar %s: %s", path, exc)
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("sha256"), str) or not isinstance(data.get("size"), int):
+        log.warning("ignoring engine cache sidecar %s: no sha256 and size", path)
+        return None
+    return data
+
+
+class EngineCache:
+    """Engines and onnxruntime TensorRT-EP caches under ``root`` (see the module docstring)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def engine_path(self, package: Package, fingerprint_key: str, graph: str = "s8s8") -> Path:
+        """Where the engine of ``package``'s ``graph`` for this device fingerprint lives."""
+        name = f"{graph}-{_check_key(fingerprint_key)}.plan"
+        return self.root / "engines" / _graph_digest(package, graph) / name
+
+    def get(self, package: Package, fingerprint_key: str, graph: str = "s8s8") -> bytes | None:
+        """The cached engine, or None when absent, partial or corrupt."""
+        path = self.engine_path(package, fingerprint_key, graph)
+        sidecar = _read_sidecar(path.with_suffix(".json"))
+        if sidecar is None:
+            if path.exists():
+                log.warning("ignoring engine %s: it has no valid sidecar (an interrupted write?)", path)
+            return None
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            log.warning("ignoring engine cache sidecar %s: its engine is missing", path.with_suffix(".json"))
+            return None
+        except OSError as exc:
+            log.warning("ignoring engine %s: %s", path, exc)
+            return None
+        if len(data) != sidecar["size"] or sha256_bytes(data) != sidecar["sha256"]:
+            log.warning("ignoring engine %s: its size or sha256 does not match its sidecar", path)
+            return None
+        return data
+
+    def put(
+        self, package: Package, fingerprint_key: str, data: bytes, meta: Mapping[str, Any], graph: str = "s8s8"
+    ) -> Path:
+        """Store an engine atomically, then its sidecar; return the engine's path.
+
+        ``meta`` (the fingerprint dict, build seconds, TensorRT version, ...) is kept
+        verbatim under the sidecar's ``"meta"``; it must be JSON-serialisable.
+        """
+        path = self.engine_path(package, fingerprint_key, graph)
+        sidecar = {
+            "engine": path.name,
+            "sha256": sha256_bytes(data),
+            "size": len(data),
+            "fingerprint_key": fingerprint_key,
+            "graph": graph,
+            "package": {"name": package.manifest.name, "version": package.manifest.version},
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "meta": dict(meta),
+        }
+        try:
+            sidecar_bytes = json.dumps(sidecar, indent=2, sort_keys=True).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"engine meta {dict(meta)!r} is not JSON-serialisable: {exc}") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, data)
+        _write_atomic(path.with_suffix(".json"), sidecar_bytes)  # last: it commits the entry
+        log.info("cached engine %s (%d bytes)", path, len(data))
+        return path
+
+    def ort_trt_cache_dir(self, package: Package, fingerprint_key: str) -> Path:
+        """A directory (created) for onnxruntime's ``trt_engine_cache_path`` / ``trt_timing_cache_path``.
+
+        Keyed by the package's whole content and the device fingerprint: onnxruntime names its
+        cached engines by model hash and sm only, not by TensorRT version.
+        """
+        path = self.root / "ort-trt" / _package_digest(package) / _check_key(fingerprint_key)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every committed engine's sidecar plus its ``"path"``, sorted by path.
+
+        Only the size is checked here (hashing every engine would be slow); :meth:`get`
+        checks the sha256.
+        """
+        found: list[dict[str, Any]] = []
+        for sidecar_path in sorted((self.root / "engines").glob("*/*.json")):
+            sidecar = _read_sidecar(sidecar_path)
+            if sidecar is None:
+                continue
+            engine = sidecar_path.with_suffix(".plan")
+            try:
+                size = engine.stat().st_size
+            except OSError:
+                log.warning("ignoring engine cache sidecar %s: its engine is missing", sidecar_path)
+                continue
+            if size != sidecar["size"]:
+                log.warning("ignoring engine %s: %d bytes, its sidecar says %d", engine, size, sidecar["size"])
+                continue
+            found.append({**sidecar, "path": str(engine)})
+        return found
+
+
+def package_engine(package: Package, fingerprint_key: str) -> bytes | None:
+    """The engine ``package`` itself carries for this fingerprint key, or None.
+
+    ``manifest.engines`` entries look like ``{"file": "engines/<key>.plan", "key": "<key>",
+    "fingerprint": {...}, "graph": "s8s8", "tensorrt": "10.3.0"}``. The file is read (and
+    checked against its sha256) through :meth:`Package.read_bytes`.
+    """
+    for entry in package.manifest.engines:
+        if not isinstance(entry, Mapping) or entry.get("key") != fingerprint_key:
+            continue
+        file = entry.get("file")
+        if not isinstance(file, str):
+            raise PackageError(
+                f"package {package.manifest.name} lists an engine for {fingerprint_key!r} without a 'file'",
+                hint="rebuild the package with edge-sdk convert",
+            )
+        return package.read_bytes(file)
+    return None

@@ -1,0 +1,58 @@
+"""On-device engine build planning: graph, config, fingerprint, memory guard, and refusal off-device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+
+import devices
+from converters import convert
+from converters.device_build import build_for_device, check_memory, plan_build
+from edge_sdk.errors import BackendUnavailableError, EngineBuildError
+from runtime.package import Package
+from tests import builders
+
+ORIN_NANO = devices.DeviceInfo(arch="aarch64", jetson_module="NVIDIA Jetson Orin Nano Developer Kit",
+                               l4t_release="36.3.0", gpu_compute_capability="8.7", tensorrt_version="10.3.0",
+                               cuda_version="12.6.68", memory_total_mb=7620, memory_available_mb=5200)
+
+
+@pytest.fixture
+def int8_package(tmp_path: Path, image_folder: Path) -> Package:
+    onnx.save(builders.cnn_model(size=8), tmp_path / "cnn.onnx")
+    convert(tmp_path / "cnn.onnx", tmp_path / "cnn.edgepkg", task="image-classification",
+            labels=builders.COLOR_LABELS, preprocess=builders.preprocess_dict(), calibration=image_folder,
+            quantize="int8", budget=None)
+    return Package.open(tmp_path / "cnn.edgepkg")
+
+
+def test_plan_builds_the_qdq_graph_strongly_typed_for_this_fingerprint(int8_package: Package) -> None:
+    plan = plan_build(int8_package, ORIN_NANO, workspace_mb=512)
+    assert plan.graph == "s8s8" and plan.config.precision == "int8" and plan.config.explicit
+    assert plan.fingerprint.key == devices.fingerprint(ORIN_NANO).key and plan.fingerprint.can_build
+    command = plan.command(int8_package)
+    assert command.startswith("trtexec --onnx=model.int8.s8s8.onnx") and "--stronglyTyped" in command
+    assert "--minShapes=image:1x3x8x8" in command and "--memPoolSize=workspace:512M" in command
+
+
+def test_fp32_packages_build_fp16_and_dla_is_passed_through(image_package: Path) -> None:
+    plan = plan_build(Package.open(image_package), ORIN_NANO, dla_core=0)
+    assert plan.graph == "fp32" and plan.config.precision == "fp16" and plan.config.dla_core == 0
+    assert plan.fingerprint.key.endswith("-dla0") and "--useDLACore=0" in plan.command(Package.open(image_package))
+
+
+def test_memory_guard_refuses_a_build_that_does_not_fit(int8_package: Package) -> None:
+    plan = plan_build(int8_package, ORIN_NANO, workspace_mb=4096)
+    tight = devices.DeviceInfo(**{**ORIN_NANO.__dict__, "memory_available_mb": plan.needed_mb - 1})
+    with pytest.raises(EngineBuildError, match=f"needs about {plan.needed_mb} MB but only {plan.needed_mb - 1} MB"):
+        check_memory(plan, tight)
+    check_memory(plan, ORIN_NANO)  # 5200 MB available: fits
+
+
+def test_building_on_a_machine_without_gpu_or_tensorrt_is_refused(int8_package: Package) -> None:
+    if devices.fingerprint(devices.detect()).can_build:
+        pytest.skip("this machine can build TensorRT engines")
+    with pytest.raises(BackendUnavailableError, match="cannot build TensorRT engines"):
+        build_for_device(int8_package.path)

@@ -1,0 +1,236 @@
+"""runtime.engine_cache: atomic put/get, sidecars, keying by package content, corrupt entries."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devices import Fingerprint
+from edge_sdk.errors import DeviceError, PackageError, PackageIntegrityError
+from runtime.engine_cache import EngineCache, default_cache_dir, package_engine
+from runtime.manifest import Manifest, Postprocess, TensorSpec, TextPreprocess
+from runtime.package import Package, write_package
+
+ORIN = Fingerprint(gpu="8.7", gpu_name="Orin", tensorrt="10.3.0", cuda="12.2", l4t="36.3.0")
+KEY = ORIN.key
+GRAPH = "model.int8.s8s8.onnx"
+META = {"fingerprint": ORIN.to_dict(), "build_seconds": 182.5, "tensorrt": "10.3.0"}
+
+
+def _package(tmp_path: Path, name: str, graph_bytes: bytes = b"s8s8 graph v1",
+             engines: tuple[dict[str, Any], ...] = (), extra: dict[str, bytes] | None = None) -> Package:
+    manifest = Manifest(
+        name="demo", version="1", task="text-classification", model="model.onnx",
+        inputs=(TensorSpec("input_ids", "int64", ("batch", "sequence")),),
+        outputs=(TensorSpec("logits", "float32", ("batch", 2)),),
+        preprocess=TextPreprocess(attention_mask=None, token_type_ids=None),
+        postprocess=Postprocess(output="logits", labels=("a", "b")), files={},
+        golden=None, precision="int8", graphs={"s8s8": GRAPH}, engines=engines,
+    )
+    files = {"model.onnx": b"fp32 graph", GRAPH: graph_bytes, **(extra or {})}
+    return write_package(manifest, files, tmp_path / f"{name}.edgepkg")
+
+
+@pytest.fixture
+def package(tmp_path: Path) -> Package:
+    return _package(tmp_path, "demo")
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> EngineCache:
+    return EngineCache(tmp_path / "cache")
+
+
+def test_put_then_get_round_trip(cache: EngineCache, package: Package) -> None:
+    assert cache.get(package, KEY) is None
+
+    path = cache.put(package, KEY, b"serialized engine", META)
+
+    assert path == cache.engine_path(package, KEY)
+    assert path.read_bytes() == b"serialized engine"
+    assert cache.get(package, KEY) == b"serialized engine"
+    assert cache.get(package, KEY.replace("trt10.3.0", "trt10.3.1")) is None  # another device
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, path.with_suffix(".json").name])  # no temps
+
+
+def test_engine_path_layout(cache: EngineCache, package: Package) -> None:
+    digest = package.manifest.files[GRAPH].sha256[:16]
+    assert cache.engine_path(package, KEY) == cache.root / "engines" / digest / f"s8s8-{KEY}.plan"
+    fp32 = cache.engine_path(package, KEY, graph="fp32")
+    assert fp32.parent.name == package.manifest.files["model.onnx"].sha256[:16]
+    assert fp32.name == f"fp32-{KEY}.plan"
+
+
+def test_sidecar_holds_meta_and_checksums(cache: EngineCache, package: Package) -> None:
+    path = cache.put(package, KEY, b"engine", META)
+
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    assert sidecar["meta"] == META
+    assert Fingerprint.from_dict(sidecar["meta"]["fingerprint"]) == ORIN
+    assert sidecar["size"] == 6 and len(sidecar["sha256"]) == 64
+    assert sidecar["fingerprint_key"] == KEY and sidecar["graph"] == "s8s8"
+    assert sidecar["package"] == {"name": "demo", "version": "1"}
+    assert sidecar["created"].endswith("+00:00")
+
+
+def test_put_replaces_an_existing_engine(cache: EngineCache, package: Package) -> None:
+    cache.put(package, KEY, b"old engine", META)
+    cache.put(package, KEY, b"new engine!", {**META, "build_seconds": 1.0})
+
+    assert cache.get(package, KEY) == b"new engine!"
+    assert [e["meta"]["build_seconds"] for e in cache.entries()] == [1.0]
+
+
+def test_new_graph_content_never_reuses_a_stale_engine(tmp_path: Path, cache: EngineCache) -> None:
+    v1 = _package(tmp_path, "v1", b"s8s8 graph v1")
+    v2 = _package(tmp_path, "v2", b"s8s8 graph v2")
+    same_graph = _package(tmp_path, "v1-relabelled", b"s8s8 graph v1", extra={"notes.txt": b"x"})
+
+    cache.put(v1, KEY, b"engine for v1", META)
+
+    assert cache.engine_path(v1, KEY) != cache.engine_path(v2, KEY)
+    assert cache.get(v2, KEY) is None
+    assert cache.get(same_graph, KEY) == b"engine for v1"  # same graph bytes: the engine still fits
+
+
+def test_unknown_graph_is_refused(cache: EngineCache, package: Package) -> None:
+    with pytest.raises(PackageError, match="no 'u8s8' graph"):
+        cache.engine_path(package, KEY, graph="u8s8")
+
+
+@pytest.mark.parametrize("key", ["", "../evil", "sm87/trt10", "SM87", "sm87..trt", "-sm87", "sm87\n"])
+def test_unsafe_fingerprint_key_is_refused(cache: EngineCache, package: Package, key: str) -> None:
+    with pytest.raises(DeviceError, match="is not a device fingerprint key"):
+        cache.engine_path(package, key)
+
+
+def test_meta_that_is_not_json_writes_nothing(cache: EngineCache, package: Package) -> None:
+    with pytest.raises(TypeError, match="not JSON-serialisable"):
+        cache.put(package, KEY, b"engine", {"built": object()})
+    assert not cache.engine_path(package, KEY).exists()
+
+
+@pytest.mark.parametrize("sidecar", [b"{not json", b"", b"[1, 2]", b'{"sha256": "abc"}', b"\xff\xfe"])
+def test_corrupt_sidecar_is_a_miss(cache: EngineCache, package: Package, sidecar: bytes,
+                                   caplog: pytest.LogCaptureFixture) -> None:
+    path = cache.put(package, KEY, b"engine", META)
+    path.with_suffix(".json").write_bytes(sidecar)
+
+    with caplog.at_level(logging.WARNING, logger="runtime.engine_cache"):
+        assert cache.get(package, KEY) is None
+        assert cache.entries() == []
+    assert "ignoring engine cache sidecar" in caplog.text
+
+
+def test_engine_without_sidecar_is_a_miss(cache: EngineCache, package: Package,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A crash between writing the engine and its sidecar leaves an uncommitted engine."""
+    path = cache.put(package, KEY, b"engine", META)
+    path.with_suffix(".json").unlink()
+
+    with caplog.at_level(logging.WARNING, logger="runtime.engine_cache"):
+        assert cache.get(package, KEY) is None
+    assert "no valid sidecar" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_damaged_engine_is_a_miss(cache: EngineCache, package: Package, damage: str,
+                                  caplog: pytest.LogCaptureFixture) -> None:
+    path = cache.put(package, KEY, b"serialized engine", META)
+    if damage == "truncate":
+        path.write_bytes(b"serialized")
+    elif damage == "flip":
+        path.write_bytes(b"serialized enginE")
+    else:
+        path.unlink()
+
+    with caplog.at_level(logging.WARNING, logger="runtime.engine_cache"):
+        assert cache.get(package, KEY) is None
+    assert "ignoring engine" in caplog.text
+    if damage != "flip":  # entries() checks sizes only; get() checks the sha256
+        assert cache.entries() == []
+
+
+def test_entries_lists_every_engine_with_its_meta(tmp_path: Path, cache: EngineCache, package: Package) -> None:
+    other = _package(tmp_path, "other", b"another graph")
+    dla_key = Fingerprint(gpu="7.2", tensorrt="8.5.2", cuda="11.4", l4t="35.4.1", dla_core=0).key
+    a = cache.put(package, KEY, b"a", META)
+    b = cache.put(other, dla_key, b"bb", {"tensorrt": "8.5.2"})
+    (a.parent / "stray.json").write_text("{}")  # ignored: no sha256/size
+
+    entries = cache.entries()
+
+    assert sorted(e["path"] for e in entries) == sorted([str(a), str(b)])
+    by_key = {e["fingerprint_key"]: e for e in entries}
+    assert by_key[KEY]["meta"] == META and by_key[KEY]["size"] == 1
+    assert by_key[dla_key]["meta"] == {"tensorrt": "8.5.2"}
+    assert EngineCache(tmp_path / "empty").entries() == []
+
+
+def test_ort_trt_cache_dir_is_created_and_keyed(tmp_path: Path, cache: EngineCache, package: Package) -> None:
+    path = cache.ort_trt_cache_dir(package, KEY)
+
+    assert path.is_dir() and path.name == KEY and path.is_relative_to(cache.root / "ort-trt")
+    assert cache.ort_trt_cache_dir(package, KEY) == path
+    assert cache.ort_trt_cache_dir(package, KEY.replace("trt10.3.0", "trt10.4.0")) != path
+    changed = _package(tmp_path, "changed", extra={"labels.txt": b"a\nb\n"})
+    assert cache.ort_trt_cache_dir(changed, KEY).parent != path.parent
+
+
+def test_default_cache_dir_honours_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("EDGE_SDK_CACHE", str(tmp_path / "explicit"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "explicit"
+
+    monkeypatch.delenv("EDGE_SDK_CACHE")
+    assert default_cache_dir() == tmp_path / "xdg" / "edge-sdk"
+
+    monkeypatch.setenv("EDGE_SDK_CACHE", "")  # empty counts as unset
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "edge-sdk"
+
+
+# --- engines carried inside the package ------------------------------------------------------
+
+
+def _engine_entry(fp: Fingerprint) -> dict[str, Any]:
+    return {"file": f"engines/{fp.key}.plan", "fingerprint": fp.to_dict(), "key": fp.key,
+            "graph": "s8s8", "tensorrt": fp.tensorrt}
+
+
+def test_package_engine_picks_the_matching_entry(tmp_path: Path) -> None:
+    xavier = Fingerprint(gpu="7.2", tensorrt="8.5.2", cuda="11.4", l4t="35.4.1")
+    entries = (_engine_entry(xavier), _engine_entry(ORIN))
+    package = _package(tmp_path, "carrying", engines=entries, extra={
+        f"engines/{xavier.key}.plan": b"xavier engine", f"engines/{ORIN.key}.plan": b"orin engine",
+    })
+
+    assert package_engine(package, ORIN.key) == b"orin engine"
+    assert package_engine(package, xavier.key) == b"xavier engine"
+    assert package_engine(package, f"{ORIN.key}-dla0") is None
+
+
+def test_package_without_engines_carries_none(package: Package) -> None:
+    assert package_engine(package, KEY) is None
+
+
+def test_package_engine_is_checked_against_its_sha256(tmp_path: Path) -> None:
+    archived = _package(tmp_path, "archived", engines=(_engine_entry(ORIN),),
+                        extra={f"engines/{ORIN.key}.plan": b"orin engine"})
+    files = {"model.onnx": b"fp32 graph", GRAPH: b"s8s8 graph v1", f"engines/{ORIN.key}.plan": b"orin engine"}
+    unpacked = write_package(archived.manifest, files, tmp_path / "unpacked", archive=False)
+    (unpacked.path / "engines" / f"{ORIN.key}.plan").write_bytes(b"orin enginE")  # changed after open
+
+    with pytest.raises(PackageIntegrityError, match="changed after it was verified"):
+        package_engine(unpacked, ORIN.key)
+
+
+def test_engine_entry_without_a_file_is_a_package_error(tmp_path: Path) -> None:
+    package = _package(tmp_path, "broken", engines=({"key": KEY},))
+    with pytest.raises(PackageError, match="without a 'file'"):
+        package_engine(package, KEY)
