@@ -154,6 +154,12 @@ def _cmd_engine_build(args: argparse.Namespace) -> int:
     print(f"built {plan.graph} engine for {plan.fingerprint.key} in {result.seconds:.0f} s with TensorRT "
           f"{result.tensorrt_version}: {path}")
     print(f"reproduce with: {result.command}")
+    if args.into:
+        from runtime.engine_cache import add_package_engine
+
+        out = add_package_engine(Package.open(args.package), args.into, result.engine, plan.fingerprint.to_dict(),
+                                 plan.fingerprint.key, plan.graph, result.tensorrt_version)
+        print(f"wrote {out.path} carrying engines/{plan.fingerprint.key}.plan")
     return 0
 
 
@@ -277,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace-mb", type=int, default=1024, help="TensorRT workspace limit")
     p.add_argument("--sparsity", action="store_true", help="enable 2:4 sparse tactics")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the trtexec command, build nothing")
+    p.add_argument("--into", help="also write a copy of the package that carries the engine (for a fleet of "
+                                  "identical devices)")
     p.set_defaults(func=_cmd_engine_build)
     p = engine.add_parser("list", help="engines in the engine cache")
     p.add_argument("--json", action="store_true")

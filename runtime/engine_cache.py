@@ -233,3 +233,24 @@ def package_engine(package: Package, fingerprint_key: str) -> bytes | None:
             )
         return package.read_bytes(file)
     return None
+
+
+def add_package_engine(
+    package: Package, out: str | os.PathLike[str], engine: bytes, fingerprint: Mapping[str, Any], key: str,
+    graph: str, tensorrt: str,
+) -> Package:
+    """Write a copy of ``package`` to ``out`` that carries ``engine`` as ``engines/<key>.plan``.
+
+    An engine already carried for the same key is replaced; every other file is kept as is.
+    """
+    from dataclasses import replace
+
+    from runtime.package import write_package
+
+    name = f"engines/{_check_key(key)}.plan"
+    entry = {"file": name, "key": key, "fingerprint": dict(fingerprint), "graph": graph, "tensorrt": tensorrt}
+    kept = [e for e in package.manifest.engines if not (isinstance(e, Mapping) and e.get("key") == key)]
+    files = {n: package.read_bytes(n) for n in package.manifest.files if n != name}
+    files[name] = engine
+    manifest = replace(package.manifest, engines=(*kept, entry))
+    return write_package(manifest, files, out, archive=package.is_archive)

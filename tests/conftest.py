@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import onnx
 import pytest
 
 from tests import builders
+
+_HARDWARE = {
+    "gpu": (lambda: any(Path(p).exists() for p in ("/dev/nvidia0", "/dev/nvhost-ctrl-gpu")),
+            "needs an NVIDIA GPU; this machine has none"),
+    "tensorrt": (lambda: importlib.util.find_spec("tensorrt") is not None,
+                 "needs the tensorrt package (pip install 'edge-sdk[tensorrt]' on a GPU machine)"),
+    "jetson": (lambda: Path("/etc/nv_tegra_release").exists(), "needs a Jetson (no /etc/nv_tegra_release)"),
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Hardware-only tests skip, with the reason, where the hardware is missing."""
+    present = {name: check() for name, (check, _) in _HARDWARE.items()}
+    for item in items:
+        for name, (_, reason) in _HARDWARE.items():
+            if item.get_closest_marker(name) is not None and not present[name]:
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture

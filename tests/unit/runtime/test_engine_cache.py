@@ -234,3 +234,19 @@ def test_engine_entry_without_a_file_is_a_package_error(tmp_path: Path) -> None:
     package = _package(tmp_path, "broken", engines=({"key": KEY},))
     with pytest.raises(PackageError, match="without a 'file'"):
         package_engine(package, KEY)
+
+
+def test_a_package_can_carry_an_engine_for_a_fingerprint(tmp_path: Path) -> None:
+    from runtime.engine_cache import add_package_engine
+
+    source = _package(tmp_path, "a")
+    key = "sm87-trt10.3.0-cuda12.6-l4t36.3.0"
+    out = add_package_engine(source, tmp_path / "b.edgepkg", b"serialized engine", {"gpu": "8.7"}, key, "s8s8",
+                             "10.3.0")
+    assert package_engine(out, key) == b"serialized engine"
+    assert package_engine(out, "sm72-trt8.5.2-cuda11.4-l4t35.4.1") is None
+    [entry] = out.manifest.engines
+    assert entry["file"] == f"engines/{key}.plan" and entry["graph"] == "s8s8" and entry["tensorrt"] == "10.3.0"
+    again = add_package_engine(out, tmp_path / "c.edgepkg", b"rebuilt", {"gpu": "8.7"}, key, "s8s8", "10.3.0")
+    assert len(again.manifest.engines) == 1 and package_engine(again, key) == b"rebuilt"
+    assert set(again.manifest.files) == set(source.manifest.files) | {f"engines/{key}.plan"}
