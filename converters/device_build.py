@@ -41,12 +41,18 @@ class BuildPlan:
 
 
 def plan_build(package: Package, info: devices.DeviceInfo, *, dla_core: int | None = None,
-               workspace_mb: int = 1024, sparsity: bool = False) -> BuildPlan:
-    """What to build for this device, without building: graph, config, fingerprint, memory needed."""
+               workspace_mb: int = 1024, sparsity: bool = False, timing_cache: str | None = None) -> BuildPlan:
+    """What to build for this device, without building: graph, config, fingerprint, memory needed.
+
+    Sparse tactics are enabled when asked or when the package records 2:4 pruning
+    (``reports["pruning"]["pattern"] == "2:4"``).
+    """
     graph = "s8s8" if "s8s8" in package.manifest.graphs else "fp32"
+    pruning = package.manifest.reports.get("pruning") or {}
     config = EngineBuildConfig(
-        precision="int8" if graph == "s8s8" else "fp16", explicit=True, sparsity=sparsity, dla_core=dla_core,
-        workspace_mb=workspace_mb, profiles=profiles_for(package.manifest.inputs),
+        precision="int8" if graph == "s8s8" else "fp16", explicit=True,
+        sparsity=sparsity or pruning.get("pattern") == "2:4", dla_core=dla_core, workspace_mb=workspace_mb,
+        timing_cache=timing_cache, profiles=profiles_for(package.manifest.inputs),
     )
     graph_file = package.manifest.model if graph == "fp32" else package.manifest.graphs[graph]
     graph_mb = package.manifest.files[graph_file].size // (1 << 20)
@@ -71,13 +77,18 @@ def build_for_device(
     """Build this device's engine for the package and store it in the engine cache."""
     package = Package.open(package_path)
     info = devices.detect()
-    plan = plan_build(package, info, dla_core=dla_core, workspace_mb=workspace_mb, sparsity=sparsity)
+    cache = cache or EngineCache(default_cache_dir())
+    key = devices.fingerprint(info, dla_core).key
+    timing = cache.root / "timing" / f"{key}.cache"  # shared by every build on this device: faster rebuilds
+    plan = plan_build(package, info, dla_core=dla_core, workspace_mb=workspace_mb, sparsity=sparsity,
+                      timing_cache=str(timing))
     if not plan.fingerprint.can_build:
         raise BackendUnavailableError(
             f"this machine cannot build TensorRT engines (GPU compute capability: {plan.fingerprint.gpu}, "
             f"TensorRT: {plan.fingerprint.tensorrt})",
             hint="run `edge-sdk engine build` on the Jetson itself; pip install 'edge-sdk[tensorrt]' elsewhere")
     check_memory(plan, info)
+    timing.parent.mkdir(parents=True, exist_ok=True)
     log.info("building %s engine for %s: %s", plan.graph, plan.fingerprint.key, plan.command(package))
     graph_file = package.manifest.model if plan.graph == "fp32" else package.manifest.graphs[plan.graph]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -85,6 +96,5 @@ def build_for_device(
     peak_mb = max(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) // 1024
     meta = {"fingerprint": plan.fingerprint.to_dict(), "graph": plan.graph, "seconds": round(result.seconds, 1),
             "tensorrt": result.tensorrt_version, "peak_rss_mb": peak_mb, "command": result.command}
-    path = (cache or EngineCache(default_cache_dir())).put(package, plan.fingerprint.key, result.engine, meta,
-                                                             graph=plan.graph)
+    path = cache.put(package, plan.fingerprint.key, result.engine, meta, graph=plan.graph)
     return path, result, plan

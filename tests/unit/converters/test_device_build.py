@@ -51,8 +51,23 @@ def test_memory_guard_refuses_a_build_that_does_not_fit(int8_package: Package) -
     check_memory(plan, ORIN_NANO)  # 5200 MB available: fits
 
 
-def test_building_on_a_machine_without_gpu_or_tensorrt_is_refused(int8_package: Package) -> None:
+def test_building_on_a_machine_without_gpu_or_tensorrt_is_refused(int8_package: Package, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGE_SDK_CACHE", str(tmp_path / "cache"))
     if devices.fingerprint(devices.detect()).can_build:
         pytest.skip("this machine can build TensorRT engines")
     with pytest.raises(BackendUnavailableError, match="cannot build TensorRT engines"):
         build_for_device(int8_package.path)
+
+
+def test_a_2_4_pruning_record_enables_sparse_tactics(int8_package: Package, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from runtime.package import write_package
+
+    files = {n: int8_package.read_bytes(n) for n in int8_package.manifest.files}
+    reports = {**int8_package.manifest.reports, "pruning": {"pattern": "2:4"}}
+    pruned = write_package(replace(int8_package.manifest, reports=reports), files, tmp_path / "pruned.edgepkg")
+    assert plan_build(pruned, ORIN_NANO).config.sparsity
+    assert not plan_build(int8_package, ORIN_NANO).config.sparsity
+    assert "--sparsity=enable" in plan_build(pruned, ORIN_NANO).command(pruned)
