@@ -107,3 +107,16 @@ def test_parity_check_itself_on_perturbed_outputs(image_package: Path) -> None:
             else:
                 with pytest.raises(InferenceError, match="refusing to serve it"):
                     check_parity(package, runner, "fp32")
+
+
+def test_tensorrt_provider_options_keep_caches_under_the_runtime_cache(image_package: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from runtime.backends import device_key, tensorrt_provider_options
+
+    monkeypatch.setenv("EDGE_SDK_CACHE", str(tmp_path / "cache"))
+    options = tensorrt_provider_options(Package.open(image_package), "fp32")
+    cache = Path(options["trt_engine_cache_path"])
+    assert cache.is_dir() and cache.is_relative_to(tmp_path / "cache") and cache.name == device_key()
+    assert options["trt_engine_cache_enable"] and options["trt_timing_cache_enable"]
+    assert options["trt_timing_cache_path"] == str(cache) and options["trt_int8_enable"] is False
+    assert tensorrt_provider_options(Package.open(image_package), "s8s8")["trt_int8_enable"] is True
