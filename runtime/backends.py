@@ -37,22 +37,26 @@ def device_key() -> str:
     return devices.fingerprint(devices.detect()).key
 
 
-def cpu_graph(package: Package, precision: str) -> str:
-    """The graph the onnxruntime CPU provider runs: the U8S8 int8 graph when there is one, unless fp32 is asked."""
-    has_int8 = "u8s8" in package.manifest.graphs
+_TARGETS = {"u8s8": "onnxruntime's CPU provider", "s8s8": "TensorRT"}
+
+
+def pick_graph(package: Package, precision: str, variant: str) -> str:
+    """``variant`` (the int8 graph for a target) when the package has it, unless fp32 is asked; else fp32."""
+    has_int8 = variant in package.manifest.graphs
     if precision == "int8" and not has_int8:
-        raise BackendUnavailableError(f"package {package.manifest.name} has no int8 graph for onnxruntime",
+        raise BackendUnavailableError(f"package {package.manifest.name} has no int8 graph for {_TARGETS[variant]}",
                                       hint="convert it with quantize='int8', or load it with precision='fp32'")
-    return "u8s8" if has_int8 and precision != "fp32" else "fp32"
+    return variant if has_int8 and precision != "fp32" else "fp32"
+
+
+def cpu_graph(package: Package, precision: str) -> str:
+    """The graph the onnxruntime CPU provider runs: U8S8 when there is one."""
+    return pick_graph(package, precision, "u8s8")
 
 
 def _gpu_graph(package: Package, precision: str) -> str:
-    """TensorRT (engine or EP) runs the S8S8 Q/DQ graph when there is one, unless fp32 is asked."""
-    has_int8 = "s8s8" in package.manifest.graphs
-    if precision == "int8" and not has_int8:
-        raise BackendUnavailableError(f"package {package.manifest.name} has no int8 graph for TensorRT",
-                                      hint="convert it with quantize='int8', or load it with precision='fp32'")
-    return "s8s8" if has_int8 and precision != "fp32" else "fp32"
+    """The graph TensorRT (engine or provider) runs: the S8S8 Q/DQ graph when there is one."""
+    return pick_graph(package, precision, "s8s8")
 
 
 def _graph_bytes(package: Package, graph: str) -> bytes:
