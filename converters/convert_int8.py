@@ -14,16 +14,13 @@ from converters.calibration.histogram import TensorHistogram
 from converters.calibration.methods import CalibrationMethod, TensorRange
 from converters.calibration.readers import Encoder, calibration_reader
 from converters.data import Sample
-from converters.evaluate import Evaluation, evaluate
+from converters.evaluate import Evaluation, accuracy_points, evaluate, pipeline_for
 from converters.plots import histogram_png
 from converters.qdq import name_nodes
 from converters.quantize import Calibration, Int8Graphs, build_int8, layer_sensitivity, mixed_precision, prepare_int8
 from converters.smoothing import DEFAULT_ALPHA
 from edge_sdk.errors import CalibrationError
 from runtime.manifest import Manifest, TextPreprocess
-from runtime.pipeline import Pipeline
-from runtime.runners.onnxrt import OnnxRuntimeRunner
-from runtime.select import Selection
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +37,6 @@ class Int8Stage:
     golden: dict[str, dict[str, np.ndarray]]  # variant -> outputs on the golden feeds
     report: dict[str, Any]
     evaluation: Evaluation | None
-
-
-def _pipeline(manifest: Manifest, model: onnx.ModelProto, encoder: Encoder, graph: str) -> Pipeline:
-    runner = OnnxRuntimeRunner(model.SerializeToString(), manifest.inputs, manifest.outputs).activate()
-    return Pipeline(manifest, Selection("onnxruntime-cpu", runner, (), graph), encoder)
 
 
 def _logits(model: onnx.ModelProto, batches: Sequence[dict[str, np.ndarray]], output: str) -> np.ndarray:
@@ -68,11 +60,7 @@ def _metric(manifest: Manifest, encoder: Encoder, validation: Sequence[Sample], 
 
     def score(u8: onnx.ModelProto) -> float:
         if validation:
-            pipeline = _pipeline(manifest, u8, encoder, "u8s8")
-            try:
-                return 100.0 * evaluate(pipeline, validation).accuracy
-            finally:
-                pipeline.close()
+            return accuracy_points(manifest, u8, encoder, validation, "u8s8")
         return 100.0 * _agreement(reference, _logits(u8, batches, output))["top1_agreement"]
 
     return score
@@ -107,7 +95,7 @@ def run_int8(
         achieved = steps[-1]["metric"]
     evaluation = None
     if validation:
-        pipeline = _pipeline(manifest, graphs.u8s8, encoder, "u8s8")
+        pipeline = pipeline_for(manifest, graphs.u8s8, encoder, "u8s8")
         try:
             evaluation = evaluate(pipeline, validation)
         finally:

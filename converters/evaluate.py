@@ -6,9 +6,14 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import onnx
+
 from converters.data import Sample
-from runtime.pipeline import Pipeline
+from runtime.manifest import Manifest
+from runtime.pipeline import Encoder, Pipeline
 from runtime.prediction import Prediction
+from runtime.runners.onnxrt import OnnxRuntimeRunner
+from runtime.select import Selection
 
 
 @dataclass(frozen=True)
@@ -44,3 +49,19 @@ def evaluate(pipeline: Pipeline, samples: Sequence[Sample], *, max_batch: int = 
         median_latency_ms=statistics.median(per_item_ms),
         backend=pipeline.backend,
     )
+
+
+def pipeline_for(manifest: Manifest, model: onnx.ModelProto, encoder: Encoder, graph: str = "fp32") -> Pipeline:
+    """A CPU pipeline over an in-memory graph, with the package's own pre/post-processing."""
+    runner = OnnxRuntimeRunner(model.SerializeToString(), manifest.inputs, manifest.outputs).activate()
+    return Pipeline(manifest, Selection("onnxruntime-cpu", runner, (), graph), encoder)
+
+
+def accuracy_points(manifest: Manifest, model: onnx.ModelProto, encoder: Encoder, samples: Sequence[Sample],
+                    graph: str = "fp32") -> float:
+    """Top-1 accuracy in points (0-100) of ``model`` on labelled ``samples``."""
+    pipeline = pipeline_for(manifest, model, encoder, graph)
+    try:
+        return 100.0 * evaluate(pipeline, samples).accuracy
+    finally:
+        pipeline.close()
