@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Sequence
-
-import onnx
+from typing import TYPE_CHECKING, Any, Sequence
 
 from converters.data import Sample
 from runtime.manifest import Manifest
@@ -14,6 +12,9 @@ from runtime.pipeline import Encoder, Pipeline
 from runtime.prediction import Prediction
 from runtime.runners.onnxrt import OnnxRuntimeRunner
 from runtime.select import Selection
+
+if TYPE_CHECKING:  # the report imports this module on devices without onnx
+    import onnx
 
 
 @dataclass(frozen=True)
@@ -51,13 +52,13 @@ def evaluate(pipeline: Pipeline, samples: Sequence[Sample], *, max_batch: int = 
     )
 
 
-def pipeline_for(manifest: Manifest, model: onnx.ModelProto, encoder: Encoder, graph: str = "fp32") -> Pipeline:
+def pipeline_for(manifest: Manifest, model: "onnx.ModelProto", encoder: Encoder, graph: str = "fp32") -> Pipeline:
     """A CPU pipeline over an in-memory graph, with the package's own pre/post-processing."""
     runner = OnnxRuntimeRunner(model.SerializeToString(), manifest.inputs, manifest.outputs).activate()
     return Pipeline(manifest, Selection("onnxruntime-cpu", runner, (), graph), encoder)
 
 
-def accuracy_points(manifest: Manifest, model: onnx.ModelProto, encoder: Encoder, samples: Sequence[Sample],
+def accuracy_points(manifest: Manifest, model: "onnx.ModelProto", encoder: Encoder, samples: Sequence[Sample],
                     graph: str = "fp32") -> float:
     """Top-1 accuracy in points (0-100) of ``model`` on labelled ``samples``."""
     pipeline = pipeline_for(manifest, model, encoder, graph)
