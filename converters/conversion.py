@@ -23,7 +23,8 @@ from converters.calibration.readers import ArrayReader, calibration_reader
 from converters.convert_int8 import GRAPH_FILES, Int8Stage, require_calibration, run_int8
 from converters.smoothing import DEFAULT_ALPHA
 from converters.data import Sample, image_samples, text_lines, tsv_samples
-from converters.evaluate import Evaluation, evaluate
+from converters.evaluate import Evaluation, accuracy_points, evaluate
+from converters.prune_stage import parse_prune, run_pruning
 from converters.graph import ModelSource, io_specs, load_onnx
 from converters.qdq import name_nodes
 from converters.report import ConversionReport
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 TASKS = ("image-classification", "text-classification")
 TEXT_ROLES = ("input_ids", "attention_mask", "token_type_ids")
-_LATER = {"prune": "pruning"}
+_LATER: dict[str, str] = {}
 QUANTIZE = (None, "int8")
 _SYNTHETIC_TEXTS = ("pump vibration high at drive end bearing", "all parameters within limits", "oil leak seen under unit")
 
@@ -58,6 +59,7 @@ class Options:
     budget: float | None = 1.0
     calibration_samples: int = 256
     smoothing: float | None = DEFAULT_ALPHA
+    prune: str | dict[str, Any] | None = None
 
 
 def _options(options: Mapping[str, Any]) -> Options:
@@ -81,6 +83,8 @@ def _options(options: Mapping[str, Any]) -> Options:
     if opts.calibration_samples < 1:
         raise ConversionError(f"calibration_samples is {opts.calibration_samples}; expected at least 1")
     CalibrationMethod.parse(opts.method)
+    if opts.prune is not None:
+        parse_prune(opts.prune)
     return opts
 
 
@@ -264,9 +268,21 @@ def _fp32_stage(proto: Any, manifest: Manifest, encoder: Any, calibration: Any, 
     return _Fp32Stage(validation_set, golden_in, golden_out, evaluation)
 
 
+def _prune(proto: Any, manifest: Manifest, encoder: Any, calibration: Any, validation: Any,
+           opts: Options) -> tuple[Any, dict[str, Any]]:
+    """Prune before anything else is measured: golden vectors, accuracy and int8 follow the pruned graph."""
+    spec = parse_prune(opts.prune)  # type: ignore[arg-type]
+    reader = calibration_reader(calibration, task=manifest.task, inputs=manifest.inputs, encode=encoder,
+                                limit=opts.calibration_samples)
+    labelled = _samples(manifest.task, validation, manifest.postprocess.labels, labelled=True)
+    metric = (lambda m: accuracy_points(manifest, m, encoder, labelled)) if labelled else None
+    pruned, report = run_pruning(spec, proto, list(reader), metric)
+    return name_nodes(pruned), report
+
+
 def _assemble(
     manifest: Manifest, proto: Any, fp32: _Fp32Stage, int8: Int8Stage | None, tokenizer_json: str | None,
-    has_calibration: bool,
+    has_calibration: bool, pruning: dict[str, Any] | None = None,
 ) -> tuple[Manifest, dict[str, bytes], list[str]]:
     """The final manifest (precision, graphs, reports) and every file of the package."""
     precision = "int8" if int8 else "fp32"
@@ -312,10 +328,13 @@ def convert(
     """
     start = time.perf_counter()
     opts = _options(options)
-    if opts.quantize:
+    if opts.quantize or opts.prune is not None:
         require_calibration(calibration)
     proto, manifest, tokenizer_json = _prepare(model, output, task, labels, preprocess, tokenizer, max_length, opts)
     encoder = make_encoder(manifest, tokenizer_json)
+    pruning: dict[str, Any] | None = None
+    if opts.prune is not None:
+        proto, pruning = _prune(proto, manifest, encoder, calibration, validation, opts)
     fp32 = _fp32_stage(proto, manifest, encoder, calibration, validation, opts)
     int8: Int8Stage | None = None
     if opts.quantize:
@@ -323,7 +342,7 @@ def convert(
                         validation=fp32.validation_set, fp32=fp32.evaluation, golden_in=fp32.golden_in,
                         method=opts.method, budget=opts.budget, samples=opts.calibration_samples,
                         smoothing=opts.smoothing, progress=progress)
-    manifest, files, notes = _assemble(manifest, proto, fp32, int8, tokenizer_json, calibration is not None)
+    manifest, files, notes = _assemble(manifest, proto, fp32, int8, tokenizer_json, calibration is not None, pruning)
     package = write_package(manifest, files, output, archive=opts.archive)
     log.info("wrote %s", package.path)
     return ConversionReport(

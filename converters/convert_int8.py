@@ -155,5 +155,5 @@ def _report(
 
 def require_calibration(calibration: object) -> None:
     if calibration is None:
-        raise CalibrationError("quantize='int8' needs calibration data",
+        raise CalibrationError("quantize='int8' and prune= need calibration data",
                                hint="pass calibration=<image folder | text file | .npy/.npz> (a few hundred samples)")

@@ -1,0 +1,143 @@
+"""The pruning stage of ``convert``: parse ``prune=``, prune on the calibration data, measure, report.
+
+Forms of ``prune``:
+
+* ``"magnitude"`` / ``{"method": "magnitude", "sparsity": 0.5, "norm": "l1", "scope": "layer"}``
+  and ``{"method": "activation", ...}``: weights zeroed (compression and accuracy studies;
+  dense CPU kernels gain no speed from zeros);
+* ``"2:4"`` / ``{"method": "2:4"}``: 2:4 semi-structured sparsity along the input dimension,
+  recorded so that TensorRT builds enable sparse tactics on Ampere-class GPUs (Orin);
+* ``{"method": "structured", "ratio": 0.3}``: channels (CNN) or FFN neurons (transformer)
+  removed physically, the next layer re-fitted by least squares: smaller and faster everywhere;
+* ``{"method": "structured", "budget": 1.0}``: the largest ratio whose validation accuracy
+  stays within ``budget`` points of the unpruned model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from converters.pruning.common import PruneResult, nonzero_params, params
+from edge_sdk.errors import PruningError
+
+log = logging.getLogger(__name__)
+
+METHODS = ("magnitude", "activation", "2:4", "structured")
+BUDGET_RATIOS = (0.5, 0.4, 0.3, 0.2, 0.1)
+Feeds = dict[str, np.ndarray]
+Metric = Callable[[onnx.ModelProto], float]  # accuracy in points (0-100) of an fp32 graph
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    method: str
+    ratio: float | None = None  # structured
+    sparsity: float = 0.5  # magnitude / activation
+    norm: str = "l1"
+    scope: str = "layer"
+    budget: float | None = None
+
+
+def parse_prune(prune: str | Mapping[str, Any]) -> PruneSpec:
+    """Validate ``convert(prune=...)``; every error names the value and the accepted forms."""
+    data = {"method": prune} if isinstance(prune, str) else dict(prune)
+    method = data.pop("method", None)
+    if method not in METHODS:
+        raise PruningError(f"prune method is {method!r}; expected one of {', '.join(METHODS)}",
+                           hint='e.g. prune={"method": "structured", "ratio": 0.3} or prune="2:4"')
+    known = {"ratio", "sparsity", "norm", "scope", "budget"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise PruningError(f"prune has unknown key(s) {unknown}", hint=f"known keys: {', '.join(sorted(known))}")
+    spec = PruneSpec(method=method, **data)
+    if method == "structured" and (spec.ratio is None) == (spec.budget is None):
+        raise PruningError("structured pruning needs exactly one of 'ratio' (0-1) or 'budget' (accuracy points)",
+                           hint='e.g. {"method": "structured", "ratio": 0.3}')
+    if spec.ratio is not None and not 0.0 < spec.ratio < 1.0:
+        raise PruningError(f"prune ratio is {spec.ratio!r}; expected a fraction between 0 and 1")
+    if spec.budget is not None and not spec.budget >= 0:
+        raise PruningError(f"prune budget is {spec.budget!r}; expected accuracy points >= 0")
+    return spec
+
+
+def _structured(model: onnx.ModelProto, ratio: float, batches: Sequence[Feeds]) -> PruneResult:
+    from converters.qdq import plan_placement
+
+    if plan_placement(model).family == "transformer":
+        from converters.pruning.transformer import prune_ffn
+
+        return prune_ffn(model, ratio, batches)
+    from converters.pruning.cnn import prune_channels
+
+    return prune_channels(model, ratio, batches)
+
+
+def _apply(spec: PruneSpec, model: onnx.ModelProto, batches: Sequence[Feeds]) -> PruneResult:
+    if spec.method in ("magnitude", "activation"):
+        from converters.pruning.weights import prune_weights
+
+        return prune_weights(model, spec.sparsity, method=spec.method, norm=spec.norm, scope=spec.scope,
+                             batches=batches)
+    if spec.method == "2:4":
+        from converters.pruning.sparse24 import prune_2_4
+
+        return prune_2_4(model, batches=batches)
+    return _structured(model, spec.ratio or 0.0, batches)
+
+
+def _throughput(model: onnx.ModelProto, batch: Feeds, repeats: int = 5) -> float:
+    """Samples per second of ``model`` on one calibration batch, onnxruntime CPU."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session.run(None, batch)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        session.run(None, batch)
+    return repeats * len(next(iter(batch.values()))) / (time.perf_counter() - start)
+
+
+def run_pruning(
+    spec: PruneSpec, model: onnx.ModelProto, batches: Sequence[Feeds], metric: Metric | None,
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Prune ``model`` as ``spec`` says; the pruned model and the report for the package."""
+    baseline = metric(model) if metric else None
+    steps: list[dict[str, Any]] = []
+    if spec.budget is not None:
+        if metric is None or baseline is None:
+            raise PruningError("a pruning budget needs validation data to measure accuracy on",
+                               hint="pass validation=..., or prune with a fixed ratio")
+        result = None
+        for ratio in BUDGET_RATIOS:  # largest first: stop at the first within budget
+            candidate = _structured(model, ratio, batches)
+            score = metric(candidate.model)
+            steps.append({"ratio": ratio, "metric": score, "drop": baseline - score})
+            if baseline - score <= spec.budget:
+                result = candidate
+                break
+        if result is None:
+            raise PruningError(f"no pruning ratio down to {BUDGET_RATIOS[-1]} stays within {spec.budget} points",
+                               hint="raise the budget or convert without prune")
+    else:
+        result = _apply(spec, model, batches)
+    after = metric(result.model) if metric else None
+    report = {
+        "method": result.method, "spec": spec.__dict__, "params_before": params(model),
+        "params_after": params(result.model), "nonzero_after": nonzero_params(result.model),
+        "size_before": len(model.SerializeToString()), "size_after": len(result.model.SerializeToString()),
+        "accuracy_before": baseline, "accuracy_after": after, "budget_steps": steps,
+        "cpu_speedup": _throughput(result.model, batches[0]) / _throughput(model, batches[0]),
+        "layers": list(result.layers), "notes": list(result.notes),
+    }
+    if result.method == "2:4":
+        from converters.pruning.sparse24 import sparsity_record
+
+        report.update(sparsity_record(result))
+    log.info("pruning %s: %d -> %d parameters", result.method, report["params_before"], report["params_after"])
+    return result.model, report

@@ -1,0 +1,137 @@
+"""Small types and helpers shared by the pruning modules.
+
+``weighted_nodes`` finds the layers pruning works on (a MatMul, Gemm or Conv whose weight is
+an initializer) and says which weight axis is the *input* (reduction) dimension; ``input_norms``
+measures the per-input-channel L2 norm of each such layer's activation on calibration batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from edge_sdk.errors import PruningError
+
+__all__ = ["PruneResult", "Feeds", "params", "nonzero_params", "weighted_nodes", "input_norms",
+           "node_key"]
+
+Feeds = dict[str, np.ndarray]
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                onnx.TensorProto.BFLOAT16}
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """A pruned copy of a model and what was done to each layer."""
+
+    model: onnx.ModelProto
+    method: str  # "magnitude", "activation", "2:4", "structured", "layers"
+    layers: tuple[dict[str, Any], ...]  # {"node", "op_type", "before", "after", "ratio", ...}
+    notes: tuple[str, ...] = ()
+
+
+def params(model: onnx.ModelProto) -> int:
+    """Total number of initializer elements."""
+    return sum(int(np.prod(init.dims, dtype=np.int64)) for init in model.graph.initializer)
+
+
+def nonzero_params(model: onnx.ModelProto) -> int:
+    """Number of non-zero initializer elements."""
+    return sum(int(np.count_nonzero(numpy_helper.to_array(init))) for init in model.graph.initializer)
+
+
+def node_key(node: onnx.NodeProto) -> str:
+    """The name layers are reported under: the node name, or its first output when unnamed."""
+    return node.name or node.output[0]
+
+
+def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    for a in node.attribute:
+        if a.name == name:
+            return int(helper.get_attribute_value(a))
+    return default
+
+
+def _input_axis(node: onnx.NodeProto, weight: onnx.TensorProto) -> int | None:
+    """Input-dimension axis of ``weight`` for ``node``, or None when the layer is not handled."""
+    if node.op_type == "MatMul" and len(weight.dims) == 2:
+        return 0
+    if node.op_type == "Gemm" and len(weight.dims) == 2 and _attr(node, "transA", 0) == 0:
+        return 1 if _attr(node, "transB", 0) == 1 else 0
+    if node.op_type == "Conv" and len(weight.dims) >= 3 and _attr(node, "group", 1) == 1:
+        return 1
+    return None
+
+
+def weighted_nodes(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.TensorProto, int]]:
+    """``(node, weight initializer, input-dim axis)`` for each prunable layer, in graph order.
+
+    MatMul ``[K, N]`` -> axis 0; Gemm ``transB=1`` ``[N, K]`` -> axis 1, else ``[K, N]`` -> axis 0;
+    Conv ``[O, I, kh, kw]`` -> axis 1. Gemm with ``transA=1`` and grouped Conv are left out
+    (their activation channel axis does not line up with the weight's input axis), as are
+    non-float weights.
+    """
+    inits = {i.name: i for i in model.graph.initializer}
+    found = []
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm", "Conv") or len(node.input) < 2:
+            continue
+        weight = inits.get(node.input[1])
+        if weight is None or weight.data_type not in _FLOAT_TYPES:
+            continue
+        axis = _input_axis(node, weight)
+        if axis is not None:
+            found.append((node, weight, axis))
+    return found
+
+
+def _output_info(model: onnx.ModelProto, names: set[str]) -> list[onnx.ValueInfoProto]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    known = {v.name: v for v in inferred.graph.value_info}
+    infos = []
+    for name in sorted(names):
+        info = known.get(name)
+        elem = info.type.tensor_type.elem_type if info is not None else onnx.TensorProto.FLOAT
+        infos.append(helper.make_tensor_value_info(name, elem or onnx.TensorProto.FLOAT, None))
+    return infos
+
+
+def input_norms(
+    model: onnx.ModelProto, batches: Sequence[Feeds], nodes: Sequence[onnx.NodeProto],
+) -> dict[str, np.ndarray]:
+    """Per node name (``node_key``): L2 norm of its activation input per input channel, over all ``batches``.
+
+    Runs onnxruntime on CPU with the activation inputs added as graph outputs. The channel
+    axis is 1 for Conv (NCHW) and the last axis for MatMul/Gemm.
+    """
+    import onnxruntime as ort
+
+    if not batches:
+        raise PruningError("input_norms got no calibration batches; expected at least one feed dict.",
+                           hint="Pass batches=[{input_name: array}, ...] from your calibration data.")
+    graph_inputs = {i.name for i in model.graph.input}
+    graph_outputs = {o.name for o in model.graph.output}
+    wanted = {n.input[0] for n in nodes}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(_output_info(model, wanted - graph_inputs - graph_outputs))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    fetch = sorted(wanted - graph_inputs)
+    sums: dict[str, np.ndarray] = {}
+    for feeds in batches:
+        values = dict(zip(fetch, session.run(fetch, feeds))) if fetch else {}
+        values.update({k: np.asarray(v) for k, v in feeds.items() if k in wanted})
+        for node in nodes:
+            x = np.asarray(values[node.input[0]], dtype=np.float64)
+            axis = 1 if node.op_type == "Conv" else x.ndim - 1
+            reduce = tuple(a for a in range(x.ndim) if a != axis)
+            sq = np.sum(np.square(x), axis=reduce)
+            sums[node_key(node)] = sums.get(node_key(node), 0.0) + sq
+    return {name: np.sqrt(total) for name, total in sums.items()}
