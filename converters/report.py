@@ -22,6 +22,7 @@ class ConversionReport:
     validation: Evaluation | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
     int8: dict[str, Any] | None = None
+    pruning: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -37,6 +38,7 @@ class ConversionReport:
             "validation": self.validation.to_dict() if self.validation else None,
             "notes": list(self.notes),
             "int8": self.int8,
+            "pruning": self.pruning,
         }
 
     def lines(self) -> list[str]:
@@ -50,6 +52,8 @@ class ConversionReport:
             v = self.validation
             out.append(f"validation: accuracy {v.accuracy:.3f} on {v.samples} samples ({v.backend}), "
                        f"median {v.median_latency_ms:.2f} ms/sample")
+        if self.pruning:
+            out.extend(pruning_lines(self.pruning))
         if self.int8:
             out.extend(int8_lines(self.int8))
         out.extend(f"note: {n}" for n in self.notes)
@@ -77,4 +81,20 @@ def int8_lines(int8: dict[str, Any]) -> list[str]:
     for layer in ranked[:5]:
         lines.append(f"sensitive: {layer['node']} ({layer['op_type']}) error {layer['sensitivity']:.2e}, "
                      f"{layer['method']} amax {layer['amax']:.4g}, {layer['precision']}")
+    return lines
+
+
+def pruning_lines(pruning: dict[str, Any]) -> list[str]:
+    """Summary of the pruning report: what was removed, size, accuracy and measured CPU speed."""
+    lines = [
+        f"pruning: {pruning['method']}, parameters {pruning['params_before']:,} -> {pruning['params_after']:,} "
+        f"(non-zero {pruning['nonzero_after']:,}), file {pruning['size_before'] / 1e6:.1f} -> "
+        f"{pruning['size_after'] / 1e6:.1f} MB, CPU speed {pruning['cpu_speedup']:.2f}x",
+    ]
+    if pruning.get("accuracy_before") is not None:
+        lines.append(f"pruning accuracy: {pruning['accuracy_before']:.2f} -> {pruning['accuracy_after']:.2f} points")
+    if pruning.get("pattern"):
+        lines.append(f"pruning pattern {pruning['pattern']} on {len(pruning.get('layers', []))} layers "
+                     "(TensorRT builds enable sparse tactics)")
+    lines.extend(f"pruning note: {n}" for n in pruning.get("notes", [])[:5])
     return lines

@@ -53,6 +53,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                    budget=None if args.budget < 0 else args.budget)
     if args.no_smoothing:
         options["smoothing"] = None
+    if args.prune:
+        try:
+            options["prune"] = json.loads(args.prune) if args.prune.lstrip().startswith("{") else args.prune
+        except json.JSONDecodeError as exc:
+            raise EdgeSDKError(f"--prune is not valid JSON: {exc}") from None
     report = convert(
         args.model, args.output, task=args.task, labels=_labels_arg(args.labels), preprocess=preprocess,
         tokenizer=args.tokenizer, max_length=args.max_length, calibration=args.calibration,
@@ -107,9 +112,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     validation = summary["reports"].get("validation")
     if validation:
         print(f"validation accuracy: {validation['accuracy']:.3f} on {validation['samples']} samples")
-    if summary["reports"].get("int8"):
-        from converters.report import int8_lines
+    from converters.report import int8_lines, pruning_lines
 
+    if summary["reports"].get("pruning"):
+        print("\n".join(pruning_lines(summary["reports"]["pruning"])))
+    if summary["reports"].get("int8"):
         print("\n".join(int8_lines(summary["reports"]["int8"])))
     if args.device:
         _print_device_choice(package)
@@ -266,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-samples", type=int, default=256, help="calibration samples to use")
     p.add_argument("--smoothing", type=float, help="activation smoothing strength for transformers (0-1)")
     p.add_argument("--no-smoothing", action="store_true", help="keep the fp32 graph as is before quantizing")
+    p.add_argument("--prune", help='magnitude | activation | 2:4, or JSON such as '
+                                   '\'{"method": "structured", "ratio": 0.3}\' or \'{"method": "structured", "budget": 1.0}\'')
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_convert)
 

@@ -1,0 +1,408 @@
+"""Structured pruning of transformer FFN neurons, with a least-squares refit of the down projection.
+
+An FFN group is ``MatMul(x, W1[K,F]) -> [Add(b1[F])] -> activation -> MatMul(h, W2[F,K2]) -> [Add(b2)]``
+with W1, W2 (and biases) constant initializers used by this group only, and an element-wise
+activation (Erf-GELU subgraph in either torch order, ``Gelu``, ``Relu``) whose constants are
+scalars, so that each of the F hidden neurons is independent of the others. Removing a neuron
+then means slicing a column of W1, an entry of b1 and a row of W2: the graph gets physically
+smaller and stays valid. The kept rows of W2 (and b2) are refit by ridge least squares so that
+the layer output over the calibration tokens moves as little as possible.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from converters.pruning.common import Feeds, PruneResult, node_key, params
+from edge_sdk.errors import InternalError, PruningError
+
+__all__ = ["FFNGroup", "find_ffn_groups", "prune_ffn", "find_residual_blocks", "prune_layers"]
+
+log = logging.getLogger(__name__)
+
+# Ops a walk from the first MatMul may cross while looking for the second one.
+_ELEMENTWISE = {"Mul", "Div", "Add", "Sub", "Erf", "Relu", "Gelu", "Sigmoid", "Tanh", "Pow", "Neg",
+                "FastGelu", "BiasGelu", "Sqrt", "Exp", "LeakyRelu", "Clip"}
+_ERF_GELU_OPS = {"Mul", "Div", "Add", "Erf"}
+
+
+@dataclass(frozen=True)
+class FFNGroup:
+    """One prunable FFN: node names, initializer names and the hidden (post-activation) tensor."""
+
+    up: str
+    down: str
+    w1: str
+    w2: str
+    b1: str | None
+    b2: str | None
+    hidden: str
+    activation: str  # "gelu_erf", "gelu" or "relu"
+    tensors: tuple[str, ...]  # every tensor of width F between the two MatMuls
+
+
+class _Graph:
+    """Producer/consumer/initializer look-ups over one graph."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        g = model.graph
+        self.inits = {i.name: i for i in g.initializer}
+        self.outputs = {o.name for o in g.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        self.uses: Counter[str] = Counter()
+        self.constants: dict[str, np.ndarray] = {n: numpy_helper.to_array(i) for n, i in self.inits.items()
+                                                 if int(np.prod(i.dims, dtype=np.int64)) == 1}
+        for node in g.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+                self.uses[name] += 1
+            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+                value = numpy_helper.to_array(node.attribute[0].t)
+                if value.size == 1:
+                    self.constants[node.output[0]] = value
+
+    def weight(self, node: onnx.NodeProto) -> onnx.TensorProto | None:
+        """The 2-D initializer at input 1 of a MatMul, else None."""
+        if node.op_type != "MatMul" or len(node.input) < 2:
+            return None
+        init = self.inits.get(node.input[1])
+        return init if init is not None and len(init.dims) == 2 else None
+
+    def bias_after(self, tensor: str, width: int) -> tuple[onnx.NodeProto, str] | None:
+        """``(Add node, bias name)`` when ``tensor``'s only consumer adds an own [width] initializer."""
+        users = self.consumers.get(tensor, [])
+        if len(users) != 1 or users[0].op_type != "Add" or tensor in self.outputs:
+            return None
+        other = [i for i in users[0].input if i != tensor]
+        init = self.inits.get(other[0]) if len(other) == 1 else None
+        if init is None or list(init.dims) != [width] or self.uses[init.name] != 1:
+            return None
+        return users[0], init.name
+
+
+def _activation(ops: list[str]) -> str | None:
+    if ops == ["Relu"]:
+        return "relu"
+    if ops == ["Gelu"]:
+        return "gelu"
+    if ops.count("Erf") == 1 and set(ops) <= _ERF_GELU_OPS:
+        return "gelu_erf"
+    return None
+
+
+def _group_at(graph: _Graph, up: onnx.NodeProto) -> FFNGroup | str | None:
+    """The FFN group starting at ``up``; a reason string when it looks like one but is not
+    supported; None when no second MatMul is reached through element-wise ops."""
+    w1 = graph.weight(up)
+    if w1 is None:
+        return None
+    width = int(w1.dims[1])
+    start, b1 = up.output[0], None
+    bias = graph.bias_after(start, width)
+    if bias is not None:
+        start, b1 = bias[0].output[0], bias[1]
+    region: list[onnx.NodeProto] = []
+    tensors, frontier = {start}, [start]
+    downs: list[onnx.NodeProto] = []
+    while frontier:
+        for node in graph.consumers.get(frontier.pop(), []):
+            if any(node is n for n in region + downs):
+                continue
+            if graph.weight(node) is not None and node.input[0] in tensors:
+                downs.append(node)
+            elif node.op_type in _ELEMENTWISE:
+                region.append(node)
+                tensors.update(node.output)
+                frontier.extend(node.output)
+    if not downs:
+        return None
+    where = f"{node_key(up)} -> {node_key(downs[0])}"
+    if len(downs) > 1:
+        return f"{where}: hidden tensors feed {len(downs)} MatMuls; skipped"
+    down = downs[0]
+    hidden = down.input[0]
+    w2 = graph.weight(down)
+    if w2 is None:  # cannot happen: downs hold only MatMuls with a 2-D weight
+        return None
+    inside = {id(n) for n in region} | {id(down)}
+    for name in sorted(tensors | ({up.output[0]} if b1 else set())):
+        if name in graph.outputs:
+            return f"{where}: hidden tensor {name!r} is a graph output; skipped"
+        foreign = [node_key(n) for n in graph.consumers.get(name, []) if id(n) not in inside]
+        if name != up.output[0] and foreign:
+            return f"{where}: hidden tensor {name!r} also feeds {foreign}; skipped"
+    if graph.uses[hidden] != 1:
+        return f"{where}: activation {hidden!r} feeds more than the second MatMul; skipped"
+    for node in region:
+        mixed = [i for i in node.input if i not in tensors and i not in graph.constants]
+        if mixed:
+            return f"{where}: {node.op_type} {node_key(node)!r} mixes in non-scalar tensor {mixed[0]!r} (gated FFN?); skipped"
+    kind = _activation([n.op_type for n in region])
+    if kind is None:
+        return f"{where}: activation {[n.op_type for n in region]} not supported (Erf-GELU, Gelu, Relu); skipped"
+    if int(w2.dims[0]) != width:
+        return f"{where}: W1 has {width} columns but W2 has {w2.dims[0]} rows; skipped"
+    if graph.uses[w1.name] != 1 or graph.uses[w2.name] != 1:
+        return f"{where}: W1 or W2 is shared with other nodes; skipped"
+    b2 = graph.bias_after(down.output[0], int(w2.dims[1]))
+    return FFNGroup(up=node_key(up), down=node_key(down), w1=w1.name, w2=w2.name, b1=b1,
+                    b2=b2[1] if b2 else None, hidden=hidden, activation=kind,
+                    tensors=tuple(sorted(tensors | {up.output[0]})))
+
+
+def find_ffn_groups(model: onnx.ModelProto) -> tuple[list[FFNGroup], list[str]]:
+    """The FFN groups of ``model`` in graph order, and why FFN-like structures were skipped."""
+    graph = _Graph(model)
+    groups: list[FFNGroup] = []
+    notes: list[str] = []
+    for node in model.graph.node:
+        found = _group_at(graph, node)
+        if isinstance(found, FFNGroup):
+            groups.append(found)
+        elif isinstance(found, str):
+            notes.append(found)
+    return groups, notes
+
+
+def _hidden_rows(model: onnx.ModelProto, hidden: str, batches: Sequence[Feeds]) -> np.ndarray:
+    """The hidden activations ``[tokens, F]`` over all batches, padding tokens (attention_mask == 0) dropped."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(helper.make_tensor_value_info(hidden, onnx.TensorProto.FLOAT, None))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    rows = []
+    for i, feeds in enumerate(batches):
+        try:
+            (h,) = session.run([hidden], feeds)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise PruningError(f"calibration batch {i} does not run on the model: {exc}",
+                               hint="Pass feed dicts keyed by the model's input names, with their dtypes.") from None
+        h = np.asarray(h, dtype=np.float64)
+        flat = h.reshape(-1, h.shape[-1])
+        mask = feeds.get("attention_mask")
+        if mask is not None and tuple(np.shape(mask)) == h.shape[:-1]:
+            flat = flat[np.asarray(mask).reshape(-1) != 0]
+        rows.append(flat)
+    return np.concatenate(rows, axis=0)
+
+
+def _rel_mse(pred: np.ndarray, target: np.ndarray) -> float:
+    num = float(np.sum(np.square(pred - target)))
+    den = float(np.sum(np.square(target)))
+    return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+def _refit(h: np.ndarray, target: np.ndarray, with_bias: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge least squares ``h @ W + c ~= target``; ``c`` is zero unless ``with_bias`` (not regularised)."""
+    n, f = h.shape
+    x = np.hstack([h, np.ones((n, 1))]) if with_bias else h
+    ridge = 1e-3 * float(np.mean(np.sum(np.square(h), axis=0)))
+    penalty = np.zeros((f, x.shape[1]))
+    penalty[:, :f] = np.sqrt(max(ridge, 1e-12)) * np.eye(f)
+    theta = np.linalg.lstsq(np.vstack([x, penalty]), np.vstack([target, np.zeros((f, target.shape[1]))]),
+                            rcond=None)[0]
+    shift = theta[f] if with_bias else np.zeros(target.shape[1])
+    return theta[:f], shift
+
+
+def _set(inits: dict[str, onnx.TensorProto], name: str, value: np.ndarray) -> None:
+    init = inits[name]
+    dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
+    init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value.astype(dtype)), name))
+
+
+def _prune_group(model: onnx.ModelProto, group: FFNGroup, ratio: float, batches: Sequence[Feeds],
+                 refit: bool, notes: list[str]) -> dict[str, Any]:
+    """Prune one group of ``model`` in place; the layer's report entry."""
+    inits = {i.name: i for i in model.graph.initializer}
+    w1, w2 = numpy_helper.to_array(inits[group.w1]), numpy_helper.to_array(inits[group.w2]).astype(np.float64)
+    width = w1.shape[1]
+    names = [n for n in (group.w1, group.b1, group.w2) if n]
+    before = sum(int(np.prod(inits[n].dims, dtype=np.int64)) for n in names)
+    drop = int(round(ratio * width))
+    if drop >= width:
+        drop = width - 1
+        notes.append(f"{group.up}: ratio {ratio} would remove all {width} neurons; kept 1")
+    h = _hidden_rows(model, group.hidden, batches)
+    scores = np.mean(np.abs(h), axis=0) * np.linalg.norm(w2, axis=1)
+    keep = np.sort(np.argsort(scores, kind="stable")[drop:])
+    target = h @ w2
+    new_w2, shift = w2[keep], np.zeros(w2.shape[1])
+    err_before = err_after = _rel_mse(h[:, keep] @ new_w2, target)
+    if refit and drop > 0:
+        fit_w2, fit_shift = _refit(h[:, keep], target, group.b2 is not None)
+        err_fit = _rel_mse(h[:, keep] @ fit_w2 + fit_shift, target)
+        if err_fit < err_before:
+            new_w2, shift, err_after = fit_w2, fit_shift, err_fit
+        else:
+            notes.append(f"{group.up}: refit did not reduce the error ({err_fit:.3g} >= {err_before:.3g}); kept the slice")
+    _set(inits, group.w1, w1[:, keep])
+    if group.b1:
+        _set(inits, group.b1, numpy_helper.to_array(inits[group.b1])[keep])
+    _set(inits, group.w2, new_w2)
+    if group.b2:
+        _set(inits, group.b2, numpy_helper.to_array(inits[group.b2]) + shift)
+    after = sum(int(np.prod(inits[n].dims, dtype=np.int64)) for n in names)
+    log.info("%s: %d -> %d neurons, recon error %.3g -> %.3g", group.up, width, len(keep), err_before, err_after)
+    return {"node": group.up, "op_type": "FFN", "up": group.up, "down": group.down, "activation": group.activation,
+            "ratio": ratio, "before": width, "after": int(len(keep)), "neurons_before": width,
+            "neurons_after": int(len(keep)), "params_before": before, "params_after": after,
+            "recon_before": err_before, "recon_after": err_after, "refit": err_after < err_before}
+
+
+def prune_ffn(model: onnx.ModelProto, ratio: float, batches: Sequence[Feeds], *, refit: bool = True) -> PruneResult:
+    """Remove the ``round(ratio * F)`` least important hidden neurons of every FFN group.
+
+    A neuron's importance is ``mean |h_f| * ||W2[f, :]||`` over the calibration tokens (padding
+    dropped via ``attention_mask``). Groups are pruned in graph order, each measured on the model
+    with the earlier groups already pruned. With ``refit``, the kept W2 rows (and b2, when the
+    group has one) are refit by ridge least squares to the original ``h @ W2`` of that group;
+    the refit is kept only when it lowers the relative reconstruction error, which each layer
+    entry reports before (``recon_before``, slicing only) and after (``recon_after``).
+    """
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 < ratio < 1.0:
+        raise PruningError(f"ratio is {ratio!r}; expected a number strictly between 0 and 1",
+                           hint="ratio is the fraction of FFN neurons to remove, e.g. 0.5")
+    if not batches:
+        raise PruningError("prune_ffn got no calibration batches; expected at least one feed dict",
+                           hint="Pass batches=[{input_name: array}, ...] from your calibration data.")
+    groups, notes = find_ffn_groups(model)
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    if not groups:
+        notes.append("no supported FFN group found; model unchanged")
+        return PruneResult(model=pruned, method="structured", layers=(), notes=tuple(notes))
+    layers = [_prune_group(pruned, g, float(ratio), batches, refit, notes) for g in groups]
+    stale = {t for g in groups for t in g.tensors}
+    kept_info = [v for v in pruned.graph.value_info if v.name not in stale]
+    del pruned.graph.value_info[:]
+    pruned.graph.value_info.extend(kept_info)
+    try:
+        onnx.checker.check_model(pruned, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise InternalError(f"pruned FFN model fails onnx.checker: {exc}") from exc
+    log.info("prune_ffn: %d -> %d params", params(model), params(pruned))
+    return PruneResult(model=pruned, method="structured", layers=tuple(layers), notes=tuple(notes))
+
+
+def _ancestors(producers: dict[str, onnx.NodeProto], tensor: str) -> tuple[set[str], list[onnx.NodeProto]]:
+    """Tensors upstream of ``tensor`` and the nodes between them."""
+    seen: set[str] = set()
+    nodes: list[onnx.NodeProto] = []
+    stack = [tensor]
+    while stack:
+        node = producers.get(stack.pop())
+        if node is None or any(node is n for n in nodes):
+            continue
+        nodes.append(node)
+        for name in node.input:
+            if name and name not in seen:
+                seen.add(name)
+                stack.append(name)
+    return seen, nodes
+
+
+def find_residual_blocks(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, str]]:
+    """``(Add node, skip input x, branch output f)`` for each ``x + f(x)`` whose branch holds a
+    MatMul with an initializer weight (an attention or FFN sub-block), in graph order."""
+    graph = _Graph(model)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    blocks = []
+    for node in model.graph.node:
+        if node.op_type != "Add" or len(node.input) != 2 or node.output[0] in graph.outputs:
+            continue
+        for skip, branch in (node.input, node.input[::-1]):
+            upstream, nodes = _ancestors(producers, branch)
+            if skip in upstream and any(graph.weight(n) is not None for n in nodes):
+                blocks.append((node, skip, branch))
+                break
+    return blocks
+
+
+def _influence(model: onnx.ModelProto, blocks: list[tuple[onnx.NodeProto, str, str]],
+               batches: Sequence[Feeds]) -> list[float]:
+    """``||f(x)|| / ||x||`` per block over the calibration tokens."""
+    import onnxruntime as ort
+
+    names = sorted({t for _, x, f in blocks for t in (x, f)} - {o.name for o in model.graph.output})
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    sums = np.zeros((len(blocks), 2))
+    for i, feeds in enumerate(batches):
+        try:
+            values = dict(zip(names, session.run(names, feeds)))
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise PruningError(f"calibration batch {i} does not run on the model: {exc}",
+                               hint="Pass feed dicts keyed by the model's input names, with their dtypes.") from None
+        for b, (_, x, f) in enumerate(blocks):
+            sums[b] += [float(np.sum(np.square(values[f], dtype=np.float64))),
+                        float(np.sum(np.square(values[x], dtype=np.float64)))]
+    return [float(np.sqrt(fx / xx)) if xx > 0 else float("inf") for fx, xx in sums]
+
+
+def _drop_dead(model: onnx.ModelProto) -> None:
+    """Remove nodes whose outputs nobody reads, then unread initializers."""
+    g = model.graph
+    while True:
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        live = [n for n in g.node if any(o in used for o in n.output)]
+        if len(live) == len(g.node):
+            break
+        del g.node[:]
+        g.node.extend(live)
+    used = {i for n in g.node for i in n.input}
+    inits = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    info = [v for v in g.value_info if v.name in used]
+    del g.value_info[:]
+    g.value_info.extend(info)
+
+
+def prune_layers(model: onnx.ModelProto, count: int, batches: Sequence[Feeds]) -> PruneResult:
+    """Bypass the ``count`` residual blocks ``x + f(x)`` whose branch moves x the least.
+
+    Influence is ``||f(x)|| / ||x||`` over all calibration tokens, measured once on the input model.
+    A removed block's Add output is replaced by ``x`` everywhere and the branch's now-dead nodes and
+    initializers are dropped.
+    """
+    blocks = find_residual_blocks(model)
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= len(blocks):
+        raise PruningError(f"count is {count!r}; expected an int from 1 to {len(blocks)}, the residual blocks found",
+                           hint="count is how many attention/FFN residual blocks to remove")
+    if not batches:
+        raise PruningError("prune_layers got no calibration batches; expected at least one feed dict",
+                           hint="Pass batches=[{input_name: array}, ...] from your calibration data.")
+    influence = _influence(model, blocks, batches)
+    chosen = sorted(range(len(blocks)), key=lambda b: influence[b])[:count]
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    rename = {blocks[b][0].output[0]: blocks[b][1] for b in chosen}
+    for node in pruned.graph.node:
+        for k, name in enumerate(node.input):
+            while name in rename:
+                name = rename[name]
+            node.input[k] = name
+    before = params(pruned)
+    _drop_dead(pruned)
+    try:
+        onnx.checker.check_model(pruned, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise InternalError(f"layer-pruned model fails onnx.checker: {exc}") from exc
+    layers = tuple({"node": node_key(blocks[b][0]), "op_type": "Add", "skip": blocks[b][1], "branch": blocks[b][2],
+                    "influence": influence[b], "removed": b in chosen} for b in range(len(blocks)))
+    notes = (f"params {before} -> {params(pruned)}",)
+    return PruneResult(model=pruned, method="layers", layers=layers, notes=notes)
