@@ -292,6 +292,8 @@ def _assemble(
     reports: dict[str, Any] = {"conversion": {"precision": precision, "notes": notes}}
     if fp32.evaluation:
         reports["validation"] = fp32.evaluation.to_dict()
+    if pruning:
+        reports["pruning"] = pruning
     # With int8 the fp32 graph is the prepared one (smoothed / equalized, same function), so that
     # the scale file and a TensorRT calibration cache rendered from it fit model.onnx.
     files = {"model.onnx": int8.fp32_model if int8 else proto.SerializeToString(),

@@ -182,3 +182,23 @@ def transformer_model(vocab: int = len(VOCAB), dim: int = 16, classes: int = 3, 
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
                               initializer=inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def chain_cnn_model(size: int = 8, classes: int = 3, seed: int = 0) -> onnx.ModelProto:
+    """Conv(3->16) -> Relu -> Conv 1x1 (16->8) -> Relu -> pooling -> dense: prunable without residuals."""
+    rng = np.random.default_rng(seed)
+    inits = [_init(rng, "w1", (16, 3, 3, 3)), _init(rng, "b1", (16,), 0.1), _init(rng, "w2", (8, 16, 1, 1)),
+             _init(rng, "b2", (8,), 0.1), _init(rng, "fc", (classes, 8)), _init(rng, "fcb", (classes,), 0.1)]
+    nodes = [
+        helper.make_node("Conv", ["image", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["pool"], name="pool"),
+        helper.make_node("Flatten", ["pool"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc", "fcb"], ["logits"], transB=1, name="head"),
+    ]
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
