@@ -10,7 +10,9 @@ Forms of ``prune``:
 * ``{"method": "structured", "ratio": 0.3}``: channels (CNN) or FFN neurons (transformer)
   removed physically, the next layer re-fitted by least squares: smaller and faster everywhere;
 * ``{"method": "structured", "budget": 1.0}``: the largest ratio whose validation accuracy
-  stays within ``budget`` points of the unpruned model.
+  stays within ``budget`` points of the unpruned model;
+* ``{"method": "layers", "count": 1}``: the transformer residual blocks with the least
+  influence on their output, bypassed.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from edge_sdk.errors import PruningError
 
 log = logging.getLogger(__name__)
 
-METHODS = ("magnitude", "activation", "2:4", "structured")
+METHODS = ("magnitude", "activation", "2:4", "structured", "layers")
 BUDGET_RATIOS = (0.5, 0.4, 0.3, 0.2, 0.1)
 Feeds = dict[str, np.ndarray]
 Metric = Callable[[onnx.ModelProto], float]  # accuracy in points (0-100) of an fp32 graph
@@ -42,6 +44,7 @@ class PruneSpec:
     norm: str = "l1"
     scope: str = "layer"
     budget: float | None = None
+    count: int = 1  # layers
 
 
 def parse_prune(prune: str | Mapping[str, Any]) -> PruneSpec:
@@ -51,7 +54,7 @@ def parse_prune(prune: str | Mapping[str, Any]) -> PruneSpec:
     if method not in METHODS:
         raise PruningError(f"prune method is {method!r}; expected one of {', '.join(METHODS)}",
                            hint='e.g. prune={"method": "structured", "ratio": 0.3} or prune="2:4"')
-    known = {"ratio", "sparsity", "norm", "scope", "budget"}
+    known = {"ratio", "sparsity", "norm", "scope", "budget", "count"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise PruningError(f"prune has unknown key(s) {unknown}", hint=f"known keys: {', '.join(sorted(known))}")
@@ -61,6 +64,8 @@ def parse_prune(prune: str | Mapping[str, Any]) -> PruneSpec:
                            hint='e.g. {"method": "structured", "ratio": 0.3}')
     if spec.ratio is not None and not 0.0 < spec.ratio < 1.0:
         raise PruningError(f"prune ratio is {spec.ratio!r}; expected a fraction between 0 and 1")
+    if not isinstance(spec.count, int) or spec.count < 1:
+        raise PruningError(f"prune count is {spec.count!r}; expected a number of blocks >= 1")
     if spec.budget is not None and not spec.budget >= 0:
         raise PruningError(f"prune budget is {spec.budget!r}; expected accuracy points >= 0")
     return spec
@@ -88,6 +93,14 @@ def _apply(spec: PruneSpec, model: onnx.ModelProto, batches: Sequence[Feeds]) ->
         from converters.pruning.sparse24 import prune_2_4
 
         return prune_2_4(model, batches=batches)
+    if spec.method == "layers":
+        from converters.qdq import plan_placement
+        from converters.pruning.transformer import prune_layers
+
+        if plan_placement(model).family != "transformer":
+            raise PruningError("layer pruning bypasses transformer residual blocks; this graph is not a transformer",
+                               hint='use {"method": "structured", ...} for CNNs')
+        return prune_layers(model, spec.count, batches)
     return _structured(model, spec.ratio or 0.0, batches)
 
 

@@ -86,3 +86,17 @@ def test_pruning_without_calibration_is_refused(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="need calibration data"):
         edge_sdk.convert(tmp_path / "cnn.onnx", tmp_path / "x.edgepkg", task="image-classification",
                          labels=builders.COLOR_LABELS, preprocess=builders.preprocess_dict(), prune="magnitude")
+
+
+def test_layer_pruning_bypasses_the_weakest_block(tmp_path: Path, tokenizer_file: Path, image_folder: Path) -> None:
+    onnx.save(builders.transformer_model(), tmp_path / "enc.onnx")
+    (tmp_path / "calib.txt").write_text("bearing noise\noil leak at the pump\nthe pump is hot\n")
+    report = edge_sdk.convert(tmp_path / "enc.onnx", tmp_path / "l.edgepkg", task="text-classification",
+                              labels=builders.TEXT_LABELS, tokenizer=tokenizer_file,
+                              calibration=tmp_path / "calib.txt", prune={"method": "layers", "count": 1})
+    assert report.pruning is not None and report.pruning["params_after"] < report.pruning["params_before"]
+    onnx.save(builders.chain_cnn_model(), tmp_path / "cnn.onnx")
+    with pytest.raises(PruningError, match="not a transformer"):
+        edge_sdk.convert(tmp_path / "cnn.onnx", tmp_path / "x.edgepkg", task="image-classification",
+                         labels=builders.COLOR_LABELS, preprocess=builders.preprocess_dict(),
+                         calibration=image_folder, prune={"method": "layers"})
