@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from converters.pruning.common import PruneResult, nonzero_params, params
+from converters.pruning.common import PruneResult, macs_per_sample, nonzero_params, params
 from edge_sdk.errors import PruningError
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,7 @@ def run_pruning(
     report = {
         "method": result.method, "spec": spec.__dict__, "params_before": params(model),
         "params_after": params(result.model), "nonzero_after": nonzero_params(result.model),
+        "macs_before": macs_per_sample(model, batches[0]), "macs_after": macs_per_sample(result.model, batches[0]),
         "size_before": len(model.SerializeToString()), "size_after": len(result.model.SerializeToString()),
         "accuracy_before": baseline, "accuracy_after": after, "budget_steps": steps,
         "cpu_speedup": _throughput(result.model, batches[0]) / _throughput(model, batches[0]),

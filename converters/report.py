@@ -88,7 +88,8 @@ def pruning_lines(pruning: dict[str, Any]) -> list[str]:
     """Summary of the pruning report: what was removed, size, accuracy and measured CPU speed."""
     lines = [
         f"pruning: {pruning['method']}, parameters {pruning['params_before']:,} -> {pruning['params_after']:,} "
-        f"(non-zero {pruning['nonzero_after']:,}), file {pruning['size_before'] / 1e6:.1f} -> "
+        f"(non-zero {pruning['nonzero_after']:,}), MACs/sample {pruning['macs_before'] / 1e6:.1f}M -> "
+        f"{pruning['macs_after'] / 1e6:.1f}M, file {pruning['size_before'] / 1e6:.1f} -> "
         f"{pruning['size_after'] / 1e6:.1f} MB, CPU speed {pruning['cpu_speedup']:.2f}x",
     ]
     if pruning.get("accuracy_before") is not None:

@@ -135,3 +135,40 @@ def input_norms(
             sq = np.sum(np.square(x), axis=reduce)
             sums[node_key(node)] = sums.get(node_key(node), 0.0) + sq
     return {name: np.sqrt(total) for name, total in sums.items()}
+
+
+def macs_per_sample(model: onnx.ModelProto, feeds: Feeds) -> int:
+    """Multiply-accumulates of Conv, MatMul and Gemm per sample, at the shapes of ``feeds``.
+
+    Shapes come from ONNX shape inference with the graph inputs fixed to the feed shapes; an
+    op whose shapes cannot be inferred (data-dependent) counts as 0 and the total is a floor.
+    """
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in fixed.graph.input:
+        if value.name in feeds:
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, feeds[value.name].shape):
+                dim.Clear()
+                dim.dim_value = int(size)
+    graph = onnx.shape_inference.infer_shapes(fixed).graph
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in (*graph.input, *graph.value_info, *graph.output)}
+    shapes.update({i.name: list(i.dims) for i in graph.initializer})
+    total = 0
+    for node in graph.node:
+        if node.op_type not in ("Conv", "MatMul", "Gemm"):
+            continue
+        out, a = shapes.get(node.output[0]), shapes.get(node.input[0])
+        b = shapes.get(node.input[1]) if len(node.input) > 1 else None
+        if not out or not a or not b or 0 in out or 0 in a or 0 in b:
+            continue
+        if node.op_type == "Conv":
+            total += int(np.prod(out)) * int(np.prod(b[1:]))
+        elif node.op_type == "MatMul":
+            total += int(np.prod(out)) * a[-1]
+        elif node.op_type == "Gemm":
+            trans_a = any(x.name == "transA" and x.i for x in node.attribute)
+            total += int(np.prod(out)) * (a[0] if trans_a else a[-1])
+    batch = len(next(iter(feeds.values())))
+    return total // max(batch, 1)

@@ -226,3 +226,13 @@ def test_2_4_keeps_outputs_close_when_pruned_weights_are_small():
     result = prune_2_4(model)
     np.testing.assert_array_equal(_weight(result.model, "W") == 0, small)
     np.testing.assert_allclose(_run(result.model, x)[0], _run(model, x)[0], atol=5e-3)
+
+
+def test_macs_per_sample_counts_conv_and_dense_by_hand() -> None:
+    from converters.pruning.common import macs_per_sample
+    from tests import builders
+
+    model = builders.chain_cnn_model(size=8)
+    feeds = {"image": np.zeros((4, 3, 8, 8), np.float32)}
+    # conv1: 16x8x8 outputs x (3x3x3) ; conv2: 8x8x8 x 16 ; head: 3 x 8
+    assert macs_per_sample(model, feeds) == 16 * 64 * 27 + 8 * 64 * 16 + 3 * 8
