@@ -11,6 +11,8 @@ Forms of ``prune``:
   removed physically, the next layer re-fitted by least squares: smaller and faster everywhere;
 * ``{"method": "structured", "budget": 1.0}``: the largest ratio whose validation accuracy
   stays within ``budget`` points of the unpruned model;
+* ``{"method": "heads", "ratio": 0.25}``: the least used attention heads of every block
+  removed (Q/K/V columns, output-projection rows, reshape constants);
 * ``{"method": "layers", "count": 1}``: the transformer residual blocks with the least
   influence on their output, bypassed.
 """
@@ -30,7 +32,7 @@ from edge_sdk.errors import PruningError
 
 log = logging.getLogger(__name__)
 
-METHODS = ("magnitude", "activation", "2:4", "structured", "layers")
+METHODS = ("magnitude", "activation", "2:4", "structured", "heads", "layers")
 BUDGET_RATIOS = (0.5, 0.4, 0.3, 0.2, 0.1)
 Feeds = dict[str, np.ndarray]
 Metric = Callable[[onnx.ModelProto], float]  # accuracy in points (0-100) of an fp32 graph
@@ -59,6 +61,8 @@ def parse_prune(prune: str | Mapping[str, Any]) -> PruneSpec:
     if unknown:
         raise PruningError(f"prune has unknown key(s) {unknown}", hint=f"known keys: {', '.join(sorted(known))}")
     spec = PruneSpec(method=method, **data)
+    if spec.method == "heads" and spec.ratio is None:
+        raise PruningError("head pruning needs 'ratio' (0-1)", hint='e.g. {"method": "heads", "ratio": 0.25}')
     if method == "structured" and (spec.ratio is None) == (spec.budget is None):
         raise PruningError("structured pruning needs exactly one of 'ratio' (0-1) or 'budget' (accuracy points)",
                            hint='e.g. {"method": "structured", "ratio": 0.3}')
@@ -93,6 +97,10 @@ def _apply(spec: PruneSpec, model: onnx.ModelProto, batches: Sequence[Feeds]) ->
         from converters.pruning.sparse24 import prune_2_4
 
         return prune_2_4(model, batches=batches)
+    if spec.method == "heads":
+        from converters.pruning.heads import prune_heads
+
+        return prune_heads(model, spec.ratio or 0.0, batches)
     if spec.method == "layers":
         from converters.qdq import plan_placement
         from converters.pruning.transformer import prune_layers

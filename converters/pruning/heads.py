@@ -1,0 +1,474 @@
+"""Structured pruning of attention heads in BERT-style ONNX graphs.
+
+An attention block is matched backwards from its output projection::
+
+    x -> MatMul(Wq[K,H*D]) [-> Add(bq)] -> Reshape([B,S,H,D]) -> Transpose ---\
+    x -> MatMul(Wk)        [-> Add(bk)] -> Reshape -> Transpose(s) -> MatMul(q, k) -> scale/mask/Softmax
+    x -> MatMul(Wv)        [-> Add(bv)] -> Reshape -> Transpose ---------------------> MatMul(p, v)
+      -> Transpose -> Reshape([B,S,H*D]) -> MatMul(Wo[H*D,N]) [-> Add(bo)]
+
+Heads are independent up to the output projection, so removing head h means slicing columns
+``h*D:(h+1)*D`` of Wq/Wk/Wv (and their biases) and the same rows of Wo, and rewriting the
+reshape constants that spell out H (``H -> H'``) or H*D (``H*D -> H'*D``); a ``-1`` entry needs
+no rewrite. New initializers (and, for Concat-built shapes, new Concat nodes) are created for
+every changed tensor, so weights or shape constants shared with other nodes are never mutated.
+The attention scale 1/sqrt(D) is unchanged since D is.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from converters.pruning.common import Feeds, PruneResult, node_key, params
+from converters.pruning.transformer import _drop_dead, _Graph
+from edge_sdk.errors import InternalError, PruningError
+
+__all__ = ["AttentionBlock", "find_attention_blocks", "prune_heads"]
+
+log = logging.getLogger(__name__)
+
+# Ops a walk from the probabilities MatMul back to the scores MatMul may cross.
+_SCORE_OPS = {"Softmax", "Add", "Mul", "Div", "Sub", "Where", "Cast", "Transpose"}
+_MAX_SCORE_NODES = 12
+
+
+@dataclass(frozen=True)
+class _Projection:
+    matmul: str  # node key of MatMul(x, W)
+    weight: str
+    bias_add: str | None  # node key of the Add holding the bias
+    bias: str | None  # the bias tensor (initializer, Constant or Identity of one)
+    reshape: str  # node key of the Reshape to [B, S, H, D]
+    tensors: tuple[str, ...]  # outputs from the MatMul up to the attention MatMul
+
+
+@dataclass(frozen=True)
+class AttentionBlock:
+    """One prunable multi-head attention block."""
+
+    q: _Projection
+    k: _Projection
+    v: _Projection
+    out: str  # node key of the output-projection MatMul
+    wo: str
+    context_reshape: str  # node key of the Reshape to [B, S, H*D]
+    context: str  # the tensor [B, S, H*D] fed to the output projection
+    num_heads: int
+    head_dim: int
+    tensors: tuple[str, ...]  # every tensor whose shape depends on H
+
+
+class _Attn(_Graph):
+    """``_Graph`` plus producers, constant vectors and inferred 1-D lengths."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        super().__init__(model)
+        self.producers = {o: n for n in model.graph.node for o in n.output}
+        self.nodes = {node_key(n): n for n in model.graph.node}
+        self.lengths: dict[str, int] = {}
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model).graph
+            for v in inferred.value_info:
+                dims = v.type.tensor_type.shape.dim
+                if len(dims) == 1 and dims[0].HasField("dim_value"):
+                    self.lengths[v.name] = int(dims[0].dim_value)
+        except Exception:  # shape inference is best effort here
+            pass
+
+    def const(self, name: str) -> np.ndarray | None:
+        """Value of an initializer, a Constant output or an Identity of either; else None."""
+        for _ in range(4):
+            if name in self.inits:
+                return numpy_helper.to_array(self.inits[name])
+            node = self.producers.get(name)
+            if node is None:
+                return None
+            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+                return numpy_helper.to_array(node.attribute[0].t)
+            if node.op_type != "Identity":
+                return None
+            name = node.input[0]
+        return None
+
+    def is_scalar(self, name: str) -> bool:
+        value = self.const(name)
+        return value is not None and value.size == 1
+
+    def skip_back(self, tensor: str, ops: set[str], passed: list[str]) -> str:
+        """Walk up from ``tensor`` through ``ops`` (Mul/Div only with a scalar constant)."""
+        while True:
+            node = self.producers.get(tensor)
+            if node is None or node.op_type not in ops:
+                return tensor
+            if node.op_type == "Transpose":
+                tensor = node.input[0]
+            else:
+                data = [i for i in node.input if not self.is_scalar(i)]
+                if len(data) != 1 or len(node.input) != 2:
+                    return tensor
+                tensor = data[0]
+            passed.append(node.output[0])
+
+    def shape_layout(self, reshape: onnx.NodeProto) -> list[tuple[str | None, int, int | None]] | None:
+        """Per element of a Reshape's shape: (constant piece tensor or None, offset, value or None)."""
+        src = reshape.input[1]
+        value = self.const(src)
+        if value is not None:
+            return [(src, i, int(v)) for i, v in enumerate(value.reshape(-1))]
+        node = self.producers.get(src)
+        if node is None or node.op_type != "Concat":
+            return None
+        layout: list[tuple[str | None, int, int | None]] = []
+        for piece in node.input:
+            value = self.const(piece)
+            if value is not None:
+                layout.extend((piece, i, int(v)) for i, v in enumerate(value.reshape(-1)))
+            elif piece in self.lengths:
+                layout.extend((None, i, None) for i in range(self.lengths[piece]))
+            else:
+                return None
+        return layout
+
+
+def _projection(g: _Attn, tensor: str) -> _Projection | str:
+    """The Q/K/V projection feeding an attention MatMul input; a reason string when not matched."""
+    passed: list[str] = []
+    top = g.skip_back(tensor, {"Transpose", "Mul", "Div"}, passed)
+    reshape = g.producers.get(top)
+    if reshape is None or reshape.op_type != "Reshape":
+        return f"{tensor!r} does not come from a Reshape through Transpose/scale ops"
+    passed.append(reshape.output[0])
+    t = g.skip_back(reshape.input[0], {"Mul", "Div"}, passed)
+    node = g.producers.get(t)
+    bias_add, bias = None, None
+    if node is not None and node.op_type == "Add" and len(node.input) == 2:
+        consts = [i for i in node.input if g.const(i) is not None]
+        data = [i for i in node.input if g.const(i) is None]
+        if len(consts) == 1 and len(data) == 1:
+            bias_add, bias = node, consts[0]
+            passed.append(node.output[0])
+            node = g.producers.get(data[0])
+    if node is None or g.weight(node) is None:
+        return f"Reshape {node_key(reshape)!r} is not fed by MatMul(x, W) [+ bias]"
+    passed.append(node.output[0])
+    weight = g.weight(node)
+    assert weight is not None
+    if bias is not None:
+        b = g.const(bias)
+        if b is None or b.shape != (int(weight.dims[1]),):
+            return f"bias {bias!r} of {node_key(node)!r} is not a [{weight.dims[1]}] vector"
+    return _Projection(matmul=node_key(node), weight=weight.name,
+                       bias_add=node_key(bias_add) if bias_add is not None else None, bias=bias,
+                       reshape=node_key(reshape), tensors=tuple(passed))
+
+
+def _scores_matmul(g: _Attn, probs: str, visited: list[str]) -> onnx.NodeProto | None:
+    """The Q @ K^T MatMul upstream of the attention probabilities, through Softmax/scale/mask ops."""
+    queue, seen = deque([probs]), {probs}
+    while queue and len(visited) < _MAX_SCORE_NODES:
+        node = g.producers.get(queue.popleft())
+        if node is None:
+            continue
+        if node.op_type == "MatMul" and g.weight(node) is None and all(g.const(i) is None for i in node.input):
+            visited.append(node.output[0])
+            return node
+        if node.op_type not in _SCORE_OPS:
+            continue
+        visited.append(node.output[0])
+        for name in node.input:
+            if name and name not in seen and g.const(name) is None:
+                seen.add(name)
+                queue.append(name)
+    return None
+
+
+def _heads_from(layouts: list[list[tuple[str | None, int, int | None]]], width: int,
+                num_heads: int | None) -> int | str:
+    """The head count implied by the [B, S, H, D] reshape shapes (and the argument)."""
+    found: set[int] = set()
+    for layout in layouts:
+        h, d = layout[2][2], layout[3][2]
+        if h is not None and h > 0:
+            found.add(h)
+        if d is not None and d > 0 and width % d == 0:
+            found.add(width // d)
+    if num_heads is not None:
+        found.add(num_heads)
+    if not found:
+        return "head count not in the reshape constants; pass num_heads"
+    if len(found) > 1:
+        return f"head counts disagree: {sorted(found)} (reshape constants vs num_heads)"
+    heads = found.pop()
+    if width % heads:
+        return f"width {width} is not a multiple of {heads} heads"
+    return heads
+
+
+def _block_at(g: _Attn, out: onnx.NodeProto, num_heads: int | None) -> AttentionBlock | str | None:
+    """The attention block whose output projection is ``out``; a reason string when it looks like
+    one but is not supported; None when ``out`` is not fed by Reshape(Transpose(MatMul(p, v)))."""
+    wo = g.weight(out)
+    if wo is None:
+        return None
+    ctx_reshape = g.producers.get(out.input[0])
+    if ctx_reshape is None or ctx_reshape.op_type != "Reshape":
+        return None
+    passed: list[str] = [ctx_reshape.output[0]]
+    top = g.skip_back(ctx_reshape.input[0], {"Transpose"}, passed)
+    pv = g.producers.get(top)
+    if pv is None or pv.op_type != "MatMul" or g.weight(pv) is not None or len(passed) < 2:
+        return None
+    passed.append(pv.output[0])
+    where = f"attention -> {node_key(out)}"
+    v = _projection(g, pv.input[1])
+    if isinstance(v, str):
+        return f"{where}: value path: {v}; skipped"
+    scores = _scores_matmul(g, pv.input[0], passed)
+    if scores is None:
+        return f"{where}: no Q @ K MatMul found upstream of the attention probabilities; skipped"
+    q, k = _projection(g, scores.input[0]), _projection(g, scores.input[1])
+    if isinstance(q, str) or isinstance(k, str):
+        return f"{where}: query/key path: {q if isinstance(q, str) else k}; skipped"
+    widths = {int(g.inits[p.weight].dims[1]) for p in (q, k, v)}
+    width = int(wo.dims[0])
+    if widths != {width}:
+        return f"{where}: Q/K/V widths {sorted(widths)} do not match Wo rows {width}; skipped"
+    layouts = []
+    for p in (q, k, v):
+        layout = g.shape_layout(g.nodes[p.reshape])
+        if layout is None or len(layout) != 4:
+            return f"{where}: Reshape {p.reshape!r} shape is not a 4-element constant/Concat; skipped"
+        layouts.append(layout)
+    heads = _heads_from(layouts, width, num_heads)
+    if isinstance(heads, str):
+        return f"{where}: {heads}; skipped"
+    dim = width // heads
+    for p, layout in zip((q, k, v), layouts):
+        (piece_h, _, h), (_, _, d) = layout[2], layout[3]
+        if h not in (heads, -1) or (h == heads and piece_h is None) or d not in (dim, -1) or h == d == -1:
+            return f"{where}: Reshape {p.reshape!r} shape {[e[2] for e in layout]} is not [B, S, {heads}|-1, {dim}|-1]; skipped"
+    ctx_layout = g.shape_layout(ctx_reshape)
+    if ctx_layout is None or len(ctx_layout) != 3 or ctx_layout[2][2] not in (width, -1) or (
+            ctx_layout[2][2] == width and ctx_layout[2][0] is None):
+        shown = None if ctx_layout is None else [e[2] for e in ctx_layout]
+        return f"{where}: context Reshape {node_key(ctx_reshape)!r} shape {shown} is not [B, S, {width}|-1]; skipped"
+    tensors = set(passed) | set(q.tensors) | set(k.tensors) | set(v.tensors)
+    exposed = sorted(tensors & g.outputs)
+    if exposed:
+        return f"{where}: head-shaped tensor {exposed[0]!r} is a graph output; skipped"
+    return AttentionBlock(q=q, k=k, v=v, out=node_key(out), wo=wo.name, context_reshape=node_key(ctx_reshape),
+                          context=out.input[0], num_heads=heads, head_dim=dim, tensors=tuple(sorted(tensors)))
+
+
+def find_attention_blocks(model: onnx.ModelProto, num_heads: int | None = None) -> tuple[list[AttentionBlock], list[str]]:
+    """The attention blocks of ``model`` in graph order, and why attention-like structures were skipped."""
+    g = _Attn(model)
+    blocks: list[AttentionBlock] = []
+    notes: list[str] = []
+    for node in model.graph.node:
+        found = _block_at(g, node, num_heads)
+        if isinstance(found, AttentionBlock):
+            blocks.append(found)
+        elif isinstance(found, str):
+            notes.append(found)
+    return blocks, notes
+
+
+def _context_norms(model: onnx.ModelProto, blocks: list[AttentionBlock],
+                   batches: Sequence[Feeds]) -> list[np.ndarray]:
+    """Per block: L2 norm of each head's context slice over all non-padding calibration tokens."""
+    import onnxruntime as ort
+
+    names = sorted({b.context for b in blocks} - {o.name for o in model.graph.output})
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    outputs = [o.name for o in probe.graph.output]
+    sums = [np.zeros(b.num_heads) for b in blocks]
+    for i, feeds in enumerate(batches):
+        try:
+            values = dict(zip(outputs, session.run(outputs, feeds)))
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise PruningError(f"calibration batch {i} does not run on the model: {exc}",
+                               hint="Pass feed dicts keyed by the model's input names, with their dtypes.") from None
+        mask = feeds.get("attention_mask")
+        for b, block in enumerate(blocks):
+            ctx = np.asarray(values[block.context], dtype=np.float64)
+            flat = ctx.reshape(-1, ctx.shape[-1])
+            if mask is not None and tuple(np.shape(mask)) == ctx.shape[:-1]:
+                flat = flat[np.asarray(mask).reshape(-1) != 0]
+            per_head = flat.reshape(len(flat), block.num_heads, block.head_dim)
+            sums[b] += np.sum(np.square(per_head), axis=(0, 2))
+    return [np.sqrt(s) for s in sums]
+
+
+class _Editor:
+    """Adds uniquely named initializers and nodes to a model."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.names = {i.name for i in model.graph.initializer} | {o for n in model.graph.node for o in n.output} | {
+            i.name for i in model.graph.input}
+        self.before: dict[str, list[onnx.NodeProto]] = {}  # node key -> new nodes to insert before it
+
+    def fresh(self, base: str) -> str:
+        name, n = f"{base}_heads", 1
+        while name in self.names:
+            n += 1
+            name = f"{base}_heads{n}"
+        self.names.add(name)
+        return name
+
+    def init(self, base: str, value: np.ndarray, like: np.ndarray) -> str:
+        name = self.fresh(base)
+        array = np.ascontiguousarray(value.astype(like.dtype))
+        self.model.graph.initializer.append(numpy_helper.from_array(array, name))
+        return name
+
+
+def _rewrite_shape(g: _Attn, edit: _Editor, reshape: onnx.NodeProto, index: int, new: int) -> None:
+    """Point ``reshape`` at a new shape whose element ``index`` is ``new`` (shared constants untouched)."""
+    layout = g.shape_layout(reshape)
+    if layout is None:
+        raise InternalError(f"shape of {node_key(reshape)!r} changed between matching and pruning")
+    piece, offset, _ = layout[index]
+    if piece is None:
+        raise InternalError(f"shape element {index} of {node_key(reshape)!r} is not constant")
+    value = g.const(piece)
+    assert value is not None
+    flat = value.copy().reshape(-1)
+    flat[offset] = new
+    name = edit.init(piece, flat.reshape(value.shape), value)
+    if piece == reshape.input[1]:
+        reshape.input[1] = name
+        return
+    concat = g.producers[reshape.input[1]]
+    copy = onnx.NodeProto()
+    copy.CopyFrom(concat)
+    copy.name = edit.fresh(concat.name or "Concat")
+    for i, inp in enumerate(copy.input):
+        if inp == piece:
+            copy.input[i] = name
+    copy.output[0] = edit.fresh(concat.output[0])
+    reshape.input[1] = copy.output[0]
+    edit.before.setdefault(node_key(reshape), []).append(copy)
+
+
+def _prune_block(g: _Attn, edit: _Editor, block: AttentionBlock, keep: np.ndarray) -> tuple[int, int]:
+    """Slice one block of the model behind ``g``/``edit`` in place; (params before, after)."""
+    dim, heads = block.head_dim, block.num_heads
+    cols = np.concatenate([np.arange(h * dim, (h + 1) * dim) for h in keep])
+    before = after = 0
+    for proj in (block.q, block.k, block.v):
+        matmul = g.nodes[proj.matmul]
+        w = numpy_helper.to_array(g.inits[proj.weight])
+        matmul.input[1] = edit.init(proj.weight, w[:, cols], w)
+        before, after = before + w.size, after + w.shape[0] * len(cols)
+        if proj.bias is not None and proj.bias_add is not None:
+            add = g.nodes[proj.bias_add]
+            b = g.const(proj.bias)
+            assert b is not None
+            new_bias = edit.init(proj.bias, b[cols], b)
+            for i, inp in enumerate(add.input):
+                if inp == proj.bias:
+                    add.input[i] = new_bias
+            before, after = before + b.size, after + len(cols)
+        reshape = g.nodes[proj.reshape]
+        layout = g.shape_layout(reshape)
+        if layout is not None and layout[2][2] == heads:
+            _rewrite_shape(g, edit, reshape, 2, len(keep))
+    wo = numpy_helper.to_array(g.inits[block.wo])
+    g.nodes[block.out].input[1] = edit.init(block.wo, wo[cols], wo)
+    before, after = before + wo.size, after + len(cols) * wo.shape[1]
+    ctx = g.nodes[block.context_reshape]
+    layout = g.shape_layout(ctx)
+    if layout is not None and layout[2][2] == heads * dim:
+        _rewrite_shape(g, edit, ctx, 2, len(keep) * dim)
+    return before, after
+
+
+def prune_heads(model: onnx.ModelProto, ratio: float, batches: Sequence[Feeds], *,
+                num_heads: int | None = None) -> PruneResult:
+    """Remove the ``round(ratio * H)`` least important heads (at least one kept) of every attention block.
+
+    A head's importance is the L2 norm of its slice of the context tensor (the input of the output
+    projection) over the calibration tokens, padding dropped via ``attention_mask``, times the
+    Frobenius norm of its rows of Wo. All blocks are scored once on the input model. ``num_heads``
+    is needed only when the reshape constants spell neither H nor D; when given it must agree
+    with them. Blocks that are not matched are reported in ``notes`` and left as they are.
+    """
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 < ratio < 1.0:
+        raise PruningError(f"ratio is {ratio!r}; expected a number strictly between 0 and 1",
+                           hint="ratio is the fraction of attention heads to remove, e.g. 0.25")
+    if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1):
+        raise PruningError(f"num_heads is {num_heads!r}; expected a positive int or None",
+                           hint="num_heads is the head count of every attention block, e.g. 12")
+    if not batches:
+        raise PruningError("prune_heads got no calibration batches; expected at least one feed dict",
+                           hint="Pass batches=[{input_name: array}, ...] from your calibration data.")
+    blocks, notes = find_attention_blocks(model, num_heads)
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    if not blocks:
+        notes.append("no supported attention block found; model unchanged")
+        return PruneResult(model=pruned, method="heads", layers=(), notes=tuple(notes))
+    norms = _context_norms(model, blocks, batches)
+    g = _Attn(pruned)
+    edit = _Editor(pruned)
+    layers: list[dict[str, Any]] = []
+    for block, norm in zip(blocks, norms):
+        heads, dim = block.num_heads, block.head_dim
+        drop = int(round(ratio * heads))
+        if drop >= heads:
+            drop = heads - 1
+            notes.append(f"{block.out}: ratio {ratio} would remove all {heads} heads; kept 1")
+        wo = numpy_helper.to_array(g.inits[block.wo]).astype(np.float64)
+        row_norms = np.linalg.norm(wo.reshape(heads, dim, -1), axis=(1, 2))
+        scores = norm * row_norms
+        keep = np.sort(np.argsort(scores, kind="stable")[drop:])
+        before, after = _prune_block(g, edit, block, keep)
+        log.info("%s: %d -> %d heads", block.out, heads, len(keep))
+        layers.append({"node": block.out, "op_type": "Attention", "q": block.q.matmul, "k": block.k.matmul,
+                       "v": block.v.matmul, "o": block.out, "ratio": float(ratio), "before": heads,
+                       "after": int(len(keep)), "heads_before": heads, "heads_after": int(len(keep)),
+                       "head_dim": dim, "kept_heads": [int(h) for h in keep],
+                       "scores": [float(s) for s in scores], "params_before": before, "params_after": after})
+    nodes = []
+    for node in pruned.graph.node:
+        nodes.extend(edit.before.get(node_key(node), []))
+        nodes.append(node)
+    del pruned.graph.node[:]
+    pruned.graph.node.extend(nodes)
+    stale = {t for b in blocks for t in b.tensors}
+    kept_info = [v for v in pruned.graph.value_info if v.name not in stale]
+    del pruned.graph.value_info[:]
+    pruned.graph.value_info.extend(kept_info)
+    _drop_dead(pruned)
+    try:
+        onnx.checker.check_model(pruned, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise InternalError(f"head-pruned model fails onnx.checker: {exc}") from exc
+    _smoke_run(pruned, batches[0])
+    log.info("prune_heads: %d -> %d params", params(model), params(pruned))
+    return PruneResult(model=pruned, method="heads", layers=tuple(layers), notes=tuple(notes))
+
+
+def _smoke_run(model: onnx.ModelProto, feeds: Feeds) -> None:
+    """Run the pruned model once on CPU; a failure here is a bug in the rewrite, not the caller's."""
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        session.run(None, feeds)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise InternalError(f"head-pruned model does not run in onnxruntime: {exc}") from exc
