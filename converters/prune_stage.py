@@ -112,16 +112,22 @@ def _apply(spec: PruneSpec, model: onnx.ModelProto, batches: Sequence[Feeds]) ->
     return _structured(model, spec.ratio or 0.0, batches)
 
 
-def _throughput(model: onnx.ModelProto, batch: Feeds, repeats: int = 5) -> float:
-    """Samples per second of ``model`` on one calibration batch, onnxruntime CPU."""
+def _speedup(before: onnx.ModelProto, after: onnx.ModelProto, batch: Feeds, rounds: int = 7) -> float:
+    """CPU speed of ``after`` relative to ``before`` on one calibration batch: the two sessions
+    alternate, one warm-up each, and the medians are compared (robust on a busy machine)."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    session.run(None, batch)
-    start = time.perf_counter()
-    for _ in range(repeats):
+    sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                for m in (before, after)]
+    times: list[list[float]] = [[], []]
+    for session in sessions:
         session.run(None, batch)
-    return repeats * len(next(iter(batch.values()))) / (time.perf_counter() - start)
+    for _ in range(rounds):
+        for i, session in enumerate(sessions):
+            start = time.perf_counter()
+            session.run(None, batch)
+            times[i].append(time.perf_counter() - start)
+    return float(np.median(times[0]) / np.median(times[1]))
 
 
 def run_pruning(
@@ -154,7 +160,7 @@ def run_pruning(
         "macs_before": macs_per_sample(model, batches[0]), "macs_after": macs_per_sample(result.model, batches[0]),
         "size_before": len(model.SerializeToString()), "size_after": len(result.model.SerializeToString()),
         "accuracy_before": baseline, "accuracy_after": after, "budget_steps": steps,
-        "cpu_speedup": _throughput(result.model, batches[0]) / _throughput(model, batches[0]),
+        "cpu_speedup": _speedup(model, result.model, batches[0]),
         "layers": list(result.layers), "notes": list(result.notes),
     }
     if result.method == "2:4":

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from converters.pruning.common import Feeds, PruneResult
+from converters.pruning.common import Feeds, PruneResult, units_to_drop
 from edge_sdk.errors import InternalError, PruningError
 
 __all__ = ["ChannelGroup", "Consumer", "find_groups", "prune_channels"]
@@ -367,7 +367,7 @@ def prune_channels(model: onnx.ModelProto, ratio: float, batches: Sequence[Feeds
     refitted: dict[str, tuple[np.ndarray, int]] = {}
     plans = []
     for group in groups:
-        drop = min(int(round(ratio * group.channels)), group.channels - 1)
+        drop = units_to_drop(ratio, group.channels)
         keep = np.sort(np.argsort(_scores(group, acts, weights), kind="stable")[drop:])
         fits = [_refit(acts[c.tensor], weights[c.weight], c, keep, refit) for c in group.consumers]
         for c, fit in zip(group.consumers, fits):

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from converters.pruning.common import Feeds, PruneResult, node_key, params
+from converters.pruning.common import Feeds, PruneResult, node_key, params, units_to_drop
 from edge_sdk.errors import InternalError, PruningError
 
 __all__ = ["FFNGroup", "find_ffn_groups", "prune_ffn", "find_residual_blocks", "prune_layers"]
@@ -230,7 +230,7 @@ def _prune_group(model: onnx.ModelProto, group: FFNGroup, ratio: float, batches:
     width = w1.shape[1]
     names = [n for n in (group.w1, group.b1, group.w2) if n]
     before = sum(int(np.prod(inits[n].dims, dtype=np.int64)) for n in names)
-    drop = int(round(ratio * width))
+    drop = units_to_drop(ratio, width) if int(round(ratio * width)) < width else width
     if drop >= width:
         drop = width - 1
         notes.append(f"{group.up}: ratio {ratio} would remove all {width} neurons; kept 1")

@@ -236,3 +236,13 @@ def test_macs_per_sample_counts_conv_and_dense_by_hand() -> None:
     feeds = {"image": np.zeros((4, 3, 8, 8), np.float32)}
     # conv1: 16x8x8 outputs x (3x3x3) ; conv2: 8x8x8 x 16 ; head: 3 x 8
     assert macs_per_sample(model, feeds) == 16 * 64 * 27 + 8 * 64 * 16 + 3 * 8
+
+
+@pytest.mark.parametrize(("ratio", "total", "dropped"), [
+    (0.1, 96, 8), (0.3, 96, 32), (0.5, 1152, 576), (0.99, 64, 56), (0.25, 16, 4), (0.5, 3, 2), (0.2, 20, 4)])
+def test_pruned_widths_stay_multiples_of_eight_on_wide_layers(ratio: float, total: int, dropped: int) -> None:
+    from converters.pruning.common import units_to_drop
+
+    assert units_to_drop(ratio, total) == dropped
+    if total >= 32 and total % 8 == 0:
+        assert (total - dropped) % 8 == 0
