@@ -33,6 +33,7 @@ test: $(VENV)/.test-deps
 bench: $(VENV)/.demo-deps $(VENV)/.test-deps
 	$(BIN)/python -m bench.runtime_overhead
 	$(BIN)/python -m bench.int8 --out build/bench/int8.json
+	$(BIN)/python -m bench.prune --out build/bench/prune.json
 
 clean:
 	rm -rf $(BUILD) $(VENV)
