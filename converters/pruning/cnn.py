@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from converters.pruning.common import Feeds, PruneResult, units_to_drop
+from converters.pruning.common import Feeds, PruneResult, probe_batches, units_to_drop
 from edge_sdk.errors import InternalError, PruningError
 
 __all__ = ["ChannelGroup", "Consumer", "find_groups", "prune_channels"]
@@ -237,24 +237,8 @@ def find_groups(model: onnx.ModelProto) -> tuple[list[ChannelGroup], list[tuple[
 
 def _collect(model: onnx.ModelProto, batches: Sequence[Feeds], names: set[str]) -> dict[str, np.ndarray]:
     """The tensors ``names`` on every batch, concatenated along the batch axis (onnxruntime CPU)."""
-    import onnxruntime as ort
-
-    graph_inputs = {i.name for i in model.graph.input}
-    fetch = sorted(names - graph_inputs)
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-                              for n in fetch if n not in known)
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for feeds in batches:
-        try:
-            values = dict(zip(fetch, session.run(fetch, feeds)))
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise PruningError(f"a calibration batch does not run through the model: {exc}",
-                               hint="pass batches as {input_name: array} matching the model's inputs") from None
-        values.update({k: np.asarray(v) for k, v in feeds.items() if k in names})
+    for _, values in probe_batches(model, batches, sorted(names)):
         for n in names:
             parts[n].append(np.asarray(values[n], dtype=np.float64))
     return {n: np.concatenate(v, axis=0) for n, v in parts.items()}

@@ -8,7 +8,7 @@ measures the per-input-channel L2 norm of each such layer's activation on calibr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -190,3 +190,31 @@ def units_to_drop(ratio: float, total: int, multiple: int = CHANNEL_MULTIPLE) ->
         keep = max(multiple, int((total - drop) / multiple + 0.5) * multiple)
         drop = total - keep
     return max(drop, 0)
+
+
+def probe_batches(
+    model: onnx.ModelProto, batches: Sequence[Feeds], names: Iterable[str],
+) -> Iterator[tuple[Feeds, dict[str, np.ndarray]]]:
+    """Run ``model`` (onnxruntime CPU, unoptimized) on every batch with the tensors ``names``
+    exposed as outputs; yield each batch's feeds and ``{name: value}`` (graph inputs from the feeds)."""
+    import onnxruntime as ort
+
+    wanted = list(dict.fromkeys(names))
+    graph_inputs = {i.name for i in model.graph.input}
+    fetch = [n for n in wanted if n not in graph_inputs]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+                              for n in fetch if n not in known)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    for i, feeds in enumerate(batches):
+        try:
+            values = dict(zip(fetch, session.run(fetch, feeds)))
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise PruningError(f"calibration batch {i} does not run on the model: {exc}",
+                               hint="pass feed dicts keyed by the model's input names, with their dtypes") from None
+        values.update({k: np.asarray(v) for k, v in feeds.items() if k in wanted})
+        yield feeds, values

@@ -24,9 +24,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
-from converters.pruning.common import Feeds, PruneResult, node_key, params
+from converters.pruning.common import Feeds, PruneResult, node_key, params, probe_batches
 from converters.pruning.transformer import _drop_dead, _Graph
 from edge_sdk.errors import InternalError, PruningError
 
@@ -284,23 +284,8 @@ def find_attention_blocks(model: onnx.ModelProto, num_heads: int | None = None) 
 def _context_norms(model: onnx.ModelProto, blocks: list[AttentionBlock],
                    batches: Sequence[Feeds]) -> list[np.ndarray]:
     """Per block: L2 norm of each head's context slice over all non-padding calibration tokens."""
-    import onnxruntime as ort
-
-    names = sorted({b.context for b in blocks} - {o.name for o in model.graph.output})
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    outputs = [o.name for o in probe.graph.output]
     sums = [np.zeros(b.num_heads) for b in blocks]
-    for i, feeds in enumerate(batches):
-        try:
-            values = dict(zip(outputs, session.run(outputs, feeds)))
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise PruningError(f"calibration batch {i} does not run on the model: {exc}",
-                               hint="Pass feed dicts keyed by the model's input names, with their dtypes.") from None
+    for feeds, values in probe_batches(model, batches, sorted({b.context for b in blocks})):
         mask = feeds.get("attention_mask")
         for b, block in enumerate(blocks):
             ctx = np.asarray(values[block.context], dtype=np.float64)

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from converters.pruning.common import Feeds, PruneResult, node_key, params, units_to_drop
+from converters.pruning.common import Feeds, PruneResult, node_key, params, probe_batches, units_to_drop
 from edge_sdk.errors import InternalError, PruningError
 
 __all__ = ["FFNGroup", "find_ffn_groups", "prune_ffn", "find_residual_blocks", "prune_layers"]
@@ -173,22 +173,9 @@ def find_ffn_groups(model: onnx.ModelProto) -> tuple[list[FFNGroup], list[str]]:
 
 def _hidden_rows(model: onnx.ModelProto, hidden: str, batches: Sequence[Feeds]) -> np.ndarray:
     """The hidden activations ``[tokens, F]`` over all batches, padding tokens (attention_mask == 0) dropped."""
-    import onnxruntime as ort
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    probe.graph.output.append(helper.make_tensor_value_info(hidden, onnx.TensorProto.FLOAT, None))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     rows = []
-    for i, feeds in enumerate(batches):
-        try:
-            (h,) = session.run([hidden], feeds)
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise PruningError(f"calibration batch {i} does not run on the model: {exc}",
-                               hint="Pass feed dicts keyed by the model's input names, with their dtypes.") from None
-        h = np.asarray(h, dtype=np.float64)
+    for feeds, values in probe_batches(model, batches, [hidden]):
+        h = np.asarray(values[hidden], dtype=np.float64)
         flat = h.reshape(-1, h.shape[-1])
         mask = feeds.get("attention_mask")
         if mask is not None and tuple(np.shape(mask)) == h.shape[:-1]:
@@ -333,20 +320,9 @@ def find_residual_blocks(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, s
 def _influence(model: onnx.ModelProto, blocks: list[tuple[onnx.NodeProto, str, str]],
                batches: Sequence[Feeds]) -> list[float]:
     """``||f(x)|| / ||x||`` per block over the calibration tokens."""
-    import onnxruntime as ort
-
-    names = sorted({t for _, x, f in blocks for t in (x, f)} - {o.name for o in model.graph.output})
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = sorted({t for _, x, f in blocks for t in (x, f)})
     sums = np.zeros((len(blocks), 2))
-    for i, feeds in enumerate(batches):
-        try:
-            values = dict(zip(names, session.run(names, feeds)))
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise PruningError(f"calibration batch {i} does not run on the model: {exc}",
-                               hint="Pass feed dicts keyed by the model's input names, with their dtypes.") from None
+    for _, values in probe_batches(model, batches, names):
         for b, (_, x, f) in enumerate(blocks):
             sums[b] += [float(np.sum(np.square(values[f], dtype=np.float64))),
                         float(np.sum(np.square(values[x], dtype=np.float64)))]
