@@ -3,7 +3,8 @@
 Without ``quantize`` the package is fp32. With ``quantize="int8"`` the model is
 calibrated on ``calibration`` and the package also carries an S8S8 graph for
 TensorRT, a U8S8 graph for the onnxruntime CPU provider and the scale file.
-Pruning plugs into the same signature; its options are refused until then.
+With ``prune=...`` the graph is pruned first (see ``converters.prune_stage``), so golden
+vectors, accuracy and int8 all follow the pruned graph.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 
 TASKS = ("image-classification", "text-classification")
 TEXT_ROLES = ("input_ids", "attention_mask", "token_type_ids")
-_LATER: dict[str, str] = {}
 QUANTIZE = (None, "int8")
 _SYNTHETIC_TEXTS = ("pump vibration high at drive end bearing", "all parameters within limits", "oil leak seen under unit")
 
@@ -63,10 +63,6 @@ class Options:
 
 
 def _options(options: Mapping[str, Any]) -> Options:
-    for key in options:
-        if key in _LATER:
-            raise ConversionError(f"option {key!r} needs {_LATER[key]}, which this edge-sdk release does not have yet",
-                                  hint="convert without it to get an fp32 package")
     known = set(Options.__dataclass_fields__)
     unknown = sorted(set(options) - known)
     if unknown:
@@ -324,7 +320,9 @@ def convert(
     """Convert an ONNX model into a verified package at ``output`` and report on it.
 
     Options: ``quantize="int8"`` with ``method`` (auto, entropy, percentile, mse,
-    minmax), ``budget`` (allowed accuracy drop in points) and ``calibration_samples``;
+    minmax), ``budget`` (allowed accuracy drop in points), ``calibration_samples`` and
+    ``smoothing`` (transformer migration strength, None to skip); ``prune`` (see
+    ``converters.prune_stage``);
     ``name``, ``version``, ``archive``, ``golden_samples``, ``output_name``, ``threads``.
     ``progress(stage, done, total)`` is called during calibration and sensitivity analysis.
     """

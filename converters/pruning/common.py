@@ -109,25 +109,11 @@ def input_norms(
     Runs onnxruntime on CPU with the activation inputs added as graph outputs. The channel
     axis is 1 for Conv (NCHW) and the last axis for MatMul/Gemm.
     """
-    import onnxruntime as ort
-
     if not batches:
         raise PruningError("input_norms got no calibration batches; expected at least one feed dict.",
                            hint="Pass batches=[{input_name: array}, ...] from your calibration data.")
-    graph_inputs = {i.name for i in model.graph.input}
-    graph_outputs = {o.name for o in model.graph.output}
-    wanted = {n.input[0] for n in nodes}
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    probe.graph.output.extend(_output_info(model, wanted - graph_inputs - graph_outputs))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    fetch = sorted(wanted - graph_inputs)
     sums: dict[str, np.ndarray] = {}
-    for feeds in batches:
-        values = dict(zip(fetch, session.run(fetch, feeds))) if fetch else {}
-        values.update({k: np.asarray(v) for k, v in feeds.items() if k in wanted})
+    for _, values in probe_batches(model, batches, sorted({n.input[0] for n in nodes})):
         for node in nodes:
             x = np.asarray(values[node.input[0]], dtype=np.float64)
             axis = 1 if node.op_type == "Conv" else x.ndim - 1
@@ -205,8 +191,7 @@ def probe_batches(
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-                              for n in fetch if n not in known)
+    probe.graph.output.extend(_output_info(model, {n for n in fetch if n not in known}))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])

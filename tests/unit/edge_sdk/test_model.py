@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import edge_sdk
-from edge_sdk.errors import BackendUnavailableError, InferenceError, PackageIntegrityError, PipelineError
+from edge_sdk.errors import BackendUnavailableError, PackageIntegrityError, PipelineError
 from runtime.package import golden_bytes
 
 
