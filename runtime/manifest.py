@@ -16,7 +16,12 @@ from edge_sdk.errors import PackageError, PackageVersionError
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 
-TASKS = ("image-classification", "text-classification")
+TASKS = ("image-classification", "text-classification", "anomaly-score", "text-embedding")
+IMAGE_TASKS = ("image-classification", "anomaly-score")
+#: What the postprocessing turns the output tensor into, per task.
+POSTPROCESS_KINDS = {"image-classification": "classes", "text-classification": "classes",
+                     "anomaly-score": "anomaly", "text-embedding": "embedding"}
+POOLINGS = ("none", "mean", "cls")
 PRECISIONS = ("fp32", "int8")
 GRAPH_VARIANTS = ("u8s8", "s8s8")  # int8 for the onnxruntime CPU provider / for TensorRT
 DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
@@ -171,32 +176,65 @@ class TextPreprocess:
 
 @dataclass(frozen=True)
 class Postprocess:
-    """Scores from the output tensor: softmax (or not), labels, per-class thresholds."""
+    """What the output tensor means, by ``kind``.
+
+    * ``classes``: class scores -> softmax (or not), labels, per-class thresholds.
+    * ``anomaly``: one score per input (higher is more anomalous); ``score >= threshold`` is
+      ``labels[1]`` (the fault), below is ``labels[0]``.
+    * ``embedding``: vectors ([batch, dim], or [batch, seq, dim] pooled by ``pooling``),
+      optionally L2-normalised; no labels.
+    """
 
     output: str
     labels: tuple[str, ...]
     softmax: bool = True
     thresholds: Mapping[str, float] = field(default_factory=dict)
+    kind: str = "classes"
+    threshold: float | None = None  # anomaly
+    pooling: str = "none"  # embedding
+    normalize: bool = True  # embedding
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Postprocess:
-        labels = tuple(str(label) for label in _require(data, "labels", "postprocess"))
+    def from_dict(cls, data: Mapping[str, Any], kind: str = "classes") -> Postprocess:
+        kind = _choice(data.get("kind", kind), tuple(sorted(set(POSTPROCESS_KINDS.values()))), "postprocess kind")
+        output = str(_require(data, "output", "postprocess"))
+        if kind == "embedding":
+            return cls(output=output, labels=(), softmax=False, kind=kind,
+                       pooling=_choice(data.get("pooling", "none"), POOLINGS, "embedding pooling"),
+                       normalize=bool(data.get("normalize", True)))
+        labels = tuple(str(label) for label in data.get("labels") or (("ok", "fault") if kind == "anomaly" else ()))
         if not labels or len(set(labels)) != len(labels):
             raise PackageError(f"postprocess labels {list(labels)} must be non-empty and unique")
+        if kind == "anomaly":
+            threshold = data.get("threshold")
+            if len(labels) != 2 or isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+                    or threshold != threshold:
+                raise PackageError(f"anomaly postprocess has labels {list(labels)} and threshold {threshold!r}; "
+                                   "expected two labels [normal, fault] and a numeric threshold",
+                                   hint="convert with task='anomaly-score' and threshold=<score> (or validation data)")
+            return cls(output=output, labels=labels, softmax=False, kind=kind, threshold=float(threshold))
         thresholds = dict(data.get("thresholds") or {})
         for label, value in thresholds.items():
             if label not in labels or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise PackageError(f"threshold {label!r}: {value!r}; expected a known label with a value in [0, 1]")
-        return cls(
-            output=str(_require(data, "output", "postprocess")),
-            labels=labels,
-            softmax=bool(data.get("softmax", True)),
-            thresholds=thresholds,
-        )
+        return cls(output=output, labels=labels, softmax=bool(data.get("softmax", True)), thresholds=thresholds)
 
     def to_dict(self) -> dict[str, Any]:
+        if self.kind == "embedding":
+            return {"kind": self.kind, "output": self.output, "pooling": self.pooling, "normalize": self.normalize}
+        if self.kind == "anomaly":
+            return {"kind": self.kind, "output": self.output, "labels": list(self.labels),
+                    "threshold": self.threshold}
         return {"output": self.output, "labels": list(self.labels), "softmax": self.softmax,
                 "thresholds": dict(self.thresholds)}
+
+
+def _knowledge_base(data: Any) -> dict[str, Any] | None:
+    if data is None:
+        return None
+    if not isinstance(data, Mapping) or not {"embeddings", "incidents"} <= set(data):
+        raise PackageError(f"manifest knowledge_base is {data!r}; expected an object with 'embeddings' and 'incidents' files")
+    return dict(data)
 
 
 def _graphs(data: Any) -> dict[str, str]:
@@ -233,6 +271,7 @@ class Manifest:
     reports: Mapping[str, Any] = field(default_factory=dict)
     created_by: str = ""
     schema_version: int = SCHEMA_VERSION
+    knowledge_base: Mapping[str, Any] | None = None  # files and size of a carried incident index
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
@@ -261,8 +300,8 @@ class Manifest:
             model=str(_require(data, "model", "manifest")),
             inputs=tuple(TensorSpec.from_dict(t) for t in _require(data, "inputs", "manifest")),
             outputs=tuple(TensorSpec.from_dict(t) for t in _require(data, "outputs", "manifest")),
-            preprocess=ImagePreprocess.from_dict(pre) if task == "image-classification" else TextPreprocess.from_dict(pre),
-            postprocess=Postprocess.from_dict(_require(data, "postprocess", "manifest")),
+            preprocess=ImagePreprocess.from_dict(pre) if task in IMAGE_TASKS else TextPreprocess.from_dict(pre),
+            postprocess=Postprocess.from_dict(_require(data, "postprocess", "manifest"), POSTPROCESS_KINDS[task]),
             files=files,
             golden=data.get("golden"),
             precision=_choice(data.get("precision", "fp32"), PRECISIONS, "manifest precision"),
@@ -271,6 +310,7 @@ class Manifest:
             reports=dict(data.get("reports", {})),
             created_by=str(data.get("created_by", "")),
             schema_version=int(version),
+            knowledge_base=_knowledge_base(data.get("knowledge_base")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -290,6 +330,7 @@ class Manifest:
             "engines": list(self.engines),
             "reports": dict(self.reports),
             "created_by": self.created_by,
+            **({"knowledge_base": dict(self.knowledge_base)} if self.knowledge_base else {}),
             "files": {p: {"sha256": e.sha256, "size": e.size} for p, e in sorted(self.files.items())},
         }
 

@@ -9,17 +9,19 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from edge_sdk.errors import PackageError, PipelineError
 from runtime.manifest import ImagePreprocess, Manifest, TextPreprocess
 from runtime.package import Package
-from runtime.prediction import Prediction, Timings, class_scores, to_predictions
+from runtime.prediction import (Prediction, Timings, anomaly_predictions, anomaly_scores, class_scores,
+                                to_predictions)
 from runtime.preprocess.image import preprocess_images
 from runtime.preprocess.text import TextEncoder
 from runtime.parity import Parity
+from runtime.runners.base import Runner
 from runtime.select import Selection, Skipped, select_runner
 
 log = logging.getLogger(__name__)
@@ -102,18 +104,41 @@ class Pipeline:
             out.extend(self._run(items[start : start + max_batch]))
         return out
 
+    def encode(self, items: Sequence[Any]) -> dict[str, np.ndarray]:
+        """Stage 1: raw inputs -> the graph's feeds, as the manifest's preprocessing declares."""
+        return self._encode(items)
+
+    def infer(self, feeds: Mapping[str, np.ndarray], runner: Runner | None = None) -> dict[str, np.ndarray]:
+        """Stage 2: run the graph (on ``runner``, e.g. a replica, or the selected one)."""
+        return (runner or self.selection.runner).infer(feeds)
+
+    def scores(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Stage 3a: the per-input scores the postprocessing declares ([batch, classes] or [batch])."""
+        post = self.manifest.postprocess
+        if post.kind == "embedding":
+            raise PipelineError(f"package {self.manifest.name} is an embedding model; it has no class scores",
+                                hint="use runtime.knowledge.Embedder (or a knowledge-base search) for it")
+        if post.kind == "anomaly":
+            return anomaly_scores(outputs[post.output])
+        return class_scores(outputs[post.output], post)
+
+    def wrap(self, scores: np.ndarray, timings: Sequence[Timings]) -> list[Prediction]:
+        """Stage 3b: per-input scores -> :class:`Prediction` objects with provenance."""
+        post = self.manifest.postprocess
+        make = anomaly_predictions if post.kind == "anomaly" else to_predictions
+        return make(scores, post, backend=self.backend, model=self.manifest.name,
+                    precision=self.selection.precision, timings=timings)
+
     def _run(self, items: Sequence[Any]) -> list[Prediction]:
         t0 = time.perf_counter()
-        feeds = self._encode(items)
+        feeds = self.encode(items)
         t1 = time.perf_counter()
-        outputs = self.selection.runner.infer(feeds)
+        outputs = self.infer(feeds)
         t2 = time.perf_counter()
-        post = self.manifest.postprocess
-        probs = class_scores(outputs[post.output], post)
+        probs = self.scores(outputs)
         t3 = time.perf_counter()
         timing = Timings((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
-        return to_predictions(probs, post, backend=self.backend, model=self.manifest.name,
-                              precision=self.selection.precision, timings=[timing] * len(items))
+        return self.wrap(probs, [timing] * len(items))
 
     def close(self) -> None:
         self.selection.runner.deactivate()

@@ -96,3 +96,34 @@ def to_predictions(
             )
         )
     return out
+
+
+def anomaly_scores(output: np.ndarray) -> np.ndarray:
+    """``[batch]`` anomaly scores from a ``[batch]`` or ``[batch, 1]`` output tensor."""
+    if not (output.ndim == 1 or (output.ndim == 2 and output.shape[1] == 1)):
+        raise InferenceError(f"anomaly model output has shape {list(output.shape)}; expected [batch] or [batch, 1]")
+    return output.reshape(-1).astype(np.float64)
+
+
+def anomaly_predictions(
+    scores: np.ndarray, spec: Postprocess, *, backend: str, model: str, timings: Sequence[Timings],
+    precision: str = "fp32",
+) -> list[Prediction]:
+    """Anomaly scores -> predictions: ``score >= threshold`` is the fault label (``labels[1]``).
+
+    ``score`` is the raw anomaly score; ``scores`` holds the decision (1.0 for the decided
+    label, 0.0 for the other) so consumers of class scores see a consistent mapping, and
+    ``extra`` keeps the score and the threshold.
+    """
+    assert spec.threshold is not None  # guaranteed by Postprocess.from_dict for kind "anomaly"
+    normal, fault = spec.labels
+    out = []
+    for value, timing in zip(scores, timings):
+        is_fault = bool(value >= spec.threshold)
+        out.append(Prediction(
+            label=fault if is_fault else normal, score=float(value),
+            scores=MappingProxyType({normal: float(not is_fault), fault: float(is_fault)}),
+            backend=backend, timings=timing, model=model, precision=precision, over_threshold=is_fault,
+            batch_size=len(scores),
+            extra=MappingProxyType({"anomaly_score": float(value), "threshold": spec.threshold})))
+    return out
