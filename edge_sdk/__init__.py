@@ -24,6 +24,9 @@ _LAZY = {
     "ConversionReport": "converters.report",
     "Prediction": "runtime.prediction",
     "Pipeline": "runtime.pipeline",
+    "stream": "edge_sdk.streaming",
+    "StreamResult": "runtime.stream",
+    "Batching": "runtime.batching",
     "detect": "devices",
     "DeviceInfo": "devices",
     "errors": "edge_sdk.errors",
@@ -37,7 +40,10 @@ if TYPE_CHECKING:
     from devices import DeviceInfo, detect
     from edge_sdk import errors
     from edge_sdk.model import Model, load
+    from edge_sdk.streaming import stream
+    from runtime.batching import Batching
     from runtime.pipeline import Pipeline
+    from runtime.stream import StreamResult
     from runtime.prediction import Prediction
 
 

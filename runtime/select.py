@@ -106,3 +106,29 @@ def select_runner(
         f"no backend in the policy can run {package.manifest.name}: {details}",
         hint="add 'onnxruntime-cpu' to the policy" if "onnxruntime-cpu" not in tried
         else "every backend was tried; the reasons above say what to fix")
+
+
+def replicate(
+    package: Package, selection: Selection, count: int, *, threads: int | None = None, verify: bool = True,
+    registry: Registry = BACKENDS,
+) -> list[Runner]:
+    """``count`` fresh, active runners of the selected backend and graph, for data-parallel serving.
+
+    Each replica gets ``threads`` (split the cores between replicas on the CPU) and, with
+    ``verify``, passes the same golden-vector check as the selected runner did.
+    """
+    if count < 1:
+        raise BackendUnavailableError(f"replicas is {count}; expected at least 1")
+    _, factory = registry[selection.backend]
+    runners: list[Runner] = []
+    try:
+        for _ in range(count):
+            runner, graph = factory(package, threads, selection.precision)
+            runners.append(runner.activate())
+            if verify:
+                check_parity(package, runner, graph)
+    except EdgeSDKError:
+        for runner in runners:
+            runner.deactivate()
+        raise
+    return runners
