@@ -1,0 +1,60 @@
+"""The CSV and annotated-frame sinks, written to real files."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+from types import MappingProxyType
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_sdk.errors import SinkError
+from runtime.frame import Frame
+from runtime.prediction import Prediction, Timings
+from runtime.sinks import CSV_FIELDS, AnnotatedFrameSink, CsvSink
+
+
+def prediction(label: str = "scratch", roi: str | None = None) -> Prediction:
+    return Prediction(label=label, score=0.875, scores=MappingProxyType({label: 0.875}), backend="onnxruntime-cpu",
+                      timings=Timings(1.0, 2.0, 0.5), model="defects",
+                      extra=MappingProxyType({"roi": roi} if roi else {}))
+
+
+def frame(index: int) -> Frame:
+    return Frame(np.full((48, 64, 3), 90, np.uint8), "cam0", index, time.time(), name=f"{index}.png")
+
+
+def test_csv_sink_appends_rows_with_one_header(tmp_path: Path) -> None:
+    path = tmp_path / "log.csv"
+    sink = CsvSink(path)
+    sink(prediction(), frame(0))
+    sink(prediction("ok", roi="left"), frame(1))
+    sink.close()
+    again = CsvSink(path)  # reopening appends, without a second header
+    again(prediction(), frame(2))
+    again.close()
+    rows = list(csv.DictReader(path.open()))
+    assert list(rows[0]) == list(CSV_FIELDS)
+    assert [(r["frame"], r["label"], r["roi"]) for r in rows] == [("0", "scratch", ""), ("1", "ok", "left"),
+                                                                  ("2", "scratch", "")]
+    assert rows[0]["score"] == "0.875000" and rows[0]["inference_ms"] == "2.000"
+
+
+def test_csv_sink_needs_an_existing_folder(tmp_path: Path) -> None:
+    with pytest.raises(SinkError, match="does not exist"):
+        CsvSink(tmp_path / "missing" / "log.csv")
+
+
+def test_annotated_frames_are_written_every_nth(tmp_path: Path) -> None:
+    sink = AnnotatedFrameSink(tmp_path / "frames", every=2)
+    for i in range(5):
+        sink(prediction(roi="left" if i == 4 else None), frame(i))
+    names = sorted(p.name for p in (tmp_path / "frames").iterdir())
+    assert names == ["cam0-00000000.jpg", "cam0-00000002.jpg", "cam0-00000004-left.jpg"]
+    image = cv2.imread(str(tmp_path / "frames" / names[0]))
+    assert image.shape == (48, 64, 3) and not np.all(image == 90)  # the banner was drawn
+    with pytest.raises(SinkError, match="every is 0"):
+        AnnotatedFrameSink(tmp_path / "x", every=0)
