@@ -145,9 +145,20 @@ def _per_channel(value: Any, channels: int, what: str) -> tuple[float, ...]:
         raise PackageError(f"preprocess {what} is {value!r}; expected numbers") from None
 
 
+AGGREGATES = ("mean", "max")
+DEFAULT_STRIDE = 32
+
+
 @dataclass(frozen=True)
 class TextPreprocess:
-    """How a text becomes token tensors: the package's tokenizer file and its limits."""
+    """How a text becomes token tensors: the package's tokenizer file and its limits.
+
+    A text longer than ``max_length`` tokens is read in overlapping windows (``stride`` tokens
+    shared by consecutive windows; None: ``min(32, (max_length - 2) // 2)``), at most
+    ``max_windows`` of them, whose class probabilities are combined by ``aggregate``. Each
+    window is padded to the smallest of ``buckets`` that holds it (empty: powers of two from 16,
+    with ``max_length`` as the last); a window longer than the last bucket pads to ``max_length``.
+    """
 
     tokenizer: str = "tokenizer.json"
     max_length: int = 128
@@ -155,11 +166,15 @@ class TextPreprocess:
     input_ids: str = "input_ids"
     attention_mask: str | None = "attention_mask"
     token_type_ids: str | None = "token_type_ids"
+    buckets: tuple[int, ...] = ()
+    stride: int | None = None
+    max_windows: int = 16
+    aggregate: str = "mean"
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TextPreprocess:
         max_length = data.get("max_length", 128)
-        if not isinstance(max_length, int) or max_length < 2:
+        if not _is_int(max_length) or max_length < 2:
             raise PackageError(f"text max_length is {max_length!r}; expected an int >= 2")
         return cls(
             tokenizer=str(data.get("tokenizer", "tokenizer.json")),
@@ -168,10 +183,73 @@ class TextPreprocess:
             input_ids=str(data.get("input_ids", "input_ids")),
             attention_mask=data.get("attention_mask", "attention_mask"),
             token_type_ids=data.get("token_type_ids", "token_type_ids"),
+            buckets=_buckets(data.get("buckets", ()), max_length),
+            stride=_stride(data.get("stride"), max_length),
+            max_windows=_max_windows(data.get("max_windows", 16)),
+            aggregate=_choice(data.get("aggregate", "mean"), AGGREGATES, "text aggregate"),
         )
 
+    @property
+    def bucket_lengths(self) -> tuple[int, ...]:
+        """The lengths windows are padded to, ascending, the last one ``max_length``."""
+        if self.padding == "max_length":
+            return (self.max_length,)
+        declared = self.buckets or default_buckets(self.max_length)
+        return declared if declared[-1] == self.max_length else (*declared, self.max_length)
+
+    @property
+    def window_stride(self) -> int:
+        """The overlap in tokens between consecutive windows (the declared one, or the default)."""
+        if self.stride is not None:
+            return self.stride
+        return max(0, min(DEFAULT_STRIDE, (self.max_length - 2) // 2))
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["buckets"] = list(self.buckets)
+        return out
+
+
+def default_buckets(max_length: int) -> tuple[int, ...]:
+    """Powers of two from 16 below ``max_length``, then ``max_length`` itself."""
+    lengths = [16]
+    while lengths[-1] < max_length:
+        lengths.append(lengths[-1] * 2)
+    return (*(b for b in lengths if b < max_length), max_length)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _buckets(value: Any, max_length: int) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not all(_is_int(b) and b >= 2 for b in value):
+        raise PackageError(f"text buckets is {value!r}; expected a list of ints >= 2",
+                           hint="for example [16, 32, 64, 128], or [] for powers of two up to max_length")
+    buckets = tuple(int(b) for b in value)
+    if any(a >= b for a, b in zip(buckets, buckets[1:])):
+        raise PackageError(f"text buckets {list(buckets)} are not strictly ascending; expected sorted lengths",
+                           hint=f"use {sorted(set(buckets))}")
+    if buckets and buckets[-1] > max_length:
+        raise PackageError(f"text bucket {buckets[-1]} is longer than max_length {max_length}; "
+                           f"expected every bucket <= {max_length}", hint="drop it or raise max_length")
+    return buckets
+
+
+def _stride(value: Any, max_length: int) -> int | None:
+    if value is None:
+        return None
+    limit = max(1, max_length - 2)  # a window holds max_length - 2 text tokens besides [CLS] and [SEP]
+    if not _is_int(value) or not 0 <= value < limit:
+        raise PackageError(f"text stride is {value!r}; expected an int with 0 <= stride < {limit} "
+                           f"(max_length {max_length} - 2)", hint="stride is the overlap in tokens between windows")
+    return int(value)
+
+
+def _max_windows(value: Any) -> int:
+    if not _is_int(value) or value < 1:
+        raise PackageError(f"text max_windows is {value!r}; expected an int >= 1")
+    return int(value)
 
 
 @dataclass(frozen=True)

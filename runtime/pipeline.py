@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import replace
+from types import MappingProxyType
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -19,7 +21,7 @@ from runtime.package import Package
 from runtime.prediction import (Prediction, Timings, anomaly_predictions, anomaly_scores, class_scores,
                                 to_predictions)
 from runtime.preprocess.image import preprocess_images
-from runtime.preprocess.text import TextEncoder
+from runtime.preprocess.text import TextBatch, TextEncoder, TextFeeds, aggregate_windows, fixed_sequence_length
 from runtime.parity import Parity
 from runtime.runners.base import Runner
 from runtime.select import Selection, Skipped, select_runner
@@ -38,14 +40,8 @@ def make_encoder(m: Manifest, tokenizer_json: str | None = None) -> Encoder:
         return lambda images: {name: preprocess_images(images, pre)}
     if tokenizer_json is None:
         raise PackageError(f"package {m.name} is a text model but no tokenizer was given")
-    encoder = TextEncoder(tokenizer_json, pre)
-    dtypes = {t.name: np.dtype(t.dtype) for t in m.inputs}
-
-    def encode(texts: Sequence[Any]) -> dict[str, np.ndarray]:
-        feeds = encoder.encode(texts)
-        return {k: v.astype(dtypes[k], copy=False) for k, v in feeds.items() if k in dtypes}
-
-    return encode
+    encoder = TextEncoder(tokenizer_json, pre, fixed_sequence_length(m.inputs, pre))
+    return TextFeeds(encoder, {t.name: np.dtype(t.dtype) for t in m.inputs})
 
 
 class Pipeline:
@@ -130,6 +126,8 @@ class Pipeline:
                     precision=self.selection.precision, timings=timings)
 
     def _run(self, items: Sequence[Any]) -> list[Prediction]:
+        if isinstance(self._encode, TextFeeds) and self.manifest.postprocess.kind != "embedding":
+            return self._run_windows(items, self._encode)
         t0 = time.perf_counter()
         feeds = self.encode(items)
         t1 = time.perf_counter()
@@ -140,6 +138,19 @@ class Pipeline:
         timing = Timings((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
         return self.wrap(probs, [timing] * len(items))
 
+    def _run_windows(self, texts: Sequence[Any], text: TextFeeds) -> list[Prediction]:
+        """Text classification: windows padded to length buckets, one inference per bucket, windows aggregated."""
+        t0 = time.perf_counter()
+        batch = text.windows(texts)
+        t1 = time.perf_counter()
+        outputs = [self.infer(group.feeds) for group in batch.groups]
+        t2 = time.perf_counter()
+        window_scores = batch.place([self.scores(o) for o in outputs])
+        probs = aggregate_windows(window_scores, batch.owner, batch.n_texts, text.encoder.spec.aggregate)
+        t3 = time.perf_counter()
+        timing = Timings((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
+        return [_with_windows(p, batch, i) for i, p in enumerate(self.wrap(probs, [timing] * len(texts)))]
+
     def close(self) -> None:
         self.selection.runner.deactivate()
 
@@ -148,3 +159,12 @@ class Pipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _with_windows(prediction: Prediction, batch: TextBatch, index: int) -> Prediction:
+    """Record in ``extra`` how many windows a text was read in (and how many it had, when capped)."""
+    kept, total = batch.windows_per_text[index], batch.total_windows[index]
+    if kept == 1 and total == 1:
+        return prediction
+    extra = {**prediction.extra, "windows": kept, **({"windows_total": total} if total > kept else {})}
+    return replace(prediction, extra=MappingProxyType(extra))
