@@ -30,7 +30,7 @@ from converters.graph import ModelSource, io_specs, load_onnx
 from converters.qdq import name_nodes
 from converters.report import ConversionReport
 from edge_sdk.errors import ConversionError, EdgeSDKError
-from runtime.manifest import ImagePreprocess, Manifest, Postprocess, TensorSpec, TextPreprocess
+from runtime.manifest import POOLINGS, ImagePreprocess, Manifest, Postprocess, TensorSpec, TextPreprocess
 from runtime.package import golden_bytes, write_package
 from runtime.pipeline import Pipeline, make_encoder
 from runtime.runners.onnxrt import OnnxRuntimeRunner
@@ -39,6 +39,7 @@ from runtime.select import Selection
 log = logging.getLogger(__name__)
 
 TASKS = ("image-classification", "text-classification")
+EMBEDDING_TASK = "text-embedding"  # converted by converters.knowledge
 TEXT_ROLES = ("input_ids", "attention_mask", "token_type_ids")
 QUANTIZE = (None, "int8")
 _SYNTHETIC_TEXTS = ("pump vibration high at drive end bearing", "all parameters within limits", "oil leak seen under unit")
@@ -60,6 +61,10 @@ class Options:
     calibration_samples: int = 256
     smoothing: float | None = DEFAULT_ALPHA
     prune: str | dict[str, Any] | None = None
+    # task "text-embedding": an incidents CSV to index, and how token vectors become one vector
+    knowledge_base: str | os.PathLike[str] | None = None
+    pooling: str = "mean"
+    normalize: bool = True
 
 
 def _options(options: Mapping[str, Any]) -> Options:
@@ -78,13 +83,17 @@ def _options(options: Mapping[str, Any]) -> Options:
         raise ConversionError(f"smoothing is {opts.smoothing!r}; expected a migration strength in [0, 1] or None")
     if opts.calibration_samples < 1:
         raise ConversionError(f"calibration_samples is {opts.calibration_samples}; expected at least 1")
+    if opts.pooling not in POOLINGS:
+        raise ConversionError(f"pooling is {opts.pooling!r}; expected one of {', '.join(POOLINGS)}")
     CalibrationMethod.parse(opts.method)
     if opts.prune is not None:
         parse_prune(opts.prune)
     return opts
 
 
-def _labels(labels: Sequence[str] | str | os.PathLike[str]) -> tuple[str, ...]:
+def _labels(labels: Sequence[str] | str | os.PathLike[str] | None, task: str) -> tuple[str, ...]:
+    if labels is None:
+        raise ConversionError(f"task {task!r} needs labels", hint="pass labels=[...] or the path of a labels.txt")
     if isinstance(labels, (str, os.PathLike)):
         path = Path(labels)
         if not path.is_file():
@@ -224,8 +233,8 @@ def _prepare(
 ) -> tuple[Any, Manifest, str | None]:
     """Load and check the graph and the user's pre/post-processing; the manifest without files."""
     if task not in TASKS:
-        raise ConversionError(f"task is {task!r}; expected one of {', '.join(TASKS)}")
-    label_list = _labels(labels)
+        raise ConversionError(f"task is {task!r}; expected one of {', '.join((*TASKS, EMBEDDING_TASK))}")
+    label_list = _labels(labels, task)
     proto = name_nodes(load_onnx(model))  # reports and scales refer to nodes by name
     inputs, outputs = io_specs(proto)
     out_spec = _pick_output(outputs, opts.output_name, label_list)
@@ -308,7 +317,7 @@ def convert(
     output: str | os.PathLike[str],
     *,
     task: str,
-    labels: Sequence[str] | str | os.PathLike[str],
+    labels: Sequence[str] | str | os.PathLike[str] | None = None,
     preprocess: Mapping[str, Any] | str | os.PathLike[str] | None = None,
     tokenizer: str | os.PathLike[str] | None = None,
     max_length: int = 128,
@@ -324,10 +333,20 @@ def convert(
     ``smoothing`` (transformer migration strength, None to skip); ``prune`` (see
     ``converters.prune_stage``);
     ``name``, ``version``, ``archive``, ``golden_samples``, ``output_name``, ``threads``.
+    ``task="text-embedding"`` needs no labels and takes ``pooling`` (mean, cls, none), ``normalize``
+    and ``knowledge_base`` (an incidents CSV to index; see ``converters.knowledge``).
     ``progress(stage, done, total)`` is called during calibration and sensitivity analysis.
     """
     start = time.perf_counter()
     opts = _options(options)
+    if task == EMBEDDING_TASK:
+        from converters.knowledge import convert_embedding  # it builds on this module
+
+        return convert_embedding(model, output, labels=labels, preprocess=preprocess, tokenizer=tokenizer,
+                                 max_length=max_length, calibration=calibration, validation=validation, opts=opts)
+    if opts.knowledge_base is not None or opts.pooling != Options.pooling or opts.normalize != Options.normalize:
+        raise ConversionError(f"knowledge_base, pooling and normalize are for task 'text-embedding'; task is {task!r}",
+                              hint="convert the embedding model with task='text-embedding', knowledge_base=...")
     if opts.quantize or opts.prune is not None:
         require_calibration(calibration)
     proto, manifest, tokenizer_json = _prepare(model, output, task, labels, preprocess, tokenizer, max_length, opts)

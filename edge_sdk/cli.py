@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from edge_sdk._cli_kb import add_kb_parser
 from edge_sdk.errors import BackendUnavailableError, EdgeSDKError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -227,6 +228,14 @@ def _run_inputs(args: argparse.Namespace) -> list[tuple[str, Any]]:
 def _cmd_run(args: argparse.Namespace) -> int:
     from edge_sdk.model import load
 
+    if args.source:
+        if args.inputs or args.text or args.text_file:
+            raise EdgeSDKError("--source streams frames; it cannot be combined with input files or texts",
+                               hint="run them separately")
+        from edge_sdk._cli_stream import run_sources
+
+        return run_sources(args)
+
     items = _run_inputs(args)
     with load(args.package, backend=args.backend, threads=args.threads, precision=args.precision) as model:
         predictions = model.predict_batch([x for _, x in items], max_batch=args.batch)
@@ -243,6 +252,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from edge_sdk._cli_stream import add_stream_arguments
+
     parser = argparse.ArgumentParser(prog="edge-sdk", description="Convert models and run them on edge devices.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -305,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="file to write (default: stdout)")
     p.set_defaults(func=_cmd_calib_cache)
 
+    add_kb_parser(sub)
+
     p = sub.add_parser("run", help="predict images or texts with a package")
     p.add_argument("package")
     p.add_argument("inputs", nargs="*", help="image files or folders")
@@ -316,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads for onnxruntime")
     p.add_argument("--batch", type=int, default=16, help="max batch size")
     p.add_argument("--json", action="store_true")
+    add_stream_arguments(p)
     p.set_defaults(func=_cmd_run)
     return parser
 
