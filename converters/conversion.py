@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from converters.anomaly import fit_threshold
 from converters.calibration.methods import CalibrationMethod
 from converters.calibration.readers import ArrayReader, calibration_reader
 from converters.convert_int8 import GRAPH_FILES, Int8Stage, require_calibration, run_int8
@@ -38,7 +39,8 @@ from runtime.select import Selection
 
 log = logging.getLogger(__name__)
 
-TASKS = ("image-classification", "text-classification")
+TASKS = ("image-classification", "text-classification", "anomaly-score")
+IMAGE_TASKS = ("image-classification", "anomaly-score")
 EMBEDDING_TASK = "text-embedding"  # converted by converters.knowledge
 TEXT_ROLES = ("input_ids", "attention_mask", "token_type_ids")
 QUANTIZE = (None, "int8")
@@ -65,6 +67,8 @@ class Options:
     knowledge_base: str | os.PathLike[str] | None = None
     pooling: str = "mean"
     normalize: bool = True
+    # task "anomaly-score": score >= threshold is the fault; None = fitted on the validation data
+    threshold: float | None = None
 
 
 def _options(options: Mapping[str, Any]) -> Options:
@@ -83,6 +87,9 @@ def _options(options: Mapping[str, Any]) -> Options:
         raise ConversionError(f"smoothing is {opts.smoothing!r}; expected a migration strength in [0, 1] or None")
     if opts.calibration_samples < 1:
         raise ConversionError(f"calibration_samples is {opts.calibration_samples}; expected at least 1")
+    if opts.threshold is not None and (isinstance(opts.threshold, bool) or not isinstance(opts.threshold, (int, float))
+                                       or not np.isfinite(opts.threshold)):
+        raise ConversionError(f"threshold is {opts.threshold!r}; expected a finite anomaly score (or None to fit it)")
     if opts.pooling not in POOLINGS:
         raise ConversionError(f"pooling is {opts.pooling!r}; expected one of {', '.join(POOLINGS)}")
     CalibrationMethod.parse(opts.method)
@@ -177,10 +184,51 @@ def _pick_output(outputs: Sequence[TensorSpec], name: str | None, labels: Sequen
     return out
 
 
+def _anomaly_output(outputs: Sequence[TensorSpec], opts: Options,
+                    labels: tuple[str, ...]) -> tuple[TensorSpec, Postprocess]:
+    candidates = [o for o in outputs if opts.output_name in (None, o.name)]
+    if len(candidates) != 1:
+        raise ConversionError(f"cannot choose the anomaly score output among {[o.name for o in outputs]}",
+                              hint="pass output_name=... naming the [batch] or [batch, 1] score output")
+    out = candidates[0]
+    if not (len(out.shape) == 1 or (len(out.shape) == 2 and out.shape[1] in (1, "1"))):
+        raise ConversionError(f"output '{out.name}' has shape {list(out.shape)}; an anomaly model outputs one "
+                              "score per input: [batch] or [batch, 1]")
+    if len(labels) != 2:
+        raise ConversionError(f"an anomaly-score model has labels {list(labels)}; expected two: [normal, fault]",
+                              hint='e.g. labels=["ok", "defect"], matching the validation sub-folders')
+    post = Postprocess(output=out.name, labels=labels, softmax=False, kind="anomaly",
+                       threshold=0.0 if opts.threshold is None else float(opts.threshold))
+    return out, post
+
+
+def _fit_anomaly_threshold(proto: Any, manifest: Manifest, encoder: Any, validation: Any,
+                           opts: Options) -> tuple[Manifest, dict[str, Any]]:
+    """The declared threshold, or the one with the best balanced accuracy on the validation data."""
+    post = manifest.postprocess
+    if opts.threshold is not None:
+        return manifest, {"threshold": post.threshold, "rule": "given"}
+    samples = _samples(manifest.task, validation, post.labels, labelled=True)
+    if not samples:
+        raise ConversionError("an anomaly-score model needs threshold=<score> or validation data to fit one",
+                              hint=f"pass validation= a folder with {post.labels[0]}/ and {post.labels[1]}/ images")
+    runner = OnnxRuntimeRunner(proto.SerializeToString(), manifest.inputs, manifest.outputs,
+                               threads=opts.threads).activate()
+    try:
+        pipeline = Pipeline(manifest, Selection("onnxruntime-cpu", runner, ()), encoder)
+        scores = [p.score for p in pipeline.predict_batch([s.item for s in samples])]
+    finally:
+        runner.deactivate()
+    fit = fit_threshold(scores, [s.label == post.labels[1] for s in samples])
+    log.info("anomaly threshold %.6g: balanced accuracy %.3f on %d validation samples",
+             fit.threshold, fit.balanced_accuracy, fit.samples)
+    return replace(manifest, postprocess=replace(post, threshold=fit.threshold)), fit.to_dict()
+
+
 def _samples(task: str, source: Any, labels: Sequence[str], labelled: bool) -> list[Sample]:
     if source is None:
         return []
-    if task == "image-classification":
+    if task in IMAGE_TASKS:
         samples = image_samples(source, labels)
         if labelled and samples[0].label is None:
             raise ConversionError(f"validation folder {str(source)!r} has no label sub-folders",
@@ -205,7 +253,7 @@ def _golden_feeds(
 def _golden_items(task: str, pool: Sequence[Sample], count: int) -> list[Any]:
     """Up to ``count`` inputs, spread over the labels; synthetic ones when no data was given."""
     if not pool:
-        if task == "image-classification":
+        if task in IMAGE_TASKS:
             rng = np.random.default_rng(0)
             return [rng.integers(0, 256, (96, 128, 3), dtype=np.uint8) for _ in range(count)]
         return list(_SYNTHETIC_TEXTS[:count])
@@ -237,10 +285,14 @@ def _prepare(
     label_list = _labels(labels, task)
     proto = name_nodes(load_onnx(model))  # reports and scales refer to nodes by name
     inputs, outputs = io_specs(proto)
-    out_spec = _pick_output(outputs, opts.output_name, label_list)
+    if task == "anomaly-score":
+        out_spec, postprocess = _anomaly_output(outputs, opts, label_list)
+    else:
+        out_spec = _pick_output(outputs, opts.output_name, label_list)
+        postprocess = Postprocess(output=out_spec.name, labels=label_list)
     tokenizer_json: str | None = None
     pre: ImagePreprocess | TextPreprocess
-    if task == "image-classification":
+    if task in IMAGE_TASKS:
         pre = _image_preprocess(preprocess)
         _check_image_input(inputs, pre)
     else:
@@ -249,7 +301,7 @@ def _prepare(
     manifest = Manifest(
         name=opts.name or Path(output).name.split(".")[0] or "model", version=opts.version, task=task,
         model="model.onnx", inputs=inputs, outputs=(out_spec,), preprocess=pre,
-        postprocess=Postprocess(output=out_spec.name, labels=label_list), files={},
+        postprocess=postprocess, files={},
         created_by="edge-sdk converters",
     )
     return proto, manifest, tokenizer_json
@@ -351,6 +403,9 @@ def convert(
         require_calibration(calibration)
     proto, manifest, tokenizer_json = _prepare(model, output, task, labels, preprocess, tokenizer, max_length, opts)
     encoder = make_encoder(manifest, tokenizer_json)
+    anomaly: dict[str, Any] | None = None
+    if task == "anomaly-score":
+        manifest, anomaly = _fit_anomaly_threshold(proto, manifest, encoder, validation, opts)
     pruning: dict[str, Any] | None = None
     if opts.prune is not None:
         proto, pruning = _prune(proto, manifest, encoder, calibration, validation, opts)
@@ -362,6 +417,8 @@ def convert(
                         method=opts.method, budget=opts.budget, samples=opts.calibration_samples,
                         smoothing=opts.smoothing, progress=progress)
     manifest, files, notes = _assemble(manifest, proto, fp32, int8, tokenizer_json, calibration is not None, pruning)
+    if anomaly is not None:
+        manifest = replace(manifest, reports={**manifest.reports, "anomaly": anomaly})
     package = write_package(manifest, files, output, archive=opts.archive)
     log.info("wrote %s", package.path)
     return ConversionReport(

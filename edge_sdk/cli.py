@@ -49,6 +49,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             raise EdgeSDKError(f"--preprocess is not valid JSON: {exc}") from None
     options: dict[str, Any] = {k: v for k, v in {
         "name": args.name, "version": args.version, "quantize": args.quantize, "smoothing": args.smoothing,
+        "threshold": args.threshold,
     }.items() if v is not None}  # unset: the SDK's defaults
     options.update(archive=not args.directory, method=args.method, calibration_samples=args.calibration_samples,
                    budget=None if args.budget < 0 else args.budget)
@@ -266,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert an ONNX model into an .edgepkg package")
     p.add_argument("model", help="the .onnx file")
     p.add_argument("-o", "--output", required=True, help="package path to write")
-    p.add_argument("--task", required=True, choices=["image-classification", "text-classification"])
+    p.add_argument("--task", required=True, choices=["image-classification", "text-classification", "anomaly-score"])
     p.add_argument("--labels", required=True, help="labels.txt path or comma-separated labels")
     p.add_argument("--preprocess", help="image preprocessing as JSON or a JSON file path")
     p.add_argument("--tokenizer", help="tokenizer.json of a text model")
@@ -284,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-samples", type=int, default=256, help="calibration samples to use")
     p.add_argument("--smoothing", type=float, help="activation smoothing strength for transformers (0-1)")
     p.add_argument("--no-smoothing", action="store_true", help="keep the fp32 graph as is before quantizing")
+    p.add_argument("--threshold", type=float,
+                   help="anomaly-score: score at and above which an input is a fault (default: fitted on --validation)")
     p.add_argument("--prune", help='magnitude | activation | 2:4, or JSON such as '
                                    '\'{"method": "structured", "ratio": 0.3}\' or \'{"method": "structured", "budget": 1.0}\'')
     p.add_argument("--json", action="store_true")

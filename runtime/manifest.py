@@ -421,6 +421,9 @@ class Manifest:
             "precision": self.precision,
             "graphs": dict(self.graphs),
             "labels": list(self.postprocess.labels),
+            **({"threshold": self.postprocess.threshold} if self.postprocess.kind == "anomaly" else {}),
+            **({"knowledge_base": {k: self.knowledge_base.get(k) for k in ("count", "dim", "faults")}}
+               if self.knowledge_base else {}),
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
             "preprocess": self.preprocess.to_dict(),

@@ -202,3 +202,33 @@ def chain_cnn_model(size: int = 8, classes: int = 3, seed: int = 0) -> onnx.Mode
         nodes, "chain", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])], initializer=inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def anomaly_model(size: int = 8) -> onnx.ModelProto:
+    """[N,3,H,W] float32 -> mean |x| -> score [N,1]: far from mid-grey (after normalisation) is anomalous."""
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])
+    y = helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch", 1])
+    shape = numpy_helper.from_array(np.array([-1, 1], np.int64), "shape")
+    nodes = [
+        helper.make_node("Abs", ["image"], ["magnitude"]),
+        helper.make_node("ReduceMean", ["magnitude"], ["mean"], axes=[1, 2, 3], keepdims=0),
+        helper.make_node("Reshape", ["mean", "shape"], ["score"]),
+    ]
+    graph = helper.make_graph(nodes, "anomaly", [x], [y], initializer=[shape])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def write_anomaly_folder(root: Path, per_class: int = 6, size: int = 32) -> Path:
+    """ok/: mid-grey parts with mild noise; defect/: the same with a bright or dark blotch."""
+    import cv2
+
+    rng = np.random.default_rng(7)
+    for label in ("ok", "defect"):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = np.clip(rng.normal(127, 6, (size, size, 3)), 0, 255).astype(np.uint8)
+            if label == "defect":
+                c = 8 + (i * 5) % 16
+                img[c - 6 : c + 6, c - 6 : c + 6] = 255 if i % 2 else 0
+            cv2.imwrite(str(root / label / f"{i}.png"), img)
+    return root

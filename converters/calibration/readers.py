@@ -95,6 +95,6 @@ def calibration_reader(
         if limit:
             arrays = {k: v[:limit] for k, v in arrays.items()}
         return ArrayReader(arrays, batch_size)
-    samples = image_samples(path) if task == "image-classification" else text_lines(path)
+    samples = image_samples(path) if task in ("image-classification", "anomaly-score") else text_lines(path)
     items = tuple(s.item for s in samples)[:limit]
     return EncodedReader(items, encode, batch_size)
