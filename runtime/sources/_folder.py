@@ -1,0 +1,166 @@
+"""``FolderSource``: the images in a folder in name order, and with ``watch=True`` the ones that
+appear later (each read once its size has stopped changing)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from edge_sdk.errors import SourceError
+from runtime.frame import Frame, SourceState
+from runtime.sources._health import TERMINAL, Health
+from runtime.sources._spec import Spec, check_positive, default_id
+
+log = logging.getLogger(__name__)
+
+#: File name endings read as images (compared case-insensitively).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+class FolderSource:
+    """A :class:`~runtime.frame.Source` over the image files of one folder (not its subfolders).
+
+    Files are read in name order, decoded to BGR; ``Frame.name`` is the file name. Without
+    ``watch`` the source ends after the files present at the first ``read()``. With ``watch`` it
+    polls every ``poll_interval`` seconds for names not seen yet, reads a new file once its size
+    and modification time are the same on two polls in a row (so a file still being written is
+    not read half-way), and runs until released; a name is read once while its file exists (deleted
+    and written again, it is read again). A file that cannot be decoded is skipped, logged,
+    and counted in ``state.dropped`` with its name in ``state.last_error``.
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        *,
+        source_id: str | None = None,
+        watch: bool = False,
+        poll_interval: float = 0.2,
+    ) -> None:
+        self._folder = Path(folder)
+        if not self._folder.is_dir():
+            what = "is not a folder" if self._folder.exists() else "does not exist"
+            raise SourceError(f"image folder {str(self._folder)!r} {what}",
+                              hint="pass an existing folder of .jpg/.png/.bmp/.tif images")
+        check_positive("poll_interval", poll_interval)
+        self.id = source_id or default_id(Spec("folder", str(self._folder), str(self._folder)))
+        self._watch = bool(watch)
+        self._poll = float(poll_interval)
+        self._health = Health(self.id, "open")
+        self._stop = threading.Event()
+        self._seen: set[str] = set()
+        self._ready: list[str] = []  # names ready to decode, last one first
+        self._pending: dict[str, tuple[int, int]] = {}  # watch: name -> (size, mtime) at the last poll
+        self._scanned = False
+        self._index = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self._health.status not in TERMINAL
+
+    @property
+    def state(self) -> SourceState:
+        return self._health.snapshot()
+
+    def read(self) -> Frame | None:
+        """The next image; None after the last one (without ``watch``) or once released."""
+        while not self._stop.is_set():
+            if self._ready:
+                name = self._ready.pop()
+                image = self._decode(name)
+                if image is not None:
+                    return self._deliver(image, name)
+                continue
+            if self._scanned and not self._watch:
+                log.info("source %s: read all %d images of %s", self.id, self._index, self._folder)
+                self._health.set(status="ended")
+                return None
+            if self._scanned and self._stop.wait(self._poll):
+                break
+            self._scan()
+        return None
+
+    def release(self) -> None:
+        """Stop; a ``read()`` waiting for new files in another thread returns None promptly."""
+        self._stop.set()
+        self._health.set(status="released")
+
+    def __enter__(self) -> FolderSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"FolderSource({str(self._folder)!r}, id={self.id!r}, watch={self._watch})"
+
+    def _scan(self) -> None:
+        first, self._scanned = not self._scanned, True
+        try:
+            present = {e.name for e in os.scandir(self._folder)
+                       if e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file()}
+        except OSError as exc:
+            if not self._watch:
+                raise SourceError(f"cannot list image folder {str(self._folder)!r}: {exc}",
+                                  hint="check that the folder exists and is readable") from exc
+            self._note_error(f"cannot list {self._folder}: {exc}")
+            return
+        if self._watch:
+            self._seen &= present  # forget deleted files: memory stays bounded by the folder
+        names = sorted(present - self._seen)
+        if first and not names:
+            log.warning("source %s: no images (%s) in %s", self.id, "/".join(IMAGE_EXTENSIONS), self._folder)
+        self._take(self._stable(names) if self._watch else names)
+
+    def _stable(self, names: list[str]) -> list[str]:
+        """The names whose size and mtime are unchanged since the last poll (and not empty)."""
+        listed = set(names)
+        self._pending = {n: sig for n, sig in self._pending.items() if n in listed}
+        stable = []
+        for name in names:
+            try:
+                st = os.stat(self._folder / name)
+            except OSError:
+                continue
+            signature = (st.st_size, st.st_mtime_ns)
+            if st.st_size > 0 and self._pending.get(name) == signature:
+                stable.append(name)
+                del self._pending[name]
+            else:
+                self._pending[name] = signature
+        return stable
+
+    def _take(self, names: list[str]) -> None:
+        self._seen.update(names)
+        self._ready = sorted(self._ready + names, reverse=True)
+
+    def _decode(self, name: str) -> np.ndarray | None:
+        try:
+            data = np.fromfile(self._folder / name, dtype=np.uint8)
+        except OSError as exc:
+            self._skip(name, f"cannot read it: {exc}")
+            return None
+        image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+        if image is None:
+            self._skip(name, "OpenCV cannot decode it as an image")
+        return image
+
+    def _deliver(self, image: np.ndarray, name: str) -> Frame:
+        frame = Frame(image=image, source_id=self.id, index=self._index, timestamp=time.time(), name=name)
+        self._index += 1
+        self._health.count(frames=1)
+        return frame
+
+    def _skip(self, name: str, why: str) -> None:
+        self._health.count(dropped=1)
+        self._note_error(f"skipped {name}: {why}")
+
+    def _note_error(self, error: str) -> None:
+        self._health.set(last_error=error)
+        log.warning("source %s: %s", self.id, error)
