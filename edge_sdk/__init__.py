@@ -27,6 +27,10 @@ _LAZY = {
     "stream": "edge_sdk.streaming",
     "StreamResult": "runtime.stream",
     "Batching": "runtime.batching",
+    "Diagnoser": "runtime.diagnosis",
+    "Diagnosis": "runtime.fusion",
+    "FusionRule": "runtime.fusion",
+    "KnowledgeBase": "runtime.knowledge",
     "detect": "devices",
     "DeviceInfo": "devices",
     "errors": "edge_sdk.errors",
@@ -42,6 +46,9 @@ if TYPE_CHECKING:
     from edge_sdk.model import Model, load
     from edge_sdk.streaming import stream
     from runtime.batching import Batching
+    from runtime.diagnosis import Diagnoser
+    from runtime.fusion import Diagnosis, FusionRule
+    from runtime.knowledge import KnowledgeBase
     from runtime.pipeline import Pipeline
     from runtime.stream import StreamResult
     from runtime.prediction import Prediction
