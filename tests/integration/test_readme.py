@@ -34,7 +34,7 @@ def _demo_layout(root: Path) -> None:
 def test_readme_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                              capsys: pytest.CaptureFixture[str]) -> None:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert len(blocks) == 2, "README's python examples changed: update this test"
+    assert len(blocks) == 3, "README's python examples changed: update this test"
     _demo_layout(tmp_path)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
@@ -47,3 +47,6 @@ def test_readme_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert (tmp_path / "build" / "surface-defects.edgepkg").is_file()
     assert any(line.startswith("int8: auto calibration on 10 samples") for line in out[2:])
     assert (tmp_path / "build" / "surface-defects.int8.edgepkg").is_file()
+    streamed = [line.split() for line in out if line.startswith("scratch_")]
+    assert [s[0] for s in streamed] == ["scratch_0000.png", "scratch_0001.png"]  # the folder, in order
+    assert all(s[1] in LABELS and s[3] == "ms" for s in streamed)
