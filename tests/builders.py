@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+if TYPE_CHECKING:
+    from runtime.package import Package
 
 COLOR_LABELS = ["red", "green", "blue"]
 TEXT_LABELS = ["bearing", "leak", "overheating"]
@@ -232,3 +236,53 @@ def write_anomaly_folder(root: Path, per_class: int = 6, size: int = 32) -> Path
                 img[c - 6 : c + 6, c - 6 : c + 6] = 255 if i % 2 else 0
             cv2.imwrite(str(root / label / f"{i}.png"), img)
     return root
+
+
+# --- knowledge base: a bag-of-words embedding model and past incidents ---------------------------
+
+DIM = 8
+# Which direction of the embedding space a token mostly points to (rows follow VOCAB).
+_TOPIC = {"bearing": 0, "noise": 0, "grinding": 0, "leak": 1, "oil": 1, "drip": 1, "hot": 2, "temperature": 2,
+          "overheat": 2, "the": 3, "pump": 3, "is": 3, "[CLS]": 4, "[SEP]": 4, "[UNK]": 5}
+INCIDENTS_CSV = """id,text,fault,fix,asset,date
+INC-1,grinding noise at the bearing,bearing,replace the drive-end bearing,pump P-101,2024-03-02
+INC-2,oil leak under the pump,leak,replace the shaft seal,pump P-101,2024-04-11
+INC-3,the pump is hot,overheating,clean the cooler fins,pump P-204,2024-05-20
+INC-4,oil drip at the flange,leak,tighten the flange bolts,valve V-3,2024-06-01
+INC-5,temperature alarm overheat,overheating,restore coolant flow,motor M-7,2024-07-15
+INC-6,noise from the pump,bearing,grease the bearing,pump P-204,2024-08-09
+"""
+TEXTS = [line.split(",")[1] for line in INCIDENTS_CSV.splitlines()[1:]]
+
+
+def embedding_model(dim: int = DIM, seed: int = 0, with_mask: bool = True) -> onnx.ModelProto:
+    """Token vectors [N,S,dim] (padding zeroed by the mask): a bag-of-words encoder over VOCAB."""
+    rng = np.random.default_rng(seed)
+    table = rng.normal(0.0, 0.15, (len(VOCAB), dim)).astype(np.float32)
+    for token, axis in _TOPIC.items():
+        table[VOCAB.index(token), axis % dim] += {3: 0.5, 4: 0.3, 5: 0.3}.get(axis, 1.0)
+    names = ["input_ids", "attention_mask"] if with_mask else ["input_ids"]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"]) for n in names]
+    out = helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", "sequence", dim])
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["emb" if with_mask else "hidden"])]
+    if with_mask:
+        nodes += [helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
+                  helper.make_node("Unsqueeze", ["maskf", "axis2"], ["mask3"]),
+                  helper.make_node("Mul", ["emb", "mask3"], ["hidden"])]
+    graph = helper.make_graph(nodes, "bag_of_words", inputs, [out],
+                              initializer=[numpy_helper.from_array(table, "E"),
+                                           numpy_helper.from_array(np.array([2], np.int64), "axis2")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def build_kb(root: Path, csv_text: str = INCIDENTS_CSV, *, archive: bool = True, name: str = "kb.edgepkg",
+             **kwargs: object) -> Package:
+    """Write the model, tokenizer and incidents under ``root`` and build a knowledge-base package."""
+    from converters.knowledge import build_knowledge_base
+
+    root.mkdir(parents=True, exist_ok=True)
+    onnx.save(embedding_model(), root / "embed.onnx")
+    (root / "incidents.csv").write_text(csv_text, encoding="utf-8")
+    return build_knowledge_base(root / "embed.onnx", root / "incidents.csv", root / name,
+                                tokenizer=tokenizer_json(root / "tokenizer.json"), max_length=16,
+                                archive=archive, **kwargs)  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ from runtime.diagnosis import Diagnoser
 from runtime.fusion import FusionRule
 from runtime.pipeline import Pipeline
 from runtime.sources import open_source
-from tests.unit.runtime.test_knowledge import build_kb
+from tests.builders import build_kb
 from tests.unit.runtime.test_stream import SlowRunner
 
 BGR = {"red": (30, 40, 220), "green": (40, 200, 30), "blue": (210, 50, 40)}

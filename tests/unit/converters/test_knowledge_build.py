@@ -15,7 +15,7 @@ from edge_sdk.errors import ConversionError
 from runtime.knowledge import Incident, KnowledgeBase, l2_normalize
 from runtime.package import Package
 from tests import builders
-from tests.unit.runtime.test_knowledge import DIM, INCIDENTS_CSV, TEXTS, build_kb, embedding_model
+from tests.builders import DIM, INCIDENTS_CSV, TEXTS, build_kb, embedding_model
 
 
 def _csv(tmp_path: Path, content: str | bytes, name: str = "incidents.csv") -> Path:

@@ -10,7 +10,7 @@ import pytest
 
 from edge_sdk.cli import main
 from tests import builders
-from tests.unit.runtime.test_knowledge import INCIDENTS_CSV, embedding_model
+from tests.builders import INCIDENTS_CSV, embedding_model
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
