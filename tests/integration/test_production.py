@@ -17,7 +17,6 @@ import pytest
 import edge_sdk
 from edge_sdk.cli import main
 from runtime.diagnosis import Diagnoser
-from runtime.fusion import FusionRule
 from runtime.pipeline import Pipeline
 from runtime.sources import open_source
 from tests.builders import build_kb
