@@ -14,7 +14,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 $(VENV)/.test-deps: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[convert,dev]"
+	$(BIN)/pip install -q -e ".[convert,serve,dev]"
 	touch $@
 
 $(VENV)/.demo-deps: pyproject.toml | $(BIN)/python
