@@ -25,6 +25,7 @@ _LAZY = {
     "Prediction": "runtime.prediction",
     "Pipeline": "runtime.pipeline",
     "stream": "edge_sdk.streaming",
+    "Client": "edge_sdk.client",
     "StreamResult": "runtime.stream",
     "Batching": "runtime.batching",
     "Diagnoser": "runtime.diagnosis",
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from devices import DeviceInfo, detect
     from edge_sdk import errors
     from edge_sdk.model import Model, load
+    from edge_sdk.client import Client
     from edge_sdk.streaming import stream
     from runtime.batching import Batching
     from runtime.diagnosis import Diagnoser

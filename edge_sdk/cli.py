@@ -253,6 +253,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from edge_sdk._cli_serve import add_serve_parser
+    from edge_sdk._cli_service import add_service_parser
     from edge_sdk._cli_stream import add_stream_arguments
 
     parser = argparse.ArgumentParser(prog="edge-sdk", description="Convert models and run them on edge devices.")
@@ -334,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     add_stream_arguments(p)
     p.set_defaults(func=_cmd_run)
+    add_serve_parser(sub)
+    add_service_parser(sub)
     return parser
 
 

@@ -8,7 +8,9 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_sdk.daemon.kserve import BadRequest, decode_request, encode_response, tensor_metadata
+import json
+
+from edge_sdk.daemon.kserve import BadRequest, decode_request, encode_response, split_body, tensor_metadata
 from edge_sdk.daemon.uploads import MAX_PIXELS, decode_upload, image_size
 from runtime.manifest import TensorSpec
 
@@ -21,12 +23,15 @@ def test_request_round_trip() -> None:
         {"name": "input_ids", "shape": [2, 3], "datatype": "INT64", "data": [1, 2, 3, 4, 5, 6]},
         {"name": "mask", "shape": [2, 3], "datatype": "INT64", "data": [[1, 1, 1], [1, 1, 0]]}],
         "outputs": [{"name": "logits"}]}
-    feeds, names, request_id = decode_request(body, SPECS)
+    request = decode_request(body, SPECS)
+    feeds = request.feeds
     assert feeds["input_ids"].dtype == np.int64 and feeds["input_ids"].tolist() == [[1, 2, 3], [4, 5, 6]]
-    assert feeds["mask"].shape == (2, 3) and names == ["logits"] and request_id == "r1"
-    out = encode_response("words", "1", {"logits": np.ones((2, 2), np.float32), "other": np.zeros(1)}, names, "r1")
-    assert out == {"model_name": "words", "model_version": "1", "id": "r1",
-                   "outputs": [{"name": "logits", "datatype": "FP32", "shape": [2, 2], "data": [1.0] * 4}]}
+    assert feeds["mask"].shape == (2, 3) and request.outputs == [("logits", False)] and request.id == "r1"
+    body_bytes, head = encode_response("words", "1", {"logits": np.ones((2, 2), np.float32), "other": np.zeros(1)},
+                                       request)
+    assert head is None and json.loads(body_bytes) == {
+        "model_name": "words", "model_version": "1", "id": "r1",
+        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [2, 2], "data": [1.0] * 4}]}
     assert tensor_metadata(IMAGE) == [{"name": "image", "datatype": "FP32", "shape": [-1, 3, 4, 4]}]
 
 
@@ -43,7 +48,7 @@ def test_request_round_trip() -> None:
      "cannot be read as float32"),
     ({"inputs": [{"name": "image", "shape": "1,3", "datatype": "FP32", "data": []}]}, "non-empty list"),
     ({"inputs": [{"name": "image", "shape": [1, 3, 4, 4], "datatype": "FP32",
-                  "parameters": {"binary_data_size": 192}}]}, "binary tensor data extension"),
+                  "parameters": {"binary_data_size": 192}}]}, "the body holds 0 more bytes"),
 ])
 def test_bad_requests_say_what_is_wrong(body: object, match: str) -> None:
     with pytest.raises(BadRequest, match=match):
@@ -51,8 +56,26 @@ def test_bad_requests_say_what_is_wrong(body: object, match: str) -> None:
 
 
 def test_unknown_requested_output() -> None:
+    request = decode_request({"inputs": [{"name": "image", "shape": [1, 3, 4, 4], "datatype": "FP32",
+                                          "data": [0.0] * 48}], "outputs": [{"name": "nope"}]}, IMAGE)
     with pytest.raises(BadRequest, match=r"output\(s\) \['nope'\] do not exist"):
-        encode_response("m", "1", {"logits": np.zeros(1)}, ["nope"], None)
+        encode_response("m", "1", {"logits": np.zeros(1)}, request)
+
+
+def test_binary_tensor_extension_both_ways() -> None:
+    image = np.arange(48, dtype=np.float32).reshape(1, 3, 4, 4)
+    header = json.dumps({"inputs": [{"name": "image", "shape": [1, 3, 4, 4], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": 192}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    parsed, tail = split_body(header + image.tobytes(), str(len(header)))
+    request = decode_request(parsed, IMAGE, tail)
+    np.testing.assert_array_equal(request.feeds["image"], image)
+    logits = np.array([[0.5, -1.0]], np.float32)
+    body, head = encode_response("m", "1", {"logits": logits}, request)
+    assert head is not None and json.loads(body[:head])["outputs"][0]["parameters"] == {"binary_data_size": 8}
+    np.testing.assert_array_equal(np.frombuffer(body[head:], np.float32), logits.ravel())
+    with pytest.raises(BadRequest, match="Inference-Header-Content-Length is '999'"):
+        split_body(header, "999")
 
 
 def encoded(ext: str, h: int = 30, w: int = 40) -> bytes:

@@ -1,0 +1,307 @@
+"""The daemon's HTTP API (Starlette, served by uvicorn).
+
+* KServe v2 / Open Inference Protocol: ``/v2/health/live``, ``/v2/health/ready``, ``/v2``,
+  ``/v2/models/{name}``, ``/v2/models/{name}/ready``, ``POST /v2/models/{name}/infer``.
+* Convenience (``/v1``): predict with a model (image bytes or JSON texts), diagnose an uploaded
+  image or a text about an asset, list and fetch events and their snapshots, sources' state,
+  models, hot swap.
+* ``/metrics`` (Prometheus) and ``/openapi.json``.
+
+Every endpoint except the two health checks requires ``Authorization: Bearer <token>``.
+Request bodies are limited to ``server.max_body_mb``; errors are JSON ``{"error", "hint"}``
+with a 4xx status that says whose fault it was.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from typing import Any, Awaitable, Callable
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from edge_sdk import __version__
+from edge_sdk.daemon.core import Daemon
+from edge_sdk.daemon.kserve import BadRequest, decode_request, encode_response, model_metadata, split_body
+from edge_sdk.daemon.models import UnknownModelError
+from edge_sdk.daemon.uploads import decode_upload
+from edge_sdk.errors import DaemonError, EdgeSDKError, InputMismatchError, PipelineError
+
+log = logging.getLogger(__name__)
+
+PUBLIC = ("/v2/health/live", "/v2/health/ready")
+MAX_EVENTS_PAGE = 1000
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def error(status: int, message: str, hint: str | None = None) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"error": message, **({"hint": hint} if hint else {})}, status_code=status, headers=headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BadRequest(f"request body of {declared} bytes is over the {limit}-byte limit",
+                         hint="raise server.max_body_mb, or send a smaller image", status=413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest(f"request body is over the {limit}-byte limit", status=413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    body = await read_body(request, limit)
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+
+
+def _status(exc: EdgeSDKError) -> int:
+    if isinstance(exc, BadRequest):
+        return exc.status
+    if isinstance(exc, UnknownModelError):
+        return 404
+    if isinstance(exc, (InputMismatchError, PipelineError)):
+        return 422
+    if isinstance(exc, DaemonError):
+        return 409
+    return 500
+
+
+class Api:
+    """Request handlers over one :class:`Daemon`."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.limit = daemon.config.server.max_body_bytes
+
+    # KServe v2 ---------------------------------------------------------------------------
+    async def live(self, request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    async def ready(self, request: Request) -> Response:
+        ok = self.daemon.ready
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    async def server(self, request: Request) -> Response:
+        return JSONResponse({"name": "edge-sdk", "version": __version__, "extensions": []})
+
+    async def model(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        pipeline = self.daemon.registry.current(name)
+        return JSONResponse(model_metadata(name, pipeline.manifest, pipeline.backend))
+
+    async def model_ready(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        self.daemon.registry.current(name)
+        return JSONResponse({"name": name, "ready": self.daemon.ready})
+
+    async def infer(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        manifest = self.daemon.registry.current(name).manifest
+        header, tail = split_body(await read_body(request, self.limit),
+                                  request.headers.get("inference-header-content-length"))
+        infer = decode_request(header, manifest.inputs, tail)
+        result, served = await run_in_threadpool(self.daemon.infer, name, infer.feeds)
+        body, head_length = encode_response(name, served.version, result, infer)
+        if head_length is None:
+            return Response(body, media_type="application/json")
+        return Response(body, media_type="application/octet-stream",
+                        headers={"Inference-Header-Content-Length": str(head_length)})
+
+    # convenience ---------------------------------------------------------------------------
+    async def _items(self, request: Request, name: str) -> list[Any]:
+        manifest = self.daemon.registry.current(name).manifest
+        body = await read_body(request, self.limit)
+        if manifest.task in ("image-classification", "anomaly-score"):
+            return [decode_upload(body)]
+        data = _json(body)
+        texts = data.get("texts") if isinstance(data, dict) and "texts" in data else [
+            data.get("text") if isinstance(data, dict) else None]
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise BadRequest('expected a JSON body {"text": "..."} or {"texts": ["...", ...]} with non-empty texts')
+        return texts
+
+    async def predict(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        items = await self._items(request, name)
+        predictions = await run_in_threadpool(self.daemon.predict, name, items)
+        return JSONResponse({"model": name, "predictions": [p.to_dict() for p in predictions]})
+
+    async def diagnose(self, request: Request) -> Response:
+        if self.daemon.fuser is None:
+            raise DaemonError("diagnosis needs a [fusion] table in the configuration",
+                              hint="declare the fault vocabulary and each model's label map under [fusion]")
+        model = request.query_params.get("model")
+        if request.headers.get("content-type", "").startswith("application/json"):
+            data = await read_json(request, self.limit)
+            if not isinstance(data, dict) or not isinstance(data.get("asset"), str) or not data["asset"].strip() \
+                    or not isinstance(data.get("text"), str) or not data["text"].strip():
+                raise BadRequest('expected a JSON body {"asset": "pump-7", "text": "..."}')
+            outcome = await run_in_threadpool(self.daemon.diagnose_text, data["asset"], data["text"], model)
+        else:
+            asset = request.query_params.get("asset", "").strip()
+            if not asset:
+                raise BadRequest("an image upload needs ?asset=ASSET_ID", hint="POST /v1/diagnose?asset=pump-7")
+            image = decode_upload(await read_body(request, self.limit))
+            outcome = await run_in_threadpool(self.daemon.diagnose_image, asset, image, model)
+        return JSONResponse(outcome.to_dict())
+
+    async def events(self, request: Request) -> Response:
+        q = request.query_params
+        limit = _int_param(q.get("limit"), "limit", 100, 1, MAX_EVENTS_PAGE)
+        before = _int_param(q.get("before"), "before", None, 1, None)
+        since = _float_param(q.get("since"), "since")
+        events = await run_in_threadpool(self.daemon.store.list, asset_id=q.get("asset"), fault=q.get("fault"),
+                                         since=since, before_id=before, limit=limit)
+        rows = [_event(e) for e in events]
+        return JSONResponse({"events": rows, "next": rows[-1]["id"] if len(rows) == limit else None})
+
+    async def event(self, request: Request) -> Response:
+        event_id = _int_param(request.path_params["id"], "event id", None, 1, None)
+        event = await run_in_threadpool(self.daemon.store.get, event_id)
+        if event is None:
+            return error(404, f"event {event_id} does not exist (it may have been removed by retention)")
+        return JSONResponse(_event(event))
+
+    async def snapshot(self, request: Request) -> Response:
+        event_id = _int_param(request.path_params["id"], "event id", None, 1, None)
+        path = await run_in_threadpool(self.daemon.store.snapshot_path, event_id)
+        if path is None:
+            return error(404, f"event {event_id} has no snapshot")
+        return FileResponse(path, media_type="image/jpeg")
+
+    async def sources(self, request: Request) -> Response:
+        return JSONResponse({"sources": self.daemon.sources()})
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"models": [self.daemon.registry.info(n) for n in self.daemon.registry.names]})
+
+    async def reload(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        body = await read_body(request, self.limit)
+        data = _json(body) if body.strip() else {}
+        package = data.get("package") if isinstance(data, dict) else None
+        if package is not None and not isinstance(package, str):
+            raise BadRequest(f"package is {package!r}; expected a path on the device")
+        info = await run_in_threadpool(self.daemon.swap, name, package)
+        return JSONResponse(info)
+
+    async def metrics(self, request: Request) -> Response:
+        body, content_type = self.daemon.metrics.render()
+        return Response(body, media_type=content_type)
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(openapi_document())
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+
+
+def _int_param(value: str | None, what: str, default: int | None, lo: int, hi: int | None) -> Any:
+    if value is None:
+        return default
+    if not value.isdigit() or int(value) < lo or (hi is not None and int(value) > hi):
+        raise BadRequest(f"{what} is {value!r}; expected an integer >= {lo}" + (f" and <= {hi}" if hi else ""))
+    return int(value)
+
+
+def _float_param(value: str | None, what: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise BadRequest(f"{what} is {value!r}; expected a UNIX timestamp in seconds") from None
+
+
+def _event(event: Any) -> dict[str, Any]:
+    return {"id": event.id, "asset": event.asset_id, "fault": event.fault, "confidence": event.confidence,
+            "timestamp": event.timestamp, "snapshot": event.snapshot is not None, "diagnosis": event.payload}
+
+
+ROUTES: list[tuple[str, str, str, str]] = [  # (method, path, handler, summary)
+    ("GET", "/v2/health/live", "live", "The server is running (no token needed)."),
+    ("GET", "/v2/health/ready", "ready", "Every model is loaded and verified (no token needed)."),
+    ("GET", "/v2", "server", "Server metadata (KServe v2)."),
+    ("GET", "/v2/models/{name}", "model", "Model metadata: inputs, outputs, platform (KServe v2)."),
+    ("GET", "/v2/models/{name}/ready", "model_ready", "Model readiness (KServe v2)."),
+    ("POST", "/v2/models/{name}/infer", "infer", "Run the graph on JSON tensors (KServe v2)."),
+    ("GET", "/v1/models", "models", "Served models with backend, precision and package."),
+    ("POST", "/v1/models/{name}/predict", "predict", "Predict an image (body: JPEG/PNG bytes) or texts (JSON)."),
+    ("POST", "/v1/models/{name}/reload", "reload", "Hot swap to a package (JSON {package}); the old one serves on failure."),
+    ("POST", "/v1/diagnose", "diagnose", "Diagnose a text (JSON {asset, text}) or an image (bytes, ?asset=)."),
+    ("GET", "/v1/events", "events", "Stored events, newest first (?asset, fault, since, before, limit)."),
+    ("GET", "/v1/events/{id}", "event", "One event."),
+    ("GET", "/v1/events/{id}/snapshot", "snapshot", "The event's snapshot image (JPEG)."),
+    ("GET", "/v1/sources", "sources", "Sources' state: frames, drops, reconnects, errors."),
+    ("GET", "/metrics", "metrics", "Prometheus metrics."),
+    ("GET", "/openapi.json", "openapi", "This document."),
+]
+
+
+def openapi_document() -> dict[str, Any]:
+    paths: dict[str, Any] = {}
+    for method, path, handler, summary in ROUTES:
+        operation: dict[str, Any] = {"summary": summary, "operationId": handler,
+                                     "responses": {"200": {"description": "OK"}, "4XX": {"description": "error"}}}
+        if path not in PUBLIC:
+            operation["security"] = [{"bearer": []}]
+        paths.setdefault(path, {})[method.lower()] = operation
+    return {"openapi": "3.0.3", "info": {"title": "edge-sdk daemon", "version": __version__}, "paths": paths,
+            "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}}
+
+
+def create_app(daemon: Daemon) -> Starlette:
+    """The ASGI app over a started (or starting) daemon."""
+    api = Api(daemon)
+    token = daemon.config.server.token.encode()
+
+    def guarded(name: str, handler: Handler) -> Handler:
+        async def endpoint(request: Request) -> Response:
+            started = time.perf_counter()
+            response = await _answer(request, handler, token, request.url.path in PUBLIC)
+            daemon.metrics.count_request(name, response.status_code)
+            log.debug("%s %s -> %d in %.1f ms", request.method, request.url.path, response.status_code,
+                      (time.perf_counter() - started) * 1e3)
+            return response
+
+        return endpoint
+
+    routes = [Route(path, guarded(handler, getattr(api, handler)), methods=[method])
+              for method, path, handler, _ in ROUTES]
+    return Starlette(routes=routes)
+
+
+async def _answer(request: Request, handler: Handler, token: bytes, public: bool) -> Response:
+    if not public:
+        auth = request.headers.get("authorization", "")
+        scheme, _, given = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
+            return error(401, "missing or wrong bearer token",
+                         hint="send Authorization: Bearer <token> (server.token or server.token_file)")
+    try:
+        return await handler(request)
+    except EdgeSDKError as exc:
+        status = _status(exc)
+        if status >= 500:
+            log.error("%s %s failed: %s", request.method, request.url.path, exc.message)
+        return error(status, exc.message, exc.hint)
+    except Exception:  # our bug: logged with its traceback, answered without internals
+        log.exception("%s %s failed", request.method, request.url.path)
+        return error(500, "internal error; the daemon's log has the details")

@@ -1,0 +1,287 @@
+"""Publish stored events over MQTT from the store's persistent outbox.
+
+Topics (``prefix`` and ``device_id`` from ``[mqtt]``)::
+
+    {prefix}/{device_id}/events/{asset}   one message per event, QoS 1, not retained
+    {prefix}/{device_id}/status           "online" / "offline", QoS 1, retained;
+                                          the Last Will is "offline"
+
+``{asset}`` is the asset id made topic-safe: ``%`` -> ``%25``, ``/`` -> ``%2F``, ``+`` -> ``%2B``,
+``#`` -> ``%23``, NUL -> ``%00``; everything else is kept. ``urllib.parse.unquote`` gives the
+asset id back. Subscribe to ``{prefix}/+/events/#`` for every device's events.
+
+An event message is UTF-8 JSON::
+
+    {"id": 42, "asset_id": "press-4", "fault": "bearing", "confidence": 0.93,
+     "timestamp": 1718000000.5, "snapshot": true, "diagnosis": {...Diagnosis.to_dict()...}}
+
+``id`` is the event's id in the device's store (increasing, never reused); ``snapshot`` says
+whether the image can be fetched from the daemon's HTTP API.
+
+Delivery: at least once, in order. A message leaves the outbox only after the broker's PUBACK.
+Up to ``window`` messages are in flight on one connection (MQTT keeps QoS 1 order per
+connection) and acknowledged messages are retired strictly in order. When the connection
+drops, paho re-sends the unacknowledged ones (DUP flag) on reconnect, and nothing newer is
+sent until they are acknowledged; after a restart of the daemon the outbox is sent again from
+its oldest row. Either way a
+consumer may see a message twice (QoS 1), never out of first-arrival order, and never lose one
+unless the outbox bound dropped it (logged and counted).
+
+Session: ``clean_session=True``. The outbox is the durable state; a persistent broker session
+would only keep subscriptions (we have none) and QoS 2 state, and would make the broker hold a
+session for every device id ever seen. The client id is ``edge-sdk-{device_id}``: two daemons
+with one device id would keep disconnecting each other.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_sdk.daemon.config import MqttConfig
+from edge_sdk.daemon.events import EventStore, OutboxItem
+from edge_sdk.errors import DaemonError
+
+__all__ = ["MqttPublisher", "PublisherState", "event_topic", "status_topic", "topic_safe"]
+
+log = logging.getLogger(__name__)
+_paho = logging.getLogger(f"{__name__}.paho")
+
+_UNSAFE = {"%": "%25", "/": "%2F", "+": "%2B", "#": "%23", "\0": "%00"}
+
+
+def topic_safe(asset_id: str) -> str:
+    """``asset_id`` as one topic level (module docstring); reversed by ``urllib.parse.unquote``."""
+    return "".join(_UNSAFE.get(char, char) for char in asset_id)
+
+
+def event_topic(prefix: str, device_id: str, asset_id: str) -> str:
+    return f"{prefix}/{device_id}/events/{topic_safe(asset_id)}"
+
+
+def status_topic(prefix: str, device_id: str) -> str:
+    return f"{prefix}/{device_id}/status"
+
+
+@dataclass(frozen=True)
+class PublisherState:
+    connected: bool
+    delivered: int  # messages acknowledged by the broker since start()
+    pending: int  # messages in the outbox
+    last_error: str | None
+
+
+class MqttPublisher:
+    """A background thread that drains ``store``'s outbox to the broker in ``config``."""
+
+    def __init__(self, config: MqttConfig, store: EventStore, *,
+                 on_state: Callable[[PublisherState], None] | None = None, window: int = 20,
+                 reconnect_delay_s: tuple[int, int] = (1, 30), poll_s: float = 1.0) -> None:
+        if not (isinstance(window, int) and 1 <= window <= 1000):
+            raise DaemonError(f"window is {window!r}; expected an int 1-1000 (messages in flight)")
+        low, high = reconnect_delay_s
+        if not (1 <= low <= high):
+            raise DaemonError(f"reconnect_delay_s is {reconnect_delay_s!r}; expected (min, max) with 1 <= min <= max",
+                              hint="e.g. (1, 30): reconnect after 1 s, doubling up to 30 s")
+        self.config = config
+        self._store = store
+        self._on_state = on_state
+        self._window = window
+        self._poll_s = poll_s
+        self._status = status_topic(config.prefix, config.device_id)
+        self._wake = threading.Event()
+        self._connected = False
+        self._generation = 0  # counts successful connections
+        self._delivered = 0
+        self._last_error: str | None = None
+        self._stop_by: float | None = None  # monotonic deadline of the final flush, once stop() runs
+        self._thread: threading.Thread | None = None
+        self._client = self._make_client(reconnect_delay_s)
+
+    def _make_client(self, reconnect_delay_s: tuple[int, int]) -> mqtt.Client:
+        client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                             client_id=f"edge-sdk-{self.config.device_id}", clean_session=True,
+                             protocol=mqtt.MQTTv311)
+        client.on_log = _paho_log
+        if self.config.username:
+            client.username_pw_set(self.config.username, self.config.password or None)
+        client.will_set(self._status, "offline", qos=1, retain=True)
+        client.reconnect_delay_set(*reconnect_delay_s)
+        client.max_inflight_messages_set(self._window + 2)  # + the status messages
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_publish = self._on_publish
+        return client
+
+    # -- public -------------------------------------------------------------------------------
+
+    def start(self) -> MqttPublisher:
+        """Connect in the background (retrying with backoff) and start delivering."""
+        if self._thread is not None:
+            raise DaemonError("this MqttPublisher is already started", hint="create one publisher per daemon")
+        user = f" as {self.config.username!r}" if self.config.username else ""
+        log.info("MQTT: connecting to %s:%d%s; events on %s", self.config.host, self.config.port, user,
+                 event_topic(self.config.prefix, self.config.device_id, "<asset>"))
+        self._client.connect_async(self.config.host, self.config.port, keepalive=self.config.keepalive_s)
+        self._client.loop_start()
+        self._thread = threading.Thread(target=self._run, name="edge-sdk-mqtt", daemon=True)
+        self._thread.start()
+        return self
+
+    def notify(self) -> None:
+        """Wake the delivery loop: an event was added (it also polls every ``poll_s``)."""
+        self._wake.set()
+
+    @property
+    def state(self) -> PublisherState:
+        return PublisherState(self._connected, self._delivered, self._store.outbox_size(), self._last_error)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Deliver what can be delivered within ``timeout``, publish ``offline`` and disconnect."""
+        if self._thread is None:
+            return
+        deadline = time.monotonic() + timeout
+        self._stop_by = deadline - min(1.0, timeout / 4)  # keep time for the offline status
+        self._wake.set()
+        self._thread.join(max(0.0, self._stop_by - time.monotonic()) + 0.5)
+        if self._connected:
+            info = self._client.publish(self._status, "offline", qos=1, retain=True)
+            try:
+                info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+            except (RuntimeError, ValueError):
+                pass  # the connection dropped: the Last Will says offline instead
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._thread = None
+        pending = self._store.outbox_size()
+        log.info("MQTT: stopped; %d delivered, %d left in the outbox for the next start", self._delivered, pending)
+
+    def __enter__(self) -> MqttPublisher:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- delivery loop ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        window = _Window()
+        while True:
+            self._wake.clear()
+            stop_by = self._stop_by
+            try:
+                self._retire(window)
+                if stop_by is not None and self._flushed(window, stop_by):
+                    return
+                if self._connected:
+                    self._send(window)
+            except DaemonError as exc:  # the store failed (disk full, closed): retry after poll_s
+                self._error(f"outbox: {exc}")
+            except Exception:  # a bug: keep the daemon up, log it loudly
+                log.exception("MQTT delivery loop failed; retrying")
+            self._wake.wait(self._poll_s if stop_by is None else 0.05)
+
+    def _flushed(self, window: _Window, stop_by: float) -> bool:
+        """While stopping: nothing more can or needs to be sent."""
+        if not self._connected or time.monotonic() >= stop_by:
+            return True
+        return not window.inflight and not self._store.outbox_pending(1, after_seq=window.after)
+
+    def _send(self, window: _Window) -> None:
+        if window.inflight and window.generation != self._generation:
+            return  # paho re-sends these first after a reconnect; anything newer would overtake them
+        window.generation = self._generation
+        room = self._window - len(window.inflight)
+        if room <= 0:
+            return
+        for item in self._store.outbox_pending(room, after_seq=window.after):
+            topic = event_topic(self.config.prefix, self.config.device_id, item.asset_id)
+            window.inflight.append((item, self._client.publish(topic, item.payload_json.encode("utf-8"), qos=1)))
+            window.after = item.seq
+
+    def _retire(self, window: _Window) -> None:
+        """Mark acknowledged messages delivered, strictly in order."""
+        done: list[int] = []
+        while window.inflight:
+            item, info = window.inflight[0]
+            try:
+                if not info.is_published():
+                    break
+            except (RuntimeError, ValueError):  # paho did not take it (disconnected that instant)
+                window.rewind(item.seq)  # send it and what followed again; QoS 1 allows the duplicates
+                break
+            done.append(item.seq)
+            window.inflight.popleft()
+        if done:
+            self._store.outbox_done(*done)
+            self._delivered += len(done)
+            self._emit()
+
+    # -- paho callbacks (paho's network thread) -------------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            self._error(f"broker {self.config.host}:{self.config.port} refused the connection: {reason}")
+            return
+        client.publish(self._status, "online", qos=1, retain=True)
+        self._generation += 1
+        self._connected = True
+        self._last_error = None
+        log.info("MQTT: connected to %s:%d", self.config.host, self.config.port)
+        self._emit()
+        self._wake.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        was = self._connected
+        self._connected = False
+        if was and self._stop_by is None:
+            self._error(f"lost the connection to {self.config.host}:{self.config.port}: {reason}; reconnecting")
+        self._emit()
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self._error(f"cannot reach the broker at {self.config.host}:{self.config.port}; retrying")
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        self._wake.set()
+
+    def _error(self, message: str) -> None:
+        if message != self._last_error:
+            log.warning("MQTT: %s", message)
+        self._last_error = message
+        self._emit()
+
+    def _emit(self) -> None:
+        if self._on_state is None:
+            return
+        try:
+            self._on_state(self.state)
+        except Exception:  # a failing listener must not stop delivery
+            log.exception("MQTT on_state callback failed")
+
+
+def _paho_log(client: mqtt.Client, userdata: Any, level: int, message: str) -> None:
+    """paho's log at DEBUG (it says ERROR for every failed reconnect; our warnings cover those),
+    except exceptions raised in our callbacks. paho logs CONNECT flags, never the password."""
+    _paho.log(logging.ERROR if message.startswith("Caught exception") else logging.DEBUG, "%s", message)
+
+
+class _Window:
+    """Messages handed to paho and not yet retired, oldest first, sent on connection ``generation``;
+    ``after`` is the last seq handed over."""
+
+    def __init__(self) -> None:
+        self.inflight: deque[tuple[OutboxItem, mqtt.MQTTMessageInfo]] = deque()
+        self.after = 0
+        self.generation = 0
+
+    def rewind(self, seq: int) -> None:
+        self.inflight.clear()
+        self.after = seq - 1

@@ -1,0 +1,91 @@
+"""``edge-sdk serve``: start the daemon, serve HTTP with uvicorn, stop cleanly on SIGTERM.
+
+Order on start: load the configuration (errors name the key), start the daemon (models
+verified, store opened, MQTT and sources started), then listen; systemd is told READY only
+then, and the watchdog is pinged while the daemon is healthy. On SIGTERM/SIGINT uvicorn stops
+accepting requests and finishes those in flight; then the streams drain, their events are
+stored, and the MQTT outbox is flushed before the process exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+from edge_sdk.daemon.config import DaemonConfig
+
+log = logging.getLogger(__name__)
+
+
+def serve(config_path: str | os.PathLike[str], *, log_level: str = "info") -> int:
+    import uvicorn
+
+    from edge_sdk.daemon.app import create_app
+    from edge_sdk.daemon.core import Daemon
+    from edge_sdk.daemon.service import SystemdNotifier
+
+    config = DaemonConfig.load(Path(config_path))
+    notifier = SystemdNotifier()
+    daemon = Daemon(config)
+    notifier.status("loading models")
+    try:
+        daemon.start()
+        server = _Server(uvicorn.Config(create_app(daemon), host=config.server.host, port=config.server.port,
+                                        log_level=log_level, access_log=False, lifespan="off",
+                                        timeout_graceful_shutdown=10))
+        stop_watchdog = threading.Event()
+        threading.Thread(target=_notify_when_up, args=(server, daemon, notifier, stop_watchdog),
+                         name="edge-sdk-watchdog", daemon=True).start()
+        server.run()
+        stop_watchdog.set()
+    finally:
+        notifier.stopping()
+        daemon.stop()
+    return 0
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, but SIGTERM/SIGINT only stop it: uvicorn re-raises the captured signal
+        after shutting down, which would kill the process before the daemon drains and flushes."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server
+
+
+def _Server(config: Any) -> Any:  # noqa: N802 - a factory standing in for the class
+    return _server_class()(config)
+
+
+def _notify_when_up(server: object, daemon: object, notifier: object, stop: threading.Event) -> None:
+    """READY=1 once uvicorn listens; WATCHDOG=1 at systemd's interval while the daemon is ready."""
+    while not getattr(server, "started", False):
+        if stop.wait(0.05):
+            return
+    notifier.ready()  # type: ignore[attr-defined]
+    notifier.status("serving")  # type: ignore[attr-defined]
+    log.info("edge-sdk daemon listening")
+    interval = notifier.watchdog_interval()  # type: ignore[attr-defined]
+    if interval is None:
+        return
+    while not stop.wait(interval):
+        if getattr(daemon, "ready", False):
+            notifier.watchdog()  # type: ignore[attr-defined]

@@ -1,0 +1,360 @@
+"""The real daemon (`edge-sdk serve` in a subprocess) on a loopback port, with a real mosquitto broker:
+the stock tritonclient, tokens, diagnoses and events over HTTP and MQTT, a broker outage, kill -9
+during event writes, hot swaps to good and corrupted packages, malformed requests, SIGTERM."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import cv2
+import numpy as np
+import pytest
+
+import edge_sdk
+from edge_sdk.client import Client, DaemonRequestError
+from runtime.package import Package
+from tests import builders
+from tests.broker import Mosquitto, require_mosquitto
+
+TOKEN = "integration-test-token-0123456789"
+BGR = {"red": (30, 40, 220), "green": (40, 200, 30), "blue": (210, 50, 40)}
+RULE = """
+[fusion]
+faults = ["none", "bearing_wear", "leak", "overheating"]
+[fusion.models.words]
+map = {bearing = "bearing_wear", leak = "leak", overheating = "overheating"}
+[fusion.models.colors]
+map = {red = "overheating", blue = "leak", green = "none"}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def png(color: str, size: int = 24) -> bytes:
+    ok, data = cv2.imencode(".png", np.full((size, size, 3), BGR[color], np.uint8))
+    assert ok
+    return data.tobytes()
+
+
+class DaemonProcess:
+    """``edge-sdk serve --config`` as a child process, with its log kept for failures."""
+
+    def __init__(self, config: Path, port: int) -> None:
+        self.config, self.port, self.url = config, port, f"http://127.0.0.1:{port}"
+        self.log = config.with_suffix(".log")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> DaemonProcess:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "edge_sdk.cli", "serve", "--config", str(self.config)],
+                                         stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError(f"daemon not ready after {timeout} s:\n{self.log.read_text()[-4000:]}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+def write_config(root: Path, *, port: int, models: dict[str, Path], broker_port: int | None = None,
+                 kb: Path | None = None, extra: str = "") -> Path:
+    (root / "token").write_text(TOKEN + "\n")
+    lines = ["[server]", f"port = {port}", 'token_file = "token"', "max_body_mb = 1", "",
+             "[storage]", f'dir = "{root / "state"}"', "", "[events]", "min_confidence = 0.3", "cooldown_s = 0", ""]
+    for name, package in models.items():
+        lines += [f"[models.{name}]", f'package = "{package}"', 'backend = "onnxruntime-cpu"', "threads = 1", ""]
+    if kb is not None:
+        lines += ["[knowledge_base]", f'package = "{kb}"', "k = 2", ""]
+    if broker_port is not None:
+        lines += ["[mqtt]", 'host = "127.0.0.1"', f"port = {broker_port}", 'prefix = "plant"', 'device_id = "jet-1"', ""]
+    path = root / "edge-sdk.toml"
+    path.write_text("\n".join(lines) + RULE + extra)
+    return path
+
+
+class Subscriber:
+    """A paho subscriber collecting (topic, payload) pairs from the broker."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.messages: list[tuple[str, dict[str, Any]]] = []
+        # A persistent session: the broker queues QoS 1 messages for it while it reconnects.
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-{port}-{time.time_ns()}",
+                                  clean_session=False)
+        self.client.on_message = lambda c, u, m: self.messages.append((m.topic, json.loads(m.payload)))
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.reconnect_delay_set(0.1, 0.5)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def wait(self, count: int, timeout: float = 20.0) -> list[tuple[str, dict[str, Any]]]:
+        deadline = time.monotonic() + timeout
+        while len({m[1]["id"] for m in self.messages}) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.messages
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    require_mosquitto()
+    b = Mosquitto(tmp_path / "broker", persistent=True)
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def served(tmp_path: Path, image_package: Path, text_package: Path, broker: Mosquitto) -> Iterator[DaemonProcess]:
+    kb = builders.build_kb(tmp_path / "kb")
+    config = write_config(tmp_path, port=free_port(), models={"colors": image_package, "words": text_package},
+                          broker_port=broker.port, kb=kb.path)
+    daemon = DaemonProcess(config, int(config.read_text().split("port = ")[1].split()[0])).start()
+    yield daemon
+    daemon.kill()
+
+
+def test_tritonclient_gets_the_same_outputs_as_the_sdk(served: DaemonProcess, image_package: Path,
+                                                       text_package: Path) -> None:
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url=served.url.removeprefix("http://"))
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("colors", headers=headers)
+    for name, path in (("colors", image_package), ("words", text_package)):
+        package = Package.open(path)
+        feeds, _ = package.golden("fp32")
+        inputs = []
+        for spec in package.manifest.inputs:
+            tensor = httpclient.InferInput(spec.name, list(feeds[spec.name].shape),
+                                           {"float32": "FP32", "int64": "INT64"}[spec.dtype])
+            tensor.set_data_from_numpy(feeds[spec.name], binary_data=False)
+            inputs.append(tensor)
+        result = client.infer(name, inputs, headers=headers)
+        with edge_sdk.load(path, backend="onnxruntime-cpu") as model:
+            expected = model._pipeline.infer(feeds)
+        output = package.manifest.outputs[0].name
+        np.testing.assert_allclose(result.as_numpy(output), expected[output], rtol=1e-5, atol=1e-6)
+        meta = client.get_model_metadata(name, headers=headers)
+        assert [i["name"] for i in meta["inputs"]] == [s.name for s in package.manifest.inputs]
+
+
+def test_everything_but_health_needs_the_token(served: DaemonProcess) -> None:
+    for path in ("/v2", "/v2/models/colors", "/v1/models", "/v1/events", "/metrics", "/openapi.json"):
+        for auth in (None, "Bearer wrong-token", f"Basic {TOKEN}"):
+            request = urllib.request.Request(served.url + path)
+            if auth:
+                request.add_header("Authorization", auth)
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(request, timeout=5)
+            assert info.value.code == 401 and b"bearer token" in info.value.read()
+    with urllib.request.urlopen(served.url + "/v2/health/live", timeout=5) as r:
+        assert json.loads(r.read()) == {"live": True}
+    with pytest.raises(DaemonRequestError, match="401"):
+        Client(served.url, "nope").models()
+
+
+def test_diagnoses_become_events_on_http_and_mqtt(served: DaemonProcess, broker: Mosquitto) -> None:
+    subscriber = Subscriber(broker.port, "plant/jet-1/events/#")
+    try:
+        client = Client(served.url, TOKEN)
+        text = client.diagnose_text("pump-7", "the pump is hot")
+        assert text["prediction"]["label"] == "overheating" and text["diagnosis"]["fault"] == "overheating"
+        assert text["diagnosis"]["similar"][0]["incident"]["id"] == "INC-3" and text["event"] is not None
+        image = client.diagnose_image("pump-7", png("red"))
+        assert image["prediction"]["label"] == "red" and image["diagnosis"]["fault"] == "overheating"
+        assert len(image["diagnosis"]["evidence"]) == 2 and image["event"] > text["event"]
+        calm = client.diagnose_image("fan-2", png("green"))
+        assert calm["diagnosis"]["fault"] == "none" and calm["event"] is None  # not a fault: no event
+        events = client.events(asset="pump-7")
+        assert [e["id"] for e in events] == [image["event"], text["event"]]  # newest first
+        assert events[0]["snapshot"] and not events[1]["snapshot"]
+        snapshot = cv2.imdecode(np.frombuffer(client.snapshot(image["event"]), np.uint8), cv2.IMREAD_COLOR)
+        assert snapshot.shape == (24, 24, 3)
+        messages = subscriber.wait(2)
+        assert [m[1]["id"] for m in messages][:2] == [text["event"], image["event"]]
+        assert {m[0] for m in messages} == {"plant/jet-1/events/pump-7"}
+        assert "edge_sdk_inference_latency_seconds" in client.metrics()
+    finally:
+        subscriber.close()
+
+
+def test_events_made_while_the_broker_is_down_arrive_in_order(served: DaemonProcess, broker: Mosquitto) -> None:
+    client = Client(served.url, TOKEN)
+    subscriber = Subscriber(broker.port, "plant/jet-1/events/#")  # subscribed before the outage
+    try:
+        time.sleep(0.3)
+        broker.stop()
+        made = [client.diagnose_text(f"pump-{i}", "oil leak drip under the pump")["event"] for i in range(6)]
+        assert all(made) and made == sorted(made)
+        deadline = time.monotonic() + 5  # the daemon samples the outbox once a second
+        while "edge_sdk_mqtt_outbox_size 6.0" not in client.metrics() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "edge_sdk_mqtt_outbox_size 6.0" in client.metrics()
+        broker.start()  # same port, same persistent sessions
+        messages = subscriber.wait(6)
+        first_seen: list[int] = []
+        for _, payload in messages:
+            if payload["id"] not in first_seen:
+                first_seen.append(payload["id"])
+        assert first_seen == made  # every event, in order; QoS 1 may repeat one, never lose one
+    finally:
+        subscriber.close()
+
+
+def test_malformed_requests_get_clear_4xx(served: DaemonProcess) -> None:
+    def call(method: str, path: str, body: bytes = b"", content_type: str = "application/json") -> tuple[int, dict]:
+        request = urllib.request.Request(served.url + path, data=body or None, method=method)
+        request.add_header("Authorization", f"Bearer {TOKEN}")
+        request.add_header("Content-Type", content_type)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    status, body = call("POST", "/v2/models/colors/infer", b"{not json")
+    assert status == 400 and "not valid JSON" in body["error"]
+    wrong = {"inputs": [{"name": "image", "shape": [1, 3, 4, 4], "datatype": "FP32", "data": [0.0] * 48}]}
+    status, body = call("POST", "/v2/models/colors/infer", json.dumps(wrong).encode())
+    assert status == 400 and "dimension 2 must be 8" in body["error"]
+    short = {"inputs": [{"name": "image", "shape": [1, 3, 8, 8], "datatype": "FP32", "data": [0.0] * 10}]}
+    status, body = call("POST", "/v2/models/colors/infer", json.dumps(short).encode())
+    assert status == 400 and "needs 192" in body["error"]
+    status, body = call("POST", "/v2/models/colors/infer", json.dumps({"inputs": [{**wrong["inputs"][0],
+                                                                                  "datatype": "INT64"}]}).encode())
+    assert status == 400 and "expected FP32" in body["error"]
+    status, body = call("POST", "/v1/models/colors/predict", b"this is not an image", "image/png")
+    assert status == 415 and "not a JPEG, PNG or BMP" in body["error"]
+    status, body = call("POST", "/v1/models/colors/predict", png("red")[:60], "image/png")
+    assert status == 422 and "could not be decoded" in body["error"]
+    # An oversized body is refused from its declared length, before it is read (max_body_mb = 1).
+    connection = http.client.HTTPConnection("127.0.0.1", served.port, timeout=10)
+    connection.putrequest("POST", "/v1/models/colors/predict")
+    for header, value in (("Authorization", f"Bearer {TOKEN}"), ("Content-Type", "image/png"),
+                          ("Content-Length", str(2 * 1024 * 1024))):
+        connection.putheader(header, value)
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413 and "over the 1048576-byte limit" in json.loads(response.read())["error"]
+    connection.close()
+    status, body = call("POST", "/v1/models/nope/predict", png("red"), "image/png")
+    assert status == 404 and "not served" in body["error"]
+    status, body = call("POST", "/v1/diagnose", png("red"), "image/png")
+    assert status == 400 and "?asset=" in body["error"]
+    status, body = call("POST", "/v1/models/words/predict", json.dumps({"text": ""}).encode())
+    assert status == 400 and "non-empty texts" in body["error"]
+    status, body = call("GET", "/v1/events?limit=0")
+    assert status == 400 and "limit" in body["error"]
+    assert Client(served.url, TOKEN).predict("colors", png("blue"))["label"] == "blue"  # still serving
+
+
+def test_hot_swap_keeps_serving_through_a_corrupted_package(served: DaemonProcess, tmp_path: Path,
+                                                            image_onnx: Path, image_folder: Path) -> None:
+    client = Client(served.url, TOKEN)
+    before = {m["name"]: m for m in client.models()}["colors"]
+    corrupted = tmp_path / "corrupted.edgepkg"
+    data = bytearray(Path(before["package"]).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    corrupted.write_bytes(bytes(data))
+    with pytest.raises(DaemonRequestError, match="was not swapped") as info:
+        client.reload("colors", str(corrupted))
+    assert info.value.status == 409
+    after = {m["name"]: m for m in client.models()}["colors"]
+    assert after["package"] == before["package"] and "corrupted.edgepkg" in after["last_swap_error"]
+    assert client.predict("colors", png("red"))["label"] == "red"
+    v2 = tmp_path / "colors-v2.edgepkg"
+    edge_sdk.convert(image_onnx, v2, task="image-classification", labels=builders.COLOR_LABELS, name="colors",
+                     version="2", preprocess=builders.preprocess_dict(), validation=image_folder)
+    swapped = client.reload("colors", str(v2))
+    assert swapped["version"] == "2" and swapped["swaps"] == 1
+    assert client.predict("colors", png("green"))["label"] == "green"
+
+
+def test_sigterm_drains_and_exits_cleanly(served: DaemonProcess) -> None:
+    Client(served.url, TOKEN).diagnose_text("pump-1", "the pump is hot")
+    assert served.terminate() == 0
+    assert "daemon stopped" in served.log.read_text()
+
+
+def test_kill_9_during_event_writes_leaves_a_consistent_store(tmp_path: Path, image_package: Path,
+                                                              text_package: Path) -> None:
+    config = write_config(tmp_path, port=free_port(), models={"colors": image_package, "words": text_package})
+    port = int(config.read_text().split("port = ")[1].split()[0])
+    daemon = DaemonProcess(config, port).start()
+    stop = threading.Event()
+    written: list[int] = []
+
+    def hammer(color: str) -> None:
+        client = Client(daemon.url, TOKEN, timeout=5)
+        while not stop.is_set():
+            try:
+                written.append(client.diagnose_image(f"asset-{color}", png(color))["event"])
+            except Exception:
+                return
+
+    threads = [threading.Thread(target=hammer, args=(c,)) for c in ("red", "blue", "red")]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    daemon.kill()  # SIGKILL, mid-write
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert len(written) > 5
+    restarted = DaemonProcess(config, port).start()
+    try:
+        client = Client(restarted.url, TOKEN)
+        stored = []
+        before = None
+        while True:
+            page = client.events(limit=1000, before=before)
+            stored += page
+            if len(page) < 1000:
+                break
+            before = page[-1]["id"]
+        ids = {e["id"] for e in stored}
+        assert set(written) <= ids  # every acknowledged event survived
+        for event in stored:
+            if event["snapshot"]:
+                image = cv2.imdecode(np.frombuffer(client.snapshot(event["id"]), np.uint8), cv2.IMREAD_COLOR)
+                assert image is not None and image.shape == (24, 24, 3)
+        assert client.diagnose_image("asset-new", png("red"))["event"] > max(ids)
+    finally:
+        restarted.kill()
