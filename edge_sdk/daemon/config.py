@@ -27,6 +27,7 @@ fix. Unknown keys are errors too, so a typo never silently falls back to a defau
     max_fps = 5
     rois = { left = [0, 0, 320, 240] }
     assets = { left = "press-4-left" }   # per region; default: asset
+    watch = false                  # folders: keep waiting for new images
 
     [pipeline]
     max_batch = 8
@@ -157,6 +158,7 @@ class SourceConfig:
     max_fps: float | None = None
     rois: Mapping[str, Any] = field(default_factory=dict)
     assets: Mapping[str, str] = field(default_factory=dict)  # region -> asset
+    watch: bool = False  # folders: keep waiting for new images
 
     def asset_of(self, roi: str | None) -> str:
         return self.assets.get(roi, self.asset) if roi else self.asset
@@ -330,7 +332,7 @@ def _sources(data: Mapping[str, Any], models: Mapping[str, ModelConfig]) -> dict
     out = {}
     for name, _ in table.items():
         where = f"sources.{name}"
-        t = _table(table, name, ("uri", "model", "asset", "policy", "max_fps", "rois", "assets"), where)
+        t = _table(table, name, ("uri", "model", "asset", "policy", "max_fps", "rois", "assets", "watch"), where)
         uri = t.get("uri")
         if not (_nonempty(uri) or _int(0)(uri)):
             raise _fail(f"{where}.uri", uri, "a camera index, URL, GStreamer pipeline, video file or folder")
@@ -348,7 +350,8 @@ def _sources(data: Mapping[str, Any], models: Mapping[str, ModelConfig]) -> dict
             asset=_get(t, "asset", where, str(name), _nonempty, "an asset id"),
             policy=_get(t, "policy", where, "all", lambda v: v in ("all", "latest"), '"all" or "latest"'),
             max_fps=_get(t, "max_fps", where, None, _num(0, strict=True), "frames per second > 0"),
-            rois=dict(rois), assets=dict(assets))
+            rois=dict(rois), assets=dict(assets),
+            watch=_get(t, "watch", where, False, lambda v: isinstance(v, bool), "true or false"))
     return out
 
 

@@ -358,3 +358,37 @@ def test_kill_9_during_event_writes_leaves_a_consistent_store(tmp_path: Path, im
         assert client.diagnose_image("asset-new", png("red"))["event"] > max(ids)
     finally:
         restarted.kill()
+
+
+def test_a_configured_camera_source_raises_events(tmp_path: Path, image_package: Path, text_package: Path) -> None:
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(4):
+        (frames / f"{i:03d}.png").write_bytes(png("red" if i < 2 else "green"))
+    extra = f"""
+[sources.oven-cam]
+uri = "{frames}"
+model = "colors"
+asset = "oven-1"
+watch = true
+"""
+    config = write_config(tmp_path, port=free_port(), models={"colors": image_package, "words": text_package},
+                          extra=extra)
+    daemon = DaemonProcess(config, int(config.read_text().split("port = ")[1].split()[0])).start()
+    try:
+        client = Client(daemon.url, TOKEN)
+        deadline = time.monotonic() + 15
+        while not client.events(asset="oven-1") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        event = client.events(asset="oven-1")[-1]
+        assert event["fault"] == "overheating" and event["snapshot"]
+        assert event["diagnosis"]["evidence"][0]["source"] == "oven-cam"
+        (frames / "004.png").write_bytes(png("blue"))  # a new file in the watched folder
+        while not client.events(asset="oven-1", fault="leak") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.events(asset="oven-1", fault="leak")
+        state = {s["source"]: s for s in client.sources()}["oven-cam"]
+        assert state["model"] == "colors" and state["frames"] == 5 and state["status"] == "open"
+        assert 'edge_sdk_source_frames_total{source="oven-cam"}' in client.metrics()
+    finally:
+        daemon.kill()
