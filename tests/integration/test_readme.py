@@ -34,12 +34,13 @@ def _demo_layout(root: Path) -> None:
 def test_readme_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                              capsys: pytest.CaptureFixture[str]) -> None:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert len(blocks) == 3, "README's python examples changed: update this test"
+    assert len(blocks) == 4, "README's python examples changed: update this test"
     _demo_layout(tmp_path)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    for block in blocks:
+    for block in blocks[:3]:
         exec(compile(block, str(README), "exec"), namespace)
+    _run_client_example(blocks[3], tmp_path)
     out = capsys.readouterr().out.splitlines()
     assert re.fullmatch(r"held-out accuracy \d\.\d{3}", out[0])
     label, score, backend, _ = out[1].split(" ", 3)
@@ -50,3 +51,37 @@ def test_readme_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     streamed = [line.split() for line in out if line.startswith("scratch_")]
     assert [s[0] for s in streamed] == ["scratch_0000.png", "scratch_0001.png"]  # the folder, in order
     assert all(s[1] in LABELS and s[3] == "ms" for s in streamed)
+    label, fault, event = out[-1 if not out[-1].startswith("event") else -2].split(" ")
+    assert label in LABELS and fault in ("none", "surface_defect") and (event == "None") == (fault == "none")
+
+
+def _run_client_example(block: str, root: Path) -> None:
+    """The Client example against a real daemon serving the package the first example wrote.
+
+    Only the daemon's address and the token file's path are replaced, by this test's own."""
+    from tests.integration.test_daemon import TOKEN, DaemonProcess, free_port
+
+    (root / "token").write_text(TOKEN)
+    port = free_port()
+    config = root / "edge-sdk.toml"
+    config.write_text(f"""
+[server]
+port = {port}
+token_file = "token"
+[models.surface-defects]
+package = "build/surface-defects.edgepkg"
+[storage]
+dir = "state"
+[events]
+min_confidence = 0.0
+[fusion]
+faults = ["none", "surface_defect"]
+[fusion.models.surface-defects]
+map = {{ ok = "none", "*" = "surface_defect" }}
+""")
+    daemon = DaemonProcess(config, port).start()
+    try:
+        code = block.replace("http://127.0.0.1:8080", daemon.url).replace("/etc/edge-sdk/token", str(root / "token"))
+        exec(compile(code, str(README), "exec"), {})
+    finally:
+        daemon.kill()
