@@ -7,10 +7,18 @@ mean-pooled, L2-normalised sentence embedding is computed once per report and on
 8-class linear head is trained. ``build_info.json`` is written last and marks a finished build.
 Heavy imports (torch, transformers, onnx) happen inside functions so that the "already built"
 path stays fast.
+
+Two graphs come out: ``model.onnx`` (encoder + pooling + head -> ``logits`` [batch, 8]) and
+``embed.onnx`` (the same frozen encoder + pooling -> ``embedding`` [batch, 384], unit rows), the
+embedding model of the demo's knowledge base of past incidents. A finished build from before
+``embed.onnx`` existed gets it added on the next run (no retraining: the embedding does not
+depend on the head), recorded under ``"embedding"`` in ``build_info.json``.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import shutil
 import time
@@ -21,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from demo._cli import run_build
+from demo._cli import INFO, run_build
 from demo.corpus import LABELS, TEMPLATES, generate, split_templates
 
 if TYPE_CHECKING:
@@ -38,6 +46,9 @@ HEAD_STEPS = 500
 HEAD_LR = 0.05
 WEIGHT_DECAY = 1e-4
 TOLERANCE = 1e-4
+EMBED_FILE = "embed.onnx"
+EMBED_OUTPUT = "embedding"
+EMBED_DIM = 384
 
 
 def log(message: str) -> None:
@@ -124,6 +135,23 @@ def classifier(encoder: torch.nn.Module, head: torch.nn.Linear) -> torch.nn.Modu
     return FaultTextClassifier().eval()
 
 
+def embedder(encoder: torch.nn.Module) -> torch.nn.Module:
+    """Encoder + pooling as one module: (input_ids, attention_mask, token_type_ids) -> unit vectors."""
+    import torch
+
+    class SentenceEmbedder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(
+            self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+        ) -> torch.Tensor:
+            return sentence_embedding(self.encoder, input_ids, attention_mask, token_type_ids)
+
+    return SentenceEmbedder().eval()
+
+
 def embed_texts(encoder: torch.nn.Module, tok: Tokenizer, texts: list[str]) -> torch.Tensor:
     """Sentence embeddings (N x 384) of ``texts``; batches of similar length keep padding short."""
     import torch
@@ -156,7 +184,7 @@ def train_head(features: torch.Tensor, targets: torch.Tensor) -> tuple[torch.nn.
     return head.eval(), accuracy
 
 
-def export_onnx(model: torch.nn.Module, tok: Tokenizer, path: Path) -> None:
+def export_onnx(model: torch.nn.Module, tok: Tokenizer, path: Path, output: str = "logits") -> None:
     """Export with dynamic ``batch`` and ``sequence`` axes; traced on a padded batch of two."""
     import torch
 
@@ -172,14 +200,17 @@ def export_onnx(model: torch.nn.Module, tok: Tokenizer, path: Path) -> None:
             args,
             str(path),
             input_names=list(INPUTS),
-            output_names=["logits"],
-            dynamic_axes={**{name: token_axes for name in INPUTS}, "logits": {0: "batch"}},
+            output_names=[output],
+            dynamic_axes={**{name: token_axes for name in INPUTS}, output: {0: "batch"}},
             opset_version=OPSET,
             dynamo=False,
         )
 
 
-def verify_onnx(model: torch.nn.Module, tok: Tokenizer, path: Path, texts: list[str]) -> Any:
+def verify_onnx(
+    model: torch.nn.Module, tok: Tokenizer, path: Path, texts: list[str], output: str = "logits",
+    width: int = len(LABELS),
+) -> Any:
     """Check the graph; compare onnxruntime with torch at two batch sizes and two sequence lengths."""
     import onnx
     import onnxruntime as ort
@@ -194,15 +225,16 @@ def verify_onnx(model: torch.nn.Module, tok: Tokenizer, path: Path, texts: list[
     lengths = set()
     for batch in batches:
         feeds = tokenize(tok, batch)
-        (got,) = session.run(["logits"], feeds)
+        (got,) = session.run([output], feeds)
         with torch.inference_mode():
             want = model(*(torch.from_numpy(feeds[name]) for name in INPUTS)).numpy()
         diff = float(np.abs(got - want).max())
         shape = feeds["input_ids"].shape
-        if got.shape != (len(batch), len(LABELS)) or diff > TOLERANCE:
+        if got.shape != (len(batch), width) or diff > TOLERANCE:
             raise RuntimeError(f"onnxruntime disagrees with torch at input shape {shape}: max diff {diff}")
         lengths.add(shape[1])
-        log(f"onnxruntime matches torch at input shape {shape} (max abs diff {diff:.2e})")
+        name = path.name.removesuffix(".partial")
+        log(f"{name}: onnxruntime matches torch at input shape {shape} (max abs diff {diff:.2e})")
     if len(lengths) < 2:
         raise RuntimeError("verification batches did not cover two sequence lengths")
     return session
@@ -220,6 +252,40 @@ def onnx_accuracy(
     correct = np.concatenate(predictions) == classes
     per_class = {label: float(correct[classes == i].mean()) for i, label in enumerate(LABELS)}
     return float(correct.mean()), per_class
+
+
+def export_embedding(encoder: torch.nn.Module, tok: Tokenizer, out: Path, texts: list[str]) -> dict[str, Any]:
+    """Write ``embed.onnx`` (frozen encoder + pooling), verified against torch; its build-info entry.
+
+    The graph is exported and checked under a temporary name and renamed last, so an
+    ``embed.onnx`` that exists is a verified one.
+    """
+    partial = out / f"{EMBED_FILE}.partial"
+    model = embedder(encoder)
+    export_onnx(model, tok, partial, output=EMBED_OUTPUT)
+    verify_onnx(model, tok, partial, texts, output=EMBED_OUTPUT, width=EMBED_DIM)
+    partial.replace(out / EMBED_FILE)
+    return {"file": EMBED_FILE, "output": EMBED_OUTPUT, "dim": EMBED_DIM, "opset": OPSET,
+            "pooling": "attention-mask mean + L2 norm, inside the graph"}
+
+
+def add_embedding(out: Path) -> None:
+    """Upgrade a finished build made before ``embed.onnx`` existed: export it, record it in the build info."""
+    import torch
+
+    started = time.monotonic()
+    torch.set_num_threads(2)
+    log(f"{out / EMBED_FILE} is missing; exporting it from the frozen encoder (the head is kept)")
+    tok = load_tokenizer(out / "tokenizer.json")
+    test = (out / "data" / "test.tsv").read_text(encoding="utf-8").splitlines()
+    entry = export_embedding(load_encoder(model_dir()), tok, out, [line.partition("\t")[2] for line in test])
+    info_path = out / INFO
+    info = json.loads(info_path.read_text())
+    info["embedding"] = entry
+    partial = info_path.with_name(f"{INFO}.partial")
+    partial.write_text(json.dumps(info, indent=2) + "\n")
+    partial.replace(info_path)
+    log(f"added {EMBED_FILE} in {time.monotonic() - started:.1f} s")
 
 
 def build(out: Path) -> dict[str, Any]:
@@ -249,6 +315,7 @@ def build(out: Path) -> dict[str, Any]:
     session = verify_onnx(model, tok, onnx_path, [text for _, text in splits["test"]])
     test_acc, per_class = onnx_accuracy(session, tok, splits["test"])
     log(f"held-out test accuracy (onnxruntime): {test_acc:.3f} {per_class}")
+    embedding = export_embedding(encoder, tok, out, [text for _, text in splits["test"]])
 
     (out / "labels.txt").write_text("".join(f"{label}\n" for label in LABELS))
     return {
@@ -262,6 +329,7 @@ def build(out: Path) -> dict[str, Any]:
         },
         "tokenizer": {"file": "tokenizer.json", "max_length": MAX_LENGTH, "padding": "longest"},
         "onnx": {"opset": OPSET, "inputs": list(INPUTS), "output": "logits"},
+        "embedding": embedding,
         "train_accuracy": round(train_acc, 4),
         "test_accuracy": round(test_acc, 4),
         "test_accuracy_per_class": {k: round(v, 4) for k, v in per_class.items()},
@@ -270,8 +338,14 @@ def build(out: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point."""
-    return run_build(__doc__.splitlines()[0], build, log, argv)
+    """CLI entry point; a finished build without ``embed.onnx`` gets it added."""
+    status = run_build(__doc__.splitlines()[0], build, log, argv)
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--out", type=Path, required=True)
+    out = parser.parse_known_args(argv)[0].out  # run_build has parsed (and checked) the same argv
+    if status == 0 and not (out / EMBED_FILE).exists():
+        add_embedding(out)
+    return status
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ Expects the models built by ``demo.build_image_model`` and ``demo.build_text_mod
 Each model becomes an fp32 package and an int8 one (calibrated on the demo's
 calibration split). Prints, per model, a short table (sample, true label,
 predicted label, score, backend, latency) and the accuracy and median latency
-of fp32 and int8 over the whole held-out set.
+of fp32 and int8 over the whole held-out set. Then ``demo.production`` streams a
+camera line through the int8 defect model and fuses reports and camera frames into
+one diagnosis per asset, with similar past incidents from a knowledge base.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import edge_sdk
 from edge_sdk.errors import EdgeSDKError
@@ -90,14 +93,14 @@ def _run(packages: dict[str, Path], heldout: Heldout) -> None:
     fp32_rows, fp32_acc, fp32_ms, _ = _measure(packages[f"{heldout.name}.fp32"], heldout)
     int8_rows, int8_acc, int8_ms, skipped = _measure(packages[f"{heldout.name}.int8"], heldout)
     print(f"\n== {heldout.name}: {len(heldout.items)} held-out samples, one at a time (int8 package shown)")
-    _table(("sample", "true", "predicted", "score", "backend", "latency"), int8_rows)
+    table(("sample", "true", "predicted", "score", "backend", "latency"), int8_rows)
     print(f"fp32: accuracy {fp32_acc:.3f}, median latency {fp32_ms:.1f} ms per sample")
     print(f"int8: accuracy {int8_acc:.3f}, median latency {int8_ms:.1f} ms per sample "
           f"({fp32_ms / int8_ms:.2f}x fp32)")
     print(f"  (skipped {skipped})")
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+def table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, tuple("-" * w for w in widths), *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
@@ -111,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         packages = _convert(args.build, args.build / "packages")
         _run(packages, _image_heldout(args.build / "image"))
         _run(packages, _text_heldout(args.build / "text"))
+        from demo import production  # imports this module for its table; later import, no cycle
+
+        production.run(args.build)
     except EdgeSDKError as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 1
