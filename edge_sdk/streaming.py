@@ -1,29 +1,33 @@
 """``edge_sdk.stream``: run an image package over cameras, streams, video files or folders.
 
-    for result in edge_sdk.stream("rtsp://cam-3/line", "defects.edgepkg", policy="latest"):
+    stream = edge_sdk.stream("rtsp://cam-3/line", "defects.edgepkg", policy="latest")
+    for result in stream:
         print(result.frame.index, result.prediction.label, f"{result.latency_ms:.0f} ms")
+    print(stream.stats().line())
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from edge_sdk.errors import PipelineError
 from edge_sdk.model import Model
 from runtime.batching import Batching
 from runtime.frame import Source
 from runtime.pipeline import Pipeline
-from runtime.stream import Sink, Stream, StreamResult
-
-SourceSpec = "str | int | os.PathLike[str] | Source"
-
+from runtime.stream import Sink, Stream
 
 def open_sources(
-    source: Any, *, policy: str = "all", max_fps: float | None = None, watch: bool = False,
+    source: Any, *, policy: str = "all", max_fps: float | None = None, watch: bool = False, realtime: bool = False,
 ) -> list[Source]:
-    """One source spec, or a list of them, -> opened sources (a ``Source`` object is used as it is)."""
-    from runtime.sources import open_source
+    """One source spec, or a list of them, -> opened sources.
+
+    A ``Source`` object is used as it is, wrapped in a ``PolicySource`` when ``policy`` or
+    ``max_fps`` ask for it; ``watch`` and ``realtime`` choose how a spec is opened, so they are
+    refused for a ``Source`` object rather than ignored.
+    """
+    from runtime.sources import PolicySource, open_source
 
     specs = list(source) if isinstance(source, (list, tuple)) else [source]
     if not specs:
@@ -31,9 +35,13 @@ def open_sources(
     opened: list[Source] = []
     for spec in specs:
         if isinstance(spec, Source):
-            opened.append(spec)
+            if watch or realtime:
+                raise PipelineError(f"watch/realtime apply when a source is opened from a spec; {spec.id!r} is "
+                                    "already a Source object", hint="open it with open_source(..., watch=, realtime=)")
+            opened.append(PolicySource(spec, policy=policy, max_fps=max_fps)
+                          if policy != "all" or max_fps is not None else spec)
         else:
-            opened.append(open_source(spec, policy=policy, max_fps=max_fps, watch=watch))
+            opened.append(open_source(spec, policy=policy, max_fps=max_fps, watch=watch, realtime=realtime))
     return opened
 
 
@@ -60,34 +68,44 @@ def stream(
     policy: str = "all",
     max_fps: float | None = None,
     watch: bool = False,
+    realtime: bool = False,
     rois: Mapping[str, Any] | None = None,
     batching: Batching | Mapping[str, Any] | int | None = None,
     replicas: int = 1,
     sinks: Sequence[Sink] = (),
     queue_size: int = 32,
-) -> Iterator[StreamResult]:
-    """Yield a :class:`StreamResult` per frame (per region of a frame) of ``source``.
+) -> Stream:
+    """A :class:`~runtime.stream.Stream` over ``source``: iterate it for a :class:`StreamResult` per
+    frame (per region of a frame), call ``.stats()`` for fps, latency, drops and errors.
 
-    ``source``: a camera index, an RTSP/HTTP URL, a GStreamer pipeline, a video file, an image
-    folder (``watch=True`` to wait for new files) or a list of them. ``policy`` is "all" (every
-    frame; the source waits when the model is slower) or "latest" (stale frames are dropped);
-    ``max_fps`` caps the rate. ``batching`` gathers frames across sources into one inference;
-    ``replicas`` runs that many runner copies in parallel (threads split between them).
-    ``rois`` is ``{source_id: {region: [x, y, w, h]}}``. Leaving the loop stops the stream.
+    ``source``: a camera index, an RTSP/HTTP URL, a GStreamer pipeline, a video file
+    (``realtime=True`` replays it at its recorded rate), an image folder (``watch=True`` waits
+    for new files), a ``Source`` object, or a list of them. ``policy`` is "all" (every frame; the
+    source waits when the model is slower) or "latest" (stale frames are dropped); ``max_fps``
+    caps the rate. ``batching`` gathers frames across sources into one inference; ``replicas``
+    runs that many runner copies in parallel (``threads`` split between them). ``rois`` is
+    ``{source_id: {region: [x, y, w, h]}}``. Leaving the loop early stops the stream; a package
+    opened here is closed with it. ``backend``, ``precision`` (and ``threads`` with one replica)
+    apply when ``model`` is a path; a loaded ``Model``/``Pipeline`` already has them.
     """
-    owned: Pipeline | None = None
-    if isinstance(model, Pipeline):
-        pipeline = model
-    elif isinstance(model, Model):
-        pipeline = model._pipeline
+    if isinstance(model, (Pipeline, Model)):
+        given: dict[str, Any] = {k: v for k, v in (("backend", backend), ("precision", precision)) if v != "auto"}
+        if threads is not None and replicas == 1:
+            given["threads"] = threads
+        if given:
+            raise PipelineError(f"{sorted(given)} cannot change an already loaded model",
+                                hint="pass them to edge_sdk.load(...), or pass the package path to stream()")
+        pipeline, owned = (model if isinstance(model, Pipeline) else model._pipeline), False
     else:
-        owned = pipeline = Pipeline.from_package(model, backend, threads=None if replicas > 1 else threads,
-                                                 precision=precision)
+        pipeline = Pipeline.from_package(model, backend, threads=None if replicas > 1 else threads,
+                                         precision=precision)
+        owned = True
     try:
-        sources = open_sources(source, policy=policy, max_fps=max_fps, watch=watch)
-        running = Stream(pipeline, sources, sinks=sinks, batching=_batching(batching), replicas=replicas,
-                         threads=threads if replicas > 1 else None, rois=rois, queue_size=queue_size)
-        yield from running
-    finally:
-        if owned is not None:
-            owned.close()
+        sources = open_sources(source, policy=policy, max_fps=max_fps, watch=watch, realtime=realtime)
+        return Stream(pipeline, sources, sinks=sinks, batching=_batching(batching), replicas=replicas,
+                      threads=threads if replicas > 1 else None, rois=rois, queue_size=queue_size,
+                      close_pipeline=owned)
+    except BaseException:
+        if owned:
+            pipeline.close()
+        raise

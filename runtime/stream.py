@@ -174,6 +174,7 @@ class Stream:
         queue_size: int = 32,
         preprocess_workers: int | None = None,
         verify: bool = True,
+        close_pipeline: bool = False,
     ) -> None:
         spec = pipeline.manifest.preprocess
         if not isinstance(spec, ImagePreprocess):
@@ -205,6 +206,7 @@ class Stream:
         self._workers = workers
         self._started = 0.0
         self._finished = threading.Event()
+        self._close_pipeline = close_pipeline  # the stream owns the pipeline (edge_sdk.stream opened it)
 
     def _make_runners(self, replicas: int, threads: int | None, verify: bool) -> tuple[list[Runner], bool]:
         if replicas < 1:
@@ -269,6 +271,9 @@ class Stream:
             for runner in self._runners:
                 runner.deactivate()
             self._own_runners = False
+        if self._close_pipeline:
+            self.pipeline.close()
+            self._close_pipeline = False
 
     def __enter__(self) -> Stream:
         return self

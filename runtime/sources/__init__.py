@@ -19,12 +19,13 @@ from edge_sdk.errors import SourceError
 from runtime.frame import Frame, Source, SourceState
 from runtime.sources._capture import CaptureSource
 from runtime.sources._folder import IMAGE_EXTENSIONS, FolderSource
-from runtime.sources._policy import POLICIES, PolicySource, RateGate, check_policy
+from runtime.sources._policy import POLICIES, PacedSource, PolicySource, RateGate, check_policy
 from runtime.sources._spec import URL_SCHEMES, SourceSpec, check_positive, classify
 
 __all__ = [
     "CaptureSource",
     "FolderSource",
+    "PacedSource",
     "PolicySource",
     "RateGate",
     "open_source",
@@ -45,6 +46,7 @@ def open_source(
     policy: str = "all",
     max_fps: float | None = None,
     watch: bool = False,
+    realtime: bool = False,
     **kwargs: Any,
 ) -> Source:
     """The source ``spec`` names, wrapped in a :class:`PolicySource` when ``policy`` is not "all"
@@ -52,7 +54,8 @@ def open_source(
 
     ``spec``: a camera index (``0``, ``"0"``) or device (``/dev/video0``); an ``rtsp://``,
     ``rtsps://``, ``http://`` or ``https://`` URL; a GStreamer pipeline (contains ``" ! "``); an
-    existing folder (``watch`` applies to folders only); or an existing video file. ``kwargs`` go
+    existing folder (``watch`` applies to folders only); or an existing video file (``realtime``
+    replays it at its recorded frame rate, as the camera delivered it). ``kwargs`` go
     to :class:`CaptureSource` (``live``, ``backoff_initial``, ``backoff_max``, ``max_reconnects``,
     ``open_timeout``, ``read_timeout``) or :class:`FolderSource` (``poll_interval``).
     """
@@ -60,6 +63,9 @@ def open_source(
     check_positive("max_fps", max_fps, allow_none=True)
     found = classify(spec, missing_ok=kwargs.get("live") is True)
     kind = FolderSource if found.kind == "folder" else CaptureSource
+    if realtime and found.kind != "file":
+        raise SourceError(f"realtime=True replays video files, and {found.display!r} is a {found.kind}",
+                          hint="drop realtime=True: live sources already deliver at their own rate")
     if watch and kind is not FolderSource:
         raise SourceError(f"watch=True applies to image folders, and {found.display!r} is a {found.kind}",
                           hint="drop watch=True, or pass a folder")
@@ -73,6 +79,20 @@ def open_source(
         source = FolderSource(str(found.target), source_id=source_id, watch=watch, **kwargs)
     else:
         source = CaptureSource(found.target, source_id=source_id, **kwargs)
+    if realtime:
+        source = PacedSource(source, _recorded_fps(str(found.target)))
     if policy != "all" or max_fps is not None:
         source = PolicySource(source, policy=policy, max_fps=max_fps)
     return source
+
+
+def _recorded_fps(path: str) -> float:
+    """The frame rate a video file was recorded at (30 when the container does not say)."""
+    import cv2
+
+    capture = cv2.VideoCapture(path)
+    try:
+        fps = float(capture.get(cv2.CAP_PROP_FPS) or 0.0)
+    finally:
+        capture.release()
+    return fps if 0.0 < fps < 1000.0 else 30.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import replace
 
 from edge_sdk.errors import SourceError
@@ -174,3 +175,39 @@ def check_policy(policy: object) -> None:
     if policy not in POLICIES:
         raise SourceError(f"frame policy {policy!r} is not known; expected one of {', '.join(POLICIES)}",
                           hint='"all" delivers every frame; "latest" only the newest when the consumer is slow')
+
+
+class PacedSource:
+    """A finite source delivered at ``fps``: frame i is released ``i / fps`` after the first.
+
+    For replaying a recorded video as the camera saw it (``open_source(path, realtime=True)``),
+    so latency and drops behave as they would live instead of the file being read as fast as
+    the pipeline takes frames.
+    """
+
+    def __init__(self, inner: Source, fps: float) -> None:
+        check_positive("fps", fps)
+        self.inner, self.id, self._period = inner, inner.id, 1.0 / fps
+        self._start: float | None = None
+        self._count = 0
+        self._released = threading.Event()
+
+    def read(self) -> Frame | None:
+        now = time.monotonic()
+        self._start = now if self._start is None else self._start
+        if self._released.wait(max(0.0, self._start + self._count * self._period - now)):
+            return None
+        self._count += 1
+        return self.inner.read()
+
+    def release(self) -> None:
+        self._released.set()
+        self.inner.release()
+
+    @property
+    def is_open(self) -> bool:
+        return self.inner.is_open
+
+    @property
+    def state(self) -> SourceState:
+        return self.inner.state

@@ -115,3 +115,20 @@ def test_a_stream_feeds_the_diagnoser_through_a_sink(tmp_path: Path, image_packa
     assert len(seen) == 6 and final is not None
     sources = {c.evidence.source for c in (*final.evidence, *final.conflicting)}
     assert sources == {"report", "thermal.avi"}  # the latest frame and the report, fused
+
+
+def test_stream_exposes_stats_and_refuses_settings_it_cannot_apply(tmp_path: Path, image_package: Path) -> None:
+    video = write_video(tmp_path / "s.avi", 9)
+    running = edge_sdk.stream(video, image_package, backend="onnxruntime-cpu", realtime=True)
+    assert len(list(running)) == 9
+    stats = running.stats()
+    assert stats.predictions == 9 and stats.errors == 0 and stats.elapsed_s >= 8 / 30 * 0.9  # paced at 30 fps
+    with Pipeline.from_package(image_package, "onnxruntime-cpu") as loaded:
+        with pytest.raises(edge_sdk.errors.PipelineError, match=r"\['precision'\] cannot change"):
+            edge_sdk.stream(video, loaded, precision="int8")
+        source = open_source(video)
+        with pytest.raises(edge_sdk.errors.PipelineError, match="already a Source object"):
+            edge_sdk.stream(source, loaded, watch=True)
+        latest = edge_sdk.stream(open_source(video), loaded, policy="latest")  # a Source object gets the policy
+        assert type(latest.sources[0]).__name__ == "PolicySource"
+        latest.close()

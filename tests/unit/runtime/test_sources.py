@@ -519,3 +519,21 @@ def test_public_names() -> None:
     assert all(hasattr(sources, name) for name in sources.__all__)
     for src in (CaptureSource, FolderSource, PolicySource):
         assert {"read", "release", "is_open", "state"} <= set(dir(src))
+
+
+def test_realtime_replays_a_file_at_its_recorded_rate(tmp_path: Path) -> None:
+    path = tmp_path / "rec.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 50.0, (32, 24))
+    for k in range(10):
+        writer.write(np.full((24, 32, 3), k * STEP, np.uint8))
+    writer.release()
+    source = open_source(path, realtime=True)
+    started = time.monotonic()
+    frames = []
+    while (frame := source.read()) is not None:
+        frames.append(frame)
+    elapsed = time.monotonic() - started
+    assert [f.index for f in frames] == list(range(10))
+    assert elapsed >= 9 / 50 * 0.95  # ten frames at 50 fps take 0.18 s, not the microseconds of a file read
+    with pytest.raises(SourceError, match="realtime=True replays video files"):
+        open_source(tmp_path, realtime=True)
