@@ -253,7 +253,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from edge_sdk._cli_deploy import add_deploy_parser
     from edge_sdk._cli_serve import add_serve_parser
+    from edge_sdk.deploy.agent import add_device_parser
     from edge_sdk._cli_service import add_service_parser
     from edge_sdk._cli_stream import add_stream_arguments
 
@@ -338,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run)
     add_serve_parser(sub)
     add_service_parser(sub)
+    add_deploy_parser(sub)
+    add_device_parser(sub)
     return parser
 
 
