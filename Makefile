@@ -34,6 +34,8 @@ bench: $(VENV)/.demo-deps $(VENV)/.test-deps
 	$(BIN)/python -m bench.runtime_overhead
 	$(BIN)/python -m bench.int8 --out build/bench/int8.json
 	$(BIN)/python -m bench.prune --out build/bench/prune.json
+	$(BIN)/python -m bench.pipeline --out build/bench/pipeline.json
+	$(BIN)/python -m bench.daemon --out build/bench/daemon.json
 
 clean:
 	rm -rf $(BUILD) $(VENV)

@@ -95,6 +95,10 @@ class PolicySource:
             return replace(inner, status="released" if self._released else inner.status,
                            frames=self._frames, dropped=inner.dropped + self._dropped)
 
+    @property
+    def policy(self) -> str:
+        return self._policy
+
     def read(self) -> Frame | None:
         """The next frame the policy lets through; None once the source ended or was released."""
         while True:
