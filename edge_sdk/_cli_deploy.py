@@ -50,7 +50,7 @@ def _jobs(args: argparse.Namespace) -> list[Any]:
     specs = [(parse_target(t), None) for t in args.to] + [(d.target, d) for d in devices]
     if not specs:
         raise EdgeSDKError("no target", hint="pass --to ssh://user@host/opt/edge-sdk (or a directory), or --inventory")
-    jobs = []
+    jobs: list[tuple[Any, Any]] = []
     for target, device in specs:
         options = base if device is None else replace(base, profile=device.profile, config=args.config or device.config)
         edge = args.edge_sdk or (device.edge_sdk if device else None)
