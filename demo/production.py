@@ -17,7 +17,8 @@ Expects the demo models (``text/embed.onnx`` included) and the int8 packages tha
 3. **Diagnosis.** ``RULE`` (printed) maps both models onto one fault vocabulary: report classes by
    name with ``normal`` -> ``none``; the camera's ``ok`` -> ``none``, every defect ->
    ``surface_defect``. Both count the same; a fault needs a fused probability of 0.4 and must be
-   the most probable class. Each of three assets gets a held-out report (the asset is the tag it
+   the most probable class. A camera that sees an ``ok`` surface abstains: it cannot see a worn
+   bearing, so it does not vote against one (it votes only when nothing else is known). Each of three assets gets a held-out report (the asset is the tag it
    names), classified by ``Diagnoser.text`` and searched in the knowledge base, and a camera, a
    short video of one part streamed into the diagnoser through ``Diagnoser.sink``.
 """
@@ -97,7 +98,7 @@ RULE: dict[str, Any] = {
     "models": {
         "fault-reports": {"weight": 1.0, "map": {"normal": "none",
                                                  **{f: f for f in REPORT_LABELS if f != "normal"}}},
-        "surface-defects": {"weight": 1.0, "map": {"ok": "none", "*": "surface_defect"}},
+        "surface-defects": {"weight": 1.0, "map": {"ok": "none", "*": "surface_defect"}, "abstain": ["ok"]},
     },
 }
 # (report label, camera part label) per asset: a fault the camera cannot see, a healthy asset, and a
@@ -353,7 +354,8 @@ def _rule_lines() -> list[str]:
         same = [label for label, fault in spec["map"].items() if label == fault]
         mapping = [*renamed, *([f"{'/'.join(same)} -> same name"] if same else []),
                    *([f"others -> {spec['map']['*']}"] if "*" in spec["map"] else [])]
-        lines.append(f"  {model} (weight {spec['weight']}): {', '.join(mapping)}")
+        abstain = f"; abstains on {', '.join(spec['abstain'])}" if spec.get("abstain") else ""
+        lines.append(f"  {model} (weight {spec['weight']}): {', '.join(mapping)}{abstain}")
     return lines
 
 
@@ -369,7 +371,7 @@ def _print_diagnosis(d: Diagnosis, s: Scenario) -> None:
     print(f"  camera cam-{d.asset_id}: {CAMERA_FRAMES} frames of {s.part.parent.name}/{s.part.name}")
     print(f"  diagnosis: {d.fault} ({'fault' if d.is_fault else 'no fault'}), confidence {d.confidence:.3f}  "
           f"[{', '.join(f'{f} {p:.3f}' for f, p in top)}]")
-    for title, items in (("supports  ", d.evidence), ("conflicts ", d.conflicting)):
+    for title, items in (("supports  ", d.evidence), ("conflicts ", d.conflicting), ("abstains  ", d.abstained)):
         for c in items:
             print(f"    {title}{_evidence(c)}")
     print("  similar past incidents:")

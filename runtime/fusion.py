@@ -21,6 +21,10 @@ exactly:
    fault: a threshold can demote a fault, never promote it over a more probable class.
 5. Explanation: evidence whose own top fault (the argmax of step 2) is the diagnosis supports
    it, the rest conflicts; both are ordered strongest first (weight x own probability).
+6. Abstention: a model may only speak about some faults (a surface camera says nothing about a
+   bearing). When its predicted label is in its ``abstain`` list (``abstain = ["ok"]``), its
+   evidence is kept (in ``Diagnosis.abstained``) but has no weight in step 3, unless every
+   piece of evidence abstains: then they vote with their weights as usual.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import math
 import re
 import threading
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -44,7 +48,7 @@ log = logging.getLogger(__name__)
 CATCH_ALL = "*"  # a map entry that maps every label the map does not name
 _TOLERANCE = 1e-9  # float noise allowed when a fused probability meets its threshold exactly
 _RULE_KEYS = ("faults", "normal", "default_threshold", "thresholds", "max_age_s", "models")
-_MODEL_KEYS = ("weight", "map")
+_MODEL_KEYS = ("weight", "map", "abstain")
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -54,6 +58,7 @@ class ModelRule:
 
     map: Mapping[str, str]
     weight: float = 1.0
+    abstain: frozenset[str] = frozenset()  # labels on which the model does not vote
 
     def fault_of(self, label: str) -> str | None:
         return self.map.get(label, self.map.get(CATCH_ALL))
@@ -179,9 +184,10 @@ class Contribution:
     """How one piece of evidence entered a diagnosis: its weight and its own mapped vote."""
 
     evidence: Evidence
-    weight: float
+    weight: float  # 0 when the model abstained
     fault: str  # this evidence's own most probable fault
     probabilities: Mapping[str, float]  # its scores mapped onto the fault vocabulary
+    abstained: bool = False  # its label is one the model's rule says it abstains on
 
     @property
     def strength(self) -> float:
@@ -192,7 +198,7 @@ class Contribution:
         return {"model": prediction.model, "label": prediction.label, "score": prediction.score,
                 "kind": self.evidence.kind, "source": self.evidence.source, "weight": self.weight,
                 "fault": self.fault, "probability": self.probabilities[self.fault],
-                "timestamp": self.evidence.timestamp, "ref": self.evidence.ref}
+                "timestamp": self.evidence.timestamp, "ref": self.evidence.ref, "abstained": self.abstained}
 
 
 @dataclass(frozen=True)
@@ -208,6 +214,7 @@ class Diagnosis:
     conflicting: tuple[Contribution, ...]  # pointed at another fault, strongest first
     similar: tuple[Any, ...]  # similar past incidents, as given
     timestamp: float  # of the newest evidence used
+    abstained: tuple[Contribution, ...] = ()  # evidence from models that abstained (no vote)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data (similar incidents via their ``to_dict`` or as dataclasses)."""
@@ -215,6 +222,7 @@ class Diagnosis:
                 "probabilities": dict(self.probabilities), "is_fault": self.is_fault,
                 "evidence": [c.to_dict() for c in self.evidence],
                 "conflicting": [c.to_dict() for c in self.conflicting],
+                "abstained": [c.to_dict() for c in self.abstained],
                 "similar": [_plain(item) for item in self.similar], "timestamp": self.timestamp}
 
 
@@ -234,16 +242,22 @@ def fuse(evidence: Sequence[Evidence], rule: FusionRule, *, similar: Sequence[An
                             f"{rule.key}.max_age_s={rule.max_age_s} at now={now}; expected at least one fresh",
                             hint=f"pass newer evidence or raise {rule.key}.max_age_s")
     contributions = [_contribution(e, rule) for e in fresh]
-    total = sum(c.weight for c in contributions)
-    probabilities = {f: sum(c.weight * c.probabilities[f] for c in contributions) / total for f in rule.faults}
+    voting = [c for c in contributions if not c.abstained]
+    if not voting:  # every model abstained: they still say what they saw, with their own weights
+        voting = [replace(c, weight=rule.models[c.evidence.prediction.model].weight, abstained=False)
+                  for c in contributions]
+        contributions = voting
+    total = sum(c.weight for c in voting)
+    probabilities = {f: sum(c.weight * c.probabilities[f] for c in voting) / total for f in rule.faults}
     fault = _decide(probabilities, rule)
-    ranked = sorted(contributions, key=lambda c: (-c.strength, -c.evidence.timestamp))
+    ranked = sorted(voting, key=lambda c: (-c.strength, -c.evidence.timestamp))
     return Diagnosis(
         asset_id=assets[0], fault=fault, confidence=probabilities[fault],
         probabilities=MappingProxyType(probabilities), is_fault=fault != rule.normal,
         evidence=tuple(c for c in ranked if c.fault == fault),
         conflicting=tuple(c for c in ranked if c.fault != fault),
-        similar=tuple(similar), timestamp=max(e.timestamp for e in fresh))
+        similar=tuple(similar), timestamp=max(e.timestamp for e in fresh),
+        abstained=tuple(c for c in contributions if c.abstained))
 
 
 @dataclass
@@ -325,8 +339,10 @@ def _fresh(evidence: Sequence[Evidence], max_age_s: float, now: float | None) ->
 def _contribution(evidence: Evidence, rule: FusionRule) -> Contribution:
     probabilities = rule.project(evidence.prediction)
     top = max(rule.faults, key=lambda f: (probabilities[f], -rule.faults.index(f)))
-    return Contribution(evidence=evidence, weight=rule.models[evidence.prediction.model].weight, fault=top,
-                        probabilities=MappingProxyType(probabilities))
+    model = rule.models[evidence.prediction.model]
+    abstains = evidence.prediction.label in model.abstain
+    return Contribution(evidence=evidence, weight=0.0 if abstains else model.weight, fault=top,
+                        probabilities=MappingProxyType(probabilities), abstained=abstains)
 
 
 def _decide(probabilities: Mapping[str, float], rule: FusionRule) -> str:
@@ -407,8 +423,15 @@ def _model(spec: Any, path: str) -> ModelRule:
         raise PipelineError(f"{path}.map is empty; expected at least one label -> fault entry",
                             hint='map every label the model produces, or use "*" = "<fault>"')
     labels = {str(label): _text(fault, _path(path, "map", label)) for label, fault in table.items()}
-    options = {}
+    options: dict[str, Any] = {}
     if "weight" in spec:
         options["weight"] = _number(spec["weight"], f"{path}.weight", "a finite number > 0",
                                     lambda v: 0 < v < math.inf)
+    if "abstain" in spec:
+        abstain = spec["abstain"]
+        if not isinstance(abstain, (list, tuple)) or not all(isinstance(a, str) and a for a in abstain):
+            raise PipelineError(f"{path}.abstain is {abstain!r}; expected a list of the model's labels",
+                                hint='e.g. abstain = ["ok"]: a surface camera that sees no defect says nothing '
+                                     "about bearings")
+        options["abstain"] = frozenset(abstain)
     return ModelRule(map=MappingProxyType(labels), **options)

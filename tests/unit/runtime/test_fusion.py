@@ -242,7 +242,7 @@ def _drop(path: str) -> Callable[[dict[str, Any]], None]:
     (_drop("normal"), None),  # default "none" is in faults: valid
     (_set("treshold", 0.5), r"fusion has unknown keys \['treshold'\]; expected only \['faults', 'normal'"),
     (_set("models/defects/wieght", 2), r"fusion.models.defects has unknown keys \['wieght'\]; "
-                                       r"expected only \['weight', 'map'\]"),
+                                       r"expected only \['weight', 'map', 'abstain'\]"),
     (_drop("models/defects/map"), r"fusion.models.defects has no map"),
     (_set("models/defects/map", {}), r"fusion.models.defects.map is empty"),
     (_set("models/defects/map/ok", 3), r"fusion.models.defects.map.ok is 3; expected a non-empty string"),
@@ -372,3 +372,26 @@ def test_fuser_survives_concurrent_adds() -> None:
         last_ref = max(i for i in range(per_thread) if i % 5 == index)
         assert {c.evidence.ref for c in d.evidence + d.conflicting} == {last_ref}
         assert d.probabilities["surface_defect"] == pytest.approx(0.5)
+
+
+def test_a_model_abstains_on_labels_it_cannot_judge() -> None:
+    """A surface camera that sees no defect says nothing about a bearing the report hears."""
+    from runtime.fusion import FusionRule, fuse
+
+    rule = FusionRule.from_dict({
+        "faults": ["none", "bearing_wear", "surface_defect"], "default_threshold": 0.3,
+        "models": {"reports": {"map": {"bearing": "bearing_wear", "normal": "none"}},
+                   "camera": {"map": {"ok": "none", "scratch": "surface_defect"}, "abstain": ["ok"]}}})
+    report = classes("reports", ("bearing", "normal"), [0.9, 0.1])
+    ok_frame = classes("camera", ("ok", "scratch"), [0.95, 0.05])
+    d = fuse([Evidence("m1", report, 1.0, "text"), Evidence("m1", ok_frame, 2.0, "image")], rule)
+    assert d.fault == "bearing_wear" and d.confidence == pytest.approx(0.9)
+    assert [c.evidence.kind for c in d.abstained] == ["image"] and not d.conflicting
+    assert d.to_dict()["abstained"][0]["abstained"] is True
+    alone = fuse([Evidence("m2", ok_frame, 2.0, "image")], rule)  # nobody else spoke: the camera votes
+    assert alone.fault == "none" and alone.confidence == pytest.approx(0.95) and not alone.abstained
+    scratch = classes("camera", ("ok", "scratch"), [0.2, 0.8])
+    d = fuse([Evidence("m3", report, 1.0, "text"), Evidence("m3", scratch, 2.0, "image")], rule)
+    assert not d.abstained and len(d.conflicting) == 1  # a defect seen is a vote
+    with pytest.raises(PipelineError, match="abstain is 'ok'; expected a list"):
+        FusionRule.from_dict({"faults": ["none", "x"], "models": {"c": {"map": {"*": "x"}, "abstain": "ok"}}})
