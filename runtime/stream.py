@@ -195,12 +195,12 @@ class Stream:
         self._spec = spec
         self._runners, self._own_runners = self._make_runners(replicas, threads, verify)
         workers = preprocess_workers or max(1, len(self._runners))
-        if any(getattr(s, "policy", "all") == "latest" for s in sources):
-            # Frames wait in these queues too: keep them short, or "latest" still serves stale frames.
-            queue_size = min(queue_size, max(2, batching.max_batch))
+        latest = any(getattr(s, "policy", "all") == "latest" for s in sources)
+        if latest:  # frames wait in these queues too: keep them short, or "latest" still serves stale frames
+            queue_size = min(queue_size, 2)
         self._frames: queue.Queue[Any] = queue.Queue(queue_size)
         self._ready: queue.Queue[Any] = queue.Queue(queue_size)
-        self._batches: queue.Queue[Any] = queue.Queue(max(2, len(self._runners)))
+        self._batches: queue.Queue[Any] = queue.Queue(len(self._runners) if latest else max(2, len(self._runners)))
         self._results: queue.Queue[Any] = queue.Queue(queue_size)
         self._output: queue.Queue[Any] | None = None
         self._abort, self._lock, self._c = threading.Event(), threading.Lock(), _Counters()
