@@ -125,12 +125,12 @@ def _assemble(layout: Layout, package: str) -> Path:
     return target
 
 
-def profile() -> str:
-    """What kind of device this is, as an inventory's ``profile`` names it."""
+def profile() -> tuple[str, str]:
+    """What kind of device this is (as an inventory's ``profile`` names it) and its engine fingerprint."""
     import devices
 
     info = devices.detect()
-    return info.jetson_family or info.arch
+    return info.jetson_family or info.arch, devices.fingerprint(info).key
 
 
 def install(root: str, package: str, objects: Sequence[str], *, backend: str = "auto",
@@ -140,7 +140,7 @@ def install(root: str, package: str, objects: Sequence[str], *, backend: str = "
     from runtime.select import select_runner
 
     layout = Layout(root)
-    here = profile()
+    here, fingerprint = profile()
     if expect_profile and expect_profile != here:
         raise DeployError(f"this device is a {here!r}; the inventory expects {expect_profile!r}",
                           hint="fix the inventory's profile, or deploy a package meant for this device")
@@ -153,6 +153,7 @@ def install(root: str, package: str, objects: Sequence[str], *, backend: str = "
     try:
         parity = selection.parity
         return {"package": package, "name": pkg.manifest.name, "version": pkg.manifest.version, "profile": here,
+                "fingerprint": fingerprint,
                 "backend": selection.backend, "graph": selection.graph, "engine": built,
                 "skipped": [{"backend": s.backend, "reason": s.reason} for s in selection.skipped],
                 "parity": None if parity is None else {"max_abs_diff": parity.max_abs_diff,

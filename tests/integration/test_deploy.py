@@ -112,6 +112,10 @@ def test_a_failed_reload_rolls_back_and_the_daemon_keeps_serving(tmp_path: Path,
         transport = LocalTransport(parse_target(str(root)))
         [good] = deploy(versions["2"], [(transport, options)])
         assert good.ok and good.details["reload"]["models"][0]["version"] == "2"
+        assert good.details["preflight"]["fingerprint"] and good.details["preflight"]["parity"]["max_abs_diff"] < 1e-3
+        bad = broken_parity(versions["2"], tmp_path / "bad.edgepkg")  # fails its preflight: never switched
+        [refused] = deploy(bad, [(transport, options)])
+        assert not refused.ok and refused.step == "preflight" and current_version(root) == "2"
         # A package whose labels the daemon's fusion rule does not map: it installs and preflights,
         # but the daemon refuses to swap it in, so the deployment switches back.
         odd = colors_package(tmp_path, image_folder, "3", labels=["red", "green", "purple"])
