@@ -131,11 +131,17 @@ def _print_status(rows: list[dict[str, Any]], as_json: bool) -> None:
             table.append((r["target"], "unreachable", "-", "-", r["error"][:60]))
             continue
         cur, prev, daemon = r.get("current"), r.get("previous"), r.get("daemon")
-        name = f"{cur['name']} {cur['version']}" if cur else "-"
         health = "-" if daemon is None else ("ready" if daemon.get("ready") else "NOT READY")
-        backends = ", ".join(f"{m['name']}: {m['backend']}" for m in (daemon or {}).get("models", [])) or "-"
-        table.append((r["target"], name, f"{prev['name']} {prev['version']}" if prev else "-", health, backends))
+        backends = ", ".join(f"{m['name']}: {m['backend']} {m.get('precision', '')}".rstrip()
+                             for m in (daemon or {}).get("models", [])) or "-"
+        table.append((r["target"], _version(cur), _version(prev), health, backends))
     _table(table)
+
+
+def _version(v: dict[str, Any] | None) -> str:
+    if not v:
+        return "-"
+    return f"{v.get('name')} {v.get('version')} {v.get('precision') or ''} ({v['package'][:8]})".replace("  ", " ")
 
 
 def _table(rows: Sequence[tuple[str, ...]]) -> None:

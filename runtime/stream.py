@@ -259,7 +259,8 @@ class Stream:
     def stop(self, drain: bool = True, timeout: float = 10.0) -> None:
         """Release the sources; with ``drain`` finish the frames already read, else drop them."""
         for source in self.sources:
-            source.release()
+            if source.is_open:  # an ended source keeps saying "ended"
+                source.release()
         if not drain:
             self._abort.set()
         if self._threads and not self._finished.wait(timeout):

@@ -213,8 +213,9 @@ def _describe(layout: Layout, digest: str | None) -> dict[str, Any] | None:
     try:
         manifest = json.loads((layout.version(digest) / "manifest.json").read_text())
     except (OSError, json.JSONDecodeError):
-        return {"package": digest, "name": None, "version": None}
-    return {"package": digest, "name": manifest.get("name"), "version": manifest.get("version")}
+        return {"package": digest, "name": None, "version": None, "precision": None}
+    return {"package": digest, "name": manifest.get("name"), "version": manifest.get("version"),
+            "precision": manifest.get("precision")}
 
 
 def status(root: str, config: str | None = None) -> dict[str, Any]:

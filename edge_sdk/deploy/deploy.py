@@ -29,6 +29,7 @@ from runtime.package import Package, sha256_bytes
 log = logging.getLogger(__name__)
 
 Report = Callable[[str, str], None]  # (target, message): a progress line per device
+PROGRESS_EVERY_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -116,13 +117,16 @@ def _upload(transport: Transport, package: LocalPackage, report: Report) -> int:
     total = sum(package.objects[d].stat().st_size - partial.get(d, 0) for d in missing)
     if partial:
         report(transport.target.display, f"resuming {len(partial)} partial upload(s)")
-    sent = 0
+    sent, last = 0, [0.0]
     for digest in missing:
         before = partial.get(digest, 0)
         size = package.objects[digest].stat().st_size
 
         def progress(done: int, _total: int, base: int = sent, start: int = before) -> None:
-            report(transport.target.display, f"uploading {_mb(base + done - start)}/{_mb(total)}")
+            now = time.monotonic()
+            if now - last[0] >= PROGRESS_EVERY_S:  # a line every few seconds, not one per chunk
+                last[0] = now
+                report(transport.target.display, f"uploading {_mb(base + done - start)}/{_mb(total)}")
 
         transport.upload(package.objects[digest], f"{root}/objects/{digest}.partial", progress=progress)
         sent += size - before
