@@ -125,7 +125,7 @@ class Api:
         manifest = self.daemon.registry.current(name).manifest
         body = await read_body(request, self.limit)
         if manifest.task in ("image-classification", "anomaly-score"):
-            return [decode_upload(body)]
+            return [await run_in_threadpool(decode_upload, body)]  # decoding is CPU work: off the event loop
         data = _json(body)
         texts = data.get("texts") if isinstance(data, dict) and "texts" in data else [
             data.get("text") if isinstance(data, dict) else None]
@@ -154,8 +154,8 @@ class Api:
             asset = request.query_params.get("asset", "").strip()
             if not asset:
                 raise BadRequest("an image upload needs ?asset=ASSET_ID", hint="POST /v1/diagnose?asset=pump-7")
-            image = decode_upload(await read_body(request, self.limit))
-            outcome = await run_in_threadpool(self.daemon.diagnose_image, asset, image, model)
+            body = await read_body(request, self.limit)
+            outcome = await run_in_threadpool(lambda: self.daemon.diagnose_image(asset, decode_upload(body), model))
         return JSONResponse(outcome.to_dict())
 
     async def events(self, request: Request) -> Response:
