@@ -27,7 +27,7 @@ the target (their rate is the camera's, not the model's):
 
 * ``file latest maxN``: ``open_source(video, policy="latest", max_fps=N)`` (``--live-fps``, 30), as
   a user would write it. A file source reads as fast as it decodes, so this mostly shows drops;
-* ``camN all``: the file read at N frames/s (``Paced``, a wrapper that sleeps before each read of
+* ``camN all``: the file read at N frames/s (``runtime.sources.PacedSource`` around
   ``open_source``'s source), every frame: a camera's latency when the model keeps up;
 * ``camM latest``: paced at M = twice the fastest stream's fps, inside a
   ``runtime.sources.PolicySource(policy="latest")``: an overloaded camera, drops and latency; once
@@ -62,7 +62,7 @@ import numpy as np
 import edge_sdk
 from bench.prune import _fmt, _short, ensure_built
 from runtime.batching import Batching
-from runtime.frame import Frame, Source, SourceState
+from runtime.frame import Frame, Source
 from runtime.pipeline import Pipeline
 from runtime.prediction import Prediction, Timings
 from runtime.preprocess.image import preprocess_image
@@ -274,38 +274,6 @@ def raw_labels(pipeline: Pipeline, tensors: np.ndarray) -> list[str]:
 # --- stream configs -----------------------------------------------------------------------------
 
 
-class Paced:
-    """Reads a source no faster than ``fps``, sleeping before each read, as a camera delivers frames.
-
-    Not a source of its own: it wraps what ``open_source`` returns (which reads a video file as fast as
-    it decodes) and delegates everything else to it. Timestamps are the inner source's, taken after the wait.
-    """
-
-    def __init__(self, inner: Source, fps: float) -> None:
-        self.inner, self.id = inner, inner.id
-        self._period, self._due = 1.0 / fps, 0.0
-        self._stop = threading.Event()
-
-    def read(self) -> Frame | None:
-        wait = self._due - time.monotonic()
-        if wait > 0 and self._stop.wait(wait):
-            return None
-        self._due = max(self._due, time.monotonic()) + self._period
-        return self.inner.read()
-
-    def release(self) -> None:
-        self._stop.set()
-        self.inner.release()
-
-    @property
-    def is_open(self) -> bool:
-        return self.inner.is_open
-
-    @property
-    def state(self) -> SourceState:
-        return self.inner.state
-
-
 @dataclass
 class Config:
     name: str
@@ -348,12 +316,12 @@ class Config:
 
 
 def _open(cfg: Config, video: Path) -> Source:
-    from runtime.sources import PolicySource, open_source
+    from runtime.sources import PacedSource, PolicySource, open_source
 
     if not cfg.pace_fps:
         return open_source(str(video), policy=cfg.policy, max_fps=cfg.max_fps)
     # camera-like: the policy applies to frames as the paced "camera" delivers them
-    source: Source = Paced(open_source(str(video)), cfg.pace_fps)
+    source: Source = PacedSource(open_source(str(video)), cfg.pace_fps)
     if cfg.policy != "all" or cfg.max_fps:
         source = PolicySource(source, policy=cfg.policy, max_fps=cfg.max_fps)
     return source

@@ -47,11 +47,11 @@ from demo.corpus import MACHINES, generate
 from demo.run import table
 from edge_sdk.errors import EdgeSDKError, PackageError
 from runtime.diagnosis import Diagnoser
-from runtime.frame import Frame, Source, SourceState
+from runtime.frame import Source
 from runtime.fusion import Contribution, Diagnosis
 from runtime.knowledge import KnowledgeBase
 from runtime.pipeline import Pipeline
-from runtime.sources import open_source
+from runtime.sources import PacedSource, open_source
 
 IMAGE_PACKAGE = "surface-defects.int8.edgepkg"
 TEXT_PACKAGE = "fault-reports.int8.edgepkg"
@@ -193,33 +193,6 @@ class LineRun:
     dropped: int
 
 
-class Paced:
-    """A finite source delivered at a camera's frame rate: frame i is read ``i / fps`` after the first."""
-
-    def __init__(self, inner: Source, fps: float) -> None:
-        self.inner, self.id, self._period = inner, inner.id, 1.0 / fps
-        self._start: float | None = None
-        self._count = 0
-
-    def read(self) -> Frame | None:
-        now = time.monotonic()
-        self._start = now if self._start is None else self._start
-        time.sleep(max(0.0, self._start + self._count * self._period - now))
-        self._count += 1
-        return self.inner.read()
-
-    def release(self) -> None:
-        self.inner.release()
-
-    @property
-    def is_open(self) -> bool:
-        return self.inner.is_open
-
-    @property
-    def state(self) -> SourceState:
-        return self.inner.state
-
-
 def _frame(part: np.ndarray, index: int) -> np.ndarray:
     """A camera frame: a moving belt with the part on it, scaled as the model's preprocessing scales it."""
     frame = np.full((FRAME_H, FRAME_W, 3), 58, np.uint8)
@@ -291,7 +264,7 @@ def camera_line(test_dir: Path, package: Path, out: Path) -> None:
             stream_line(f"{lossless.name} (FFV1, lossless), full speed", open_source(lossless, source_id="line-1"),
                         model, truth),
             stream_line(f"{lossless.name} at a {PACED_FPS:.0f} fps camera's pace",
-                        Paced(open_source(lossless, source_id="line-1"), PACED_FPS), model, truth),
+                        PacedSource(open_source(lossless, source_id="line-1"), PACED_FPS), model, truth),
             stream_line(f"{mjpg.name} (MJPG), full speed", open_source(mjpg, source_id="line-1"), model, truth),
         ]
         offline = sum(p.label == path.parent.name for p, path in zip(model.predict_batch(parts), parts)) / len(parts)

@@ -27,10 +27,11 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.services import start_listener, stop_process
 
 __all__ = ["Mosquitto", "mosquitto_binary", "require_mosquitto"]
 
@@ -80,30 +81,12 @@ class Mosquitto:
         binary = mosquitto_binary()
         if binary is None:
             raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
-        with self.log.open("ab") as log:
-            self._process = subprocess.Popen([binary, "-c", str(self._config)], stdout=log, stderr=log)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"mosquitto exited with {self._process.returncode}: {self.log.read_text()[-2000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(f"mosquitto did not listen on port {self.port} within {timeout} s")
+        self._process = start_listener([binary, "-c", str(self._config)], self.port, self.log, "mosquitto", timeout)
+        return self
 
     def stop(self) -> None:
         """Terminate the broker (SIGTERM: persistence is saved) and wait for it to exit."""
-        if self._process is None:
-            return
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        stop_process(self._process)
         self._process = None
 
     def restart(self) -> Mosquitto:

@@ -32,10 +32,11 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.services import start_listener, stop_process
 
 __all__ = ["Sshd", "require_sshd", "sshd_binary"]
 
@@ -124,31 +125,12 @@ class Sshd:
             raise RuntimeError("sshd is not installed (apt-get install openssh-server)")
         if os.geteuid() == 0:  # the privilege separation directory; a container has no systemd to make it
             Path("/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)
-        with self.log.open("ab") as log:
-            self._process = subprocess.Popen([binary, "-D", "-e", "-f", str(self._config)],
-                                             stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"sshd exited with {self._process.returncode}: {self.log.read_text()[-2000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(f"sshd did not listen on port {self.port} within {timeout} s")
+        self._process = start_listener([binary, "-D", "-e", "-f", str(self._config)], self.port, self.log, "sshd", timeout)
+        return self
 
     def stop(self) -> None:
         """Terminate the listener and wait for it (open sessions are ended by their own processes)."""
-        if self._process is None:
-            return
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        stop_process(self._process)
         self._process = None
 
     def __enter__(self) -> Sshd:
