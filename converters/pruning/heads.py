@@ -27,7 +27,7 @@ import onnx
 from onnx import numpy_helper
 
 from converters.pruning.common import Feeds, PruneResult, node_key, params, probe_batches
-from converters.pruning.transformer import _drop_dead, _Graph
+from converters.pruning.transformer import _drop_dead, _Graph, _refit, _rel_mse
 from edge_sdk.errors import InternalError, PruningError
 
 __all__ = ["AttentionBlock", "find_attention_blocks", "prune_heads"]
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 # Ops a walk from the probabilities MatMul back to the scores MatMul may cross.
 _SCORE_OPS = {"Softmax", "Add", "Mul", "Div", "Sub", "Where", "Cast", "Transpose"}
 _MAX_SCORE_NODES = 12
+_MAX_ROWS = 20_000  # calibration tokens used for the output-projection refit (evenly sampled)
 
 
 @dataclass(frozen=True)
@@ -281,10 +282,11 @@ def find_attention_blocks(model: onnx.ModelProto, num_heads: int | None = None) 
     return blocks, notes
 
 
-def _context_norms(model: onnx.ModelProto, blocks: list[AttentionBlock],
-                   batches: Sequence[Feeds]) -> list[np.ndarray]:
-    """Per block: L2 norm of each head's context slice over all non-padding calibration tokens."""
-    sums = [np.zeros(b.num_heads) for b in blocks]
+def _context_rows(model: onnx.ModelProto, blocks: list[AttentionBlock], batches: Sequence[Feeds],
+                  max_rows: int = _MAX_ROWS) -> list[np.ndarray]:
+    """Per block: the context tensor (the output projection's input) over the non-padding calibration
+    tokens, ``[tokens, H*D]``, evenly subsampled to at most ``max_rows`` rows."""
+    rows: list[list[np.ndarray]] = [[] for _ in blocks]
     for feeds, values in probe_batches(model, batches, sorted({b.context for b in blocks})):
         mask = feeds.get("attention_mask")
         for b, block in enumerate(blocks):
@@ -292,9 +294,23 @@ def _context_norms(model: onnx.ModelProto, blocks: list[AttentionBlock],
             flat = ctx.reshape(-1, ctx.shape[-1])
             if mask is not None and tuple(np.shape(mask)) == ctx.shape[:-1]:
                 flat = flat[np.asarray(mask).reshape(-1) != 0]
-            per_head = flat.reshape(len(flat), block.num_heads, block.head_dim)
-            sums[b] += np.sum(np.square(per_head), axis=(0, 2))
-    return [np.sqrt(s) for s in sums]
+            rows[b].append(flat)
+    out = []
+    for parts in rows:
+        x = np.concatenate(parts)
+        out.append(x[np.linspace(0, len(x) - 1, max_rows).astype(int)] if len(x) > max_rows else x)
+    return out
+
+
+def _refit_wo(ctx: np.ndarray, wo: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Rows of Wo for the kept heads, re-fitted by least squares so that the kept context reproduces
+    the full projection ``ctx @ Wo`` on the calibration tokens; (rows, error before, error after)."""
+    target = ctx @ wo
+    sliced = wo[cols]
+    before = _rel_mse(ctx[:, cols] @ sliced, target)
+    fitted, _ = _refit(ctx[:, cols], target, with_bias=False)
+    after = _rel_mse(ctx[:, cols] @ fitted, target)
+    return (fitted, before, after) if after < before else (sliced, before, before)
 
 
 class _Editor:
@@ -349,7 +365,8 @@ def _rewrite_shape(g: _Attn, edit: _Editor, reshape: onnx.NodeProto, index: int,
     edit.before.setdefault(node_key(reshape), []).append(copy)
 
 
-def _prune_block(g: _Attn, edit: _Editor, block: AttentionBlock, keep: np.ndarray) -> tuple[int, int]:
+def _prune_block(g: _Attn, edit: _Editor, block: AttentionBlock, keep: np.ndarray,
+                 wo_rows: np.ndarray | None = None) -> tuple[int, int]:
     """Slice one block of the model behind ``g``/``edit`` in place; (params before, after)."""
     dim, heads = block.head_dim, block.num_heads
     cols = np.concatenate([np.arange(h * dim, (h + 1) * dim) for h in keep])
@@ -373,7 +390,8 @@ def _prune_block(g: _Attn, edit: _Editor, block: AttentionBlock, keep: np.ndarra
         if layout is not None and layout[2][2] == heads:
             _rewrite_shape(g, edit, reshape, 2, len(keep))
     wo = numpy_helper.to_array(g.inits[block.wo])
-    g.nodes[block.out].input[1] = edit.init(block.wo, wo[cols], wo)
+    rows = wo[cols] if wo_rows is None else wo_rows.astype(wo.dtype)
+    g.nodes[block.out].input[1] = edit.init(block.wo, rows, wo)
     before, after = before + wo.size, after + len(cols) * wo.shape[1]
     ctx = g.nodes[block.context_reshape]
     layout = g.shape_layout(ctx)
@@ -383,14 +401,16 @@ def _prune_block(g: _Attn, edit: _Editor, block: AttentionBlock, keep: np.ndarra
 
 
 def prune_heads(model: onnx.ModelProto, ratio: float, batches: Sequence[Feeds], *,
-                num_heads: int | None = None) -> PruneResult:
+                num_heads: int | None = None, refit: bool = True) -> PruneResult:
     """Remove the ``round(ratio * H)`` least important heads (at least one kept) of every attention block.
 
     A head's importance is the L2 norm of its slice of the context tensor (the input of the output
     projection) over the calibration tokens, padding dropped via ``attention_mask``, times the
     Frobenius norm of its rows of Wo. All blocks are scored once on the input model. ``num_heads``
     is needed only when the reshape constants spell neither H nor D; when given it must agree
-    with them. Blocks that are not matched are reported in ``notes`` and left as they are.
+    with them. With ``refit`` the kept rows of Wo are re-fitted by least squares so the kept heads
+    reproduce the full projection on the calibration tokens (kept only when the error drops).
+    Blocks that are not matched are reported in ``notes`` and left as they are.
     """
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 < ratio < 1.0:
         raise PruningError(f"ratio is {ratio!r}; expected a number strictly between 0 and 1",
@@ -407,11 +427,13 @@ def prune_heads(model: onnx.ModelProto, ratio: float, batches: Sequence[Feeds], 
     if not blocks:
         notes.append("no supported attention block found; model unchanged")
         return PruneResult(model=pruned, method="heads", layers=(), notes=tuple(notes))
-    norms = _context_norms(model, blocks, batches)
+    contexts = _context_rows(model, blocks, batches)
+    norms = [np.sqrt(np.sum(np.square(c.reshape(len(c), b.num_heads, b.head_dim)), axis=(0, 2)))
+             for c, b in zip(contexts, blocks)]
     g = _Attn(pruned)
     edit = _Editor(pruned)
     layers: list[dict[str, Any]] = []
-    for block, norm in zip(blocks, norms):
+    for block, norm, ctx in zip(blocks, norms, contexts):
         heads, dim = block.num_heads, block.head_dim
         drop = int(round(ratio * heads))
         if drop >= heads:
@@ -421,13 +443,17 @@ def prune_heads(model: onnx.ModelProto, ratio: float, batches: Sequence[Feeds], 
         row_norms = np.linalg.norm(wo.reshape(heads, dim, -1), axis=(1, 2))
         scores = norm * row_norms
         keep = np.sort(np.argsort(scores, kind="stable")[drop:])
-        before, after = _prune_block(g, edit, block, keep)
-        log.info("%s: %d -> %d heads", block.out, heads, len(keep))
+        cols = np.concatenate([np.arange(h * dim, (h + 1) * dim) for h in keep])
+        rows, err_before, err_after = (_refit_wo(ctx, wo, cols) if refit and drop
+                                       else (wo[cols], 0.0, 0.0))
+        before, after = _prune_block(g, edit, block, keep, rows)
+        log.info("%s: %d -> %d heads, recon error %.3g -> %.3g", block.out, heads, len(keep), err_before, err_after)
         layers.append({"node": block.out, "op_type": "Attention", "q": block.q.matmul, "k": block.k.matmul,
                        "v": block.v.matmul, "o": block.out, "ratio": float(ratio), "before": heads,
                        "after": int(len(keep)), "heads_before": heads, "heads_after": int(len(keep)),
                        "head_dim": dim, "kept_heads": [int(h) for h in keep],
-                       "scores": [float(s) for s in scores], "params_before": before, "params_after": after})
+                       "scores": [float(s) for s in scores], "params_before": before, "params_after": after,
+                       "recon_before": err_before, "recon_after": err_after, "refit": err_after < err_before})
     nodes = []
     for node in pruned.graph.node:
         nodes.extend(edit.before.get(node_key(node), []))

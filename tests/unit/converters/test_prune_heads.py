@@ -208,3 +208,14 @@ def test_convert_accepts_head_pruning_only_with_a_ratio() -> None:
     assert parse_prune({"method": "heads", "ratio": 0.25}).ratio == 0.25
     with pytest.raises(PruningError, match="head pruning needs 'ratio'"):
         parse_prune({"method": "heads"})
+
+
+def test_output_projection_refit_reduces_the_error(bert: onnx.ModelProto) -> None:
+    refit = prune_heads(bert, 0.5, _batches())
+    plain = prune_heads(bert, 0.5, _batches(), refit=False)
+    for layer in refit.layers:
+        assert layer["refit"] and layer["recon_after"] < layer["recon_before"]
+    assert all(not layer["refit"] for layer in plain.layers)
+    feeds = _feeds(3, 9, 42)  # held-out tokens
+    reference = _run(bert, feeds)
+    assert np.abs(_run(refit.model, feeds) - reference).mean() < np.abs(_run(plain.model, feeds) - reference).mean()
