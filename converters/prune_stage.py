@@ -9,8 +9,10 @@ Forms of ``prune``:
   recorded so that TensorRT builds enable sparse tactics on Ampere-class GPUs (Orin);
 * ``{"method": "structured", "ratio": 0.3}``: channels (CNN) or FFN neurons (transformer)
   removed physically, the next layer re-fitted by least squares: smaller and faster everywhere;
-* ``{"method": "structured", "budget": 1.0}``: the largest ratio whose validation accuracy
-  stays within ``budget`` points of the unpruned model;
+* ``{"method": "structured", "budget": 1.0}``: a search per group kind, within ``budget``
+  accuracy points of the unpruned model on the validation data: the largest FFN ratio, then on
+  top of it the largest attention-head ratio (transformers); the largest channel ratio (CNNs).
+  Every kind's steps are reported; a kind with no ratio within the budget is left unpruned;
 * ``{"method": "heads", "ratio": 0.25}``: the least used attention heads of every block
   removed (Q/K/V columns, output-projection rows, reshape constants);
 * ``{"method": "layers", "count": 1}``: the transformer residual blocks with the least
@@ -112,6 +114,45 @@ def _apply(spec: PruneSpec, model: onnx.ModelProto, batches: Sequence[Feeds]) ->
     return _structured(model, spec.ratio or 0.0, batches)
 
 
+def _kinds(model: onnx.ModelProto) -> list[tuple[str, Callable[[onnx.ModelProto, float, Sequence[Feeds]], PruneResult]]]:
+    """The group kinds a budget search walks through, in order, each with its pruning function."""
+    from converters.qdq import plan_placement
+
+    if plan_placement(model).family == "transformer":
+        from converters.pruning.heads import prune_heads
+        from converters.pruning.transformer import prune_ffn
+
+        return [("ffn", prune_ffn), ("heads", prune_heads)]
+    from converters.pruning.cnn import prune_channels
+
+    return [("channels", prune_channels)]
+
+
+def _budget_search(model: onnx.ModelProto, budget: float, batches: Sequence[Feeds], metric: Metric,
+                   baseline: float, steps: list[dict[str, Any]]) -> PruneResult:
+    """Per group kind, the largest ratio that keeps the accuracy within ``budget`` points of the
+    unpruned model (each kind applied on top of the previous ones); ``steps`` records every try."""
+    current, layers, notes, applied = model, [], [], []
+    for kind, prune in _kinds(model):
+        for ratio in BUDGET_RATIOS:  # largest first: stop at the first within budget
+            candidate = prune(current, ratio, batches)
+            score = metric(candidate.model)
+            steps.append({"kind": kind, "ratio": ratio, "metric": score, "drop": baseline - score})
+            if baseline - score <= budget:
+                current = candidate.model
+                layers += list(candidate.layers)
+                notes += list(candidate.notes)
+                applied.append(f"{kind} {ratio}")
+                break
+        else:
+            notes.append(f"{kind}: no ratio down to {BUDGET_RATIOS[-1]} stays within {budget} points; not pruned")
+    if not applied:
+        raise PruningError(f"no pruning ratio down to {BUDGET_RATIOS[-1]} stays within {budget} points",
+                           hint="raise the budget or convert without prune")
+    log.info("budget search within %s points applied %s", budget, ", ".join(applied))
+    return PruneResult(model=current, method="structured", layers=tuple(layers), notes=tuple(notes))
+
+
 def _speedup(before: onnx.ModelProto, after: onnx.ModelProto, batch: Feeds, rounds: int = 7) -> float:
     """CPU speed of ``after`` relative to ``before`` on one calibration batch: the two sessions
     alternate, one warm-up each, and the medians are compared (robust on a busy machine)."""
@@ -140,17 +181,7 @@ def run_pruning(
         if metric is None or baseline is None:
             raise PruningError("a pruning budget needs validation data to measure accuracy on",
                                hint="pass validation=..., or prune with a fixed ratio")
-        result = None
-        for ratio in BUDGET_RATIOS:  # largest first: stop at the first within budget
-            candidate = _structured(model, ratio, batches)
-            score = metric(candidate.model)
-            steps.append({"ratio": ratio, "metric": score, "drop": baseline - score})
-            if baseline - score <= spec.budget:
-                result = candidate
-                break
-        if result is None:
-            raise PruningError(f"no pruning ratio down to {BUDGET_RATIOS[-1]} stays within {spec.budget} points",
-                               hint="raise the budget or convert without prune")
+        result = _budget_search(model, spec.budget, batches, metric, baseline, steps)
     else:
         result = _apply(spec, model, batches)
     after = metric(result.model) if metric else None

@@ -94,6 +94,14 @@ def pruning_lines(pruning: dict[str, Any]) -> list[str]:
     ]
     if pruning.get("accuracy_before") is not None:
         lines.append(f"pruning accuracy: {pruning['accuracy_before']:.2f} -> {pruning['accuracy_after']:.2f} points")
+    chosen: dict[str, str] = {}
+    for step in pruning.get("budget_steps", []):
+        kind = step.get("kind", "structured")
+        if kind not in chosen or chosen[kind] == "none":
+            within = step["drop"] <= (pruning.get("spec") or {}).get("budget", float("inf"))
+            chosen[kind] = f"ratio {step['ratio']} (-{step['drop']:.2f} pts)" if within else "none"
+    if chosen:
+        lines.append("pruning budget search: " + ", ".join(f"{k} {v}" for k, v in chosen.items()))
     if pruning.get("pattern"):
         lines.append(f"pruning pattern {pruning['pattern']} on {len(pruning.get('layers', []))} layers "
                      "(TensorRT builds enable sparse tactics)")

@@ -100,3 +100,18 @@ def test_layer_pruning_bypasses_the_weakest_block(tmp_path: Path, tokenizer_file
         edge_sdk.convert(tmp_path / "cnn.onnx", tmp_path / "x.edgepkg", task="image-classification",
                          labels=builders.COLOR_LABELS, preprocess=builders.preprocess_dict(),
                          calibration=image_folder, prune={"method": "layers"})
+
+
+def test_budget_search_walks_each_group_kind_of_a_transformer(tmp_path: Path, tokenizer_file: Path,
+                                                              text_validation: Path) -> None:
+    onnx.save(builders.transformer_model(), tmp_path / "enc.onnx")
+    (tmp_path / "calib.txt").write_text("bearing noise\noil leak at the pump\nthe pump is hot\ngrinding bearing\n")
+    report = edge_sdk.convert(tmp_path / "enc.onnx", tmp_path / "t.edgepkg", task="text-classification",
+                              labels=builders.TEXT_LABELS, tokenizer=tokenizer_file, calibration=tmp_path / "calib.txt",
+                              validation=text_validation, prune={"method": "structured", "budget": 100.0})
+    pruning = report.pruning
+    assert pruning is not None
+    assert [(s["kind"], s["ratio"]) for s in pruning["budget_steps"]] == [("ffn", 0.5), ("heads", 0.5)]
+    assert all(s["drop"] <= 100.0 for s in pruning["budget_steps"])
+    assert pruning["params_after"] < pruning["params_before"]
+    assert any(line.startswith("pruning budget search: ffn ratio 0.5") for line in report.lines())
