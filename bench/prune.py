@@ -174,6 +174,7 @@ def pruning_summary(pruning: dict[str, Any] | None) -> dict[str, Any] | None:
     return {
         "params_before": pruning.get("params_before"), "params_after": pruning.get("params_after"),
         "cpu_speedup_sdk": pruning.get("cpu_speedup"), "chosen_ratio": chosen,
+        "chosen": pruning.get("chosen") or ({"structured": chosen} if chosen else {}),
         "budget_steps": steps, "accuracy_before": pruning.get("accuracy_before"),
         "accuracy_after": pruning.get("accuracy_after"),
         "groups_pruned": len(layers), "groups_refused": len(notes), "notes_sample": notes[:5],
@@ -246,9 +247,11 @@ def bench_model(kind: str, model: Path, kwargs: dict[str, Any], items: list[tupl
         if v.name == "pruned+int8" and variants[1].report:
             # Same pruning as the budget variant without re-running its search (deterministic, and the
             # search dominates the run time): its chosen ratio, fixed.
-            chosen = (pruning_summary(variants[1].report.get("pruning")) or {}).get("chosen_ratio")
-            if chosen:
-                v.options = {"prune": {"method": "structured", "ratio": chosen}, "quantize": "int8"}
+            chosen = (pruning_summary(variants[1].report.get("pruning")) or {}).get("chosen") or {}
+            ratio = chosen.get("ffn") or chosen.get("channels")
+            if ratio:
+                fixed = {"method": "structured", "ratio": ratio, **({"heads": chosen["heads"]} if "heads" in chosen else {})}
+                v.options = {"prune": fixed, "quantize": "int8"}
         if budget_failed and "prune" in v.options:
             v.error = f"PruningError: {budget_failed}"
             variants.append(v)
@@ -307,7 +310,8 @@ def print_table(kind: str, result: dict[str, Any]) -> None:
     for v in result["variants"]:
         ps = v["pruning_summary"] or {}
         val = ((v["report"] or {}).get("validation") or {}).get("accuracy")
-        print(f"{v['name']:<16}{_fmt(v['params'], ','):>12}{_fmt(ps.get('chosen_ratio'), '.2f'):>7}"
+        chosen = "/".join(f"{r:g}" for r in (ps.get("chosen") or {}).values()) or "-"
+        print(f"{v['name']:<16}{_fmt(v['params'], ','):>12}{chosen:>7}"
               f"{_fmt(v['accuracy'], '.1f'):>8}{_fmt(v['agreement'], '.1f'):>9}{_fmt(v['b8_sps'], '.1f'):>10}"
               f"{_fmt(v['ratio'], '.2f'):>8}{_fmt(val, '.3f'):>12}{_fmt(v['convert_s'], '.1f'):>10}  {v['error'] or ''}")
     for v in result["variants"]:

@@ -9,6 +9,7 @@ Forms of ``prune``:
   recorded so that TensorRT builds enable sparse tactics on Ampere-class GPUs (Orin);
 * ``{"method": "structured", "ratio": 0.3}``: channels (CNN) or FFN neurons (transformer)
   removed physically, the next layer re-fitted by least squares: smaller and faster everywhere;
+  ``"heads": 0.25`` also removes that share of every block's attention heads (transformers);
 * ``{"method": "structured", "budget": 1.0}``: a search per group kind, within ``budget``
   accuracy points of the unpruned model on the validation data: the largest FFN ratio, then on
   top of it the largest attention-head ratio (transformers); the largest channel ratio (CNNs).
@@ -49,6 +50,7 @@ class PruneSpec:
     scope: str = "layer"
     budget: float | None = None
     count: int = 1  # layers
+    heads: float | None = None  # structured with a ratio: also this share of attention heads
 
 
 def parse_prune(prune: str | Mapping[str, Any]) -> PruneSpec:
@@ -58,7 +60,7 @@ def parse_prune(prune: str | Mapping[str, Any]) -> PruneSpec:
     if method not in METHODS:
         raise PruningError(f"prune method is {method!r}; expected one of {', '.join(METHODS)}",
                            hint='e.g. prune={"method": "structured", "ratio": 0.3} or prune="2:4"')
-    known = {"ratio", "sparsity", "norm", "scope", "budget", "count"}
+    known = {"ratio", "sparsity", "norm", "scope", "budget", "count", "heads"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise PruningError(f"prune has unknown key(s) {unknown}", hint=f"known keys: {', '.join(sorted(known))}")
@@ -68,6 +70,10 @@ def parse_prune(prune: str | Mapping[str, Any]) -> PruneSpec:
     if method == "structured" and (spec.ratio is None) == (spec.budget is None):
         raise PruningError("structured pruning needs exactly one of 'ratio' (0-1) or 'budget' (accuracy points)",
                            hint='e.g. {"method": "structured", "ratio": 0.3}')
+    if spec.heads is not None and (method != "structured" or spec.ratio is None or not 0.0 < spec.heads < 1.0):
+        raise PruningError(f"prune heads is {spec.heads!r}; it goes with method 'structured' and a 'ratio', "
+                           "as a fraction between 0 and 1", hint='e.g. {"method": "structured", "ratio": 0.2, '
+                                                                 '"heads": 0.25}')
     if spec.ratio is not None and not 0.0 < spec.ratio < 1.0:
         raise PruningError(f"prune ratio is {spec.ratio!r}; expected a fraction between 0 and 1")
     if not isinstance(spec.count, int) or spec.count < 1:
@@ -111,7 +117,14 @@ def _apply(spec: PruneSpec, model: onnx.ModelProto, batches: Sequence[Feeds]) ->
             raise PruningError("layer pruning bypasses transformer residual blocks; this graph is not a transformer",
                                hint='use {"method": "structured", ...} for CNNs')
         return prune_layers(model, spec.count, batches)
-    return _structured(model, spec.ratio or 0.0, batches)
+    result = _structured(model, spec.ratio or 0.0, batches)
+    if spec.heads is None:
+        return result
+    from converters.pruning.heads import prune_heads
+
+    heads = prune_heads(result.model, spec.heads, batches)
+    return PruneResult(model=heads.model, method="structured", layers=result.layers + heads.layers,
+                       notes=result.notes + heads.notes)
 
 
 def _kinds(model: onnx.ModelProto) -> list[tuple[str, Callable[[onnx.ModelProto, float, Sequence[Feeds]], PruneResult]]]:
@@ -192,6 +205,7 @@ def run_pruning(
         "size_before": len(model.SerializeToString()), "size_after": len(result.model.SerializeToString()),
         "accuracy_before": baseline, "accuracy_after": after, "budget_steps": steps,
         "cpu_speedup": _speedup(model, result.model, batches[0]),
+        "chosen": {step["kind"]: step["ratio"] for step in steps if step["drop"] <= (spec.budget or 0.0)},
         "layers": list(result.layers), "notes": list(result.notes),
     }
     if result.method == "2:4":

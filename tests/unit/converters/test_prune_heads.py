@@ -219,3 +219,17 @@ def test_output_projection_refit_reduces_the_error(bert: onnx.ModelProto) -> Non
     feeds = _feeds(3, 9, 42)  # held-out tokens
     reference = _run(bert, feeds)
     assert np.abs(_run(refit.model, feeds) - reference).mean() < np.abs(_run(plain.model, feeds) - reference).mean()
+
+
+def test_structured_ratio_with_heads_prunes_both_kinds(bert: onnx.ModelProto) -> None:
+    from converters.prune_stage import parse_prune, run_pruning
+
+    pruned, report = run_pruning(parse_prune({"method": "structured", "ratio": 0.5, "heads": 0.5}), bert,
+                                 _batches(), None)
+    kinds = sorted({layer["op_type"] for layer in report["layers"]})
+    assert kinds == ["Attention", "FFN"] and report["params_after"] < report["params_before"]
+    assert _run(pruned, _feeds(2, 7, 3)).shape == (2, 7, HIDDEN)
+    for bad in ({"method": "heads", "ratio": 0.5, "heads": 0.5}, {"method": "structured", "budget": 1.0, "heads": 0.5},
+                {"method": "structured", "ratio": 0.5, "heads": 1.5}):
+        with pytest.raises(PruningError, match="prune heads is"):
+            parse_prune(bad)
