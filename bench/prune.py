@@ -305,7 +305,7 @@ def _fmt(x: Any, spec: str) -> str:
 
 def print_table(kind: str, result: dict[str, Any]) -> None:
     print(f"\n== {kind}: {result['model']} ({result['held_out']} held-out samples, b8 = predict_batch max_batch=8) ==")
-    print(f"{'variant':<16}{'params':>12}{'ratio':>7}{'acc %':>8}{'agree %':>9}{'b8 smp/s':>10}{'x fp32':>8}"
+    print(f"{'variant':<16}{'params':>12}{'ratios':>7}{'acc %':>8}{'agree %':>9}{'b8 smp/s':>10}{'x fp32':>8}"
           f"{'SDK val acc':>12}{'convert s':>10}  error")
     for v in result["variants"]:
         ps = v["pruning_summary"] or {}
