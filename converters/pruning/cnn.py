@@ -1,28 +1,39 @@
 """Structured channel pruning of CNNs by dependency groups, with a least-squares refit.
 
-A *group* starts at a Conv (``group=1``) and holds every tensor that carries its output
-channels one-to-one until a layer mixes them: channel-wise ops (activations,
-BatchNormalization, Mul/Add by a per-channel or scalar constant, depthwise Conv) are sliced
-along the channel axis, and the consumers (Conv, or Gemm/MatMul after GlobalAveragePool +
-Flatten) lose the matching input channels. Channels are removed physically, so the pruned
-model has smaller initializers and fewer MACs.
+A *group* is a set of channels that must go together. It starts at a Conv (``group=1``), the
+*producer*, and holds every tensor that carries its output channels one-to-one until a layer
+mixes them: channel-wise ops (activations, BatchNormalization, Mul/Add by a per-channel or
+scalar constant, depthwise Conv, pooling) are sliced along the channel axis, and the
+*consumers* (Conv, or Gemm/MatMul after global pooling + Flatten/Reshape) lose the matching
+input channels. A Concat (axis 1) passes the channels on at an offset: everything after it
+loses the slice ``offset + removed``, and the other Concat inputs keep their channels.
+Channels are removed physically, so the pruned model has smaller initializers and fewer MACs.
 
-Anything the walk does not understand makes the group *not prunable*, reported in
-``PruneResult.notes``: a residual Add of two activations ("residual-coupled"), Concat, a Mul
-by a non-constant tensor (squeeze-excitation), a graph output, a shared initializer.
+With ``joint=True`` a group may hold several producers (DepGraph-style): an Add or Mul of two
+activations - the residual chain ``y = x + f(x)`` of a MobileNetV2/EfficientNet stage, or the
+squeeze-excitation gate ``x * sigmoid(Conv(relu(Conv(GlobalAveragePool(x)))))`` - joins every
+tensor it reads into one group, so all its producers, per-channel constants and consumers lose
+the same channel indices. A joint group is pruned whole or not at all; without ``joint`` such
+groups are refused as today. The squeeze width of an SE block is kept (its consumers see one
+row per image: too few to score and refit it).
 
-Channel score: sum over consumers of ``||x_c||_2 * ||W[:, c]||_1``, where ``x_c`` is the
-activation the consumer actually reads (after BN/activations/depthwise), so a channel that is
-zero there scores zero. The refit solves ``min ||X_kept W' - X W||`` per consumer on the
-calibration activations (im2col for kxk Convs), keeping the original weights if it does not help.
+Anything the walk does not understand makes the whole group *not prunable*, reported in
+``PruneResult.notes``: a tensor that is a graph input or output, an op not handled, an
+activation joined with a Concat output, a shared initializer.
+
+Channel score: sum over every consumer of the group of ``||x_c||_2 * ||W[:, c]||_1``, where
+``x_c`` is the activation the consumer actually reads (after BN/activations/depthwise), so a
+channel that is zero there scores zero. Kept counts follow ``units_to_drop`` (multiples of 8
+on wide groups). The refit solves ``min ||X_kept W' - X W||`` per consumer on the calibration
+activations (im2col for kxk Convs), keeping the original weights if it does not help.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import onnx
@@ -31,12 +42,22 @@ from onnx import helper, numpy_helper
 from converters.pruning.common import Feeds, PruneResult, probe_batches, units_to_drop
 from edge_sdk.errors import InternalError, PruningError
 
-__all__ = ["ChannelGroup", "Consumer", "find_groups", "prune_channels"]
+__all__ = ["ChannelGroup", "Consumer", "Slice", "find_groups", "prune_channels"]
 
 log = logging.getLogger(__name__)
 
 _MAX_ROWS = 20_000  # im2col rows used for the least-squares refit (sampled)
-_ACTIVATIONS = ("Relu", "Clip", "Sigmoid", "LeakyRelu", "HardSigmoid", "HardSwish", "Tanh")
+_ACTIVATIONS = ("Relu", "Clip", "Sigmoid", "LeakyRelu", "HardSigmoid", "HardSwish", "Tanh", "Identity")
+
+
+class Slice(NamedTuple):
+    """The group's channels are ``[offset, offset + channels)`` of axis ``axis`` (length ``width``)
+    of initializer ``name``; for a Reshape shape constant, ``axis`` is the entry to shrink."""
+
+    name: str
+    axis: int
+    offset: int
+    width: int
 
 
 @dataclass(frozen=True)
@@ -47,17 +68,56 @@ class Consumer:
     tensor: str  # the activation it reads
     weight: str
     axis: int
+    offset: int = 0  # where the group's channels start in ``tensor`` (after a Concat)
 
 
 @dataclass(frozen=True)
 class ChannelGroup:
-    """Channels of one producer Conv and every initializer slice that follows them."""
+    """Channels of one or more producer Convs (a joint group) and every slice that follows them."""
 
-    producer: str
+    producers: tuple[str, ...]
     channels: int
-    slices: tuple[tuple[str, int], ...]  # (initializer, axis), sliced with the kept channels
+    slices: tuple[Slice, ...]  # initializers sliced with the kept channels
     consumers: tuple[Consumer, ...]
-    depthwise: tuple[str, ...] = ()  # Conv nodes whose ``group`` becomes the kept channel count
+    shapes: tuple[Slice, ...] = ()  # Reshape shape constants whose entry ``axis`` shrinks
+    couplings: tuple[str, ...] = ()  # the Add/Mul nodes that joined several producers
+
+    @property
+    def producer(self) -> str:
+        return self.producers[0]
+
+
+@dataclass(frozen=True)
+class _At:
+    """How a tensor carries the group: channels ``[offset, offset + group)`` of its ``width``."""
+
+    state: str  # "spatial" | "pooled" (1x1) | "flat" ([N, C])
+    offset: int
+    width: int
+    concat: bool = False  # past a Concat: the walk goes forward only
+
+
+@dataclass(frozen=True)
+class _Graph:
+    nodes: tuple[onnx.NodeProto, ...]  # one Python object per node: the walk keys on their identity
+    inits: dict[str, onnx.TensorProto]
+    constants: frozenset[str]  # initializers and Constant outputs
+    readers: dict[str, list[onnx.NodeProto]]
+    writers: dict[str, onnx.NodeProto]
+    outputs: frozenset[str]
+    shapes: dict[str, tuple[int | None, ...]]  # inferred; None for an unknown dim
+
+    def channels(self, tensor: str) -> int | None:
+        shape = self.shapes.get(tensor)
+        return shape[1] if shape is not None and len(shape) > 1 else None
+
+    def state(self, tensor: str) -> str | None:
+        shape = self.shapes.get(tensor)
+        if shape is None:
+            return None
+        if len(shape) == 2:
+            return "flat"
+        return "pooled" if len(shape) == 4 and shape[2:] == (1, 1) else "spatial"
 
 
 @dataclass
@@ -65,17 +125,39 @@ class _Walk:
     """State of one group walk; handlers extend it or return a reason to refuse."""
 
     channels: int
-    slices: list[tuple[str, int]] = field(default_factory=list)
-    frontier: list[tuple[str, str]] = field(default_factory=list)  # (tensor, "spatial"|"pooled"|"flat")
+    joint: bool
+    graph: _Graph
+    at: dict[str, _At] = field(default_factory=dict)
+    frontier: list[str] = field(default_factory=list)
+    done: set[tuple[int, str]] = field(default_factory=set)  # (node id, tensor it was reached by)
+    producers: list[onnx.NodeProto] = field(default_factory=list)
     consumers: list[Consumer] = field(default_factory=list)
-    depthwise: list[onnx.NodeProto] = field(default_factory=list)
+    slices: dict[tuple[str, int], Slice] = field(default_factory=dict)
+    shapes: dict[tuple[str, int], Slice] = field(default_factory=dict)
+    couplings: list[str] = field(default_factory=list)
 
+    def push(self, tensor: str, at: _At, by: onnx.NodeProto | None = None) -> str | None:
+        """Add ``tensor`` to the group (its state refined from the inferred shape); ``by`` is done with it."""
+        if by is not None:
+            self.done.add((id(by), tensor))
+        at = replace(at, state=self.graph.state(tensor) or at.state)
+        old = self.at.get(tensor)
+        if old is None:
+            self.at[tensor] = at
+            self.frontier.append(tensor)
+        elif (old.offset, old.width) != (at.offset, at.width):
+            return f"tensor {tensor!r} carries the channels at two different offsets"
+        return None
 
-@dataclass(frozen=True)
-class _Graph:
-    inits: dict[str, onnx.TensorProto]
-    readers: dict[str, list[onnx.NodeProto]]
-    outputs: frozenset[str]
+    def slice(self, name: str, axis: int, at: _At, into: str = "slices") -> str | None:
+        table = self.slices if into == "slices" else self.shapes
+        new = Slice(name, axis, at.offset, at.width)
+        if table.setdefault((name, axis), new) != new:
+            return f"initializer {name!r} would be sliced at two different offsets"
+        return None
+
+    def slice_all(self, names: Sequence[str], axis: int, at: _At) -> str | None:
+        return next((reason for name in names if (reason := self.slice(name, axis, at))), None)
 
 
 def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
@@ -89,145 +171,259 @@ def _name(node: onnx.NodeProto) -> str:
     return node.name or node.output[0]
 
 
-# --- group walk: {op_type: handler(node, tensor, state, walk, graph) -> reason or None} -------------
+# --- group walk: {op_type: handler(node, tensor, at, walk, graph) -> reason or None} ------------------
+# ``tensor`` is the group tensor the node was reached by: one of its inputs, or (walking back from
+# a joined tensor) its output.
 
-_Handler = Callable[[onnx.NodeProto, str, str, _Walk, _Graph], "str | None"]
+_Handler = Callable[[onnx.NodeProto, str, _At, _Walk, _Graph], "str | None"]
 
 
-def _activation(node: onnx.NodeProto, t: str, state: str, walk: _Walk, g: _Graph) -> str | None:
-    if node.input[0] != t or any(i and i not in g.inits for i in node.input[1:]):
+def _across(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, out_state: str | None = None) -> str | None:
+    """The channels pass one-to-one between input 0 and output 0, in either direction."""
+    if t == node.input[0]:
+        return walk.push(node.output[0], replace(at, state=out_state or at.state), node)
+    return walk.push(node.input[0], replace(at, state="spatial" if out_state else at.state), node)
+
+
+def _one_to_one(node: onnx.NodeProto, t: str, g: _Graph) -> str | None:
+    if t not in (node.input[0], node.output[0]) or sum(1 for o in node.output if o) != 1 \
+            or any(i and i not in g.constants for i in node.input[1:]):
         return f"{node.op_type} {_name(node)!r} reads the channels as a parameter"
-    walk.frontier.append((node.output[0], state))
     return None
 
 
-def _constant_op(node: onnx.NodeProto, t: str, state: str, walk: _Walk, g: _Graph) -> str | None:
-    other = node.input[1] if node.input[0] == t else node.input[0]
-    if other == t or other not in g.inits:
-        kind = "residual-coupled" if node.op_type == "Add" else "non-constant Mul (squeeze-excitation?)"
-        return f"{kind}: {node.op_type} {_name(node)!r} joins it with another activation"
-    dims = list(g.inits[other].dims)
-    if math.prod(dims) != 1:
-        axis = len(dims) - 3
-        if state == "flat" or axis < 0 or dims[axis] != walk.channels or math.prod(dims) != walk.channels:
-            return f"{node.op_type} {_name(node)!r} broadcasts a constant of shape {dims} over the channels"
-        walk.slices.append((other, axis))
-    walk.frontier.append((node.output[0], state))
-    return None
+def _activation(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: _Graph) -> str | None:
+    return _one_to_one(node, t, g) or _across(node, t, at, walk)
 
 
-def _batchnorm(node: onnx.NodeProto, t: str, state: str, walk: _Walk, g: _Graph) -> str | None:
-    if node.input[0] != t or len(node.output) != 1 or any(i not in g.inits for i in node.input[1:5]):
+def _batchnorm(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: _Graph) -> str | None:
+    if len(node.output) != 1 or len(node.input) != 5 or any(i not in g.inits for i in node.input[1:5]):
         return f"BatchNormalization {_name(node)!r} is in training mode or has non-constant statistics"
-    walk.slices += [(i, 0) for i in node.input[1:5]]
-    walk.frontier.append((node.output[0], state))
+    return _one_to_one(node, t, g) or walk.slice_all(node.input[1:5], 0, at) or _across(node, t, at, walk)
+
+
+def _per_channel(node: onnx.NodeProto, const: str, at: _At, walk: _Walk, g: _Graph) -> str | None:
+    init = g.inits.get(const)
+    if init is None:  # a Constant node: scalars only
+        return None if g.shapes.get(const) == () else f"{node.op_type} {_name(node)!r}: constant is not an initializer"
+    dims = list(init.dims)
+    if math.prod(dims) == 1:
+        return None
+    axis = len(dims) - (1 if at.state == "flat" else 3)
+    if axis < 0 or dims[axis] != at.width or math.prod(dims) != at.width:
+        return f"{node.op_type} {_name(node)!r} broadcasts a constant of shape {dims} over the channels"
+    return walk.slice(const, axis, at)
+
+
+def _join(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: _Graph) -> str | None:
+    """Add/Mul of two activations: every input and the output carry the same channels."""
+    joined = [i for i in node.input if i not in walk.at]
+    if at.concat or (joined and not walk.joint):
+        kind = "residual-coupled" if node.op_type == "Add" else "non-constant Mul (squeeze-excitation?)"
+        where = " after a Concat" if at.concat else ""
+        return f"{kind}: {node.op_type} {_name(node)!r} joins it with another activation{where}"
+    if joined:
+        walk.couplings.append(_name(node))
+    for name in (*node.input, node.output[0]):
+        reason = walk.push(name, _At(at.state, 0, walk.channels), node)
+        if reason:
+            return reason
     return None
 
 
-def _conv(node: onnx.NodeProto, t: str, state: str, walk: _Walk, g: _Graph) -> str | None:
-    weight = g.inits.get(node.input[1])
-    if node.input[0] != t or weight is None or len(weight.dims) != 4:
+def _elementwise(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: _Graph) -> str | None:
+    if len(node.input) != 2:
+        return f"{node.op_type} {_name(node)!r} is not a binary op"
+    const = [i for i in node.input if i in g.constants]
+    if not const:
+        return _join(node, t, at, walk, g)
+    x = node.input[1] if node.input[0] == const[0] else node.input[0]
+    return _per_channel(node, const[0], at, walk, g) or walk.push(node.output[0] if t == x else x, at, node)
+
+
+def _conv(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: _Graph) -> str | None:
+    weight = g.inits.get(node.input[1]) if len(node.input) > 1 else None
+    if weight is None or len(weight.dims) != 4 or t not in (node.input[0], node.output[0]):
         return f"Conv {_name(node)!r} has a non-constant or non-2-D weight"
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if bias is not None and bias not in g.inits:
+        return f"Conv {_name(node)!r} has a non-constant bias"
     group = int(_attr(node, "group", 1))
+    outputs = [weight.name] + ([bias] if bias else [])  # sliced along axis 0 with the output channels
+    if group == 1 and t == node.output[0]:
+        if int(weight.dims[0]) != at.width:
+            return f"Conv {_name(node)!r} has {weight.dims[0]} output channels, expected {at.width}"
+        walk.producers.append(node)
+        return walk.slice_all(outputs, 0, at)
     if group == 1:
-        walk.consumers.append(Consumer(node, t, weight.name, 1))
-        walk.slices.append((weight.name, 1))
-        return None
-    if group == walk.channels and list(weight.dims[:2]) == [walk.channels, 1]:
-        walk.slices.append((weight.name, 0))
-        walk.depthwise.append(node)
-        if len(node.input) > 2 and node.input[2]:
-            walk.slices.append((node.input[2], 0))
-        walk.frontier.append((node.output[0], state))
-        return None
+        walk.consumers.append(Consumer(node, t, weight.name, 1, at.offset))
+        return walk.slice(weight.name, 1, at)
+    if group == at.width and list(weight.dims[:2]) == [at.width, 1]:
+        return walk.slice_all(outputs, 0, at) or _across(node, t, at, walk)
     return f"grouped Conv {_name(node)!r} (group={group}) is not handled"
 
 
-def _pool(node: onnx.NodeProto, t: str, state: str, walk: _Walk, g: _Graph) -> str | None:
-    walk.frontier.append((node.output[0], "pooled"))
-    return None
+def _global_pool(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: _Graph) -> str | None:
+    return _one_to_one(node, t, g) or _across(node, t, at, walk, out_state="pooled")
 
 
-def _flatten(node: onnx.NodeProto, t: str, state: str, walk: _Walk, g: _Graph) -> str | None:
-    if state != "pooled" or int(_attr(node, "axis", 1)) != 1:
+def _pool(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: _Graph) -> str | None:
+    return _one_to_one(node, t, g) or _across(node, t, at, walk)
+
+
+def _flatten(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: _Graph) -> str | None:
+    if t != node.input[0] or at.state != "pooled" or int(_attr(node, "axis", 1)) != 1:
         return f"Flatten {_name(node)!r} mixes channels with spatial positions"
-    walk.frontier.append((node.output[0], "flat"))
-    return None
+    return walk.push(node.output[0], replace(at, state="flat"), node)
 
 
-def _dense(node: onnx.NodeProto, t: str, state: str, walk: _Walk, g: _Graph) -> str | None:
+def _reshape(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: _Graph) -> str | None:
+    shape = g.inits.get(node.input[1]) if len(node.input) > 1 else None
+    target = numpy_helper.to_array(shape).tolist() if shape is not None else None
+    if t != node.input[0] or at.state != "pooled" or shape is None or target is None or len(target) != 2 \
+            or target[1] not in (at.width, -1) or target == [-1, -1]:
+        return f"Reshape {_name(node)!r} is not a constant [N, C] flattening of pooled channels"
+    reason = walk.slice(shape.name, 1, at, into="shapes") if target[1] == at.width else None
+    return reason or walk.push(node.output[0], replace(at, state="flat"), node)
+
+
+def _dense(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: _Graph) -> str | None:
     weight = g.inits.get(node.input[1])
-    if state != "flat" or node.input[0] != t or weight is None or len(weight.dims) != 2 \
+    if at.state != "flat" or node.input[0] != t or weight is None or len(weight.dims) != 2 \
             or int(_attr(node, "transA", 0)) != 0:
         return f"{node.op_type} {_name(node)!r} does not read the pooled channels as its input rows"
     axis = 1 if node.op_type == "Gemm" and int(_attr(node, "transB", 0)) == 1 else 0
-    walk.consumers.append(Consumer(node, t, weight.name, axis))
-    walk.slices.append((weight.name, axis))
-    return None
+    walk.consumers.append(Consumer(node, t, weight.name, axis, at.offset))
+    return walk.slice(weight.name, axis, at)
+
+
+def _concat(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: _Graph) -> str | None:
+    if t == node.output[0] or list(node.input).count(t) != 1:
+        return f"Concat {_name(node)!r} joins the channels with themselves or with a coupled activation"
+    rank = len(g.shapes.get(t, ())) or 4
+    axis = int(_attr(node, "axis", 1))
+    if (axis + rank if axis < 0 else axis) != 1:
+        return f"Concat {_name(node)!r} joins along axis {axis}, not the channels"
+    widths = [at.width if i == t else g.channels(i) for i in node.input]
+    if any(w is None for w in widths):
+        return f"Concat {_name(node)!r}: the channel counts of its inputs are unknown"
+    before = sum(w or 0 for w in widths[:list(node.input).index(t)])
+    return walk.push(node.output[0], _At(at.state, at.offset + before, sum(w or 0 for w in widths), concat=True), node)
 
 
 _HANDLERS: dict[str, _Handler] = {
     **{op: _activation for op in _ACTIVATIONS},
-    "Mul": _constant_op, "Add": _constant_op,
+    "Mul": _elementwise, "Add": _elementwise,
     "BatchNormalization": _batchnorm,
     "Conv": _conv,
-    "GlobalAveragePool": _pool,
-    "Flatten": _flatten,
+    "GlobalAveragePool": _global_pool, "GlobalMaxPool": _global_pool,
+    "AveragePool": _pool, "MaxPool": _pool,
+    "Flatten": _flatten, "Reshape": _reshape,
     "Gemm": _dense, "MatMul": _dense,
+    "Concat": _concat,
 }
 
 
-def _walk(producer: onnx.NodeProto, g: _Graph) -> ChannelGroup | str:
-    weight = g.inits[producer.input[1]]
-    walk = _Walk(channels=int(weight.dims[0]), slices=[(weight.name, 0)], frontier=[(producer.output[0], "spatial")])
-    if len(producer.input) > 2 and producer.input[2]:
-        if producer.input[2] not in g.inits:
-            return "its bias is not a constant"
-        walk.slices.append((producer.input[2], 0))
-    seen: set[str] = set()
-    while walk.frontier:
-        tensor, state = walk.frontier.pop()
-        if tensor in seen:
+def _visit(tensor: str, walk: _Walk, g: _Graph) -> str | None:
+    at = walk.at[tensor]
+    if tensor in g.outputs:
+        return f"tensor {tensor!r} is a graph output"
+    if g.channels(tensor) not in (None, at.width):
+        return f"tensor {tensor!r} has {g.channels(tensor)} channels, expected {at.width}"
+    writer = [] if at.concat else [g.writers.get(tensor)]
+    if writer == [None]:
+        return f"tensor {tensor!r} is a graph input"
+    for node in [*writer, *g.readers.get(tensor, [])]:
+        if node is None or (id(node), tensor) in walk.done:
             continue
-        seen.add(tensor)
-        if tensor in g.outputs:
-            return f"tensor {tensor!r} is a graph output"
-        for node in g.readers.get(tensor, []):
-            handler = _HANDLERS.get(node.op_type)
-            reason = (f"{node.op_type} {_name(node)!r} is not handled" if handler is None
-                      else handler(node, tensor, state, walk, g))
-            if reason:
-                return reason
+        walk.done.add((id(node), tensor))
+        handler = _HANDLERS.get(node.op_type)
+        reason = (f"{node.op_type} {_name(node)!r} is not handled" if handler is None
+                  else handler(node, tensor, at, walk, g))
+        if reason:
+            return reason
+    return None
+
+
+def _gates(tensor: str, g: _Graph) -> bool:
+    """Whether ``tensor`` reaches, through activations, a Mul by another activation (an SE gate)."""
+    for _ in range(4):
+        readers = g.readers.get(tensor, [])
+        if len(readers) != 1:
+            return False
+        node = readers[0]
+        if node.op_type == "Mul":
+            return not any(i in g.constants for i in node.input)
+        if node.op_type not in _ACTIVATIONS:
+            return False
+        tensor = node.output[0]
+    return False
+
+
+def _walk(producer: onnx.NodeProto, g: _Graph, joint: bool) -> tuple[ChannelGroup | str, list[str]]:
+    """The group of ``producer`` (or why it is refused) and the producers it reached."""
+    channels = int(g.inits[producer.input[1]].dims[0])
+    walk = _Walk(channels, joint, g)
+    reason = walk.push(producer.output[0], _At("spatial", 0, channels))
+    while walk.frontier and not reason:
+        reason = _visit(walk.frontier.pop(), walk, g)
+    names = list(dict.fromkeys(_name(p) for p in [producer, *walk.producers]))
+    if reason:
+        return reason, names
     if not walk.consumers:
-        return "no Conv/Gemm/MatMul reads its channels"
-    for name, _ in walk.slices:
+        return "no Conv/Gemm/MatMul reads its channels", names
+    for name, _ in [*walk.slices, *walk.shapes]:
         if len(g.readers.get(name, [])) != 1:
-            return f"initializer {name!r} is shared by several nodes"
-    if any(not n.name for n in walk.depthwise):
-        return "a depthwise Conv in its path has no name"
-    return ChannelGroup(_name(producer), walk.channels, tuple(walk.slices), tuple(walk.consumers),
-                        tuple(n.name for n in walk.depthwise))
+            return f"initializer {name!r} is shared by several nodes", names
+    if len(walk.producers) == 1 and g.state(producer.input[0]) == "pooled" \
+            and any(_gates(c.node.output[0], g) for c in walk.consumers):
+        return "squeeze-excitation bottleneck: its width is kept", names
+    group = ChannelGroup(tuple(names), channels, tuple(walk.slices.values()), tuple(walk.consumers),
+                         tuple(walk.shapes.values()), tuple(walk.couplings))
+    return group, names
 
 
-def find_groups(model: onnx.ModelProto) -> tuple[list[ChannelGroup], list[tuple[str, str]]]:
-    """Prunable channel groups, and ``(producer, reason)`` for each Conv whose channels cannot be pruned."""
+def _graph(model: onnx.ModelProto) -> _Graph:
+    nodes = tuple(model.graph.node)
     readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
+    writers: dict[str, onnx.NodeProto] = {}
+    for node in nodes:
         for name in dict.fromkeys(node.input):
             readers.setdefault(name, []).append(node)
-    g = _Graph({i.name: i for i in model.graph.initializer}, readers, frozenset(o.name for o in model.graph.output))
+        writers.update({o: node for o in node.output if o})
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError):
+        inferred = model.graph
+    shapes = {v.name: tuple(d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim)
+              for v in (*inferred.input, *inferred.value_info, *inferred.output)
+              if v.type.tensor_type.HasField("shape")}
+    inits = {i.name: i for i in model.graph.initializer}
+    constants = {n.output[0] for n in nodes if n.op_type == "Constant"}
+    return _Graph(nodes, inits, frozenset(constants | set(inits)), readers, writers,
+                  frozenset(o.name for o in model.graph.output), shapes)
+
+
+def find_groups(model: onnx.ModelProto, *, joint: bool = False) -> tuple[list[ChannelGroup], list[tuple[str, str]]]:
+    """Prunable channel groups, and ``(producer, reason)`` for each Conv whose channels cannot be pruned.
+
+    With ``joint``, producers whose channels meet at an Add or Mul of two activations form one group.
+    """
+    g = _graph(model)
     groups: list[ChannelGroup] = []
     refused: list[tuple[str, str]] = []
-    for node in model.graph.node:
-        if node.op_type != "Conv" or int(_attr(node, "group", 1)) != 1:
+    seen: set[str] = set()
+    for node in g.nodes:
+        if node.op_type != "Conv" or int(_attr(node, "group", 1)) != 1 or _name(node) in seen:
             continue
         weight = g.inits.get(node.input[1])
         if weight is None or len(weight.dims) != 4:
             refused.append((_name(node), "its weight is not a constant 2-D Conv kernel"))
             continue
-        found = _walk(node, g)
+        found, producers = _walk(node, g, joint)
+        seen.update(producers)
         if isinstance(found, str):
-            refused.append((_name(node), found))
+            refused += [(p, found) for p in producers]
         else:
             groups.append(found)
     return groups, refused
@@ -289,7 +485,7 @@ class _Fit:
 
 
 def _refit(x: np.ndarray, w: np.ndarray, c: Consumer, keep: np.ndarray, refit: bool) -> _Fit:
-    """Reconstruction of ``X W`` from the kept channels: plain slicing vs least squares."""
+    """Reconstruction of ``X W`` from the kept input channels ``keep``: plain slicing vs least squares."""
     per = int(np.prod(w.shape[2:])) if c.node.op_type == "Conv" else 1
     p = _patches(x, c, tuple(w.shape[2:]))
     if p is None:
@@ -321,11 +517,12 @@ def _refit(x: np.ndarray, w: np.ndarray, c: Consumer, keep: np.ndarray, refit: b
 def _scores(group: ChannelGroup, acts: dict[str, np.ndarray], weights: dict[str, np.ndarray]) -> np.ndarray:
     total = np.zeros(group.channels)
     for c in group.consumers:
+        span = slice(c.offset, c.offset + group.channels)
         x = acts[c.tensor]
         axis = 1 if c.node.op_type == "Conv" else x.ndim - 1
         norm = np.sqrt(np.sum(x * x, axis=tuple(a for a in range(x.ndim) if a != axis)))
         w = np.abs(weights[c.weight])
-        total += norm * np.sum(w, axis=tuple(a for a in range(w.ndim) if a != c.axis))
+        total += norm[span] * np.sum(w, axis=tuple(a for a in range(w.ndim) if a != c.axis))[span]
     return total
 
 
@@ -339,52 +536,76 @@ def _check_args(ratio: float, batches: Sequence[Feeds]) -> None:
 
 
 def prune_channels(model: onnx.ModelProto, ratio: float, batches: Sequence[Feeds], *,
-                   refit: bool = True) -> PruneResult:
-    """Remove the lowest-scoring ``round(ratio * C)`` channels of every prunable group (at least one kept)."""
+                   refit: bool = True, joint: bool = False) -> PruneResult:
+    """Remove the lowest-scoring ``round(ratio * C)`` channels of every prunable group (at least one kept).
+
+    With ``joint``, residual chains and squeeze-excitation gates are pruned as joint groups
+    (the same indices in every producer and consumer); without it they are left intact.
+    """
     _check_args(ratio, batches)
-    groups, refused = find_groups(model)
+    groups, refused = find_groups(model, joint=joint)
     notes = [f"{producer}: not prunable: {reason}" for producer, reason in refused]
     weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    acts = _collect(model, batches, {c.tensor for g in groups for c in g.consumers}) if groups else {}
-    slices: dict[str, dict[int, np.ndarray]] = {}
-    groups_of: dict[str, int] = {}
-    refitted: dict[str, tuple[np.ndarray, int]] = {}
-    plans = []
-    for group in groups:
-        drop = units_to_drop(ratio, group.channels)
-        keep = np.sort(np.argsort(_scores(group, acts, weights), kind="stable")[drop:])
-        fits = [_refit(acts[c.tensor], weights[c.weight], c, keep, refit) for c in group.consumers]
-        for c, fit in zip(group.consumers, fits):
-            if fit.weight is not None:
-                refitted[c.weight] = (fit.weight, c.axis)
-        notes += [f.note for f in fits if f.note]
-        for name, axis in group.slices:
-            slices.setdefault(name, {})[axis] = keep
-        groups_of.update({name: len(keep) for name in group.depthwise})
-        plans.append((group, keep, fits))
-    new = {name: _sliced(weights[name], axes, refitted.get(name)) for name, axes in slices.items()}
-    pruned = _rebuild(model, new, groups_of)
-    layers = tuple(_layer(g, keep, fits, weights, new) for g, keep, fits in plans)
-    log.info("pruned %d channel groups, refused %d", len(groups), len(refused))
+    consumers = {(_name(c.node), c.weight): c for g in groups for c in g.consumers}
+    acts = _collect(model, batches, {c.tensor for c in consumers.values()}) if groups else {}
+    keeps = [np.sort(np.argsort(_scores(g, acts, weights), kind="stable")[units_to_drop(ratio, g.channels):])
+             for g in groups]
+    cut: dict[tuple[str, int], set[int]] = {}  # (initializer, axis) -> removed indices, over all groups
+    for group, keep in zip(groups, keeps):
+        gone = np.setdiff1d(np.arange(group.channels), keep)
+        for s in (*group.slices, *group.shapes):
+            cut.setdefault((s.name, s.axis), set()).update(int(s.offset + i) for i in gone)
+    fits = {key: _refit(acts[c.tensor], weights[c.weight], c, _kept(weights[c.weight].shape[c.axis],
+                                                                       cut.get((c.weight, c.axis), set())), refit)
+            for key, c in consumers.items()}
+    notes += [f.note for f in fits.values() if f.note]
+    fitted = {c.weight: (f.weight, c.axis) for key, c in consumers.items() if (f := fits[key]).weight is not None}
+    reshaped = {(s.name, s.axis) for g in groups for s in g.shapes}
+    new = _new_weights(weights, {k: v for k, v in cut.items() if k not in reshaped}, fitted)
+    for name, index in reshaped:
+        shape = new.get(name, weights[name]).copy()
+        shape[index] -= len(cut[(name, index)])
+        new[name] = shape
+    pruned = _rebuild(model, new)
+    layers = tuple(_layer(g, keep, [fits[(_name(c.node), c.weight)] for c in g.consumers], weights, new)
+                   for g, keep in zip(groups, keeps))
+    log.info("pruned %d channel groups (%d joint), refused %d producers", len(groups),
+             sum(len(g.producers) > 1 for g in groups), len(refused))
     return PruneResult(model=pruned, method="channels", layers=layers, notes=tuple(notes))
 
 
-def _sliced(w: np.ndarray, axes: dict[int, np.ndarray], fitted: tuple[np.ndarray, int] | None) -> np.ndarray:
-    if fitted is not None:
-        w, done = fitted
-        axes = {a: k for a, k in axes.items() if a != done}
-    for axis, keep in axes.items():
-        w = np.take(w, keep, axis=axis)
-    return w
+def _kept(width: int, removed: set[int]) -> np.ndarray:
+    return np.array([i for i in range(width) if i not in removed], dtype=np.int64)
 
 
-def _rebuild(model: onnx.ModelProto, new: dict[str, np.ndarray], groups: dict[str, int]) -> onnx.ModelProto:
+def _new_weights(weights: dict[str, np.ndarray], cut: dict[tuple[str, int], set[int]],
+                 fitted: dict[str, tuple[np.ndarray, int]]) -> dict[str, np.ndarray]:
+    """Every sliced initializer without its removed indices (a refitted consumer's axis is already done)."""
+    axes: dict[str, dict[int, set[int]]] = {name: {} for name in fitted}
+    for (name, axis), removed in cut.items():
+        axes.setdefault(name, {})[axis] = removed
+    new: dict[str, np.ndarray] = {}
+    for name, by_axis in axes.items():
+        w = weights[name]
+        if name in fitted:
+            w, done = fitted[name]
+            by_axis = {a: r for a, r in by_axis.items() if a != done}
+        for axis, removed in by_axis.items():
+            w = np.take(w, _kept(w.shape[axis], removed), axis=axis)
+        new[name] = w
+    return new
+
+
+def _rebuild(model: onnx.ModelProto, new: dict[str, np.ndarray]) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    for node in out.graph.node:
-        for a in node.attribute:
-            if node.name in groups and a.name == "group":
-                a.i = groups[node.name]
+    old = {i.name: list(i.dims) for i in out.graph.initializer}
+    for node in out.graph.node:  # depthwise Convs: ``group`` follows the kept channel count
+        group = int(_attr(node, "group", 1))
+        if node.op_type == "Conv" and group > 1 and node.input[1] in new and group == old[node.input[1]][0]:
+            for a in node.attribute:
+                if a.name == "group":
+                    a.i = int(new[node.input[1]].shape[0])
     for init in out.graph.initializer:
         if init.name in new:
             init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new[init.name]), init.name))
@@ -402,10 +623,12 @@ def _rel(err: float, target: float) -> float:
 
 def _layer(g: ChannelGroup, keep: np.ndarray, fits: list[_Fit], before: dict[str, np.ndarray],
            after: dict[str, np.ndarray]) -> dict[str, Any]:
-    names = dict.fromkeys(name for name, _ in g.slices)
+    names = dict.fromkeys(s.name for s in g.slices)
     target = sum(f.target for f in fits)
     return {
         "producer": g.producer,
+        "producers": g.producers,
+        "couplings": g.couplings,
         "consumers": tuple(_name(c.node) for c in g.consumers),
         "channels_before": g.channels,
         "channels_after": int(len(keep)),

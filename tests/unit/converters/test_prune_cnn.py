@@ -73,7 +73,7 @@ def test_groups_found_and_refused() -> None:
     assert refused == [("conv2", "tensor 'y' is a graph output")]
 
     groups, refused = find_groups(bn_block())
-    assert {name for name, _ in groups[0].slices} == {"w1", "gamma", "beta", "mean", "var", "wd", "bd", "w3"}
+    assert {s.name for s in groups[0].slices} == {"w1", "gamma", "beta", "mean", "var", "wd", "bd", "w3"}
     assert [c.node.name for c in groups[0].consumers] == ["project"]
 
     groups, refused = find_groups(builders.cnn_model())
@@ -190,10 +190,85 @@ def test_per_channel_mul_is_sliced() -> None:
 
 
 @pytest.mark.parametrize("node, reason", [
-    (helper.make_node("Concat", ["r1", "r1"], ["m"], axis=1, name="cat"), "Concat 'cat' is not handled"),
-    (helper.make_node("Mul", ["r1", "r1"], ["m"], name="se"), "non-constant Mul"),
+    (helper.make_node("Concat", ["r1", "r1"], ["m"], axis=1, name="cat"), "Concat 'cat' joins the channels with themselves"),
+    (helper.make_node("Mul", ["r1", "x"], ["m"], name="gate"), "non-constant Mul"),
 ])
 def test_unknown_couplings_are_refused(node: onnx.NodeProto, reason: str) -> None:
     model = _with_middle(node)
     groups, refused = find_groups(model)
     assert groups == [] and reason in dict(refused)["conv1"]
+
+
+def test_square_of_the_channels_is_channel_wise() -> None:
+    model = _with_middle(helper.make_node("Mul", ["r1", "r1"], ["m"], name="square"))
+    (group,), _ = find_groups(model)
+    assert group.producers == ("conv1",) and [c.node.name for c in group.consumers] == ["conv2"]
+    result = prune_channels(model, 0.5, _batches())
+    assert _shapes(result.model)["w2"] == (8, 8, 1, 1)
+    assert _run(result.model, _batches()[0]).shape == (2, 8, 1, 1)
+
+
+def pooled_head(zero: tuple[int, ...] = ()) -> onnx.ModelProto:
+    """(c) Conv (3->16) -> Relu -> MaxPool 2x2 -> Conv 1x1 (16->16) -> Relu -> AveragePool over the whole
+    4x4 map -> Reshape [-1, 16] -> Mul by a [16] scale -> Gemm (EfficientNet's head); ``zero``: dead channels
+    of both Convs."""
+    rng = np.random.default_rng(4)
+    w1 = rng.normal(0, 0.5, (16, 3, 3, 3))
+    w2, b2 = np.abs(rng.normal(0, 0.5, (16, 16, 1, 1))), rng.uniform(0.5, 1.0, 16)  # live channels pass the Relu
+    w1[list(zero)], w2[list(zero)], b2[list(zero)] = 0.0, 0.0, 0.0
+    inits = {"w1": w1, "w2": w2, "b2": b2, "shape": np.array([-1, 16]),
+             "scale": rng.uniform(0.5, 2.0, 16), "fc": rng.normal(0, 0.5, (5, 16)), "fcb": rng.normal(0, 0.1, 5)}
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+         helper.make_node("MaxPool", ["r1"], ["m1"], kernel_shape=[2, 2], strides=[2, 2], name="maxpool"),
+         helper.make_node("Conv", ["m1", "w2", "b2"], ["c2"], name="conv2"),
+         helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+         helper.make_node("AveragePool", ["r2"], ["p"], kernel_shape=[4, 4], strides=[4, 4], name="avgpool"),
+         helper.make_node("Reshape", ["p", "shape"], ["flat"], name="reshape"),
+         helper.make_node("Mul", ["flat", "scale"], ["scaled"], name="scale"),
+         helper.make_node("Gemm", ["scaled", "fc", "fcb"], ["y"], transB=1, name="head")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5])],
+        initializer=[numpy_helper.from_array(v.astype(np.int64 if k == "shape" else np.float32), k)
+                     for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("refit", [False, True])
+def test_local_pooling_and_reshape_head_are_pruned_exactly(refit: bool) -> None:
+    dead = (0, 2, 5, 6, 9, 11, 12, 15)
+    model = pooled_head(dead)
+    groups, refused = find_groups(model)
+    assert [g.producer for g in groups] == ["conv1", "conv2"] and refused == []
+    assert [(s.name, s.axis) for s in groups[1].shapes] == [("shape", 1)]
+    result = prune_channels(model, 0.5, _batches(), refit=refit)
+    assert all(set(layer["kept"]).isdisjoint(dead) for layer in result.layers)
+    arrays = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    assert arrays["shape"].tolist() == [-1, 8] and arrays["scale"].shape == (8,) and arrays["fc"].shape == (5, 8)
+    assert arrays["w2"].shape == (8, 8, 1, 1)
+    onnx.checker.check_model(result.model, full_check=True)
+    feeds = {"x": np.random.default_rng(7).normal(0, 1, (3, 3, 8, 8)).astype(np.float32)}
+    np.testing.assert_allclose(_run(result.model, feeds), _run(model, feeds), atol=1e-5)
+
+
+def test_residual_model_is_pruned_jointly() -> None:
+    """builders.cnn_model: ``project`` both reads and writes the residual channels, so stem, depthwise,
+    project (input and output channels) and the head lose the same indices; dead channels go exactly."""
+    model = builders.cnn_model()
+    dead = [1, 4, 6]
+    arrays = {i.name: numpy_helper.to_array(i).copy() for i in model.graph.initializer}
+    arrays["w1"][dead], arrays["b1"][dead], arrays["w3"][dead] = 0.0, 0.0, 0.0
+    for init in model.graph.initializer:
+        init.CopyFrom(numpy_helper.from_array(arrays[init.name], init.name))
+    (group,), refused = find_groups(model, joint=True)
+    assert group.producers == ("stem", "project") and group.couplings == ("residual",) and refused == []
+    assert {c.node.name for c in group.consumers} == {"project", "head"}
+    result = prune_channels(model, 0.4, _batches("image", size=16), joint=True)
+    assert result.layers[0]["kept"] == (0, 2, 3, 5, 7)
+    shapes = _shapes(result.model)
+    assert shapes["w1"] == (5, 3, 3, 3) and shapes["w2"] == (5, 1, 3, 3) and shapes["w3"] == (5, 5, 1, 1)
+    assert shapes["fc"] == (3, 5)
+    feeds = _batches("image", size=16)[1]
+    np.testing.assert_allclose(_run(result.model, feeds), _run(model, feeds), atol=1e-5)
+

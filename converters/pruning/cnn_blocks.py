@@ -1,0 +1,209 @@
+"""Residual CNN block removal: bypass the blocks ``y = x + f(x)`` that change their input the least.
+
+A block is an Add of a tensor ``x`` (the skip) and a branch ``f(x)`` where every node of f
+depends only on x and constants, no tensor of f is read outside it or is a graph output, f holds
+at least one Conv/Gemm/MatMul with a constant weight, and y has the shape of x, so ``y := x`` is
+a valid graph (the MobileNetV2/EfficientNet/ResNet identity blocks; not the first block of a
+stage, whose skip path changes the width or the resolution).
+
+Influence, measured once on the input model over the calibration batches:
+
+* ``"norm"``: ``||f(x)|| / ||x||``, as ``transformer.prune_layers`` does for transformer blocks;
+* ``"output"``: ``||g'(b) - g(b)|| / ||g(b)||`` over the graph outputs, with only that block bypassed.
+
+The ``count`` least influential blocks are bypassed: the Add's output is replaced by x
+everywhere and the branch's now-dead nodes and initializers are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import onnx
+
+from converters.pruning.common import Feeds, PruneResult, node_key, params, probe_batches
+from converters.pruning.transformer import _drop_dead
+from edge_sdk.errors import InternalError, PruningError
+
+__all__ = ["ResidualBlock", "find_residual_blocks", "prune_residual_blocks"]
+
+log = logging.getLogger(__name__)
+
+Measure = Literal["norm", "output"]
+_WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class ResidualBlock:
+    """``add``'s output is ``skip + branch``; ``nodes`` compute ``branch`` from ``skip`` (graph order)."""
+
+    add: str
+    skip: str
+    branch: str
+    nodes: tuple[str, ...]
+    params: int  # initializer elements only this branch reads
+
+
+def _shape(info: dict[str, onnx.ValueInfoProto], name: str) -> tuple[Any, ...] | None:
+    value = info.get(name)
+    if value is None or not value.type.tensor_type.HasField("shape"):
+        return None
+    dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                 for d in value.type.tensor_type.shape.dim)
+    return None if None in dims else dims
+
+
+class _Graph:
+    def __init__(self, model: onnx.ModelProto) -> None:
+        g = model.graph
+        self.nodes = list(g.node)  # one Python object per node: identities below stay valid
+        self.order = {id(n): i for i, n in enumerate(self.nodes)}
+        self.writers = {o: n for n in self.nodes for o in n.output if o}
+        self.readers: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.nodes:
+            for name in dict.fromkeys(node.input):
+                self.readers.setdefault(name, []).append(node)
+        self.inits = {i.name: i for i in g.initializer}
+        self.outputs = {o.name for o in g.output}
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model).graph
+        except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError):
+            inferred = g
+        self.info = {v.name: v for v in (*inferred.input, *inferred.value_info, *inferred.output)}
+
+    def branch(self, add: onnx.NodeProto, skip: str, branch: str) -> list[onnx.NodeProto] | str:
+        """The nodes computing ``branch`` from ``skip`` alone, or why this is not a residual block."""
+        nodes: dict[int, onnx.NodeProto] = {}
+        stack, seen, reached = [branch], set(), False
+        while stack:
+            name = stack.pop()
+            if name == skip:
+                reached = True
+                continue
+            if not name or name in self.inits or name in seen:
+                continue
+            seen.add(name)
+            node = self.writers.get(name)
+            if node is None:
+                return f"the branch {branch!r} also depends on graph input {name!r}"
+            nodes[id(node)] = node
+            stack.extend(node.input)
+        if not reached:
+            return f"the branch {branch!r} does not read {skip!r}"
+        inside = set(nodes) | {id(add)}
+        for node in nodes.values():
+            for out in node.output:
+                if out in self.outputs:
+                    return f"branch tensor {out!r} is a graph output"
+                if any(id(r) not in inside for r in self.readers.get(out, [])):
+                    return f"branch tensor {out!r} is also read outside the block"
+        if not any(n.op_type in _WEIGHTED and len(n.input) > 1 and n.input[1] in self.inits for n in nodes.values()):
+            return "the branch holds no layer with a constant weight"
+        return sorted(nodes.values(), key=lambda n: self.order[id(n)])
+
+    def block(self, add: onnx.NodeProto) -> ResidualBlock | str:
+        if add.output[0] in self.outputs:
+            return "its output is a graph output"
+        reasons = []
+        for skip, branch in (tuple(add.input), tuple(add.input)[::-1]):
+            found = self.branch(add, skip, branch)
+            if isinstance(found, str):
+                reasons.append(found)
+                continue
+            if _shape(self.info, skip) is None or _shape(self.info, skip) != _shape(self.info, add.output[0]):
+                return f"the shapes of {skip!r} and {add.output[0]!r} are not known to be equal"
+            own = {i for n in found for i in n.input if i in self.inits
+                   and all(any(r is m for m in found) for r in self.readers[i])}
+            count = sum(int(np.prod(self.inits[i].dims, dtype=np.int64)) for i in own)
+            return ResidualBlock(node_key(add), skip, branch, tuple(node_key(n) for n in found), count)
+        reasons.sort(key=lambda r: "graph input" in r or "does not read" in r)  # the orientation that fits best
+        return reasons[0]
+
+
+def find_residual_blocks(model: onnx.ModelProto) -> tuple[list[ResidualBlock], list[str]]:
+    """The removable residual blocks in graph order, and why the other Adds of two activations are not."""
+    graph = _Graph(model)
+    blocks, notes = [], []
+    for node in graph.nodes:
+        if node.op_type != "Add" or len(node.input) != 2 or any(i in graph.inits for i in node.input):
+            continue
+        found = graph.block(node)
+        if isinstance(found, str):
+            notes.append(f"{node_key(node)}: not a removable block: {found}")
+        else:
+            blocks.append(found)
+    return blocks, notes
+
+
+def _bypass(model: onnx.ModelProto, blocks: Sequence[ResidualBlock]) -> onnx.ModelProto:
+    """A copy of ``model`` with ``y := x`` for each of ``blocks``, dead nodes and initializers dropped."""
+    adds = {b.add: b.skip for b in blocks}
+    rename = {n.output[0]: adds[node_key(n)] for n in model.graph.node if n.op_type == "Add" and node_key(n) in adds}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for node in out.graph.node:
+        for k, name in enumerate(node.input):
+            while name in rename:
+                name = rename[name]
+            node.input[k] = name
+    _drop_dead(out)
+    del out.graph.value_info[:]
+    return out
+
+
+def _norm_influence(model: onnx.ModelProto, blocks: list[ResidualBlock], batches: Sequence[Feeds]) -> list[float]:
+    sums = np.zeros((len(blocks), 2))
+    names = sorted({t for b in blocks for t in (b.skip, b.branch)})
+    for _, values in probe_batches(model, batches, names):
+        for k, b in enumerate(blocks):
+            sums[k] += [float(np.sum(np.square(values[b.branch], dtype=np.float64))),
+                        float(np.sum(np.square(values[b.skip], dtype=np.float64)))]
+    return [float(np.sqrt(fx / xx)) if xx > 0 else float("inf") for fx, xx in sums]
+
+
+def _outputs(model: onnx.ModelProto, batches: Sequence[Feeds]) -> list[np.ndarray]:
+    names = [o.name for o in model.graph.output]
+    return [np.asarray(values[n], dtype=np.float64) for _, values in probe_batches(model, batches, names)
+            for n in names]
+
+
+def _output_influence(model: onnx.ModelProto, blocks: list[ResidualBlock], batches: Sequence[Feeds]) -> list[float]:
+    reference = _outputs(model, batches)
+    scale = sum(float(np.sum(np.square(r))) for r in reference) or 1.0
+    influence = []
+    for b in blocks:
+        changed = _outputs(_bypass(model, [b]), batches)
+        influence.append(float(np.sqrt(sum(float(np.sum(np.square(c - r))) for c, r in zip(changed, reference))
+                                       / scale)))
+    return influence
+
+
+def prune_residual_blocks(model: onnx.ModelProto, count: int, batches: Sequence[Feeds], *,
+                          measure: Measure = "norm") -> PruneResult:
+    """Bypass the ``count`` residual blocks with the least influence (see the module docstring)."""
+    blocks, notes = find_residual_blocks(model)
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= len(blocks):
+        raise PruningError(f"count is {count!r}; expected an int from 1 to {len(blocks)}, the residual blocks found",
+                           hint="count is how many residual blocks y = x + f(x) to remove")
+    if measure not in ("norm", "output"):
+        raise PruningError(f"measure is {measure!r}; expected 'norm' or 'output'",
+                           hint="'norm' compares ||f(x)|| with ||x||; 'output' bypasses each block and compares outputs")
+    if not batches:
+        raise PruningError("prune_residual_blocks got no calibration batches; expected at least one feed dict",
+                           hint="pass batches=[{input_name: array}, ...] from your calibration data")
+    influence = (_norm_influence if measure == "norm" else _output_influence)(model, blocks, batches)
+    chosen = set(sorted(range(len(blocks)), key=lambda k: influence[k])[:count])
+    pruned = _bypass(model, [blocks[k] for k in sorted(chosen)])
+    try:
+        onnx.checker.check_model(pruned, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise InternalError(f"block-pruned model fails onnx.checker: {exc}") from exc
+    layers = tuple({"node": b.add, "op_type": "Add", "skip": b.skip, "branch": b.branch, "nodes": b.nodes,
+                    "params": b.params, "influence": influence[k], "measure": measure, "removed": k in chosen}
+                   for k, b in enumerate(blocks))
+    notes.append(f"params {params(model)} -> {params(pruned)}")
+    log.info("removed %d of %d residual blocks (%s influence)", count, len(blocks), measure)
+    return PruneResult(model=pruned, method="blocks", layers=layers, notes=tuple(notes))
