@@ -12,12 +12,17 @@ Forms of ``prune``:
   ``"heads": 0.25`` also removes that share of every block's attention heads (transformers);
 * ``{"method": "structured", "budget": 1.0}``: a search per group kind, within ``budget``
   accuracy points of the unpruned model on the validation data: the largest FFN ratio, then on
-  top of it the largest attention-head ratio (transformers); the largest channel ratio (CNNs).
+  top of it the largest attention-head ratio (transformers); the most residual blocks (3, 2, 1),
+  then on top the largest channel ratio (CNNs).
   Every kind's steps are reported; a kind with no ratio within the budget is left unpruned;
 * ``{"method": "heads", "ratio": 0.25}``: the least used attention heads of every block
   removed (Q/K/V columns, output-projection rows, reshape constants);
-* ``{"method": "layers", "count": 1}``: the transformer residual blocks with the least
-  influence on their output, bypassed.
+* ``{"method": "layers", "count": 1}``: the residual blocks (transformer layers, or CNN blocks
+  ``y = x + f(x)``) with the least influence on their output, bypassed;
+* ``"joint": true`` with structured CNN pruning also prunes channel groups coupled through
+  residual Add chains (the same channels in every block of a stage). Off by default: without
+  fine-tuning those narrow, shared channels cost far more accuracy per speed-up
+  (EfficientNet-Lite0, ratio 0.1: 85.3% joint against 86.7% without, from 91.3%).
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ class PruneSpec:
     budget: float | None = None
     count: int = 1  # layers
     heads: float | None = None  # structured with a ratio: also this share of attention heads
+    joint: bool = False  # structured CNN channels: also prune groups coupled through residual Adds
 
 
 def parse_prune(prune: str | Mapping[str, Any]) -> PruneSpec:
@@ -60,7 +66,7 @@ def parse_prune(prune: str | Mapping[str, Any]) -> PruneSpec:
     if method not in METHODS:
         raise PruningError(f"prune method is {method!r}; expected one of {', '.join(METHODS)}",
                            hint='e.g. prune={"method": "structured", "ratio": 0.3} or prune="2:4"')
-    known = {"ratio", "sparsity", "norm", "scope", "budget", "count", "heads"}
+    known = {"ratio", "sparsity", "norm", "scope", "budget", "count", "heads", "joint"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise PruningError(f"prune has unknown key(s) {unknown}", hint=f"known keys: {', '.join(sorted(known))}")
@@ -70,6 +76,9 @@ def parse_prune(prune: str | Mapping[str, Any]) -> PruneSpec:
     if method == "structured" and (spec.ratio is None) == (spec.budget is None):
         raise PruningError("structured pruning needs exactly one of 'ratio' (0-1) or 'budget' (accuracy points)",
                            hint='e.g. {"method": "structured", "ratio": 0.3}')
+    if not isinstance(spec.joint, bool) or (spec.joint and method != "structured"):
+        raise PruningError(f"prune joint is {spec.joint!r}; expected true or false, with method 'structured'",
+                           hint='e.g. {"method": "structured", "ratio": 0.2, "joint": true}')
     if spec.heads is not None and (method != "structured" or spec.ratio is None or not 0.0 < spec.heads < 1.0):
         raise PruningError(f"prune heads is {spec.heads!r}; it goes with method 'structured' and a 'ratio', "
                            "as a fraction between 0 and 1", hint='e.g. {"method": "structured", "ratio": 0.2, '
@@ -83,7 +92,7 @@ def parse_prune(prune: str | Mapping[str, Any]) -> PruneSpec:
     return spec
 
 
-def _structured(model: onnx.ModelProto, ratio: float, batches: Sequence[Feeds]) -> PruneResult:
+def _structured(model: onnx.ModelProto, ratio: float, batches: Sequence[Feeds], joint: bool = False) -> PruneResult:
     from converters.qdq import plan_placement
 
     if plan_placement(model).family == "transformer":
@@ -92,7 +101,7 @@ def _structured(model: onnx.ModelProto, ratio: float, batches: Sequence[Feeds]) 
         return prune_ffn(model, ratio, batches)
     from converters.pruning.cnn import prune_channels
 
-    return prune_channels(model, ratio, batches)
+    return prune_channels(model, ratio, batches, joint=joint)
 
 
 def _apply(spec: PruneSpec, model: onnx.ModelProto, batches: Sequence[Feeds]) -> PruneResult:
@@ -111,13 +120,15 @@ def _apply(spec: PruneSpec, model: onnx.ModelProto, batches: Sequence[Feeds]) ->
         return prune_heads(model, spec.ratio or 0.0, batches)
     if spec.method == "layers":
         from converters.qdq import plan_placement
-        from converters.pruning.transformer import prune_layers
 
         if plan_placement(model).family != "transformer":
-            raise PruningError("layer pruning bypasses transformer residual blocks; this graph is not a transformer",
-                               hint='use {"method": "structured", ...} for CNNs')
+            from converters.pruning.cnn_blocks import prune_residual_blocks
+
+            return prune_residual_blocks(model, spec.count, batches)
+        from converters.pruning.transformer import prune_layers
+
         return prune_layers(model, spec.count, batches)
-    result = _structured(model, spec.ratio or 0.0, batches)
+    result = _structured(model, spec.ratio or 0.0, batches, spec.joint)
     if spec.heads is None:
         return result
     from converters.pruning.heads import prune_heads
@@ -127,40 +138,51 @@ def _apply(spec: PruneSpec, model: onnx.ModelProto, batches: Sequence[Feeds]) ->
                        notes=result.notes + heads.notes)
 
 
-def _kinds(model: onnx.ModelProto) -> list[tuple[str, Callable[[onnx.ModelProto, float, Sequence[Feeds]], PruneResult]]]:
-    """The group kinds a budget search walks through, in order, each with its pruning function."""
+BUDGET_BLOCKS = (3, 2, 1)  # residual CNN blocks to remove, most first
+Kind = tuple[str, str, Sequence[float], Callable[[onnx.ModelProto, Any, Sequence[Feeds]], PruneResult]]
+
+
+def _kinds(model: onnx.ModelProto) -> list[Kind]:
+    """The group kinds a budget search walks through, in order: (kind, parameter, values, prune)."""
     from converters.qdq import plan_placement
 
     if plan_placement(model).family == "transformer":
         from converters.pruning.heads import prune_heads
         from converters.pruning.transformer import prune_ffn
 
-        return [("ffn", prune_ffn), ("heads", prune_heads)]
+        return [("ffn", "ratio", BUDGET_RATIOS, prune_ffn), ("heads", "ratio", BUDGET_RATIOS, prune_heads)]
     from converters.pruning.cnn import prune_channels
+    from converters.pruning.cnn_blocks import prune_residual_blocks
 
-    return [("channels", prune_channels)]
+    # Whole residual blocks first: on EfficientNet-Lite0 they cost the least accuracy per speed-up.
+    return [("blocks", "count", BUDGET_BLOCKS, prune_residual_blocks),
+            ("channels", "ratio", BUDGET_RATIOS, prune_channels)]
 
 
 def _budget_search(model: onnx.ModelProto, budget: float, batches: Sequence[Feeds], metric: Metric,
                    baseline: float, steps: list[dict[str, Any]]) -> PruneResult:
-    """Per group kind, the largest ratio that keeps the accuracy within ``budget`` points of the
+    """Per group kind, the most pruning that keeps the accuracy within ``budget`` points of the
     unpruned model (each kind applied on top of the previous ones); ``steps`` records every try."""
     current, layers, notes, applied = model, [], [], []
-    for kind, prune in _kinds(model):
-        for ratio in BUDGET_RATIOS:  # largest first: stop at the first within budget
-            candidate = prune(current, ratio, batches)
+    for kind, parameter, values, prune in _kinds(model):
+        for value in values:  # most pruning first: stop at the first within budget
+            try:
+                candidate = prune(current, value, batches)
+            except PruningError as exc:  # e.g. fewer removable blocks than asked
+                steps.append({"kind": kind, parameter: value, "value": value, "error": exc.message})
+                continue
             score = metric(candidate.model)
-            steps.append({"kind": kind, "ratio": ratio, "metric": score, "drop": baseline - score})
+            steps.append({"kind": kind, parameter: value, "value": value, "metric": score, "drop": baseline - score})
             if baseline - score <= budget:
                 current = candidate.model
                 layers += list(candidate.layers)
                 notes += list(candidate.notes)
-                applied.append(f"{kind} {ratio}")
+                applied.append(f"{kind} {parameter} {value}")
                 break
         else:
-            notes.append(f"{kind}: no ratio down to {BUDGET_RATIOS[-1]} stays within {budget} points; not pruned")
+            notes.append(f"{kind}: nothing down to {parameter} {values[-1]} stays within {budget} points; not pruned")
     if not applied:
-        raise PruningError(f"no pruning ratio down to {BUDGET_RATIOS[-1]} stays within {budget} points",
+        raise PruningError(f"no pruning of any kind stays within {budget} points",
                            hint="raise the budget or convert without prune")
     log.info("budget search within %s points applied %s", budget, ", ".join(applied))
     return PruneResult(model=current, method="structured", layers=tuple(layers), notes=tuple(notes))
@@ -205,7 +227,8 @@ def run_pruning(
         "size_before": len(model.SerializeToString()), "size_after": len(result.model.SerializeToString()),
         "accuracy_before": baseline, "accuracy_after": after, "budget_steps": steps,
         "cpu_speedup": _speedup(model, result.model, batches[0]),
-        "chosen": {step["kind"]: step["ratio"] for step in steps if step["drop"] <= (spec.budget or 0.0)},
+        "chosen": {step["kind"]: step["value"] for step in steps
+                   if "drop" in step and step["drop"] <= (spec.budget or 0.0)},
         "layers": list(result.layers), "notes": list(result.notes),
     }
     if result.method == "2:4":

@@ -96,10 +96,13 @@ def pruning_lines(pruning: dict[str, Any]) -> list[str]:
         lines.append(f"pruning accuracy: {pruning['accuracy_before']:.2f} -> {pruning['accuracy_after']:.2f} points")
     chosen: dict[str, str] = {}
     for step in pruning.get("budget_steps", []):
+        if "drop" not in step:
+            continue
         kind = step.get("kind", "structured")
         if kind not in chosen or chosen[kind] == "none":
             within = step["drop"] <= (pruning.get("spec") or {}).get("budget", float("inf"))
-            chosen[kind] = f"ratio {step['ratio']} (-{step['drop']:.2f} pts)" if within else "none"
+            what = f"count {step['count']}" if "count" in step else f"ratio {step.get('ratio')}"
+            chosen[kind] = f"{what} (-{step['drop']:.2f} pts)" if within else "none"
     if chosen:
         lines.append("pruning budget search: " + ", ".join(f"{k} {v}" for k, v in chosen.items()))
     if pruning.get("pattern"):

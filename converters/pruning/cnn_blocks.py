@@ -185,6 +185,10 @@ def prune_residual_blocks(model: onnx.ModelProto, count: int, batches: Sequence[
                           measure: Measure = "norm") -> PruneResult:
     """Bypass the ``count`` residual blocks with the least influence (see the module docstring)."""
     blocks, notes = find_residual_blocks(model)
+    if not blocks:
+        raise PruningError("this graph has no residual block y = x + f(x) that can be bypassed"
+                           + (f" ({'; '.join(notes[:3])})" if notes else ""),
+                           hint='prune channels instead: {"method": "structured", "ratio": 0.2}')
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= len(blocks):
         raise PruningError(f"count is {count!r}; expected an int from 1 to {len(blocks)}, the residual blocks found",
                            hint="count is how many residual blocks y = x + f(x) to remove")

@@ -95,8 +95,13 @@ def test_layer_pruning_bypasses_the_weakest_block(tmp_path: Path, tokenizer_file
                               labels=builders.TEXT_LABELS, tokenizer=tokenizer_file,
                               calibration=tmp_path / "calib.txt", prune={"method": "layers", "count": 1})
     assert report.pruning is not None and report.pruning["params_after"] < report.pruning["params_before"]
+    onnx.save(builders.cnn_model(), tmp_path / "res.onnx")  # a CNN: its residual block is bypassed
+    report = edge_sdk.convert(tmp_path / "res.onnx", tmp_path / "r.edgepkg", task="image-classification",
+                              labels=builders.COLOR_LABELS, preprocess=builders.preprocess_dict(16),
+                              calibration=image_folder, prune={"method": "layers", "count": 1})
+    assert report.pruning is not None and [layer["removed"] for layer in report.pruning["layers"]] == [True]
     onnx.save(builders.chain_cnn_model(), tmp_path / "cnn.onnx")
-    with pytest.raises(PruningError, match="not a transformer"):
+    with pytest.raises(PruningError, match="no residual block"):
         edge_sdk.convert(tmp_path / "cnn.onnx", tmp_path / "x.edgepkg", task="image-classification",
                          labels=builders.COLOR_LABELS, preprocess=builders.preprocess_dict(),
                          calibration=image_folder, prune={"method": "layers"})
@@ -115,3 +120,19 @@ def test_budget_search_walks_each_group_kind_of_a_transformer(tmp_path: Path, to
     assert all(s["drop"] <= 100.0 for s in pruning["budget_steps"])
     assert pruning["params_after"] < pruning["params_before"]
     assert any(line.startswith("pruning budget search: ffn ratio 0.5") for line in report.lines())
+
+
+def test_joint_residual_groups_are_pruned_on_request(tmp_path: Path, image_folder: Path) -> None:
+    onnx.save(builders.cnn_model(), tmp_path / "res.onnx")
+    common = dict(task="image-classification", labels=builders.COLOR_LABELS, preprocess=builders.preprocess_dict(16),
+                  calibration=image_folder)
+    plain = edge_sdk.convert(tmp_path / "res.onnx", tmp_path / "p.edgepkg",
+                             prune={"method": "structured", "ratio": 0.5}, **common).pruning
+    joint = edge_sdk.convert(tmp_path / "res.onnx", tmp_path / "j.edgepkg",
+                             prune={"method": "structured", "ratio": 0.5, "joint": True}, **common).pruning
+    assert plain is not None and joint is not None
+    assert joint["params_after"] < plain["params_after"]  # the residual stage's channels went too
+    assert any("residual" in note for note in plain["notes"])
+    with pytest.raises(PruningError, match="prune joint is 'yes'"):
+        edge_sdk.convert(tmp_path / "res.onnx", tmp_path / "x.edgepkg",
+                         prune={"method": "structured", "ratio": 0.5, "joint": "yes"}, **common)
