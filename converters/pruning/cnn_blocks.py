@@ -24,8 +24,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import onnx
 
-from converters.pruning.common import Feeds, PruneResult, node_key, params, probe_batches
-from converters.pruning.transformer import _drop_dead
+from converters.pruning.common import Feeds, PruneResult, drop_dead, node_key, params, probe_batches
 from edge_sdk.errors import InternalError, PruningError
 
 __all__ = ["ResidualBlock", "find_residual_blocks", "prune_residual_blocks"]
@@ -149,7 +148,7 @@ def _bypass(model: onnx.ModelProto, blocks: Sequence[ResidualBlock]) -> onnx.Mod
             while name in rename:
                 name = rename[name]
             node.input[k] = name
-    _drop_dead(out)
+    drop_dead(out)
     del out.graph.value_info[:]
     return out
 

@@ -203,3 +203,22 @@ def probe_batches(
                                hint="pass feed dicts keyed by the model's input names, with their dtypes") from None
         values.update({k: np.asarray(v) for k, v in feeds.items() if k in wanted})
         yield feeds, values
+
+
+def drop_dead(model: onnx.ModelProto) -> None:
+    """Remove nodes whose outputs nobody reads, then unread initializers."""
+    g = model.graph
+    while True:
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        live = [n for n in g.node if any(o in used for o in n.output)]
+        if len(live) == len(g.node):
+            break
+        del g.node[:]
+        g.node.extend(live)
+    used = {i for n in g.node for i in n.input}
+    inits = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    info = [v for v in g.value_info if v.name in used]
+    del g.value_info[:]
+    g.value_info.extend(info)

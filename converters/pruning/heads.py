@@ -26,8 +26,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from converters.pruning.common import Feeds, PruneResult, node_key, params, probe_batches
-from converters.pruning.transformer import _drop_dead, _Graph, _refit, _rel_mse
+from converters.pruning.common import Feeds, PruneResult, drop_dead, node_key, params, probe_batches
+from converters.pruning.transformer import _Graph, _refit, _rel_mse
 from edge_sdk.errors import InternalError, PruningError
 
 __all__ = ["AttentionBlock", "find_attention_blocks", "prune_heads"]
@@ -464,7 +464,7 @@ def prune_heads(model: onnx.ModelProto, ratio: float, batches: Sequence[Feeds], 
     kept_info = [v for v in pruned.graph.value_info if v.name not in stale]
     del pruned.graph.value_info[:]
     pruned.graph.value_info.extend(kept_info)
-    _drop_dead(pruned)
+    drop_dead(pruned)
     try:
         onnx.checker.check_model(pruned, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:

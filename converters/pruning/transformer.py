@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from converters.pruning.common import Feeds, PruneResult, node_key, params, probe_batches, units_to_drop
+from converters.pruning.common import Feeds, PruneResult, drop_dead, node_key, params, probe_batches, units_to_drop
 from edge_sdk.errors import InternalError, PruningError
 
 __all__ = ["FFNGroup", "find_ffn_groups", "prune_ffn", "find_residual_blocks", "prune_layers"]
@@ -329,25 +329,6 @@ def _influence(model: onnx.ModelProto, blocks: list[tuple[onnx.NodeProto, str, s
     return [float(np.sqrt(fx / xx)) if xx > 0 else float("inf") for fx, xx in sums]
 
 
-def _drop_dead(model: onnx.ModelProto) -> None:
-    """Remove nodes whose outputs nobody reads, then unread initializers."""
-    g = model.graph
-    while True:
-        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-        live = [n for n in g.node if any(o in used for o in n.output)]
-        if len(live) == len(g.node):
-            break
-        del g.node[:]
-        g.node.extend(live)
-    used = {i for n in g.node for i in n.input}
-    inits = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    info = [v for v in g.value_info if v.name in used]
-    del g.value_info[:]
-    g.value_info.extend(info)
-
-
 def prune_layers(model: onnx.ModelProto, count: int, batches: Sequence[Feeds]) -> PruneResult:
     """Bypass the ``count`` residual blocks ``x + f(x)`` whose branch moves x the least.
 
@@ -373,7 +354,7 @@ def prune_layers(model: onnx.ModelProto, count: int, batches: Sequence[Feeds]) -
                 name = rename[name]
             node.input[k] = name
     before = params(pruned)
-    _drop_dead(pruned)
+    drop_dead(pruned)
     try:
         onnx.checker.check_model(pruned, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
