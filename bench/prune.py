@@ -317,7 +317,8 @@ def print_table(kind: str, result: dict[str, Any]) -> None:
     for v in result["variants"]:
         ps = v["pruning_summary"]
         if ps:
-            steps = ", ".join(f"{s['ratio']}: drop {s['drop']:.2f}" for s in ps["budget_steps"])
+            steps = ", ".join(f"{s.get('kind', '')} {s.get('value', s.get('ratio'))}: "
+                              + (f"drop {s['drop']:.2f}" if "drop" in s else "n/a") for s in ps["budget_steps"])
             print(f"  {v['name']}: params {ps['params_before']:,} -> {ps['params_after']:,}, SDK cpu_speedup "
                   f"{_fmt(ps['cpu_speedup_sdk'], '.2f')}x, groups pruned {ps['groups_pruned']}, refused (notes) "
                   f"{ps['groups_refused']}; budget steps [{steps}]")
