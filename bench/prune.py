@@ -305,13 +305,13 @@ def _fmt(x: Any, spec: str) -> str:
 
 def print_table(kind: str, result: dict[str, Any]) -> None:
     print(f"\n== {kind}: {result['model']} ({result['held_out']} held-out samples, b8 = predict_batch max_batch=8) ==")
-    print(f"{'variant':<16}{'params':>12}{'ratios':>7}{'acc %':>8}{'agree %':>9}{'b8 smp/s':>10}{'x fp32':>8}"
+    print(f"{'variant':<16}{'params':>12}{'ratios':>10}{'acc %':>8}{'agree %':>9}{'b8 smp/s':>10}{'x fp32':>8}"
           f"{'SDK val acc':>12}{'convert s':>10}  error")
     for v in result["variants"]:
         ps = v["pruning_summary"] or {}
         val = ((v["report"] or {}).get("validation") or {}).get("accuracy")
         chosen = "/".join(f"{r:g}" for r in (ps.get("chosen") or {}).values()) or "-"
-        print(f"{v['name']:<16}{_fmt(v['params'], ','):>12}{chosen:>7}"
+        print(f"{v['name']:<16}{_fmt(v['params'], ','):>12}{chosen:>10}"
               f"{_fmt(v['accuracy'], '.1f'):>8}{_fmt(v['agreement'], '.1f'):>9}{_fmt(v['b8_sps'], '.1f'):>10}"
               f"{_fmt(v['ratio'], '.2f'):>8}{_fmt(val, '.3f'):>12}{_fmt(v['convert_s'], '.1f'):>10}  {v['error'] or ''}")
     for v in result["variants"]:
