@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.services import start_listener, stop_process
+from tests.services import free_port, start_listener, stop_process
 
 __all__ = ["Mosquitto", "mosquitto_binary", "require_mosquitto"]
 
@@ -52,18 +51,12 @@ def require_mosquitto() -> str:
     return binary
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class Mosquitto:
     """One mosquitto process with its config, log and (optional) persistence under ``directory``."""
 
     def __init__(self, directory: Path, *, persistent: bool = False, allow_anonymous: bool = True) -> None:
         self.directory = Path(directory)
-        self.port = _free_port()
+        self.port = free_port()
         self.log = self.directory / "mosquitto.log"
         self._process: subprocess.Popen[bytes] | None = None
         self.directory.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,13 @@ from pathlib import Path
 from typing import Sequence
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def start_listener(argv: Sequence[str], port: int, log: Path, name: str, timeout: float) -> subprocess.Popen[bytes]:
     """Start ``argv`` with its output in ``log`` and wait until 127.0.0.1:``port`` accepts connections."""
     with log.open("ab") as out:

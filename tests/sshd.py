@@ -30,13 +30,12 @@ from __future__ import annotations
 import getpass
 import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.services import start_listener, stop_process
+from tests.services import free_port, start_listener, stop_process
 
 __all__ = ["Sshd", "require_sshd", "sshd_binary"]
 
@@ -62,12 +61,6 @@ def require_sshd() -> str:
     return binary
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _keygen(path: Path) -> None:
     """An ed25519 key pair at ``path`` and ``path.pub``, no passphrase."""
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "edge-sdk-tests", "-f", str(path)],
@@ -80,7 +73,7 @@ class Sshd:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory).absolute()
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
+        self.port = free_port()
         self.user = getpass.getuser()
         self.identity = self.directory / "client_key"
         self.known_hosts = self.directory / "known_hosts"

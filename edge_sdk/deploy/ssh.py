@@ -27,7 +27,7 @@ import weakref
 from pathlib import Path
 from typing import IO, Sequence
 
-from edge_sdk.deploy.transport import CHUNK, DeployError, Progress, RunResult, Target
+from edge_sdk.deploy.transport import DeployError, Progress, RunResult, Target, copy_from
 from edge_sdk.errors import InternalError
 
 __all__ = ["SshTransport"]
@@ -181,7 +181,7 @@ class SshTransport:
         with tempfile.TemporaryFile() as errors:
             process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors)
             try:
-                _feed(local, offset, total, process.stdin, progress)
+                _feed(local, offset, process.stdin, progress)
                 returncode = process.wait()
             finally:
                 _stop(process)
@@ -295,19 +295,12 @@ def _follow(stream: IO[bytes] | None, offset: int, total: int, progress: Progres
     return b"".join(chunks).decode(errors="replace")
 
 
-def _feed(local: Path, offset: int, total: int, stdin: IO[bytes] | None, progress: Progress | None) -> None:
+def _feed(local: Path, offset: int, stdin: IO[bytes] | None, progress: Progress | None) -> None:
     """Write ``local`` from ``offset`` into ``stdin`` and close it (a closed pipe ends early)."""
     if stdin is None:
         return
-    done = offset
     try:
-        with local.open("rb") as source:
-            source.seek(offset)
-            while chunk := source.read(CHUNK):
-                stdin.write(chunk)
-                done += len(chunk)
-                if progress:
-                    progress(done, total)
+        copy_from(local, offset, stdin, progress)
         stdin.close()
     except BrokenPipeError:  # the remote side ended: its exit status says why
         pass

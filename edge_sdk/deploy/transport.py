@@ -13,13 +13,26 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import IO, Callable, Protocol, Sequence
 from urllib.parse import unquote, urlsplit
 
 from edge_sdk.errors import EdgeSDKError
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 CHUNK = 1 << 20
+
+
+def copy_from(local: Path, offset: int, out: IO[bytes], progress: Progress | None) -> None:
+    """Write ``local`` from byte ``offset`` on into ``out``, reporting (done, total) per chunk."""
+    total = local.stat().st_size
+    done = offset
+    with local.open("rb") as source:
+        source.seek(offset)
+        while chunk := source.read(CHUNK):
+            out.write(chunk)
+            done += len(chunk)
+            if progress:
+                progress(done, total)
 
 
 class DeployError(EdgeSDKError):
@@ -129,13 +142,8 @@ class LocalTransport:
         if done > total:
             dest.unlink()
             done = 0
-        with local.open("rb") as src, dest.open("ab") as out:
-            src.seek(done)
-            while chunk := src.read(CHUNK):
-                out.write(chunk)
-                done += len(chunk)
-                if progress:
-                    progress(done, total)
+        with dest.open("ab") as out:
+            copy_from(local, done, out, progress)
             out.flush()
             os.fsync(out.fileno())
 

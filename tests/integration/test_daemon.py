@@ -8,7 +8,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from edge_sdk.client import Client, DaemonRequestError
 from runtime.package import Package
 from tests import builders
 from tests.broker import Mosquitto, require_mosquitto
+from tests.services import free_port
 
 TOKEN = "integration-test-token-0123456789"
 BGR = {"red": (30, 40, 220), "green": (40, 200, 30), "blue": (210, 50, 40)}
@@ -37,12 +37,6 @@ map = {bearing = "bearing_wear", leak = "leak", overheating = "overheating"}
 [fusion.models.colors]
 map = {red = "overheating", blue = "leak", green = "none"}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def png(color: str, size: int = 24) -> bytes:

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -22,7 +20,8 @@ from edge_sdk.deploy.deploy import Options, deploy
 from edge_sdk.deploy.transport import DeployError, LocalTransport, parse_target
 from runtime.package import Package, write_package
 from tests import builders
-from tests.integration.test_daemon import TOKEN, DaemonProcess, free_port, png
+from tests.integration.test_daemon import TOKEN, DaemonProcess, png
+from tests.services import free_port
 
 DEVICE_EDGE_SDK = f"{sys.executable} -m edge_sdk.cli"
 

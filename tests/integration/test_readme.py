@@ -59,7 +59,8 @@ def _run_client_example(block: str, root: Path) -> None:
     """The Client example against a real daemon serving the package the first example wrote.
 
     Only the daemon's address and the token file's path are replaced, by this test's own."""
-    from tests.integration.test_daemon import TOKEN, DaemonProcess, free_port
+    from tests.integration.test_daemon import TOKEN, DaemonProcess
+    from tests.services import free_port
 
     (root / "token").write_text(TOKEN)
     port = free_port()
