@@ -10,11 +10,13 @@ Forms of ``prune``:
 * ``{"method": "structured", "ratio": 0.3}``: channels (CNN) or FFN neurons (transformer)
   removed physically, the next layer re-fitted by least squares: smaller and faster everywhere;
   ``"heads": 0.25`` also removes that share of every block's attention heads (transformers);
-* ``{"method": "structured", "budget": 1.0}``: a search per group kind, within ``budget``
-  accuracy points of the unpruned model on the validation data: the largest FFN ratio, then on
-  top of it the largest attention-head ratio (transformers); the most residual blocks (3, 2, 1),
-  then on top the largest channel ratio (CNNs).
-  Every kind's steps are reported; a kind with no ratio within the budget is left unpruned;
+* ``{"method": "structured", "budget": 1.0}``: the most pruning within ``budget`` accuracy
+  points of the unpruned model on the validation data, allocated per unit (each FFN and
+  attention block of a transformer, each channel group of a CNN) from a sensitivity analysis on
+  the calibration data (``converters.pruning.allocation``); the report's ``chosen.ratios`` is
+  the allocation, and ``budget_steps`` every allocation measured on the way;
+* ``{"method": "structured", "ratios": {"ffn:<MatMul>": 0.5, "heads:<MatMul>": 0.25}}``: a
+  given per-unit allocation (e.g. a budget search's ``chosen.ratios``, reapplied without the search);
 * ``{"method": "heads", "ratio": 0.25}``: the least used attention heads of every block
   removed (Q/K/V columns, output-projection rows, reshape constants);
 * ``{"method": "layers", "count": 1}``: the residual blocks (transformer layers, or CNN blocks
@@ -35,13 +37,13 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
+from converters.pruning.allocation import Pruner, Unit, greedy_path, search_path, sensitivity
 from converters.pruning.common import PruneResult, macs_per_sample, nonzero_params, params
 from edge_sdk.errors import PruningError
 
 log = logging.getLogger(__name__)
 
 METHODS = ("magnitude", "activation", "2:4", "structured", "heads", "layers")
-BUDGET_RATIOS = (0.5, 0.4, 0.3, 0.2, 0.1)
 Feeds = dict[str, np.ndarray]
 Metric = Callable[[onnx.ModelProto], float]  # accuracy in points (0-100) of an fp32 graph
 
@@ -57,6 +59,7 @@ class PruneSpec:
     count: int = 1  # layers
     heads: float | None = None  # structured with a ratio: also this share of attention heads
     joint: bool = False  # structured CNN channels: also prune groups coupled through residual Adds
+    ratios: Mapping[str, float] | None = None  # structured: "kind:unit" -> ratio, e.g. a budget search's choice
 
 
 def parse_prune(prune: str | Mapping[str, Any]) -> PruneSpec:
@@ -66,16 +69,18 @@ def parse_prune(prune: str | Mapping[str, Any]) -> PruneSpec:
     if method not in METHODS:
         raise PruningError(f"prune method is {method!r}; expected one of {', '.join(METHODS)}",
                            hint='e.g. prune={"method": "structured", "ratio": 0.3} or prune="2:4"')
-    known = {"ratio", "sparsity", "norm", "scope", "budget", "count", "heads", "joint"}
+    known = {"ratio", "sparsity", "norm", "scope", "budget", "count", "heads", "joint", "ratios"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise PruningError(f"prune has unknown key(s) {unknown}", hint=f"known keys: {', '.join(sorted(known))}")
     spec = PruneSpec(method=method, **data)
     if spec.method == "heads" and spec.ratio is None:
         raise PruningError("head pruning needs 'ratio' (0-1)", hint='e.g. {"method": "heads", "ratio": 0.25}')
-    if method == "structured" and (spec.ratio is None) == (spec.budget is None):
-        raise PruningError("structured pruning needs exactly one of 'ratio' (0-1) or 'budget' (accuracy points)",
-                           hint='e.g. {"method": "structured", "ratio": 0.3}')
+    if method == "structured" and sum(x is not None for x in (spec.ratio, spec.budget, spec.ratios)) != 1:
+        raise PruningError("structured pruning needs exactly one of 'ratio' (0-1), 'budget' (accuracy points) "
+                           "or 'ratios' (per unit)", hint='e.g. {"method": "structured", "ratio": 0.3}')
+    if spec.ratios is not None:
+        _check_unit_ratios(spec)
     if not isinstance(spec.joint, bool) or (spec.joint and method != "structured"):
         raise PruningError(f"prune joint is {spec.joint!r}; expected true or false, with method 'structured'",
                            hint='e.g. {"method": "structured", "ratio": 0.2, "joint": true}')
@@ -90,6 +95,22 @@ def parse_prune(prune: str | Mapping[str, Any]) -> PruneSpec:
     if spec.budget is not None and not spec.budget >= 0:
         raise PruningError(f"prune budget is {spec.budget!r}; expected accuracy points >= 0")
     return spec
+
+
+def _check_unit_ratios(spec: PruneSpec) -> None:
+    ratios = spec.ratios
+    if spec.method != "structured" or not isinstance(ratios, Mapping) or not ratios:
+        raise PruningError(f"prune ratios is {ratios!r}; expected a non-empty mapping 'kind:unit' -> ratio "
+                           "with method 'structured'",
+                           hint='e.g. {"method": "structured", "ratios": {"ffn:/layer.0/MatMul": 0.5}}; '
+                                "a budget search reports its choice as chosen.ratios")
+    for key, value in ratios.items():
+        kind, _, name = str(key).partition(":")
+        if kind not in ("channels", "ffn", "heads") or not name:
+            raise PruningError(f"prune ratios key {key!r} is not 'kind:unit' with kind channels, ffn or heads",
+                               hint="use the keys of a budget search's chosen.ratios")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise PruningError(f"prune ratios[{key!r}] is {value!r}; expected a fraction 0 <= ratio < 1")
 
 
 def _structured(model: onnx.ModelProto, ratio: float, batches: Sequence[Feeds], joint: bool = False) -> PruneResult:
@@ -128,6 +149,14 @@ def _apply(spec: PruneSpec, model: onnx.ModelProto, batches: Sequence[Feeds]) ->
         from converters.pruning.transformer import prune_layers
 
         return prune_layers(model, spec.count, batches)
+    if spec.ratios is not None:
+        units, prune = allocation_units(model, batches, spec.joint)
+        ratios = {Unit(*key.split(":", 1)): float(r) for key, r in spec.ratios.items()}
+        unknown = sorted(str(u) for u in set(ratios) - set(units))
+        if unknown:
+            raise PruningError(f"prune ratios name {unknown}, which are not prunable units of this model",
+                               hint=f"prunable units: {', '.join(map(str, units))}")
+        return prune(ratios)
     result = _structured(model, spec.ratio or 0.0, batches, spec.joint)
     if spec.heads is None:
         return result
@@ -138,54 +167,62 @@ def _apply(spec: PruneSpec, model: onnx.ModelProto, batches: Sequence[Feeds]) ->
                        notes=result.notes + heads.notes)
 
 
-BUDGET_BLOCKS = (3, 2, 1)  # residual CNN blocks to remove, most first
-Kind = tuple[str, str, Sequence[float], Callable[[onnx.ModelProto, Any, Sequence[Feeds]], PruneResult]]
-
-
-def _kinds(model: onnx.ModelProto) -> list[Kind]:
-    """The group kinds a budget search walks through, in order: (kind, parameter, values, prune)."""
+def allocation_units(model: onnx.ModelProto, batches: Sequence[Feeds], joint: bool = False,
+                     ) -> tuple[list[Unit], Pruner]:
+    """The units a per-unit allocation can prune, and the function applying per-unit ratios to ``model``:
+    FFNs and attention blocks of a transformer, channel groups of a CNN."""
     from converters.qdq import plan_placement
 
     if plan_placement(model).family == "transformer":
-        from converters.pruning.heads import prune_heads
-        from converters.pruning.transformer import prune_ffn
+        from converters.pruning.heads import find_attention_blocks, prune_heads
+        from converters.pruning.transformer import find_ffn_groups, prune_ffn
 
-        return [("ffn", "ratio", BUDGET_RATIOS, prune_ffn), ("heads", "ratio", BUDGET_RATIOS, prune_heads)]
-    from converters.pruning.cnn import prune_channels
-    from converters.pruning.cnn_blocks import prune_residual_blocks
+        units = [Unit("ffn", g.up) for g in find_ffn_groups(model)[0]]
+        units += [Unit("heads", b.out) for b in find_attention_blocks(model)[0]]
 
-    # Whole residual blocks first: on EfficientNet-Lite0 they cost the least accuracy per speed-up.
-    return [("blocks", "count", BUDGET_BLOCKS, prune_residual_blocks),
-            ("channels", "ratio", BUDGET_RATIOS, prune_channels)]
+        def prune_transformer(ratios: Mapping[Unit, float]) -> PruneResult:
+            ffn = {u.name: r for u, r in ratios.items() if u.kind == "ffn"}
+            heads = {u.name: r for u, r in ratios.items() if u.kind == "heads"}
+            result = prune_ffn(model, 0.0, batches, ratios=ffn) if ffn else PruneResult(model, "structured", (), ())
+            if heads:
+                more = prune_heads(result.model, 0.0, batches, ratios=heads)
+                result = PruneResult(more.model, "structured", result.layers + more.layers, result.notes + more.notes)
+            return result
+
+        return units, prune_transformer
+    from converters.pruning.cnn import ChannelPruner
+
+    pruner = ChannelPruner(model, batches, joint=joint)
+
+    def prune_cnn(ratios: Mapping[Unit, float]) -> PruneResult:
+        result = pruner.prune(0.0, {u.name: r for u, r in ratios.items()})
+        return PruneResult(result.model, "structured", result.layers, result.notes)
+
+    return [Unit("channels", name) for name in pruner.units], prune_cnn
 
 
-def _budget_search(model: onnx.ModelProto, budget: float, batches: Sequence[Feeds], metric: Metric,
-                   baseline: float, steps: list[dict[str, Any]]) -> PruneResult:
-    """Per group kind, the most pruning that keeps the accuracy within ``budget`` points of the
-    unpruned model (each kind applied on top of the previous ones); ``steps`` records every try."""
-    current, layers, notes, applied = model, [], [], []
-    for kind, parameter, values, prune in _kinds(model):
-        for value in values:  # most pruning first: stop at the first within budget
-            try:
-                candidate = prune(current, value, batches)
-            except PruningError as exc:  # e.g. fewer removable blocks than asked
-                steps.append({"kind": kind, parameter: value, "value": value, "error": exc.message})
-                continue
-            score = metric(candidate.model)
-            steps.append({"kind": kind, parameter: value, "value": value, "metric": score, "drop": baseline - score})
-            if baseline - score <= budget:
-                current = candidate.model
-                layers += list(candidate.layers)
-                notes += list(candidate.notes)
-                applied.append(f"{kind} {parameter} {value}")
-                break
-        else:
-            notes.append(f"{kind}: nothing down to {parameter} {values[-1]} stays within {budget} points; not pruned")
-    if not applied:
-        raise PruningError(f"no pruning of any kind stays within {budget} points",
-                           hint="raise the budget or convert without prune")
-    log.info("budget search within %s points applied %s", budget, ", ".join(applied))
-    return PruneResult(model=current, method="structured", layers=tuple(layers), notes=tuple(notes))
+def _budget_search(model: onnx.ModelProto, spec: PruneSpec, batches: Sequence[Feeds], metric: Metric,
+                   baseline: float, steps: list[dict[str, Any]]) -> tuple[PruneResult, dict[str, Any]]:
+    """The largest per-unit allocation within ``spec.budget`` points (see ``converters.pruning.allocation``);
+    every measured step goes to ``steps``; the chosen allocation is returned for the report."""
+    budget = float(spec.budget or 0.0)
+    units, prune = allocation_units(model, batches, spec.joint)
+    start = time.perf_counter()
+    table = sensitivity(model, units, prune, batches)
+    path = greedy_path(table)
+    macs = macs_per_sample(model, batches[0])
+
+    def describe(result: PruneResult) -> dict[str, Any]:
+        return {"macs_saved": 1.0 - macs_per_sample(result.model, batches[0]) / macs}
+
+    result, allocation = search_path(path, prune, metric, baseline, budget, steps, describe)
+    log.info("budget search within %s points: %d units pruned, in %.1f s", budget, len(allocation),
+             time.perf_counter() - start)
+    chosen = {"ratios": {str(u): r for u, r in sorted(allocation.items())},
+              "step": path.index(allocation), "of": len(path), "units": len(units),
+              "sensitivity": {str(u): [[p.ratio, p.distortion, p.saved] for p in points]
+                              for u, points in table.items()}}
+    return result, chosen
 
 
 def _speedup(before: onnx.ModelProto, after: onnx.ModelProto, batch: Feeds, rounds: int = 7) -> float:
@@ -212,11 +249,12 @@ def run_pruning(
     """Prune ``model`` as ``spec`` says; the pruned model and the report for the package."""
     baseline = metric(model) if metric else None
     steps: list[dict[str, Any]] = []
+    chosen: dict[str, Any] = {}
     if spec.budget is not None:
         if metric is None or baseline is None:
             raise PruningError("a pruning budget needs validation data to measure accuracy on",
                                hint="pass validation=..., or prune with a fixed ratio")
-        result = _budget_search(model, spec.budget, batches, metric, baseline, steps)
+        result, chosen = _budget_search(model, spec, batches, metric, baseline, steps)
     else:
         result = _apply(spec, model, batches)
     after = metric(result.model) if metric else None
@@ -227,8 +265,7 @@ def run_pruning(
         "size_before": len(model.SerializeToString()), "size_after": len(result.model.SerializeToString()),
         "accuracy_before": baseline, "accuracy_after": after, "budget_steps": steps,
         "cpu_speedup": _speedup(model, result.model, batches[0]),
-        "chosen": {step["kind"]: step["value"] for step in steps
-                   if "drop" in step and step["drop"] <= (spec.budget or 0.0)},
+        "chosen": chosen,
         "layers": list(result.layers), "notes": list(result.notes),
     }
     if result.method == "2:4":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,17 +95,13 @@ def pruning_lines(pruning: dict[str, Any]) -> list[str]:
     ]
     if pruning.get("accuracy_before") is not None:
         lines.append(f"pruning accuracy: {pruning['accuracy_before']:.2f} -> {pruning['accuracy_after']:.2f} points")
-    chosen: dict[str, str] = {}
-    for step in pruning.get("budget_steps", []):
-        if "drop" not in step:
-            continue
-        kind = step.get("kind", "structured")
-        if kind not in chosen or chosen[kind] == "none":
-            within = step["drop"] <= (pruning.get("spec") or {}).get("budget", float("inf"))
-            what = f"count {step['count']}" if "count" in step else f"ratio {step.get('ratio')}"
-            chosen[kind] = f"{what} (-{step['drop']:.2f} pts)" if within else "none"
-    if chosen:
-        lines.append("pruning budget search: " + ", ".join(f"{k} {v}" for k, v in chosen.items()))
+    chosen = pruning.get("chosen") or {}
+    if chosen.get("ratios"):
+        kinds = Counter(key.split(":", 1)[0] for key in chosen["ratios"])
+        steps = [s for s in pruning.get("budget_steps", []) if s.get("step") == chosen.get("step")]
+        drop = f", -{steps[-1]['drop']:.2f} pts" if steps else ""
+        lines.append(f"pruning budget search: step {chosen['step']} of {chosen['of']}, "
+                     + ", ".join(f"{n} {k} units" for k, n in kinds.items()) + drop)
     if pruning.get("pattern"):
         lines.append(f"pruning pattern {pruning['pattern']} on {len(pruning.get('layers', []))} layers "
                      "(TensorRT builds enable sparse tactics)")

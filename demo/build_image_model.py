@@ -35,7 +35,7 @@ STD = 128.0
 OPSET = 17
 TORCH_SEED = 0
 # split -> (images per class, generator seed); the test set never shares a seed with training.
-SPLITS: dict[str, tuple[int, int]] = {"train": (160, 1001), "calib": (10, 2002), "test": (30, 3003)}
+SPLITS: dict[str, tuple[int, int]] = {"train": (160, 1001), "calib": (40, 2002), "test": (30, 3003)}
 PREPROCESS: dict[str, Any] = {
     "resize": [INPUT_SIZE, INPUT_SIZE],
     "interpolation": "area",

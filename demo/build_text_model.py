@@ -39,7 +39,7 @@ MAX_LENGTH = 128
 OPSET = 17
 TORCH_SEED = 0
 # split -> (reports per class, generator seed); the test split has its own seed and templates.
-SPLITS: dict[str, tuple[int, int]] = {"train": (160, 1101), "calib": (10, 2202), "test": (50, 3303)}
+SPLITS: dict[str, tuple[int, int]] = {"train": (160, 1101), "calib": (40, 2202), "test": (50, 3303)}
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 BATCH = 32
 HEAD_STEPS = 500

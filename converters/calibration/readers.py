@@ -93,8 +93,19 @@ def calibration_reader(
         arrays = _load_arrays(path, inputs)
         _check_arrays(arrays, inputs)
         if limit:
-            arrays = {k: v[:limit] for k, v in arrays.items()}
+            picked = spread(len(next(iter(arrays.values()))), limit)
+            arrays = {k: v[picked] for k, v in arrays.items()}
         return ArrayReader(arrays, batch_size)
     samples = image_samples(path) if task in ("image-classification", "anomaly-score") else text_lines(path)
-    items = tuple(s.item for s in samples)[:limit]
+    items = tuple(s.item for s in samples)
+    if limit:
+        items = tuple(items[i] for i in spread(len(items), limit))
     return EncodedReader(items, encode, batch_size)
+
+
+def spread(total: int, limit: int) -> np.ndarray:
+    """``min(limit, total)`` indices evenly spaced over ``range(total)``, in order. Sources are sorted (an
+    image folder by class sub-folder), so the first ``limit`` would calibrate on a few classes only."""
+    if limit >= total:
+        return np.arange(total)
+    return (np.arange(limit) * total) // limit

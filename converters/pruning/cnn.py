@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import onnx
@@ -42,7 +42,7 @@ from onnx import helper, numpy_helper
 from converters.pruning.common import Feeds, PruneResult, probe_batches, units_to_drop
 from edge_sdk.errors import InternalError, PruningError
 
-__all__ = ["ChannelGroup", "Consumer", "Slice", "find_groups", "prune_channels"]
+__all__ = ["ChannelGroup", "ChannelPruner", "Consumer", "Slice", "find_groups", "prune_channels"]
 
 log = logging.getLogger(__name__)
 
@@ -502,7 +502,7 @@ def _refit(x: np.ndarray, w: np.ndarray, c: Consumer, keep: np.ndarray, refit: b
     if p.shape[0] < 2 * len(cols):
         fit.note = f"{_name(c.node)}: {p.shape[0]} calibration rows for {len(cols)} unknowns, refit skipped"
         return fit
-    solved, *_ = np.linalg.lstsq(p[:, cols], y, rcond=None)
+    solved = _ridge(p[:, cols], y)
     after = float(np.sum((p[:, cols] @ solved - y) ** 2))
     if after < fit.before:
         fit.after = after
@@ -510,6 +510,19 @@ def _refit(x: np.ndarray, w: np.ndarray, c: Consumer, keep: np.ndarray, refit: b
         shape[c.axis] = len(keep)
         fit.weight = _from_matrix(solved, c, tuple(shape)).astype(w.dtype)
     return fit
+
+
+RIDGE = 1e-3
+
+
+def _ridge(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``argmin ||x w - y||^2 + lam ||w||^2`` with ``lam`` = ``RIDGE`` times the mean squared column norm of
+    ``x``: a few calibration images give few rows per unknown on late, low-resolution layers, and
+    plain least squares then fits their noise."""
+    gram = x.T @ x
+    lam = RIDGE * float(np.trace(gram)) / max(gram.shape[0], 1)
+    gram[np.diag_indices_from(gram)] += max(lam, 1e-12)
+    return np.linalg.solve(gram, x.T @ y)
 
 
 # --- the public entry point ---------------------------------------------------------------------------
@@ -535,43 +548,83 @@ def _check_args(ratio: float, batches: Sequence[Feeds]) -> None:
                            hint="pass batches=[{input_name: array}, ...] from your calibration data")
 
 
+class ChannelPruner:
+    """The groups of one model with their calibration activations and scores, measured once, so that
+    many pruning plans (per-group ratios) can be built cheaply; refits are cached per kept set."""
+
+    def __init__(self, model: onnx.ModelProto, batches: Sequence[Feeds], *, refit: bool = True,
+                 joint: bool = False) -> None:
+        _check_args(0.0, batches)
+        self.model, self.refit = model, refit
+        self.groups, self.refused = find_groups(model, joint=joint)
+        self.weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        self.consumers = {(_name(c.node), c.weight): c for g in self.groups for c in g.consumers}
+        self.acts = _collect(model, batches, {c.tensor for c in self.consumers.values()}) if self.groups else {}
+        self.order = [np.argsort(_scores(g, self.acts, self.weights), kind="stable") for g in self.groups]
+        self._fits: dict[tuple[tuple[str, str], bytes], _Fit] = {}
+
+    @property
+    def units(self) -> list[str]:
+        """One name per prunable group (its first producer), the keys of ``prune``'s ``ratios``."""
+        return [g.producer for g in self.groups]
+
+    def _fit(self, key: tuple[str, str], c: Consumer, kept: np.ndarray) -> _Fit:
+        width = self.weights[c.weight].shape[c.axis]
+        if len(kept) == width:
+            return _Fit()
+        cache = (key, kept.tobytes())
+        if cache not in self._fits:
+            self._fits[cache] = _refit(self.acts[c.tensor], self.weights[c.weight], c, kept, self.refit)
+        return self._fits[cache]
+
+    def prune(self, ratio: float, ratios: Mapping[str, float] | None = None) -> PruneResult:
+        """Remove the lowest-scoring channels of every group: ``ratios[producer]`` where given, else ``ratio``."""
+        ratios = dict(ratios or {})
+        for r in (ratio, *ratios.values()):
+            _check_args(r, [{}])
+        unknown = sorted(set(ratios) - set(self.units))
+        if unknown:
+            raise PruningError(f"ratios name {unknown}, which are not prunable channel groups",
+                               hint=f"prunable groups (their first producer): {', '.join(self.units)}")
+        groups, weights = self.groups, self.weights
+        notes = [f"{producer}: not prunable: {reason}" for producer, reason in self.refused]
+        keeps = [np.sort(order[units_to_drop(ratios.get(g.producer, ratio), g.channels):])
+                 for g, order in zip(groups, self.order)]
+        cut: dict[tuple[str, int], set[int]] = {}  # (initializer, axis) -> removed indices, over all groups
+        for group, keep in zip(groups, keeps):
+            gone = np.setdiff1d(np.arange(group.channels), keep)
+            for s in (*group.slices, *group.shapes):
+                cut.setdefault((s.name, s.axis), set()).update(int(s.offset + i) for i in gone)
+        fits = {key: self._fit(key, c, _kept(weights[c.weight].shape[c.axis], cut.get((c.weight, c.axis), set())))
+                for key, c in self.consumers.items()}
+        notes += [f.note for f in fits.values() if f.note]
+        fitted = {c.weight: (f.weight, c.axis) for key, c in self.consumers.items()
+                  if (f := fits[key]).weight is not None}
+        reshaped = {(s.name, s.axis) for g in groups for s in g.shapes}
+        new = _new_weights(weights, {k: v for k, v in cut.items() if k not in reshaped}, fitted)
+        for name, index in reshaped:
+            shape = new.get(name, weights[name]).copy()
+            shape[index] -= len(cut.get((name, index), ()))
+            new[name] = shape
+        pruned = _rebuild(self.model, new)
+        layers = tuple(_layer(g, keep, [fits[(_name(c.node), c.weight)] for c in g.consumers], weights, new)
+                       for g, keep in zip(groups, keeps))
+        log.info("pruned %d of %d channel groups (%d joint), refused %d producers",
+                 sum(len(k) < g.channels for g, k in zip(groups, keeps)), len(groups),
+                 sum(len(g.producers) > 1 for g in groups), len(self.refused))
+        return PruneResult(model=pruned, method="channels", layers=layers, notes=tuple(notes))
+
+
 def prune_channels(model: onnx.ModelProto, ratio: float, batches: Sequence[Feeds], *,
-                   refit: bool = True, joint: bool = False) -> PruneResult:
-    """Remove the lowest-scoring ``round(ratio * C)`` channels of every prunable group (at least one kept).
+                   refit: bool = True, joint: bool = False, ratios: Mapping[str, float] | None = None) -> PruneResult:
+    """Remove the lowest-scoring ``round(ratio * C)`` channels of every prunable group (at least one kept);
+    ``ratios`` overrides the ratio per group, keyed by the group's first producer.
 
     With ``joint``, residual chains and squeeze-excitation gates are pruned as joint groups
     (the same indices in every producer and consumer); without it they are left intact.
     """
     _check_args(ratio, batches)
-    groups, refused = find_groups(model, joint=joint)
-    notes = [f"{producer}: not prunable: {reason}" for producer, reason in refused]
-    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    consumers = {(_name(c.node), c.weight): c for g in groups for c in g.consumers}
-    acts = _collect(model, batches, {c.tensor for c in consumers.values()}) if groups else {}
-    keeps = [np.sort(np.argsort(_scores(g, acts, weights), kind="stable")[units_to_drop(ratio, g.channels):])
-             for g in groups]
-    cut: dict[tuple[str, int], set[int]] = {}  # (initializer, axis) -> removed indices, over all groups
-    for group, keep in zip(groups, keeps):
-        gone = np.setdiff1d(np.arange(group.channels), keep)
-        for s in (*group.slices, *group.shapes):
-            cut.setdefault((s.name, s.axis), set()).update(int(s.offset + i) for i in gone)
-    fits = {key: _refit(acts[c.tensor], weights[c.weight], c, _kept(weights[c.weight].shape[c.axis],
-                                                                       cut.get((c.weight, c.axis), set())), refit)
-            for key, c in consumers.items()}
-    notes += [f.note for f in fits.values() if f.note]
-    fitted = {c.weight: (f.weight, c.axis) for key, c in consumers.items() if (f := fits[key]).weight is not None}
-    reshaped = {(s.name, s.axis) for g in groups for s in g.shapes}
-    new = _new_weights(weights, {k: v for k, v in cut.items() if k not in reshaped}, fitted)
-    for name, index in reshaped:
-        shape = new.get(name, weights[name]).copy()
-        shape[index] -= len(cut[(name, index)])
-        new[name] = shape
-    pruned = _rebuild(model, new)
-    layers = tuple(_layer(g, keep, [fits[(_name(c.node), c.weight)] for c in g.consumers], weights, new)
-                   for g, keep in zip(groups, keeps))
-    log.info("pruned %d channel groups (%d joint), refused %d producers", len(groups),
-             sum(len(g.producers) > 1 for g in groups), len(refused))
-    return PruneResult(model=pruned, method="channels", layers=layers, notes=tuple(notes))
+    return ChannelPruner(model, batches, refit=refit, joint=joint).prune(ratio, ratios)
 
 
 def _kept(width: int, removed: set[int]) -> np.ndarray:

@@ -8,7 +8,7 @@ measures the per-input-channel L2 norm of each such layer's activation on calibr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -222,3 +222,21 @@ def drop_dead(model: onnx.ModelProto) -> None:
     info = [v for v in g.value_info if v.name in used]
     del g.value_info[:]
     g.value_info.extend(info)
+
+
+def check_ratios(ratio: float, ratios: Mapping[str, float] | None, what: str) -> None:
+    """``ratio`` (and every per-unit override) is a fraction of ``what`` to remove: in (0, 1), or
+    [0, 1) when per-unit ``ratios`` are given (units not named are then left whole)."""
+    for r in (ratio, *(ratios or {}).values()):
+        numeric = isinstance(r, (int, float)) and not isinstance(r, bool)
+        if not numeric or not (0.0 <= r < 1.0) or (r == 0.0 and not ratios):
+            expected = "0 <= ratio < 1" if ratios else "0 < ratio < 1"
+            raise PruningError(f"ratio is {r!r}; expected {expected}",
+                               hint=f"a ratio is the fraction of {what} to remove, e.g. 0.25")
+
+
+def unknown_units(ratios: Mapping[str, float], units: Sequence[str], what: str) -> None:
+    unknown = sorted(set(ratios) - set(units))
+    if unknown:
+        raise PruningError(f"ratios name {unknown}, which are not prunable {what}",
+                           hint=f"prunable {what}: {', '.join(units) or 'none'}")

@@ -20,13 +20,14 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from converters.pruning.common import Feeds, PruneResult, drop_dead, node_key, params, probe_batches
+from converters.pruning.common import (Feeds, PruneResult, check_ratios, drop_dead, node_key, params, probe_batches,
+                                      unknown_units)
 from converters.pruning.transformer import _Graph, _refit, _rel_mse
 from edge_sdk.errors import InternalError, PruningError
 
@@ -401,7 +402,8 @@ def _prune_block(g: _Attn, edit: _Editor, block: AttentionBlock, keep: np.ndarra
 
 
 def prune_heads(model: onnx.ModelProto, ratio: float, batches: Sequence[Feeds], *,
-                num_heads: int | None = None, refit: bool = True) -> PruneResult:
+                num_heads: int | None = None, refit: bool = True,
+                ratios: Mapping[str, float] | None = None) -> PruneResult:
     """Remove the ``round(ratio * H)`` least important heads (at least one kept) of every attention block.
 
     A head's importance is the L2 norm of its slice of the context tensor (the input of the output
@@ -410,11 +412,11 @@ def prune_heads(model: onnx.ModelProto, ratio: float, batches: Sequence[Feeds], 
     is needed only when the reshape constants spell neither H nor D; when given it must agree
     with them. With ``refit`` the kept rows of Wo are re-fitted by least squares so the kept heads
     reproduce the full projection on the calibration tokens (kept only when the error drops).
-    Blocks that are not matched are reported in ``notes`` and left as they are.
+    Blocks that are not matched are reported in ``notes`` and left as they are. ``ratios``
+    overrides the ratio per block, keyed by its output-projection MatMul (``AttentionBlock.out``);
+    with it, ``ratio`` may be 0 (blocks not named keep their heads).
     """
-    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 < ratio < 1.0:
-        raise PruningError(f"ratio is {ratio!r}; expected a number strictly between 0 and 1",
-                           hint="ratio is the fraction of attention heads to remove, e.g. 0.25")
+    check_ratios(ratio, ratios, "attention heads")
     if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1):
         raise PruningError(f"num_heads is {num_heads!r}; expected a positive int or None",
                            hint="num_heads is the head count of every attention block, e.g. 12")
@@ -427,6 +429,11 @@ def prune_heads(model: onnx.ModelProto, ratio: float, batches: Sequence[Feeds], 
     if not blocks:
         notes.append("no supported attention block found; model unchanged")
         return PruneResult(model=pruned, method="heads", layers=(), notes=tuple(notes))
+    ratios = dict(ratios or {})
+    unknown_units(ratios, [b.out for b in blocks], "attention blocks")
+    blocks = [b for b in blocks if ratios.get(b.out, ratio) > 0]
+    if not blocks:
+        return PruneResult(model=pruned, method="heads", layers=(), notes=tuple(notes))
     contexts = _context_rows(model, blocks, batches)
     norms = [np.sqrt(np.sum(np.square(c.reshape(len(c), b.num_heads, b.head_dim)), axis=(0, 2)))
              for c, b in zip(contexts, blocks)]
@@ -435,10 +442,11 @@ def prune_heads(model: onnx.ModelProto, ratio: float, batches: Sequence[Feeds], 
     layers: list[dict[str, Any]] = []
     for block, norm, ctx in zip(blocks, norms, contexts):
         heads, dim = block.num_heads, block.head_dim
-        drop = int(round(ratio * heads))
+        block_ratio = float(ratios.get(block.out, ratio))
+        drop = int(round(block_ratio * heads))
         if drop >= heads:
             drop = heads - 1
-            notes.append(f"{block.out}: ratio {ratio} would remove all {heads} heads; kept 1")
+            notes.append(f"{block.out}: ratio {block_ratio} would remove all {heads} heads; kept 1")
         wo = numpy_helper.to_array(g.inits[block.wo]).astype(np.float64)
         row_norms = np.linalg.norm(wo.reshape(heads, dim, -1), axis=(1, 2))
         scores = norm * row_norms
@@ -449,7 +457,7 @@ def prune_heads(model: onnx.ModelProto, ratio: float, batches: Sequence[Feeds], 
         before, after = _prune_block(g, edit, block, keep, rows)
         log.info("%s: %d -> %d heads, recon error %.3g -> %.3g", block.out, heads, len(keep), err_before, err_after)
         layers.append({"node": block.out, "op_type": "Attention", "q": block.q.matmul, "k": block.k.matmul,
-                       "v": block.v.matmul, "o": block.out, "ratio": float(ratio), "before": heads,
+                       "v": block.v.matmul, "o": block.out, "ratio": block_ratio, "before": heads,
                        "after": int(len(keep)), "heads_before": heads, "heads_after": int(len(keep)),
                        "head_dim": dim, "kept_heads": [int(h) for h in keep],
                        "scores": [float(s) for s in scores], "params_before": before, "params_after": after,

@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from converters.pruning.common import Feeds, PruneResult, drop_dead, node_key, params, probe_batches, units_to_drop
+from converters.pruning.common import (Feeds, PruneResult, check_ratios, drop_dead, node_key, params, probe_batches,
+                                      units_to_drop, unknown_units)
 from edge_sdk.errors import InternalError, PruningError
 
 __all__ = ["FFNGroup", "find_ffn_groups", "prune_ffn", "find_residual_blocks", "prune_layers"]
@@ -248,7 +249,8 @@ def _prune_group(model: onnx.ModelProto, group: FFNGroup, ratio: float, batches:
             "recon_before": err_before, "recon_after": err_after, "refit": err_after < err_before}
 
 
-def prune_ffn(model: onnx.ModelProto, ratio: float, batches: Sequence[Feeds], *, refit: bool = True) -> PruneResult:
+def prune_ffn(model: onnx.ModelProto, ratio: float, batches: Sequence[Feeds], *, refit: bool = True,
+              ratios: Mapping[str, float] | None = None) -> PruneResult:
     """Remove the ``round(ratio * F)`` least important hidden neurons of every FFN group.
 
     A neuron's importance is ``mean |h_f| * ||W2[f, :]||`` over the calibration tokens (padding
@@ -257,10 +259,10 @@ def prune_ffn(model: onnx.ModelProto, ratio: float, batches: Sequence[Feeds], *,
     group has one) are refit by ridge least squares to the original ``h @ W2`` of that group;
     the refit is kept only when it lowers the relative reconstruction error, which each layer
     entry reports before (``recon_before``, slicing only) and after (``recon_after``).
+    ``ratios`` overrides the ratio per group, keyed by the group's first MatMul (``FFNGroup.up``);
+    with it, ``ratio`` may be 0 (groups not named stay whole).
     """
-    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 < ratio < 1.0:
-        raise PruningError(f"ratio is {ratio!r}; expected a number strictly between 0 and 1",
-                           hint="ratio is the fraction of FFN neurons to remove, e.g. 0.5")
+    check_ratios(ratio, ratios, "FFN neurons")
     if not batches:
         raise PruningError("prune_ffn got no calibration batches; expected at least one feed dict",
                            hint="Pass batches=[{input_name: array}, ...] from your calibration data.")
@@ -270,7 +272,10 @@ def prune_ffn(model: onnx.ModelProto, ratio: float, batches: Sequence[Feeds], *,
     if not groups:
         notes.append("no supported FFN group found; model unchanged")
         return PruneResult(model=pruned, method="structured", layers=(), notes=tuple(notes))
-    layers = [_prune_group(pruned, g, float(ratio), batches, refit, notes) for g in groups]
+    ratios = dict(ratios or {})
+    unknown_units(ratios, [g.up for g in groups], "FFN groups")
+    layers = [_prune_group(pruned, g, float(ratios.get(g.up, ratio)), batches, refit, notes) for g in groups
+              if ratios.get(g.up, ratio) > 0]
     stale = {t for g in groups for t in g.tensors}
     kept_info = [v for v in pruned.graph.value_info if v.name not in stale]
     del pruned.graph.value_info[:]

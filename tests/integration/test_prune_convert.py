@@ -107,8 +107,8 @@ def test_layer_pruning_bypasses_the_weakest_block(tmp_path: Path, tokenizer_file
                          calibration=image_folder, prune={"method": "layers"})
 
 
-def test_budget_search_walks_each_group_kind_of_a_transformer(tmp_path: Path, tokenizer_file: Path,
-                                                              text_validation: Path) -> None:
+def test_budget_search_allocates_per_unit_on_a_transformer(tmp_path: Path, tokenizer_file: Path,
+                                                           text_validation: Path) -> None:
     onnx.save(builders.transformer_model(), tmp_path / "enc.onnx")
     (tmp_path / "calib.txt").write_text("bearing noise\noil leak at the pump\nthe pump is hot\ngrinding bearing\n")
     report = edge_sdk.convert(tmp_path / "enc.onnx", tmp_path / "t.edgepkg", task="text-classification",
@@ -116,10 +116,11 @@ def test_budget_search_walks_each_group_kind_of_a_transformer(tmp_path: Path, to
                               validation=text_validation, prune={"method": "structured", "budget": 100.0})
     pruning = report.pruning
     assert pruning is not None
-    assert [(s["kind"], s["ratio"]) for s in pruning["budget_steps"]] == [("ffn", 0.5), ("heads", 0.5)]
-    assert all(s["drop"] <= 100.0 for s in pruning["budget_steps"])
+    assert {s["kind"] for s in pruning["budget_steps"]} == {"allocation"}
+    assert all(s["drop"] <= 100.0 for s in pruning["budget_steps"])  # everything fits: the whole path is taken
+    assert pruning["chosen"]["ratios"] == {"ffn:mm_f1": 0.75}
     assert pruning["params_after"] < pruning["params_before"]
-    assert any(line.startswith("pruning budget search: ffn ratio 0.5") for line in report.lines())
+    assert any(line.startswith("pruning budget search: step ") and "1 ffn units" in line for line in report.lines())
 
 
 def test_joint_residual_groups_are_pruned_on_request(tmp_path: Path, image_folder: Path) -> None:

@@ -106,6 +106,17 @@ def test_half_the_heads_halves_qkvo(bert: onnx.ModelProto) -> None:
         assert np.all(np.isfinite(out))
 
 
+def test_per_block_ratios_prune_only_the_named_block(bert: onnx.ModelProto) -> None:
+    blocks, _ = find_attention_blocks(bert)
+    result = prune_heads(bert, 0.0, _batches(), ratios={blocks[1].out: 0.5})
+    assert [(layer["o"], layer["heads_after"]) for layer in result.layers] == [(blocks[1].out, HEADS // 2)]
+    shapes = _weights(result.model)
+    assert shapes[0] == (HIDDEN, HIDDEN) and shapes[6] == (HIDDEN, HIDDEN // 2)  # q of block 0, of block 1
+    assert _run(result.model, _feeds(2, 5, 3)).shape == (2, 5, HIDDEN)
+    with pytest.raises(PruningError, match="not prunable attention blocks"):
+        prune_heads(bert, 0.0, _batches(), ratios={"nope": 0.5})
+
+
 def test_dead_heads_pruned_exactly(bert: onnx.ModelProto) -> None:
     model = onnx.ModelProto()
     model.CopyFrom(bert)
