@@ -33,13 +33,14 @@ import onnx
 from converters.pruning.common import Feeds, PruneResult, macs_per_sample
 from edge_sdk.errors import PruningError
 
-__all__ = ["GRID", "Unit", "Point", "sensitivity", "greedy_path", "search_path"]
+__all__ = ["GRID", "NodeTimes", "Unit", "Point", "sensitivity", "greedy_path", "search_path"]
 
 log = logging.getLogger(__name__)
 
 #: Ratios each unit is tried at, in eighths: coarse enough to keep the analysis cheap, fine
 #: enough that the kept widths stay multiples of 8 on the wide layers.
 GRID = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
+SENSITIVITY_BATCHES = 8  # of the calibration batches: 64 samples at the readers' batch size
 
 Metric = Callable[[onnx.ModelProto], float]
 
@@ -65,7 +66,7 @@ class Point:
 
     ratio: float
     distortion: float
-    saved: int
+    saved: float
 
 
 def _outputs(model: onnx.ModelProto, batches: Sequence[Feeds]) -> list[np.ndarray]:
@@ -81,11 +82,67 @@ def _distortion(outputs: list[np.ndarray], reference: list[np.ndarray]) -> float
     return num / den if den > 0 else float(num > 0)
 
 
+class NodeTimes:
+    """A cost model for pruned variants of one model: each node's CPU time on the unpruned model
+    (onnxruntime's profiler, graph optimisations off so that every node keeps its name), scaled
+    for a pruned model by the share of its weight that is left. A convolution's or projection's
+    time follows its weight size (input x output channels; channels for a depthwise one), so
+    unlike MACs this sees that the memory-bound early, high-resolution layers of a CNN cost far
+    more time per MAC than the late ones. Nodes without a weight count as fixed cost."""
+
+    def __init__(self, model: onnx.ModelProto, feeds: Feeds, runs: int = 5) -> None:
+        import json
+        import tempfile
+
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.enable_profiling = True
+        with tempfile.TemporaryDirectory() as tmp:
+            options.profile_file_prefix = f"{tmp}/profile"
+            session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            for _ in range(runs + 1):
+                session.run(None, feeds)
+            with open(session.end_profiling(), encoding="utf-8") as f:
+                events = json.load(f)
+        self.times: dict[str, float] = {}
+        for event in events[1:] if events else ():
+            name = event.get("name", "")
+            if event.get("cat") == "Node" and name.endswith("_kernel_time"):
+                key = name[: -len("_kernel_time")]
+                self.times[key] = self.times.get(key, 0.0) + float(event.get("dur", 0)) / runs
+        self.sizes = _weight_sizes(model)
+
+    def __call__(self, model: onnx.ModelProto) -> float:
+        """The estimated time of ``model`` on the profiled batch, in microseconds."""
+        sizes, present = _weight_sizes(model), {n.name for n in model.graph.node}
+        total = 0.0
+        for name, t in self.times.items():
+            if name not in present:
+                continue
+            before = self.sizes.get(name)
+            total += t * (sizes.get(name, before) / before if before else 1.0)
+        return total
+
+
+def _weight_sizes(model: onnx.ModelProto) -> dict[str, int]:
+    inits = {i.name: int(np.prod(i.dims, dtype=np.int64)) for i in model.graph.initializer}
+    return {n.name: inits[n.input[1]] for n in model.graph.node
+            if n.name and n.op_type in ("Conv", "MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in inits}
+
+
 def sensitivity(model: onnx.ModelProto, units: Sequence[Unit], prune: Pruner, batches: Sequence[Feeds],
-                grid: Sequence[float] = GRID) -> dict[Unit, list[Point]]:
-    """Per unit, one ``Point`` per ratio of ``grid`` (fewer when a ratio cannot be applied)."""
+                grid: Sequence[float] = GRID, cost: Callable[[onnx.ModelProto], float] | None = None,
+                ) -> dict[Unit, list[Point]]:
+    """Per unit, one ``Point`` per ratio of ``grid`` (fewer when a ratio cannot be applied); ``saved``
+    is what ``cost`` (default: MACs per sample) falls by. The distortion is measured on at most
+    ``SENSITIVITY_BATCHES`` batches."""
+    batches = batches[:SENSITIVITY_BATCHES]
     reference = _outputs(model, batches)
-    macs = macs_per_sample(model, batches[0])
+    if cost is None:
+        cost = lambda m: macs_per_sample(m, batches[0])  # noqa: E731
+    macs = cost(model)
     table: dict[Unit, list[Point]] = {}
     for unit in units:
         points: list[Point] = []
@@ -95,7 +152,7 @@ def sensitivity(model: onnx.ModelProto, units: Sequence[Unit], prune: Pruner, ba
             except PruningError as exc:
                 log.info("%s at ratio %s: %s", unit, ratio, exc.message)
                 break
-            saved = macs - macs_per_sample(pruned, batches[0])
+            saved = macs - cost(pruned)
             if points and saved <= points[-1].saved:  # rounding to multiples of 8 gave the same width
                 continue
             points.append(Point(ratio, _distortion(_outputs(pruned, batches), reference), saved))

@@ -24,8 +24,12 @@ activation joined with a Concat output, a shared initializer.
 Channel score: sum over every consumer of the group of ``||x_c||_2 * ||W[:, c]||_1``, where
 ``x_c`` is the activation the consumer actually reads (after BN/activations/depthwise), so a
 channel that is zero there scores zero. Kept counts follow ``units_to_drop`` (multiples of 8
-on wide groups). The refit solves ``min ||X_kept W' - X W||`` per consumer on the calibration
-activations (im2col for kxk Convs), keeping the original weights if it does not help.
+on wide groups). The refit solves ``min ||X_kept W' - X W||`` (ridge) per consumer on the
+calibration activations (im2col for kxk Convs), keeping the original weights if it does not help.
+When several groups are cut, a second pass refits each consumer on its input *in the pruned
+model*, which carries the upstream pruning errors, to the unpruned output (as in He et al.,
+"Channel Pruning for Accelerating Very Deep Neural Networks", 2017), so errors do not pile up
+from layer to layer (EfficientNet-Lite0 at the same allocation: -0.67 instead of -2.0 points).
 """
 
 from __future__ import annotations
@@ -550,12 +554,13 @@ def _check_args(ratio: float, batches: Sequence[Feeds]) -> None:
 
 class ChannelPruner:
     """The groups of one model with their calibration activations and scores, measured once, so that
-    many pruning plans (per-group ratios) can be built cheaply; refits are cached per kept set."""
+    many pruning plans (per-group ratios) can be built cheaply; first-pass refits are cached per
+    kept set. ``sequential`` turns the second, pruned-input refit pass on (when several groups are cut)."""
 
     def __init__(self, model: onnx.ModelProto, batches: Sequence[Feeds], *, refit: bool = True,
-                 joint: bool = False) -> None:
+                 joint: bool = False, sequential: bool = True) -> None:
         _check_args(0.0, batches)
-        self.model, self.refit = model, refit
+        self.model, self.refit, self.batches, self.sequential = model, refit, batches, sequential and refit
         self.groups, self.refused = find_groups(model, joint=joint)
         self.weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
         self.consumers = {(_name(c.node), c.weight): c for g in self.groups for c in g.consumers}
@@ -607,12 +612,59 @@ class ChannelPruner:
             shape[index] -= len(cut.get((name, index), ()))
             new[name] = shape
         pruned = _rebuild(self.model, new)
+        if self.sequential and sum(len(k) < g.channels for g, k in zip(groups, keeps)) > 1:
+            fitted.update(self._refit_on(pruned, cut, fitted))
+            new = _new_weights(weights, {k: v for k, v in cut.items() if k not in reshaped}, fitted)
+            for name, index in reshaped:
+                shape = new.get(name, weights[name]).copy()
+                shape[index] -= len(cut.get((name, index), ()))
+                new[name] = shape
+            pruned = _rebuild(self.model, new)
         layers = tuple(_layer(g, keep, [fits[(_name(c.node), c.weight)] for c in g.consumers], weights, new)
                        for g, keep in zip(groups, keeps))
         log.info("pruned %d of %d channel groups (%d joint), refused %d producers",
                  sum(len(k) < g.channels for g, k in zip(groups, keeps)), len(groups),
                  sum(len(g.producers) > 1 for g in groups), len(self.refused))
         return PruneResult(model=pruned, method="channels", layers=layers, notes=tuple(notes))
+
+
+    def _refit_on(self, pruned: onnx.ModelProto, cut: dict[tuple[str, int], set[int]],
+                  fitted: dict[str, tuple[np.ndarray, int]]) -> dict[str, tuple[np.ndarray, int]]:
+        """Second pass: refit every cut consumer on its input *in the pruned model* (which carries the
+        upstream pruning errors) to the unpruned model's output, where that lowers the error."""
+        todo = {key: c for key, c in self.consumers.items() if cut.get((c.weight, c.axis))}
+        xs = _collect(pruned, self.batches, {c.tensor for c in todo.values()})
+        better: dict[str, tuple[np.ndarray, int]] = {}
+        for key, c in todo.items():
+            w = self.weights[c.weight]
+            kept = _kept(w.shape[c.axis], cut[(c.weight, c.axis)])
+            first = fitted[c.weight][0] if c.weight in fitted else np.take(w, kept, axis=c.axis)
+            solved = _refit_to(xs[c.tensor], self.acts[c.tensor], w, first, c, kept)
+            if solved is not None:
+                better[c.weight] = (solved, c.axis)
+        return better
+
+
+def _refit_to(x_new: np.ndarray, x_old: np.ndarray, w: np.ndarray, first: np.ndarray, c: Consumer,
+              kept: np.ndarray) -> np.ndarray | None:
+    """``W'`` minimising ``||P(x_new) W' - P(x_old) W||`` (ridge), or None when ``first`` does as well."""
+    kernel = tuple(w.shape[2:])
+    p_new, p_old = _patches(x_new, c, kernel), _patches(x_old, c, kernel)
+    if p_new is None or p_old is None or p_new.shape[0] != p_old.shape[0]:
+        return None
+    if p_new.shape[0] > _MAX_ROWS:
+        rows = np.random.default_rng(0).choice(p_new.shape[0], _MAX_ROWS, replace=False)
+        p_new, p_old = p_new[rows], p_old[rows]
+    if p_new.shape[0] < 2 * p_new.shape[1]:
+        return None
+    y = p_old @ _weight_matrix(w.astype(np.float64), c)
+    solved = _ridge(p_new, y)
+    shape = list(w.shape)
+    shape[c.axis] = len(kept)
+    start = float(np.sum((p_new @ _weight_matrix(first.astype(np.float64), c) - y) ** 2))
+    if float(np.sum((p_new @ solved - y) ** 2)) >= start:
+        return None
+    return _from_matrix(solved, c, tuple(shape)).astype(w.dtype)
 
 
 def prune_channels(model: onnx.ModelProto, ratio: float, batches: Sequence[Feeds], *,
