@@ -106,10 +106,13 @@ def _check_unit_ratios(spec: PruneSpec) -> None:
                                 "a budget search reports its choice as chosen.ratios")
     for key, value in ratios.items():
         kind, _, name = str(key).partition(":")
-        if kind not in ("channels", "ffn", "heads") or not name:
-            raise PruningError(f"prune ratios key {key!r} is not 'kind:unit' with kind channels, ffn or heads",
-                               hint="use the keys of a budget search's chosen.ratios")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        if kind not in ("channels", "ffn", "heads", "blocks") or not name:
+            raise PruningError(f"prune ratios key {key!r} is not 'kind:unit' with kind channels, ffn, heads "
+                               "or blocks", hint="use the keys of a budget search's chosen.ratios")
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind == "blocks" and (not numeric or value not in (0, 1)):
+            raise PruningError(f"prune ratios[{key!r}] is {value!r}; a residual block is kept (0) or removed (1)")
+        if kind != "blocks" and (not numeric or not 0.0 <= value < 1.0):
             raise PruningError(f"prune ratios[{key!r}] is {value!r}; expected a fraction 0 <= ratio < 1")
 
 
@@ -170,7 +173,8 @@ def _apply(spec: PruneSpec, model: onnx.ModelProto, batches: Sequence[Feeds]) ->
 def allocation_units(model: onnx.ModelProto, batches: Sequence[Feeds], joint: bool = False,
                      ) -> tuple[list[Unit], Pruner]:
     """The units a per-unit allocation can prune, and the function applying per-unit ratios to ``model``:
-    FFNs and attention blocks of a transformer, channel groups of a CNN."""
+    FFNs and attention blocks of a transformer; channel groups and residual blocks (ratio 1: bypassed)
+    of a CNN."""
     from converters.qdq import plan_placement
 
     if plan_placement(model).family == "transformer":
@@ -191,14 +195,18 @@ def allocation_units(model: onnx.ModelProto, batches: Sequence[Feeds], joint: bo
 
         return units, prune_transformer
     from converters.pruning.cnn import ChannelPruner
+    from converters.pruning.cnn_blocks import find_residual_blocks
 
     pruner = ChannelPruner(model, batches, joint=joint)
 
     def prune_cnn(ratios: Mapping[Unit, float]) -> PruneResult:
-        result = pruner.prune(0.0, {u.name: r for u, r in ratios.items()})
+        channels = {u.name: r for u, r in ratios.items() if u.kind == "channels"}
+        blocks = [u.name for u, r in sorted(ratios.items()) if u.kind == "blocks" and r >= 1.0]
+        result = pruner.prune(0.0, channels, bypass=blocks)
         return PruneResult(result.model, "structured", result.layers, result.notes)
 
-    return [Unit("channels", name) for name in pruner.units], prune_cnn
+    units = [Unit("channels", name) for name in pruner.units]
+    return units + [Unit("blocks", b.add) for b in find_residual_blocks(model)[0]], prune_cnn
 
 
 def _budget_search(model: onnx.ModelProto, spec: PruneSpec, batches: Sequence[Feeds], metric: Metric,
@@ -210,7 +218,7 @@ def _budget_search(model: onnx.ModelProto, spec: PruneSpec, batches: Sequence[Fe
     start = time.perf_counter()
     times = NodeTimes(model, batches[0])
     cost = times if times.times else None  # a profiler without node events: MACs instead
-    table = sensitivity(model, units, prune, batches, cost=cost)
+    table = sensitivity(model, units, prune, batches, cost=cost, grids={"blocks": (1.0,)})
     path = greedy_path(table)
     macs = macs_per_sample(model, batches[0])
     total = times(model)

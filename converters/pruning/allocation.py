@@ -3,14 +3,16 @@
 A uniform ratio prunes every layer alike, but layers differ widely: on EfficientNet-Lite0 the
 1152-channel expansions of the last stage lose nothing at 75% while the 16-channel early
 projection loses output fidelity at 12.5%. So the budget search allocates per *unit* (a CNN
-channel group, a transformer FFN, an attention block), in the manner of sensitivity analysis:
+channel group or residual block, a transformer FFN or attention block), in the manner of
+sensitivity analysis:
 
 1. **Sensitivity** (label-free, calibration data): each unit alone is pruned at every ratio of
-   ``GRID`` (with the usual scoring and least-squares refit), and two things are measured: the
-   *distortion*, the relative squared error of the model's outputs against the unpruned model,
-   and the MACs per sample it *saves*.
+   ``GRID`` (a residual block: removed), with the usual scoring and least-squares refit, and two
+   things are measured: the *distortion*, the relative squared error of the model's outputs
+   against the unpruned model, and the *cost* it saves: ``NodeTimes``, each node's profiled time
+   scaled by the share of its weight left (MACs per sample without a profile).
 2. **Greedy path**: starting from nothing pruned, repeatedly take the step (one unit, to a higher
-   ratio of its grid) with the least added distortion per MAC saved. Distortions are treated as
+   ratio of its grid) with the least added distortion per cost saved. Distortions are treated as
    additive, which is the usual first-order assumption; the path is a list of allocations, each
    pruning more than the one before.
 3. **Search** (labelled validation data): a bisection along the path for the last allocation
@@ -47,9 +49,10 @@ Metric = Callable[[onnx.ModelProto], float]
 
 @dataclass(frozen=True, order=True)
 class Unit:
-    """What one ratio applies to: a channel group, an FFN or an attention block, by name."""
+    """What one ratio applies to: a channel group, a residual block (ratio 1: bypassed), an FFN or an
+    attention block, by name."""
 
-    kind: str  # "channels" | "ffn" | "heads"
+    kind: str  # "channels" | "blocks" | "ffn" | "heads"
     name: str
 
     def __str__(self) -> str:
@@ -134,10 +137,10 @@ def _weight_sizes(model: onnx.ModelProto) -> dict[str, int]:
 
 def sensitivity(model: onnx.ModelProto, units: Sequence[Unit], prune: Pruner, batches: Sequence[Feeds],
                 grid: Sequence[float] = GRID, cost: Callable[[onnx.ModelProto], float] | None = None,
-                ) -> dict[Unit, list[Point]]:
-    """Per unit, one ``Point`` per ratio of ``grid`` (fewer when a ratio cannot be applied); ``saved``
-    is what ``cost`` (default: MACs per sample) falls by. The distortion is measured on at most
-    ``SENSITIVITY_BATCHES`` batches."""
+                grids: Mapping[str, Sequence[float]] | None = None) -> dict[Unit, list[Point]]:
+    """Per unit, one ``Point`` per ratio of ``grid`` (``grids[kind]`` for its kind; fewer when a ratio
+    cannot be applied); ``saved`` is what ``cost`` (default: MACs per sample) falls by. The
+    distortion is measured on at most ``SENSITIVITY_BATCHES`` batches."""
     batches = batches[:SENSITIVITY_BATCHES]
     reference = _outputs(model, batches)
     if cost is None:
@@ -146,7 +149,7 @@ def sensitivity(model: onnx.ModelProto, units: Sequence[Unit], prune: Pruner, ba
     table: dict[Unit, list[Point]] = {}
     for unit in units:
         points: list[Point] = []
-        for ratio in grid:
+        for ratio in (grids or {}).get(unit.kind, grid):
             try:
                 pruned = prune({unit: ratio}).model
             except PruningError as exc:

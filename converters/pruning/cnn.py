@@ -582,8 +582,11 @@ class ChannelPruner:
             self._fits[cache] = _refit(self.acts[c.tensor], self.weights[c.weight], c, kept, self.refit)
         return self._fits[cache]
 
-    def prune(self, ratio: float, ratios: Mapping[str, float] | None = None) -> PruneResult:
-        """Remove the lowest-scoring channels of every group: ``ratios[producer]`` where given, else ``ratio``."""
+    def prune(self, ratio: float, ratios: Mapping[str, float] | None = None,
+              bypass: Sequence[str] = ()) -> PruneResult:
+        """Remove the lowest-scoring channels of every group: ``ratios[producer]`` where given, else ``ratio``;
+        also bypass the residual blocks ending at the Adds ``bypass`` (``cnn_blocks``). The second refit
+        pass then also sees the bypassed blocks, and refits every consumer after them."""
         ratios = dict(ratios or {})
         for r in (ratio, *ratios.values()):
             _check_args(r, [{}])
@@ -611,33 +614,46 @@ class ChannelPruner:
             shape = new.get(name, weights[name]).copy()
             shape[index] -= len(cut.get((name, index), ()))
             new[name] = shape
-        pruned = _rebuild(self.model, new)
-        if self.sequential and sum(len(k) < g.channels for g, k in zip(groups, keeps)) > 1:
-            fitted.update(self._refit_on(pruned, cut, fitted))
+        pruned = self._build(new, bypass)
+        if self.sequential and (bypass or sum(len(k) < g.channels for g, k in zip(groups, keeps)) > 1):
+            fitted.update(self._refit_on(pruned, cut, fitted, everything=bool(bypass)))
             new = _new_weights(weights, {k: v for k, v in cut.items() if k not in reshaped}, fitted)
             for name, index in reshaped:
                 shape = new.get(name, weights[name]).copy()
                 shape[index] -= len(cut.get((name, index), ()))
                 new[name] = shape
-            pruned = _rebuild(self.model, new)
+            pruned = self._build(new, bypass)
         layers = tuple(_layer(g, keep, [fits[(_name(c.node), c.weight)] for c in g.consumers], weights, new)
                        for g, keep in zip(groups, keeps))
-        log.info("pruned %d of %d channel groups (%d joint), refused %d producers",
+        layers += tuple({"node": add, "op_type": "Add", "removed": True} for add in bypass)
+        log.info("pruned %d of %d channel groups (%d joint), bypassed %d blocks, refused %d producers",
                  sum(len(k) < g.channels for g, k in zip(groups, keeps)), len(groups),
-                 sum(len(g.producers) > 1 for g in groups), len(self.refused))
+                 sum(len(g.producers) > 1 for g in groups), len(bypass), len(self.refused))
         return PruneResult(model=pruned, method="channels", layers=layers, notes=tuple(notes))
 
 
+    def _build(self, new: dict[str, np.ndarray], bypass: Sequence[str]) -> onnx.ModelProto:
+        pruned = _rebuild(self.model, new)
+        if not bypass:
+            return pruned
+        from converters.pruning.cnn_blocks import bypass_blocks
+
+        return bypass_blocks(pruned, bypass)
+
     def _refit_on(self, pruned: onnx.ModelProto, cut: dict[tuple[str, int], set[int]],
-                  fitted: dict[str, tuple[np.ndarray, int]]) -> dict[str, tuple[np.ndarray, int]]:
-        """Second pass: refit every cut consumer on its input *in the pruned model* (which carries the
-        upstream pruning errors) to the unpruned model's output, where that lowers the error."""
-        todo = {key: c for key, c in self.consumers.items() if cut.get((c.weight, c.axis))}
+                  fitted: dict[str, tuple[np.ndarray, int]], everything: bool = False,
+                  ) -> dict[str, tuple[np.ndarray, int]]:
+        """Second pass: refit every cut consumer (with ``everything``, every consumer still in the graph)
+        on its input *in the pruned model*, which carries the upstream pruning errors, to the unpruned
+        model's output, where that lowers the error."""
+        present = {_name(n) for n in pruned.graph.node}
+        todo = {key: c for key, c in self.consumers.items()
+                if key[0] in present and (everything or cut.get((c.weight, c.axis)))}
         xs = _collect(pruned, self.batches, {c.tensor for c in todo.values()})
         better: dict[str, tuple[np.ndarray, int]] = {}
         for key, c in todo.items():
             w = self.weights[c.weight]
-            kept = _kept(w.shape[c.axis], cut[(c.weight, c.axis)])
+            kept = _kept(w.shape[c.axis], cut.get((c.weight, c.axis), set()))
             first = fitted[c.weight][0] if c.weight in fitted else np.take(w, kept, axis=c.axis)
             solved = _refit_to(xs[c.tensor], self.acts[c.tensor], w, first, c, kept)
             if solved is not None:

@@ -27,7 +27,7 @@ import onnx
 from converters.pruning.common import Feeds, PruneResult, drop_dead, node_key, params, probe_batches
 from edge_sdk.errors import InternalError, PruningError
 
-__all__ = ["ResidualBlock", "find_residual_blocks", "prune_residual_blocks"]
+__all__ = ["ResidualBlock", "bypass_blocks", "find_residual_blocks", "prune_residual_blocks"]
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,16 @@ def _bypass(model: onnx.ModelProto, blocks: Sequence[ResidualBlock]) -> onnx.Mod
     drop_dead(out)
     del out.graph.value_info[:]
     return out
+
+
+def bypass_blocks(model: onnx.ModelProto, adds: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` with the residual blocks ending at the Add nodes ``adds`` bypassed."""
+    blocks = {b.add: b for b in find_residual_blocks(model)[0]}
+    unknown = sorted(set(adds) - set(blocks))
+    if unknown:
+        raise PruningError(f"{unknown} do not end removable residual blocks of this graph",
+                           hint=f"removable blocks (their Add): {', '.join(blocks) or 'none'}")
+    return _bypass(model, [blocks[a] for a in adds])
 
 
 def _norm_influence(model: onnx.ModelProto, blocks: list[ResidualBlock], batches: Sequence[Feeds]) -> list[float]:

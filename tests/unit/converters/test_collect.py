@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from onnx import numpy_helper
 
 from converters.calibration.collect import collect_histograms, tensors_around
+from runtime.manifest import TensorSpec
 from tests import builders
 
 
@@ -33,3 +36,20 @@ def test_attention_mask_keeps_padding_out_of_the_histograms() -> None:
     assert plain["x0"].max == 100.0 and masked["x0"].max < 10.0
     assert masked["x0"].count == int(feeds["attention_mask"].sum()) * 16  # real tokens x hidden size
     assert masked["pooled"].count == plain["pooled"].count  # [batch, hidden] tensors are not masked
+
+
+def test_calibration_limit_takes_samples_across_every_class(tmp_path: Path) -> None:
+    from converters.calibration.readers import calibration_reader, spread
+
+    root = builders.write_image_folder(tmp_path / "imgs", per_class=4)  # 3 classes x 4, sorted by class
+    spec = [TensorSpec("image", "float32", ("batch", 3, 8, 8))]
+    reader = calibration_reader(root, task="image-classification", inputs=spec, encode=lambda items: {}, limit=6)
+    assert sorted({Path(p).parent.name for p in reader.items}) == sorted(builders.COLOR_LABELS)
+    assert len(reader.items) == 6
+    assert list(spread(10, 4)) == [0, 2, 5, 7] and list(spread(3, 5)) == [0, 1, 2]
+    arrays = tmp_path / "a.npy"
+    np.save(arrays, np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1))
+    values = np.concatenate([b["image"] for b in calibration_reader(
+        arrays, task="image-classification", inputs=[TensorSpec("image", "float32", ("b", 1, 1, 1))],
+        encode=lambda items: {}, limit=4)]).ravel()
+    assert list(values) == [0.0, 2.0, 5.0, 7.0]

@@ -164,3 +164,51 @@ def test_ffn_ratios_prune_only_the_named_group() -> None:
     assert next(list(i.dims) for i in pruned.model.graph.initializer if i.name == "w1") == [16, 32]
     with pytest.raises(PruningError, match="expected 0 < ratio < 1"):
         prune_ffn(model, 0.0, batches)
+
+
+def block_then_head() -> onnx.ModelProto:
+    """stem Conv(3->8) -> Relu -> [depthwise -> Relu -> Conv 1x1] + skip -> Conv 1x1 (8->16) -> Relu
+    -> GlobalAveragePool -> Flatten -> Gemm: one removable residual block, one channel group after it."""
+    rng = np.random.default_rng(5)
+    inits = {"w1": rng.normal(0, 0.5, (8, 3, 3, 3)), "b1": rng.normal(0.1, 0.1, 8), "wd": rng.normal(0, 0.5, (8, 1, 3, 3)),
+             "wp": rng.normal(0, 0.5, (8, 8, 1, 1)), "w4": rng.normal(0, 0.5, (16, 8, 1, 1)), "b4": rng.normal(0, 0.1, 16),
+             "fc": rng.normal(0, 0.5, (3, 16)), "fcb": np.zeros(3)}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="stem"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="stem_relu"),
+             helper.make_node("Conv", ["r1", "wd"], ["cd"], pads=[1, 1, 1, 1], group=8, name="depthwise"),
+             helper.make_node("Relu", ["cd"], ["rd"], name="dw_relu"),
+             helper.make_node("Conv", ["rd", "wp"], ["cp"], name="project"),
+             helper.make_node("Add", ["cp", "r1"], ["res"], name="residual"),
+             helper.make_node("Conv", ["res", "w4", "b4"], ["c4"], name="expand"),
+             helper.make_node("Relu", ["c4"], ["r4"], name="expand_relu"),
+             helper.make_node("GlobalAveragePool", ["r4"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "fc", "fcb"], ["y"], transB=1, name="head")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        initializer=[numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_residual_blocks_are_units_and_the_layers_after_them_are_refit() -> None:
+    model, batches = block_then_head(), _batches(6)
+    units, prune = allocation_units(model, batches)
+    assert units == [Unit("channels", "expand"), Unit("blocks", "residual")]
+    table = sensitivity(model, units, prune, batches, grids={"blocks": (1.0,)})
+    assert [p.ratio for p in table[Unit("blocks", "residual")]] == [1.0]
+    result = prune({Unit("blocks", "residual"): 1.0})
+    assert "residual" not in {n.name for n in result.model.graph.node}
+    assert {"node": "residual", "op_type": "Add", "removed": True} in result.layers
+
+    def error(pruned: onnx.ModelProto) -> float:
+        run = lambda m: np.concatenate([ort.InferenceSession(  # noqa: E731
+            m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, b)[0] for b in batches])
+        return float(np.sum((run(pruned) - run(model)) ** 2))
+
+    plain = ChannelPruner(model, batches, sequential=False).prune(0.0, bypass=["residual"]).model
+    assert error(result.model) < 0.9 * error(plain)  # the head was refit on the bypassed model's features
+    again, _ = run_pruning(parse_prune({"method": "structured", "ratios": {"blocks:residual": 1}}), model, batches, None)
+    assert "residual" not in {n.name for n in again.graph.node}
+    with pytest.raises(PruningError, match="kept \\(0\\) or removed \\(1\\)"):
+        parse_prune({"method": "structured", "ratios": {"blocks:residual": 0.5}})
