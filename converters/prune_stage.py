@@ -37,7 +37,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from converters.pruning.allocation import NodeTimes, Pruner, Unit, greedy_path, search_path, sensitivity
+from converters.pruning.allocation import Pruner, Unit, greedy_path, search_path, sensitivity
 from converters.pruning.common import PruneResult, macs_per_sample, nonzero_params, params
 from edge_sdk.errors import PruningError
 
@@ -216,16 +216,12 @@ def _budget_search(model: onnx.ModelProto, spec: PruneSpec, batches: Sequence[Fe
     budget = float(spec.budget or 0.0)
     units, prune = allocation_units(model, batches, spec.joint)
     start = time.perf_counter()
-    times = NodeTimes(model, batches[0])
-    cost = times if times.times else None  # a profiler without node events: MACs instead
-    table = sensitivity(model, units, prune, batches, cost=cost, grids={"blocks": (1.0,)})
+    table = sensitivity(model, units, prune, batches, grids={"blocks": (1.0,)})
     path = greedy_path(table)
     macs = macs_per_sample(model, batches[0])
-    total = times(model)
 
     def describe(result: PruneResult) -> dict[str, Any]:
-        return {"macs_saved": 1.0 - macs_per_sample(result.model, batches[0]) / macs,
-                "time_saved_estimate": 1.0 - times(result.model) / total if total else None}
+        return {"macs_saved": 1.0 - macs_per_sample(result.model, batches[0]) / macs}
 
     result, allocation = search_path(path, prune, metric, baseline, budget, steps, describe)
     log.info("budget search within %s points: %d units pruned, in %.1f s", budget, len(allocation),

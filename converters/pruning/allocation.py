@@ -9,10 +9,13 @@ sensitivity analysis:
 1. **Sensitivity** (label-free, calibration data): each unit alone is pruned at every ratio of
    ``GRID`` (a residual block: removed), with the usual scoring and least-squares refit, and two
    things are measured: the *distortion*, the relative squared error of the model's outputs
-   against the unpruned model, and the *cost* it saves: ``NodeTimes``, each node's profiled time
-   scaled by the share of its weight left (MACs per sample without a profile).
+   against the unpruned model, and the multiply-accumulates per sample it *saves*. MACs are
+   deterministic, so the same model and data always give the same path; they undercount the
+   memory-bound early, high-resolution layers of a CNN (on EfficientNet-Lite0 the 112x112
+   expansion takes about twice its MAC share of the CPU time), which the greedy path then
+   prunes a little later than their time alone would suggest.
 2. **Greedy path**: starting from nothing pruned, repeatedly take the step (one unit, to a higher
-   ratio of its grid) with the least added distortion per cost saved. Distortions are treated as
+   ratio of its grid) with the least added distortion per MAC saved. Distortions are treated as
    additive, which is the usual first-order assumption; the path is a list of allocations, each
    pruning more than the one before.
 3. **Search** (labelled validation data): a bisection along the path for the last allocation
@@ -35,7 +38,7 @@ import onnx
 from converters.pruning.common import Feeds, PruneResult, macs_per_sample
 from edge_sdk.errors import PruningError
 
-__all__ = ["GRID", "NodeTimes", "Unit", "Point", "sensitivity", "greedy_path", "search_path"]
+__all__ = ["GRID", "Unit", "Point", "sensitivity", "greedy_path", "search_path"]
 
 log = logging.getLogger(__name__)
 
@@ -83,56 +86,6 @@ def _distortion(outputs: list[np.ndarray], reference: list[np.ndarray]) -> float
     num = sum(float(np.sum(np.square(a - b))) for a, b in zip(outputs, reference))
     den = sum(float(np.sum(np.square(b))) for b in reference)
     return num / den if den > 0 else float(num > 0)
-
-
-class NodeTimes:
-    """A cost model for pruned variants of one model: each node's CPU time on the unpruned model
-    (onnxruntime's profiler, graph optimisations off so that every node keeps its name), scaled
-    for a pruned model by the share of its weight that is left. A convolution's or projection's
-    time follows its weight size (input x output channels; channels for a depthwise one), so
-    unlike MACs this sees that the memory-bound early, high-resolution layers of a CNN cost far
-    more time per MAC than the late ones. Nodes without a weight count as fixed cost."""
-
-    def __init__(self, model: onnx.ModelProto, feeds: Feeds, runs: int = 5) -> None:
-        import json
-        import tempfile
-
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.enable_profiling = True
-        with tempfile.TemporaryDirectory() as tmp:
-            options.profile_file_prefix = f"{tmp}/profile"
-            session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-            for _ in range(runs + 1):
-                session.run(None, feeds)
-            with open(session.end_profiling(), encoding="utf-8") as f:
-                events = json.load(f)
-        self.times: dict[str, float] = {}
-        for event in events[1:] if events else ():
-            name = event.get("name", "")
-            if event.get("cat") == "Node" and name.endswith("_kernel_time"):
-                key = name[: -len("_kernel_time")]
-                self.times[key] = self.times.get(key, 0.0) + float(event.get("dur", 0)) / runs
-        self.sizes = _weight_sizes(model)
-
-    def __call__(self, model: onnx.ModelProto) -> float:
-        """The estimated time of ``model`` on the profiled batch, in microseconds."""
-        sizes, present = _weight_sizes(model), {n.name for n in model.graph.node}
-        total = 0.0
-        for name, t in self.times.items():
-            if name not in present:
-                continue
-            before = self.sizes.get(name)
-            total += t * (sizes.get(name, before) / before if before else 1.0)
-        return total
-
-
-def _weight_sizes(model: onnx.ModelProto) -> dict[str, int]:
-    inits = {i.name: int(np.prod(i.dims, dtype=np.int64)) for i in model.graph.initializer}
-    return {n.name: inits[n.input[1]] for n in model.graph.node
-            if n.name and n.op_type in ("Conv", "MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in inits}
 
 
 def sensitivity(model: onnx.ModelProto, units: Sequence[Unit], prune: Pruner, batches: Sequence[Feeds],

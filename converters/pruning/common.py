@@ -160,21 +160,25 @@ def macs_per_sample(model: onnx.ModelProto, feeds: Feeds) -> int:
     return total // max(batch, 1)
 
 
-#: Kept channel / neuron counts are rounded to a multiple of this when the layer is wide enough:
-#: onnxruntime's blocked (NCHWc) convolutions, VNNI/dot-product int8 kernels and TensorRT's
-#: tensor cores all work in blocks of 8-16 channels, and a ragged count falls off the fast path
-#: (measured: a 0.1-ratio EfficientNet-Lite0 ran at 0.57x fp32 with ragged channel counts).
-CHANNEL_MULTIPLE = 8
+#: Kept channel / neuron counts are rounded to a multiple of this when the layer is wide enough
+#: (to 8 on narrower ones): onnxruntime's blocked (NCHWc) convolutions work in blocks of 16
+#: channels with AVX-512 (8 with AVX2), VNNI/dot-product int8 kernels and TensorRT's int8 tensor
+#: cores in blocks of 16-32, and a ragged count falls off the fast path (measured: a 0.1-ratio
+#: EfficientNet-Lite0 ran at 0.57x fp32 with ragged channel counts; one budget allocation ran its
+#: int8 graph at 2.30x fp32 with multiples of 8 and 2.70x with multiples of 16, fp32 1.23x/1.24x).
+CHANNEL_MULTIPLE = 16
 
 
-def units_to_drop(ratio: float, total: int, multiple: int = CHANNEL_MULTIPLE) -> int:
+def units_to_drop(ratio: float, total: int, multiple: int | None = None) -> int:
     """How many of ``total`` channels to remove for ``ratio``: at least one kept, and for layers
-    of at least ``4 * multiple`` channels (a multiple of it) the kept count rounded to the
-    nearest multiple, ties towards keeping more, so widths stay kernel-friendly."""
+    of at least ``4 * multiple`` channels (a multiple of it; else 8 on layers of at least 32) the
+    kept count rounded to the nearest multiple, ties towards keeping more, so widths stay
+    kernel-friendly."""
     drop = min(int(round(ratio * total)), total - 1)
-    if total % multiple == 0 and total >= 4 * multiple:
-        keep = max(multiple, int((total - drop) / multiple + 0.5) * multiple)
-        drop = total - keep
+    for m in dict.fromkeys((multiple or CHANNEL_MULTIPLE, 8)):
+        if total % m == 0 and total >= 4 * m:
+            keep = max(m, int((total - drop) / m + 0.5) * m)
+            return max(total - keep, 0)
     return max(drop, 0)
 
 

@@ -239,10 +239,13 @@ def test_macs_per_sample_counts_conv_and_dense_by_hand() -> None:
 
 
 @pytest.mark.parametrize(("ratio", "total", "dropped"), [
-    (0.1, 96, 8), (0.3, 96, 32), (0.5, 1152, 576), (0.99, 64, 56), (0.25, 16, 4), (0.5, 3, 2), (0.2, 20, 4)])
-def test_pruned_widths_stay_multiples_of_eight_on_wide_layers(ratio: float, total: int, dropped: int) -> None:
+    (0.1, 96, 16), (0.3, 96, 32), (0.5, 1152, 576), (0.99, 64, 48), (0.25, 32, 8), (0.4, 40, 16), (0.25, 16, 4),
+    (0.5, 3, 2), (0.2, 20, 4)])
+def test_pruned_widths_stay_multiples_of_sixteen_on_wide_layers(ratio: float, total: int, dropped: int) -> None:
     from converters.pruning.common import units_to_drop
 
     assert units_to_drop(ratio, total) == dropped
-    if total >= 32 and total % 8 == 0:
+    if total >= 64 and total % 16 == 0:
+        assert (total - dropped) % 16 == 0
+    elif total >= 32 and total % 8 == 0:  # narrower layers: multiples of 8
         assert (total - dropped) % 8 == 0
