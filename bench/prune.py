@@ -54,6 +54,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,9 +176,7 @@ def pruning_summary(pruning: dict[str, Any] | None) -> dict[str, Any] | None:
     steps = pruning.get("budget_steps") or []
     layers = pruning.get("layers") or []
     notes = pruning.get("notes") or []
-    kinds: dict[str, int] = {}
-    for key in ratios:
-        kinds[key.split(":", 1)[0]] = kinds.get(key.split(":", 1)[0], 0) + 1
+    kinds = dict(Counter(key.split(":", 1)[0] for key in ratios))
     return {
         "params_before": pruning.get("params_before"), "params_after": pruning.get("params_after"),
         "macs_before": pruning.get("macs_before"), "macs_after": pruning.get("macs_after"),

@@ -32,10 +32,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 import onnx
 
-from converters.pruning.common import Feeds, PruneResult, macs_per_sample
+from converters.pruning.common import Feeds, PruneResult, graph_outputs, macs_per_sample, relative_error
 from edge_sdk.errors import PruningError
 
 __all__ = ["GRID", "Unit", "Point", "sensitivity", "greedy_path", "search_path"]
@@ -75,19 +74,6 @@ class Point:
     saved: float
 
 
-def _outputs(model: onnx.ModelProto, batches: Sequence[Feeds]) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return [np.asarray(out, dtype=np.float64) for feeds in batches for out in session.run(None, feeds)]
-
-
-def _distortion(outputs: list[np.ndarray], reference: list[np.ndarray]) -> float:
-    num = sum(float(np.sum(np.square(a - b))) for a, b in zip(outputs, reference))
-    den = sum(float(np.sum(np.square(b))) for b in reference)
-    return num / den if den > 0 else float(num > 0)
-
-
 def sensitivity(model: onnx.ModelProto, units: Sequence[Unit], prune: Pruner, batches: Sequence[Feeds],
                 grid: Sequence[float] = GRID, cost: Callable[[onnx.ModelProto], float] | None = None,
                 grids: Mapping[str, Sequence[float]] | None = None) -> dict[Unit, list[Point]]:
@@ -95,7 +81,7 @@ def sensitivity(model: onnx.ModelProto, units: Sequence[Unit], prune: Pruner, ba
     cannot be applied); ``saved`` is what ``cost`` (default: MACs per sample) falls by. The
     distortion is measured on at most ``SENSITIVITY_BATCHES`` batches."""
     batches = batches[:SENSITIVITY_BATCHES]
-    reference = _outputs(model, batches)
+    reference = graph_outputs(model, batches)
     if cost is None:
         cost = lambda m: macs_per_sample(m, batches[0])  # noqa: E731
     macs = cost(model)
@@ -111,7 +97,7 @@ def sensitivity(model: onnx.ModelProto, units: Sequence[Unit], prune: Pruner, ba
             saved = macs - cost(pruned)
             if points and saved <= points[-1].saved:  # rounding to multiples of 8 gave the same width
                 continue
-            points.append(Point(ratio, _distortion(_outputs(pruned, batches), reference), saved))
+            points.append(Point(ratio, relative_error(graph_outputs(pruned, batches), reference), saved))
         table[unit] = points
         log.info("sensitivity %s: %s", unit, " ".join(f"{p.ratio}:{p.distortion:.2g}" for p in points))
     return table
@@ -123,7 +109,7 @@ def greedy_path(table: Mapping[Unit, Sequence[Point]]) -> list[Allocation]:
     level = {unit: -1 for unit in table}
     path: list[Allocation] = []
     while True:
-        best: tuple[float, Unit, int] | None = None
+        best: tuple[tuple[float, float], Unit, int] | None = None
         for unit in sorted(table):
             points, at = table[unit], level[unit]
             d0, s0 = (0.0, 0) if at < 0 else (points[at].distortion, points[at].saved)
@@ -131,9 +117,9 @@ def greedy_path(table: Mapping[Unit, Sequence[Point]]) -> list[Allocation]:
                 gain = points[j].saved - s0
                 if gain <= 0:
                     continue
-                cost = max(points[j].distortion - d0, 0.0) / gain
-                if best is None or cost < best[0]:
-                    best = (cost, unit, j)
+                key = (max(points[j].distortion - d0, 0.0) / gain, -gain)  # ties: the longer step
+                if best is None or key < best[0]:
+                    best = (key, unit, j)
         if best is None:
             return path
         level[best[1]] = best[2]

@@ -608,20 +608,11 @@ class ChannelPruner:
         notes += [f.note for f in fits.values() if f.note]
         fitted = {c.weight: (f.weight, c.axis) for key, c in self.consumers.items()
                   if (f := fits[key]).weight is not None}
-        reshaped = {(s.name, s.axis) for g in groups for s in g.shapes}
-        new = _new_weights(weights, {k: v for k, v in cut.items() if k not in reshaped}, fitted)
-        for name, index in reshaped:
-            shape = new.get(name, weights[name]).copy()
-            shape[index] -= len(cut.get((name, index), ()))
-            new[name] = shape
+        new = self._sliced(cut, fitted)
         pruned = self._build(new, bypass)
         if self.sequential and (bypass or sum(len(k) < g.channels for g, k in zip(groups, keeps)) > 1):
             fitted.update(self._refit_on(pruned, cut, fitted, everything=bool(bypass)))
-            new = _new_weights(weights, {k: v for k, v in cut.items() if k not in reshaped}, fitted)
-            for name, index in reshaped:
-                shape = new.get(name, weights[name]).copy()
-                shape[index] -= len(cut.get((name, index), ()))
-                new[name] = shape
+            new = self._sliced(cut, fitted)
             pruned = self._build(new, bypass)
         layers = tuple(_layer(g, keep, [fits[(_name(c.node), c.weight)] for c in g.consumers], weights, new)
                        for g, keep in zip(groups, keeps))
@@ -631,6 +622,17 @@ class ChannelPruner:
                  sum(len(g.producers) > 1 for g in groups), len(bypass), len(self.refused))
         return PruneResult(model=pruned, method="channels", layers=layers, notes=tuple(notes))
 
+
+    def _sliced(self, cut: dict[tuple[str, int], set[int]],
+                fitted: dict[str, tuple[np.ndarray, int]]) -> dict[str, np.ndarray]:
+        """Every changed initializer: sliced weights (refitted ones as given) and shrunk Reshape shapes."""
+        reshaped = {(s.name, s.axis) for g in self.groups for s in g.shapes}
+        new = _new_weights(self.weights, {k: v for k, v in cut.items() if k not in reshaped}, fitted)
+        for name, index in reshaped:
+            shape = new.get(name, self.weights[name]).copy()
+            shape[index] -= len(cut.get((name, index), ()))
+            new[name] = shape
+        return new
 
     def _build(self, new: dict[str, np.ndarray], bypass: Sequence[str]) -> onnx.ModelProto:
         pruned = _rebuild(self.model, new)

@@ -24,7 +24,8 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import onnx
 
-from converters.pruning.common import Feeds, PruneResult, drop_dead, node_key, params, probe_batches
+from converters.pruning.common import (Feeds, PruneResult, drop_dead, graph_outputs, node_key, params, probe_batches,
+                                      relative_error)
 from edge_sdk.errors import InternalError, PruningError
 
 __all__ = ["ResidualBlock", "bypass_blocks", "find_residual_blocks", "prune_residual_blocks"]
@@ -173,21 +174,9 @@ def _norm_influence(model: onnx.ModelProto, blocks: list[ResidualBlock], batches
     return [float(np.sqrt(fx / xx)) if xx > 0 else float("inf") for fx, xx in sums]
 
 
-def _outputs(model: onnx.ModelProto, batches: Sequence[Feeds]) -> list[np.ndarray]:
-    names = [o.name for o in model.graph.output]
-    return [np.asarray(values[n], dtype=np.float64) for _, values in probe_batches(model, batches, names)
-            for n in names]
-
-
 def _output_influence(model: onnx.ModelProto, blocks: list[ResidualBlock], batches: Sequence[Feeds]) -> list[float]:
-    reference = _outputs(model, batches)
-    scale = sum(float(np.sum(np.square(r))) for r in reference) or 1.0
-    influence = []
-    for b in blocks:
-        changed = _outputs(_bypass(model, [b]), batches)
-        influence.append(float(np.sqrt(sum(float(np.sum(np.square(c - r))) for c, r in zip(changed, reference))
-                                       / scale)))
-    return influence
+    reference = graph_outputs(model, batches)
+    return [float(np.sqrt(relative_error(graph_outputs(_bypass(model, [b]), batches), reference))) for b in blocks]
 
 
 def prune_residual_blocks(model: onnx.ModelProto, count: int, batches: Sequence[Feeds], *,
