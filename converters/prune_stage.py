@@ -12,7 +12,8 @@ Forms of ``prune``:
   ``"heads": 0.25`` also removes that share of every block's attention heads (transformers);
 * ``{"method": "structured", "budget": 1.0}``: the most pruning within ``budget`` accuracy
   points of the unpruned model on the validation data, allocated per unit (each FFN and
-  attention block of a transformer, each channel group of a CNN) from a sensitivity analysis on
+  attention block of a transformer, each channel group and residual block of a CNN) from a
+  sensitivity analysis on
   the calibration data (``converters.pruning.allocation``); the report's ``chosen.ratios`` is
   the allocation, and ``budget_steps`` every allocation measured on the way;
 * ``{"method": "structured", "ratios": {"ffn:<MatMul>": 0.5, "heads:<MatMul>": 0.25}}``: a

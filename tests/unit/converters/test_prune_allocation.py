@@ -57,6 +57,15 @@ def _agreement(reference: onnx.ModelProto, batches: list[dict[str, np.ndarray]])
     return lambda model: 100.0 * float(np.mean(top1(model) == expected))
 
 
+def _error(model: onnx.ModelProto, pruned: onnx.ModelProto, batches: list[dict[str, np.ndarray]]) -> float:
+    """Squared error of ``pruned``'s outputs against ``model``'s on ``batches``."""
+    def run(m: onnx.ModelProto) -> np.ndarray:
+        session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return np.concatenate([session.run(None, b)[0] for b in batches])
+
+    return float(np.sum((run(pruned) - run(model)) ** 2))
+
+
 def _width(model: onnx.ModelProto, name: str) -> int:
     return next(int(i.dims[0]) for i in model.graph.initializer if i.name == name)
 
@@ -81,13 +90,8 @@ def test_second_refit_pass_on_pruned_inputs_lowers_the_output_error() -> None:
     model, batches = two_groups(), _batches()
     ratios = {"conv1": 0.25, "conv2": 0.75}
 
-    def error(pruned: onnx.ModelProto) -> float:
-        run = lambda m: np.concatenate([ort.InferenceSession(  # noqa: E731
-            m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, b)[0] for b in batches])
-        return float(np.sum((run(pruned) - run(model)) ** 2))
-
-    plain = error(ChannelPruner(model, batches, sequential=False).prune(0.0, ratios).model)
-    second = error(ChannelPruner(model, batches).prune(0.0, ratios).model)
+    plain = _error(model, ChannelPruner(model, batches, sequential=False).prune(0.0, ratios).model, batches)
+    second = _error(model, ChannelPruner(model, batches).prune(0.0, ratios).model, batches)
     assert second < 0.9 * plain
 
 
@@ -201,13 +205,9 @@ def test_residual_blocks_are_units_and_the_layers_after_them_are_refit() -> None
     assert "residual" not in {n.name for n in result.model.graph.node}
     assert {"node": "residual", "op_type": "Add", "removed": True} in result.layers
 
-    def error(pruned: onnx.ModelProto) -> float:
-        run = lambda m: np.concatenate([ort.InferenceSession(  # noqa: E731
-            m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, b)[0] for b in batches])
-        return float(np.sum((run(pruned) - run(model)) ** 2))
-
     plain = ChannelPruner(model, batches, sequential=False).prune(0.0, bypass=["residual"]).model
-    assert error(result.model) < 0.9 * error(plain)  # the head was refit on the bypassed model's features
+    # the head was refit on the bypassed model's features
+    assert _error(model, result.model, batches) < 0.9 * _error(model, plain, batches)
     again, _ = run_pruning(parse_prune({"method": "structured", "ratios": {"blocks:residual": 1}}), model, batches, None)
     assert "residual" not in {n.name for n in again.graph.node}
     with pytest.raises(PruningError, match="kept \\(0\\) or removed \\(1\\)"):
