@@ -13,9 +13,8 @@ Forms of ``prune``:
 * ``{"method": "structured", "budget": 1.0}``: the most pruning within ``budget`` accuracy
   points of the unpruned model on the validation data, allocated per unit (each FFN and
   attention block of a transformer, each channel group and residual block of a CNN) from a
-  sensitivity analysis on
-  the calibration data (``converters.pruning.allocation``); the report's ``chosen.ratios`` is
-  the allocation, and ``budget_steps`` every allocation measured on the way;
+  sensitivity analysis on the calibration data (``converters.pruning.allocation``); the
+  report's ``chosen.ratios`` is the allocation, ``budget_steps`` every allocation measured;
 * ``{"method": "structured", "ratios": {"ffn:<MatMul>": 0.5, "heads:<MatMul>": 0.25}}``: a
   given per-unit allocation (e.g. a budget search's ``chosen.ratios``, reapplied without the search);
 * ``{"method": "heads", "ratio": 0.25}``: the least used attention heads of every block
