@@ -84,7 +84,7 @@ def sensitivity(model: onnx.ModelProto, units: Sequence[Unit], prune: Pruner, ba
     reference = graph_outputs(model, batches)
     if cost is None:
         cost = lambda m: macs_per_sample(m, batches[0])  # noqa: E731
-    macs = cost(model)
+    base = cost(model)
     table: dict[Unit, list[Point]] = {}
     for unit in units:
         points: list[Point] = []
@@ -94,7 +94,7 @@ def sensitivity(model: onnx.ModelProto, units: Sequence[Unit], prune: Pruner, ba
             except PruningError as exc:
                 log.info("%s at ratio %s: %s", unit, ratio, exc.message)
                 break
-            saved = macs - cost(pruned)
+            saved = base - cost(pruned)
             if points and saved <= points[-1].saved:  # rounding to multiples of 8 gave the same width
                 continue
             points.append(Point(ratio, relative_error(graph_outputs(pruned, batches), reference), saved))
@@ -141,7 +141,7 @@ def search_path(path: Sequence[Allocation], prune: Pruner, metric: Metric, basel
         score = metric(result.model)
         drop = baseline - score
         steps.append({"kind": "allocation", "step": mid, "of": len(path), "units": len(path[mid]),
-                      "value": mid, "metric": score, "drop": drop, **(describe(result) if describe else {})})
+                      "metric": score, "drop": drop, **(describe(result) if describe else {})})
         log.info("allocation step %d/%d (%d units): %.2f points (drop %.2f)", mid, len(path), len(path[mid]),
                  score, drop)
         if drop <= budget:

@@ -543,10 +543,13 @@ def _scores(group: ChannelGroup, acts: dict[str, np.ndarray], weights: dict[str,
     return total
 
 
-def _check_args(ratio: float, batches: Sequence[Feeds]) -> None:
+def _check_ratio(ratio: float) -> None:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (0.0 <= ratio < 1.0):
         raise PruningError(f"ratio={ratio!r} is not a fraction of channels to remove; expected 0 <= ratio < 1",
                            hint="pass e.g. ratio=0.25 to remove a quarter of each group's channels")
+
+
+def _check_batches(batches: Sequence[Feeds]) -> None:
     if not batches:
         raise PruningError("prune_channels got no calibration batches; expected at least one feed dict",
                            hint="pass batches=[{input_name: array}, ...] from your calibration data")
@@ -559,7 +562,7 @@ class ChannelPruner:
 
     def __init__(self, model: onnx.ModelProto, batches: Sequence[Feeds], *, refit: bool = True,
                  joint: bool = False, sequential: bool = True) -> None:
-        _check_args(0.0, batches)
+        _check_batches(batches)
         self.model, self.refit, self.batches, self.sequential = model, refit, batches, sequential and refit
         self.groups, self.refused = find_groups(model, joint=joint)
         self.weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -589,7 +592,7 @@ class ChannelPruner:
         pass then also sees the bypassed blocks, and refits every consumer after them."""
         ratios = dict(ratios or {})
         for r in (ratio, *ratios.values()):
-            _check_args(r, [{}])
+            _check_ratio(r)
         unknown = sorted(set(ratios) - set(self.units))
         if unknown:
             raise PruningError(f"ratios name {unknown}, which are not prunable channel groups",
@@ -693,7 +696,7 @@ def prune_channels(model: onnx.ModelProto, ratio: float, batches: Sequence[Feeds
     With ``joint``, residual chains and squeeze-excitation gates are pruned as joint groups
     (the same indices in every producer and consumer); without it they are left intact.
     """
-    _check_args(ratio, batches)
+    _check_ratio(ratio)  # before the activations are collected
     return ChannelPruner(model, batches, refit=refit, joint=joint).prune(ratio, ratios)
 
 
