@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -54,13 +54,19 @@ def input_axes(model: onnx.ModelProto, nodes: Sequence[str]) -> dict[str, int]:
             if n.name in chosen and n.op_type in ("Conv", "Gemm")}
 
 
-def _rounding_error(w: np.ndarray, axis: int) -> np.ndarray:
-    params = per_channel_weight_params(w, axis)
+def input_nodes(model: onnx.ModelProto, nodes: Sequence[str]) -> list[tuple[str, str]]:
+    """(node, activation input) of the Conv/Gemm layers among ``nodes`` that bias correction can treat."""
+    chosen = set(nodes)
+    return [(n.name, n.input[0]) for n in model.graph.node if n.name in chosen and n.op_type in ("Conv", "Gemm")]
+
+
+def _rounding_error(w: np.ndarray, axis: int, qmax: int) -> np.ndarray:
+    params = per_channel_weight_params(w, axis, qmax)
     return dequantize(quantize(w, params), params) - w
 
 
-def _conv_shift(w: np.ndarray, group: int, mean: np.ndarray) -> np.ndarray:
-    eps = _rounding_error(w, 0)  # [out, in/group, kh, kw]
+def _conv_shift(w: np.ndarray, group: int, mean: np.ndarray, qmax: int) -> np.ndarray:
+    eps = _rounding_error(w, 0, qmax)  # [out, in/group, kh, kw]
     out_per_group, in_per_group = w.shape[0] // group, w.shape[1]
     shift = np.empty(w.shape[0])
     for o in range(w.shape[0]):
@@ -69,17 +75,20 @@ def _conv_shift(w: np.ndarray, group: int, mean: np.ndarray) -> np.ndarray:
     return shift
 
 
-def _gemm_shift(node: onnx.NodeProto, w: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
+def _gemm_shift(node: onnx.NodeProto, w: np.ndarray, mean: np.ndarray, qmax: int) -> np.ndarray | None:
     attrs = {a.name: a for a in node.attribute}
     if attrs.get("transA") and attrs["transA"].i:
         return None
     trans_b = bool(attrs.get("transB") and attrs["transB"].i)
-    eps = _rounding_error(w, 0 if trans_b else 1)
+    eps = _rounding_error(w, 0 if trans_b else 1, qmax)
     return eps @ mean if trans_b else mean @ eps
 
 
-def correct_biases(model: onnx.ModelProto, nodes: Sequence[str], means: ChannelMeans) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy of ``model`` whose Conv/Gemm biases absorb their int8 weight-rounding shift."""
+def correct_biases(model: onnx.ModelProto, nodes: Sequence[str], means: ChannelMeans,
+                   weight_max: Callable[[onnx.NodeProto], int] | None = None) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model`` whose Conv/Gemm biases (of ``nodes`` only) absorb their int8 weight-rounding shift.
+
+    ``weight_max(node)`` is the node's largest weight level (127 for int8, 63 for 7-bit weights)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     inits = {i.name: i for i in out.graph.initializer}
@@ -90,17 +99,18 @@ def correct_biases(model: onnx.ModelProto, nodes: Sequence[str], means: ChannelM
         if mean is None or weight is None:
             continue
         w = numpy_helper.to_array(weight).astype(np.float64)
+        qmax = weight_max(node) if weight_max else 127
         shift: np.ndarray | None
         if node.op_type == "Conv":
             group = next((a.i for a in node.attribute if a.name == "group"), 1)
-            shift = _conv_shift(w, group, mean)
+            shift = _conv_shift(w, group, mean, qmax)
         else:
-            shift = _gemm_shift(node, w, mean)
+            shift = _gemm_shift(node, w, mean, qmax)
         if shift is None:
             continue
         _apply(out, node, inits, shift)
         corrected.append(node.name)
-    log.info("bias correction on %d layers", len(corrected))
+    log.debug("bias correction on %d layers", len(corrected))
     return out, corrected
 
 

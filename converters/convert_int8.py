@@ -17,17 +17,22 @@ from converters.data import Sample
 from converters.evaluate import Evaluation, accuracy_points, evaluate, pipeline_for
 from converters.plots import histogram_png
 from converters.qdq import name_nodes
-from converters.quantize import Calibration, Int8Graphs, build_int8, layer_sensitivity, mixed_precision, prepare_int8
+from converters.quantize import (Calibration, Feeds, Int8Graphs, Placement, Variant, build_variant, layer_sensitivity,
+                                 mixed_precision, prepare_int8)
 from converters.smoothing import DEFAULT_ALPHA
 from edge_sdk.errors import CalibrationError
 from runtime.manifest import Manifest, TextPreprocess
 
 log = logging.getLogger(__name__)
 
-GRAPH_FILES = {"u8s8": "model.int8.u8s8.onnx", "s8s8": "model.int8.s8s8.onnx"}
+GRAPH_FILES = {"u8s8": "model.int8.u8s8.onnx", "u8s7": "model.int8.u8s7.onnx", "s8s8": "model.int8.s8s8.onnx"}
 SCALES_FILE = "scales.json"
 PLOT_FILE = "reports/histograms.png"
 PLOTTED_LAYERS = 6
+#: What each graph is for; the report and README say so.
+GRAPH_TARGETS = {"u8s8": "onnxruntime CPU: x86 with VNNI (AVX-512 VNNI, AVX-VNNI), Arm64",
+                 "u8s7": "onnxruntime CPU: x86 without VNNI (7-bit weights except depthwise)",
+                 "s8s8": "TensorRT (explicit quantization)"}
 
 
 @dataclass(frozen=True)
@@ -40,30 +45,58 @@ class Int8Stage:
 
 
 def _logits(model: onnx.ModelProto, batches: Sequence[dict[str, np.ndarray]], output: str) -> np.ndarray:
-    import onnxruntime as ort
+    """``output`` of ``model`` on every batch; Q/DQ graphs run on the exact reference (ISA-independent)."""
+    from converters.reference import run_reference
 
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return np.concatenate([session.run([output], b)[0] for b in batches])
+    return run_reference(model, batches, output)
 
 
 def _agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
-    cos = np.sum(reference * other, axis=1) / (
-        np.linalg.norm(reference, axis=1) * np.linalg.norm(other, axis=1) + 1e-12)
-    return {"top1_agreement": float(np.mean(reference.argmax(1) == other.argmax(1))),
-            "mean_cosine": float(np.mean(cos))}
+    ref, oth = reference.reshape(len(reference), -1), other.reshape(len(other), -1)
+    cos = np.sum(ref * oth, axis=1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(oth, axis=1) + 1e-12)
+    return {"top1_agreement": float(np.mean(ref.argmax(1) == oth.argmax(1))), "mean_cosine": float(np.mean(cos))}
 
 
 def _metric(manifest: Manifest, encoder: Encoder, validation: Sequence[Sample], batches: Sequence[dict[str, np.ndarray]],
-            reference: np.ndarray) -> Callable[[onnx.ModelProto], float]:
-    """Points (0-100) a U8S8 graph scores: validation accuracy, or top-1 agreement with fp32 without labels."""
+            reference: np.ndarray, variant: Variant) -> Callable[[onnx.ModelProto], float]:
+    """Points (0-100) a graph of ``variant`` scores on the exact reference: validation accuracy, or
+    top-1 agreement with fp32 on the calibration data without labels."""
     output = manifest.postprocess.output
 
-    def score(u8: onnx.ModelProto) -> float:
+    def score(graph: onnx.ModelProto) -> float:
         if validation:
-            return accuracy_points(manifest, u8, encoder, validation, "u8s8")
-        return 100.0 * _agreement(reference, _logits(u8, batches, output))["top1_agreement"]
+            return accuracy_points(manifest, graph, encoder, validation, variant.value)
+        return 100.0 * _agreement(reference, _logits(graph, batches, output))["top1_agreement"]
 
     return score
+
+
+@dataclass(frozen=True)
+class _VariantResult:
+    graph: onnx.ModelProto
+    float_nodes: dict[str, str]
+    sensitivity: dict[str, float]
+    steps: list[dict[str, Any]]
+    metric: float
+
+
+def _fit_variant(
+    variant: Variant, model: onnx.ModelProto, cal: Calibration, placement: Placement, sens_batches: Sequence[Feeds],
+    score: Callable[[onnx.ModelProto], float], baseline: float, budget: float | None,
+    progress: Callable[[str, int, int], None] | None,
+) -> _VariantResult:
+    """Measure ``variant``'s layer sensitivities, then return layers to float until it meets ``budget``."""
+    tick = (lambda n: progress(f"sensitivity {variant.value}", n, len(placement.nodes))) if progress else None
+    sensitivity = layer_sensitivity(model, sens_batches, cal, placement, progress=tick, variant=variant)
+    graph = build_variant(cal, placement, variant)
+    achieved = score(graph)
+    steps: list[dict[str, Any]] = [{"float_layers": 0, "metric": achieved, "drop": baseline - achieved,
+                                    "within_budget": budget is None or baseline - achieved <= budget}]
+    floats: dict[str, str] = {}
+    if budget is not None and baseline - achieved > budget:
+        graph, floats, steps = mixed_precision(cal, placement, variant, sensitivity, score, baseline, budget)
+        achieved = next(s["metric"] for s in reversed(steps) if s["float_layers"] == len(floats))
+    return _VariantResult(graph, floats, sensitivity, steps, achieved)
 
 
 def run_int8(
@@ -72,7 +105,10 @@ def run_int8(
     budget: float | None, samples: int, smoothing: float | None = DEFAULT_ALPHA,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Int8Stage:
-    """Calibrate ``proto`` on ``calibration`` and produce the int8 graphs, scale file and report."""
+    """Calibrate ``proto`` on ``calibration`` and produce every int8 graph, the scale file and the report.
+
+    Each graph (``u8s8``, ``u8s7``, ``s8s8``) is measured on the exact reference and fitted to the
+    budget on its own, so the package meets it whichever graph a device runs."""
     model = name_nodes(proto)
     chosen = CalibrationMethod.parse(method)
     reader = calibration_reader(calibration, task=task, inputs=manifest.inputs, encode=encoder, limit=samples)
@@ -80,31 +116,30 @@ def run_int8(
     mask = manifest.preprocess.attention_mask if isinstance(manifest.preprocess, TextPreprocess) else None
     cal, placement = prepare_int8(model, batches, chosen, smoothing=smoothing, mask=mask,
                                   progress=(lambda n: progress("calibration", n, len(reader))) if progress else None)
-    graphs = build_int8(cal, placement)
     output = manifest.postprocess.output
     reference = _logits(model, batches, output)
-    score = _metric(manifest, encoder, validation, batches, reference)
     baseline = 100.0 * fp32.accuracy if (validation and fp32) else 100.0
-    sensitivity = layer_sensitivity(model, batches[:1], cal, placement,
-                                    progress=(lambda n: progress("sensitivity", n, len(placement.nodes)))
-                                    if progress else None)
-    steps: list[dict[str, Any]] = []
-    achieved = score(graphs.u8s8)
-    if budget is not None and baseline - achieved > budget:
-        graphs, steps = mixed_precision(cal, placement, sensitivity, score, baseline, budget)
-        achieved = steps[-1]["metric"]
+    results = {v: _fit_variant(v, model, cal, placement, batches[:1],
+                               _metric(manifest, encoder, validation, batches, reference, v), baseline, budget, progress)
+               for v in Variant}
     evaluation = None
     if validation:
-        pipeline = pipeline_for(manifest, graphs.u8s8, encoder, "u8s8")
+        pipeline = pipeline_for(manifest, results[Variant.U8S8].graph, encoder, "u8s8")
         try:
             evaluation = evaluate(pipeline, validation)
         finally:
             pipeline.close()
-    golden = {v: {output: _logits(g, [golden_in], output)} for v, g in (("u8s8", graphs.u8s8), ("s8s8", graphs.s8s8))}
-    files = {GRAPH_FILES["u8s8"]: graphs.u8s8.SerializeToString(), GRAPH_FILES["s8s8"]: graphs.s8s8.SerializeToString(),
-             SCALES_FILE: cal.scales.to_json().encode("utf-8"), PLOT_FILE: _plot(cal.model, cal, sensitivity)}
-    report = _report(cal.model, cal, placement.family, graphs, sensitivity, steps, files, proto, budget, baseline, achieved,
-                     _agreement(reference, _logits(graphs.u8s8, batches, output)))
+    graphs = Int8Graphs({v: r.graph for v, r in results.items()}, {v: r.float_nodes for v, r in results.items()})
+    golden = {v.value: {output: _logits(g, [golden_in], output)} for v, g in graphs.graphs.items()}
+    files = {GRAPH_FILES[v.value]: g.SerializeToString() for v, g in graphs.graphs.items()}
+    files.update({SCALES_FILE: cal.scales.to_json().encode("utf-8"),
+                  PLOT_FILE: _plot(cal.model, cal, results[Variant.U8S8].sensitivity)})
+    per_graph = {v.value: {"target": GRAPH_TARGETS[v.value], "metric_int8": r.metric,
+                           "float_layers": dict(r.float_nodes), "mixed_precision_steps": r.steps,
+                           **_agreement(reference, _logits(r.graph, batches, output))}
+                 for v, r in results.items()}
+    report = _report(cal.model, cal, placement.family, graphs, results[Variant.U8S8].sensitivity, files, proto,
+                     budget, baseline, per_graph)
     return Int8Stage(cal.prepared.SerializeToString(), files, golden, report, evaluation)
 
 
@@ -125,29 +160,33 @@ def _plot(model: onnx.ModelProto, cal: Calibration, sensitivity: dict[str, float
 
 def _report(
     model: onnx.ModelProto, cal: Calibration, family: str, graphs: Int8Graphs, sensitivity: dict[str, float],
-    steps: list[dict[str, Any]], files: dict[str, bytes], proto: onnx.ModelProto, budget: float | None,
-    baseline: float, achieved: float, agreement: dict[str, float],
+    files: dict[str, bytes], proto: onnx.ModelProto, budget: float | None, baseline: float,
+    per_graph: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
+    main = per_graph[Variant.U8S8.value]
+    cpu_floats = graphs.float_nodes.get(Variant.U8S8, {})
     layers = []
     for node in model.graph.node:
-        if node.name not in sensitivity and node.name not in graphs.float_nodes:
+        if node.name not in sensitivity and node.name not in cpu_floats:
             continue
         r = cal.linear.get(node.input[0])
         layers.append({
             "node": node.name, "op_type": node.op_type, "input": node.input[0],
             "method": r.method.value if r else None, "amax": r.amax if r else None, "error": r.error if r else None,
             "sensitivity": sensitivity.get(node.name),
-            "precision": "fp32" if node.name in graphs.float_nodes else "int8",
+            "precision": {v.value: "fp32" if node.name in graphs.float_nodes.get(v, {}) else "int8" for v in graphs.graphs},
         })
     return {
         "method": cal.scales.method, "samples": cal.scales.samples, "calibration_seconds": round(cal.seconds, 2),
+        "measured_by": "exact reference (Q/DQ semantics on float kernels; the same on every CPU)",
         "bias_corrected": list(cal.bias_corrected),
         "smoothing": {"alpha": cal.smoothing_alpha, "layers": list(cal.smoothed)} if cal.smoothed else None,
         "equalized_pairs": [list(p) for p in cal.equalized], "equalization_skipped": dict(cal.equalization_skipped),
         "range_fallbacks": dict(cal.range_fallbacks),
-        "family": family, "tensors": len(cal.linear), "layers": layers, "float_layers": dict(graphs.float_nodes),
-        "budget": budget, "metric_fp32": baseline, "metric_int8": achieved, "agreement_with_fp32": agreement,
-        "mixed_precision_steps": steps,
+        "family": family, "tensors": len(cal.linear), "layers": layers,
+        "float_layers": dict(cpu_floats), "budget": budget, "metric_fp32": baseline, "metric_int8": main["metric_int8"],
+        "agreement_with_fp32": {k: main[k] for k in ("top1_agreement", "mean_cosine")},
+        "mixed_precision_steps": main["mixed_precision_steps"], "per_graph": per_graph,
         "sizes_bytes": {"fp32": len(proto.SerializeToString()), **{k: len(v) for k, v in files.items()}},
         "graphs": dict(GRAPH_FILES), "scales": SCALES_FILE, "histogram_plot": PLOT_FILE,
     }

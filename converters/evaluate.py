@@ -53,14 +53,22 @@ def evaluate(pipeline: Pipeline, samples: Sequence[Sample], *, max_batch: int = 
 
 
 def pipeline_for(manifest: Manifest, model: "onnx.ModelProto", encoder: Encoder, graph: str = "fp32") -> Pipeline:
-    """A CPU pipeline over an in-memory graph, with the package's own pre/post-processing."""
-    runner = OnnxRuntimeRunner(model.SerializeToString(), manifest.inputs, manifest.outputs).activate()
-    return Pipeline(manifest, Selection("onnxruntime-cpu", runner, (), graph), encoder)
+    """A CPU pipeline over an in-memory graph, with the package's own pre/post-processing.
+
+    An int8 graph runs on the exact reference (``converters.reference``), so what is measured is
+    the graph's own accuracy, the same on every workstation, not this CPU's integer kernels."""
+    from converters.reference import reference_runner
+
+    if graph == "fp32":
+        runner = OnnxRuntimeRunner(model.SerializeToString(), manifest.inputs, manifest.outputs)
+    else:
+        runner = reference_runner(model, manifest.inputs, manifest.outputs)
+    return Pipeline(manifest, Selection("onnxruntime-cpu", runner.activate(), (), graph), encoder)
 
 
 def accuracy_points(manifest: Manifest, model: "onnx.ModelProto", encoder: Encoder, samples: Sequence[Sample],
                     graph: str = "fp32") -> float:
-    """Top-1 accuracy in points (0-100) of ``model`` on labelled ``samples``."""
+    """Top-1 accuracy in points (0-100) of ``model`` on labelled ``samples`` (int8 graphs: exact reference)."""
     pipeline = pipeline_for(manifest, model, encoder, graph)
     try:
         return 100.0 * evaluate(pipeline, samples).accuracy

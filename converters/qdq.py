@@ -4,9 +4,15 @@
   per-channel symmetric int8 weights on the output-channel axis, Q/DQ only on
   the *inputs* of the quantized ops (TensorRT's explicit-quantization placement),
   fp32 weights behind Q/DQ so TensorRT 8.x folds them itself.
-* **U8S8** for the onnxruntime CPU provider: uint8 activations with a zero point
-  (affine) and int8 per-channel weights, in the QDQ layout onnxruntime fuses into
-  integer kernels (VNNI on x86, dot-product on Arm).
+* **U8S8** for the onnxruntime CPU provider on x86 with VNNI and on Arm64: uint8
+  activations with a zero point (affine) and int8 per-channel weights, in the QDQ layout
+  onnxruntime fuses into integer kernels (VPDPBUSD on x86, SDOT/UDOT or widening
+  multiplies on Arm), which accumulate in int32 exactly.
+* **U8S7** for x86 without VNNI (AVX2, AVX-512 without VNNI): the U8S8 graph with 7-bit
+  weights in [-64, 64] (onnxruntime's ``reduce_range``) on every layer whose kernel sums
+  pairs of uint8 x int8 products in int16 (VPMADDUBSW: 255 * 127 * 2 overflows, 255 * 64 * 2
+  does not); depthwise convolutions keep 8-bit weights, since their kernels widen to int16
+  before multiplying. ``bench/int8_kernels.py`` measures which forms each CPU runs exactly.
 
 Placement is model-aware: in transformers only the linear projections (MatMul /
 Gemm with a constant weight) are quantized; softmax, LayerNorm and GELU stay in
@@ -18,7 +24,7 @@ from __future__ import annotations
 import enum
 import logging
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -35,7 +41,24 @@ TRANSFORMER_MARKERS = frozenset({"Softmax", "LayerNormalization", "Erf", "Gelu"}
 
 class Variant(str, enum.Enum):
     S8S8 = "s8s8"  # TensorRT
-    U8S8 = "u8s8"  # onnxruntime CPU
+    U8S8 = "u8s8"  # onnxruntime CPU: x86 with VNNI, Arm64
+    U8S7 = "u8s7"  # onnxruntime CPU: x86 without VNNI
+
+
+#: The CPU variants, each exact on its CPU family (see ``runtime.backends.cpu_graph``).
+CPU_VARIANTS = (Variant.U8S8, Variant.U8S7)
+REDUCED_WEIGHT_MAX = 64  # onnxruntime's reduce_range int8 weights: [-64, 64]
+
+
+def is_depthwise(node: onnx.NodeProto) -> bool:
+    return node.op_type == "Conv" and next((a.i for a in node.attribute if a.name == "group"), 1) > 1
+
+
+def weight_max(variant: Variant) -> "Callable[[onnx.NodeProto], int]":
+    """The largest weight level ``variant`` gives a node: 7-bit weights except depthwise convs in U8S7."""
+    if variant is Variant.U8S7:
+        return lambda node: 127 if is_depthwise(node) else REDUCED_WEIGHT_MAX
+    return lambda node: 127
 
 
 @dataclass(frozen=True)
@@ -66,9 +89,9 @@ def plan_placement(model: onnx.ModelProto, exclude: Sequence[str] = ()) -> Place
             nodes.append(node.name)
     op_types: dict[Variant, tuple[str, ...]]
     if family == "transformer":
-        op_types = {Variant.S8S8: ("MatMul", "Gemm"), Variant.U8S8: ("MatMul", "Gemm")}
+        op_types = {Variant.S8S8: ("MatMul", "Gemm"), Variant.U8S8: ("MatMul", "Gemm"), Variant.U8S7: ("MatMul", "Gemm")}
     else:
-        op_types = {Variant.S8S8: WEIGHTED_OPS, Variant.U8S8: CPU_CNN_OPS}
+        op_types = {Variant.S8S8: WEIGHTED_OPS, Variant.U8S8: CPU_CNN_OPS, Variant.U8S7: CPU_CNN_OPS}
     return Placement(family, tuple(nodes), op_types)
 
 
@@ -93,14 +116,29 @@ def write_qdq(
     variant: Variant,
     placement: Placement,
 ) -> onnx.ModelProto:
-    """Insert Q/DQ for ``variant`` using ``ranges`` (tensor -> (lo, hi); symmetric for S8S8)."""
+    """Insert Q/DQ for ``variant`` using ``ranges`` (tensor -> (lo, hi); symmetric for S8S8).
+
+    A placement with no node left (mixed precision returned every layer to float) gives an
+    unchanged copy of ``model``."""
+    if not placement.nodes:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        return out
+    if variant is Variant.U8S7:
+        full = _quantize(model, ranges, Variant.U8S8, placement, reduce_range=False)
+        reduced = _quantize(model, ranges, Variant.U8S7, placement, reduce_range=True)
+        return _keep_depthwise_weights(reduced, full)
+    return _quantize(model, ranges, variant, placement, reduce_range=False)
+
+
+def _quantize(
+    model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], variant: Variant, placement: Placement, *,
+    reduce_range: bool,
+) -> onnx.ModelProto:
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 
-    if not placement.nodes:
-        raise ConversionError("no Conv, MatMul or Gemm with constant weights to quantize in this graph",
-                              hint="convert without quantize='int8' to keep it fp32")
     op_types = placement.op_types[variant]
     s8 = variant is Variant.S8S8
     data = {}
@@ -125,7 +163,7 @@ def write_qdq(
     if not s8 and placement.family == "cnn":
         nodes = [n.name for n in model.graph.node if n.op_type in op_types and n.name not in _excluded(model, placement)]
     quantizer = QDQQuantizer(
-        model, True, False, QuantType.QInt8, QuantType.QInt8 if s8 else QuantType.QUInt8,
+        model, True, reduce_range, QuantType.QInt8, QuantType.QInt8 if s8 else QuantType.QUInt8,
         TensorsData(CalibrationMethod.MinMax, data), nodes, [], list(op_types), extra,
     )
     quantizer.quantize_model()
@@ -137,6 +175,40 @@ def write_qdq(
     return out
 
 
+def _float_sources(model: onnx.ModelProto) -> dict[str, str]:
+    """DequantizeLinear output -> the float tensor its QuantizeLinear quantized."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    sources: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear":
+            continue
+        q = producers.get(node.input[0])
+        if q is not None and q.op_type == "QuantizeLinear":
+            sources[node.output[0]] = q.input[0]
+    return sources
+
+
+def _keep_depthwise_weights(reduced: onnx.ModelProto, full: onnx.ModelProto) -> onnx.ModelProto:
+    """``reduced`` with the 8-bit weights and biases of ``full`` on its depthwise convolutions.
+
+    Both graphs come from the same quantizer on the same model and ranges, so they share node
+    and initializer names; only the weight and bias values and scales differ."""
+    producers = {o: n for n in reduced.graph.node for o in n.output}
+    full_inits = {i.name: i for i in full.graph.initializer}
+    inits = {i.name: i for i in reduced.graph.initializer}
+    for node in reduced.graph.node:
+        if not is_depthwise(node):
+            continue
+        for name in node.input[1:]:
+            dq = producers.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            for init in dq.input:
+                if init in inits and init in full_inits:
+                    inits[init].CopyFrom(full_inits[init])
+    return reduced
+
+
 def _float_readers_read_float(model: onnx.ModelProto, quantized: set[str]) -> None:
     """Point every non-quantized reader of a dequantized activation back at the float tensor.
 
@@ -144,20 +216,17 @@ def _float_readers_read_float(model: onnx.ModelProto, quantized: set[str]) -> No
     output, so residual Adds and LayerNorms would read int8-rounded values (and unfused DQ
     nodes would cost time). Only the quantized MatMul/Gemm nodes should see them.
     """
-    producers = {o: n for n in model.graph.node for o in n.output}
-    float_source: dict[str, str] = {}
-    for node in model.graph.node:
-        if node.op_type != "DequantizeLinear":
-            continue
-        q = producers.get(node.input[0])
-        if q is not None and q.op_type == "QuantizeLinear":
-            float_source[node.output[0]] = q.input[0]
+    float_source = _float_sources(model)
     for node in model.graph.node:
         if node.name in quantized or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             continue
         for i, name in enumerate(node.input):
             if name in float_source:
                 node.input[i] = float_source[name]
+    _drop_dead_qdq(model)
+
+
+def _drop_dead_qdq(model: onnx.ModelProto) -> None:
     while True:  # drop DQ nodes nobody reads any more, then Q nodes that fed only those
         used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
         dead = [n for n in model.graph.node

@@ -18,14 +18,16 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from converters.bias_correction import ChannelMeans, correct_biases, input_axes
+from converters.bias_correction import ChannelMeans, correct_biases, input_axes, input_nodes
 from converters.equalization import equalize
 from converters.calibration.collect import collect_histograms, tensors_around
 from converters.calibration.histogram import TensorHistogram
 from converters.calibration.methods import CalibrationMethod, TensorRange, choose_range
 from converters.calibration.scales import ScaleFile, TensorScale, data_hash, graph_hash
-from converters.calibration.schemes import Scheme, dequantize, per_channel_weight_params, quantize
-from converters.qdq import Placement, Variant, plan_placement, write_qdq
+from converters.calibration.schemes import (Scheme, affine_scale_zero_point, dequantize,
+                                              per_channel_weight_params, quantize)
+from converters.qdq import CPU_VARIANTS, Placement, Variant, plan_placement, weight_max, write_qdq
+from converters.reference import run_reference
 from converters.smoothing import DEFAULT_ALPHA, smooth_model
 from converters.trt_rules import assert_trt_compatible
 
@@ -44,8 +46,10 @@ class Calibration:
     affine: dict[str, TensorRange]
     scales: ScaleFile
     seconds: float
-    model: onnx.ModelProto  # the graph to quantize: the prepared one, biases corrected when asked
-    prepared: onnx.ModelProto  # the fp32 graph after smoothing / equalization (same function)
+    model: onnx.ModelProto  # the graph to quantize: the fp32 graph after smoothing / equalization
+    prepared: onnx.ModelProto  # the same graph (kept under this name for the package's model.onnx)
+    means: ChannelMeans | None = None  # per-channel input means of Conv/Gemm layers, for bias correction
+    original: onnx.ModelProto | None = None  # the graph before smoothing / equalization: every layer in float
     bias_corrected: tuple[str, ...] = ()
     smoothed: tuple[str, ...] = ()
     smoothing_alpha: float | None = None
@@ -56,9 +60,18 @@ class Calibration:
 
 @dataclass(frozen=True)
 class Int8Graphs:
-    s8s8: onnx.ModelProto
-    u8s8: onnx.ModelProto
-    float_nodes: dict[str, str] = field(default_factory=dict)  # node -> why it stayed float
+    """One Q/DQ graph per variant, and per variant the layers that stayed float (node -> why)."""
+
+    graphs: dict[Variant, onnx.ModelProto]
+    float_nodes: dict[Variant, dict[str, str]] = field(default_factory=dict)
+
+    @property
+    def s8s8(self) -> onnx.ModelProto:
+        return self.graphs[Variant.S8S8]
+
+    @property
+    def u8s8(self) -> onnx.ModelProto:
+        return self.graphs[Variant.U8S8]
 
 
 def calibrate(
@@ -77,7 +90,7 @@ def calibrate(
     means = ChannelMeans(input_axes(model, placement.nodes) if bias_correction else {})
     hists = collect_histograms(model, batches, tensors, num_bins=num_bins, progress=progress, observe=means,
                                mask=mask)
-    corrected_model, corrected = correct_biases(model, placement.nodes, means) if bias_correction else (model, [])
+    corrected = [n for n in input_nodes(model, placement.nodes) if means.mean(n[1]) is not None]
     fallbacks: dict[str, str] = {}
     linear = {n: _guarded_range(h, method, Scheme.LINEAR, fallbacks) for n, h in hists.items()}
     affine = {n: _guarded_range(h, method, Scheme.AFFINE, fallbacks) for n, h in hists.items()}
@@ -87,8 +100,8 @@ def calibrate(
         samples=sum(len(next(iter(b.values()))) for b in batches), method=method.value,
         created_by="edge-sdk converters",
     )
-    return Calibration(hists, linear, affine, scales, time.perf_counter() - start, corrected_model, model,
-                       tuple(corrected), range_fallbacks=fallbacks)
+    return Calibration(hists, linear, affine, scales, time.perf_counter() - start, model, model,
+                       means if bias_correction else None, tuple(n for n, _ in corrected), range_fallbacks=fallbacks)
 
 
 def prepare_int8(
@@ -100,6 +113,7 @@ def prepare_int8(
     None to skip) or equalize CNN conv pairs; then calibrate (with bias correction). The one
     entry point for ``convert`` and the benchmarks. ``mask`` names the attention-mask input of a
     text model, so that padding positions stay out of the statistics."""
+    original = model
     placement = plan_placement(model)
     smoothed: list[str] = []
     pairs: list[tuple[str, str]] = []
@@ -111,7 +125,7 @@ def prepare_int8(
         model, pairs, skipped = equalize(model)
     cal = calibrate(model, batches, placement, method, progress=progress, bias_correction=bias_correction,
                     mask=mask)
-    return replace(cal, smoothed=tuple(smoothed), smoothing_alpha=smoothing if smoothed else None,
+    return replace(cal, original=original, smoothed=tuple(smoothed), smoothing_alpha=smoothing if smoothed else None,
                    equalized=tuple(pairs), equalization_skipped=skipped), placement
 
 
@@ -142,13 +156,27 @@ def _tensor_scale(h: TensorHistogram, r: TensorRange) -> TensorScale:
                        error=r.error)
 
 
+def quantizable_model(calibration: Calibration, placement: Placement, variant: Variant) -> onnx.ModelProto:
+    """The graph ``variant`` quantizes: biases of the int8 layers (only) corrected for its weight rounding."""
+    if calibration.means is None or not placement.nodes:
+        return calibration.model
+    corrected, _ = correct_biases(calibration.model, placement.nodes, calibration.means, weight_max(variant))
+    return corrected
+
+
+def build_variant(calibration: Calibration, placement: Placement, variant: Variant) -> onnx.ModelProto:
+    """One Q/DQ graph; layers outside ``placement`` stay float with their fp32 weights and biases."""
+    ranges = calibration.linear if variant is Variant.S8S8 else calibration.affine
+    graph = write_qdq(quantizable_model(calibration, placement, variant), {n: (r.lo, r.hi) for n, r in ranges.items()},
+                      variant, placement)
+    if variant is Variant.S8S8 and placement.nodes:
+        assert_trt_compatible(graph)
+    return graph
+
+
 def build_int8(calibration: Calibration, placement: Placement) -> Int8Graphs:
-    """Write both Q/DQ graphs from one calibration; the S8S8 one must meet TensorRT's rules."""
-    model = calibration.model
-    s8 = write_qdq(model, {n: (r.lo, r.hi) for n, r in calibration.linear.items()}, Variant.S8S8, placement)
-    assert_trt_compatible(s8)
-    u8 = write_qdq(model, {n: (r.lo, r.hi) for n, r in calibration.affine.items()}, Variant.U8S8, placement)
-    return Int8Graphs(s8, u8)
+    """Every variant's Q/DQ graph from one calibration; the S8S8 one must meet TensorRT's rules."""
+    return Int8Graphs({v: build_variant(calibration, placement, v) for v in Variant})
 
 
 def _weight_axis(node: onnx.NodeProto) -> int:
@@ -157,19 +185,26 @@ def _weight_axis(node: onnx.NodeProto) -> int:
     return 0 if node.op_type == "Conv" else 1
 
 
-def fake_quantize_node(model: onnx.ModelProto, node_name: str, act: TensorRange) -> onnx.ModelProto:
-    """A copy of ``model`` where only ``node_name`` sees int8: Q/DQ on its input, int8-rounded weights."""
+def fake_quantize_node(model: onnx.ModelProto, node_name: str, act: TensorRange,
+                       variant: Variant = Variant.S8S8) -> onnx.ModelProto:
+    """A copy of ``model`` where only ``node_name`` sees int8 as ``variant`` does: Q/DQ on its input
+    (symmetric int8 for S8S8, uint8 with a zero point for the CPU variants) and rounded weights."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     node = next(n for n in out.graph.node if n.name == node_name)
     weights = {i.name: i for i in out.graph.initializer}
     w_init = weights[node.input[1]]
     w = numpy_helper.to_array(w_init)
-    params = per_channel_weight_params(w, _weight_axis(node))
+    params = per_channel_weight_params(w, _weight_axis(node), weight_max(variant)(node))
     w_init.CopyFrom(numpy_helper.from_array(dequantize(quantize(w, params), params).astype(w.dtype), w_init.name))
-    scale, tag = np.float32(max(act.amax, 1e-30) / 127.0), f"{node_name}_sens"
-    out.graph.initializer.extend([numpy_helper.from_array(np.array(scale), f"{tag}_scale"),
-                                  numpy_helper.from_array(np.array(0, np.int8), f"{tag}_zp")])
+    tag = f"{node_name}_sens"
+    if variant is Variant.S8S8:
+        scale, zero = np.array(np.float32(max(act.amax, 1e-30) / 127.0)), np.array(0, np.int8)
+    else:
+        scale, zero = affine_scale_zero_point(min(act.lo, 0.0), max(act.hi, 1e-30))
+        scale, zero = np.array(scale, np.float32), np.array(zero, np.uint8)
+    out.graph.initializer.extend([numpy_helper.from_array(scale, f"{tag}_scale"),
+                                  numpy_helper.from_array(zero, f"{tag}_zp")])
     src = node.input[0]
     qdq = [helper.make_node("QuantizeLinear", [src, f"{tag}_scale", f"{tag}_zp"], [f"{tag}_q"], name=f"{tag}_Q"),
            helper.make_node("DequantizeLinear", [f"{tag}_q", f"{tag}_scale", f"{tag}_zp"], [f"{tag}_dq"],
@@ -181,28 +216,23 @@ def fake_quantize_node(model: onnx.ModelProto, node_name: str, act: TensorRange)
     return out
 
 
-def _run(model: onnx.ModelProto, batches: Sequence[Feeds]) -> np.ndarray:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    first = session.get_outputs()[0].name
-    return np.concatenate([session.run([first], b)[0] for b in batches]).astype(np.float64)
-
-
 def layer_sensitivity(
     model: onnx.ModelProto, batches: Sequence[Feeds], calibration: Calibration, placement: Placement,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None, variant: Variant = Variant.S8S8,
 ) -> dict[str, float]:
-    """Relative output error (MSE / output power) of each layer quantized alone, on a few batches."""
-    reference = _run(model, batches)
+    """Relative output error (MSE / output power) of each layer quantized alone as ``variant`` does it,
+    computed by the exact reference on a few batches (the same on every CPU)."""
+    reference = run_reference(model, batches).astype(np.float64)
     power = float(np.mean(reference**2)) or 1.0
     inputs = {n.name: n.input[0] for n in calibration.model.graph.node if n.input}
+    ranges = calibration.linear if variant is Variant.S8S8 else calibration.affine
     result = {}
     for node in placement.nodes:
-        act = calibration.linear.get(inputs[node])
+        act = ranges.get(inputs[node])
         if act is None:
             continue
-        quantized = _run(fake_quantize_node(calibration.model, node, act), batches)
+        single = quantizable_model(calibration, replace(placement, nodes=(node,)), variant)
+        quantized = run_reference(fake_quantize_node(single, node, act, variant), batches).astype(np.float64)
         result[node] = float(np.mean((quantized - reference) ** 2)) / power
         if progress:
             progress(1)
@@ -210,42 +240,58 @@ def layer_sensitivity(
 
 
 def mixed_precision(
-    calibration: Calibration, placement: Placement, sensitivity: dict[str, float],
+    calibration: Calibration, placement: Placement, variant: Variant, sensitivity: dict[str, float],
     metric: Metric, baseline: float, budget: float,
-) -> tuple[Int8Graphs, list[dict[str, Any]]]:
-    """Return the most sensitive layers to float, doubling the count, until ``baseline - metric <= budget``.
+) -> tuple[onnx.ModelProto, dict[str, str], list[dict[str, Any]]]:
+    """The fewest most-sensitive layers returned to float that keep ``baseline - metric <= budget``.
 
-    ``metric`` scores a U8S8 graph in points (accuracy or agreement, 0-100).
+    ``metric`` scores a graph of ``variant`` in points (accuracy or agreement, 0-100), measured by
+    the exact reference. With ``k`` the number of layers in float (most sensitive first), ``k = 0``
+    is measured first; then a bisection between the largest failing and the smallest passing ``k``
+    measured so far, where every layer in float (the fp32 graph itself, which meets any budget)
+    passes. At most ``log2(layers) + 2`` graphs are measured and the result is always one that was
+    measured within the budget. Returns the graph, its float layers with reasons, and every step.
     """
     order = sorted(sensitivity, key=lambda n: sensitivity[n], reverse=True)
     steps: list[dict[str, Any]] = []
-    kept = 0
-    while True:
-        floats = order[:kept]
-        current = Placement(placement.family, tuple(n for n in placement.nodes if n not in floats),
-                            placement.op_types)
-        graphs = build_int8(calibration, current) if current.nodes else None
-        score = metric(graphs.u8s8) if graphs else baseline
-        steps.append({"float_layers": kept, "metric": score, "drop": baseline - score})
-        log.info("mixed precision: %d layers in float -> metric %.2f (drop %.2f)", kept, score, baseline - score)
-        if baseline - score <= budget or graphs is None:
-            reasons = {n: f"mixed precision: sensitivity rank {i + 1} (error {sensitivity[n]:.2e})"
-                       for i, n in enumerate(floats)}
-            if graphs is None:
-                raise_budget(budget, steps)
-            return Int8Graphs(graphs.s8s8, graphs.u8s8, reasons), steps  # type: ignore[union-attr]
-        kept = max(1, kept * 2)
-        if kept >= len(order):
-            kept = len(order)
+    graphs: dict[int, onnx.ModelProto] = {}
+
+    def within(k: int) -> bool:
+        floats = set(order[:k])
+        current = replace(placement, nodes=tuple(n for n in placement.nodes if n not in floats))
+        graphs[k] = (build_variant(calibration, current, variant) if current.nodes
+                     else calibration.original or calibration.model)
+        score = metric(graphs[k])
+        steps.append({"float_layers": k, "metric": score, "drop": baseline - score,
+                      "within_budget": baseline - score <= budget})
+        log.info("mixed precision (%s): %d layers in float -> metric %.2f (drop %.2f)", variant.value, k, score,
+                 baseline - score)
+        return bool(steps[-1]["within_budget"])
+
+    failing, passing = 0, len(order)
+    if not within(0):
+        if not within(passing):
+            raise_budget(budget, steps)  # the fp32 graph itself misses the metric: a metric defect
+        while passing - failing > 1:
+            middle = (failing + passing) // 2
+            if within(middle):
+                passing = middle
+            else:
+                failing = middle
+    else:
+        passing = 0
+    reasons = {n: f"mixed precision: sensitivity rank {i + 1} (error {sensitivity[n]:.2e})"
+               for i, n in enumerate(order[:passing])}
+    return graphs[passing], reasons, steps
 
 
 def raise_budget(budget: float, steps: list[dict[str, Any]]) -> None:
     from edge_sdk.errors import CalibrationError
 
     raise CalibrationError(
-        f"no int8 layer set stays within the accuracy budget of {budget} points (tried {len(steps)} steps)",
-        hint="raise the budget, or convert without quantize='int8'")
+        f"not even the fp32 graph stays within the accuracy budget of {budget} points (tried {len(steps)} steps)",
+        hint="the metric is not reproducible: check that validation predictions are deterministic")
 
 
-__all__ = ["Calibration", "Int8Graphs", "build_int8", "calibrate", "layer_sensitivity", "mixed_precision",
-           "plan_placement", "prepare_int8"]
+__all__ = ["CPU_VARIANTS", "Calibration", "Int8Graphs", "Variant", "build_int8", "build_variant", "calibrate",
+           "layer_sensitivity", "mixed_precision", "plan_placement", "prepare_int8"]

@@ -33,6 +33,8 @@ class Model:
             "path": str(self._pipeline.package.path) if self._pipeline.package else None,
             "backend": self.backend,
             "graph": self._pipeline.selection.graph,
+            "precision_served": self._pipeline.selection.precision_label,
+            "graph_reason": self._pipeline.selection.graph_reason,
             "skipped_backends": [{"backend": s.backend, "reason": s.reason} for s in self._pipeline.skipped],
             "parity": None if parity is None else {
                 "samples": parity.samples, "max_abs_diff": parity.max_abs_diff, "tolerance": parity.tolerance,

@@ -5,7 +5,8 @@
 * ``onnxruntime-tensorrt``: onnxruntime's TensorRT execution provider on the S8S8 (or fp32)
   graph, with its engine and timing caches under the runtime's cache directory.
 * ``onnxruntime-cuda``: onnxruntime's CUDA provider on the fp32 graph.
-* ``onnxruntime-cpu``: the CPU provider on the U8S8 int8 graph when there is one.
+* ``onnxruntime-cpu``: the CPU provider on the int8 graph this CPU computes exactly (see
+  :func:`cpu_int8_graph`) when the package has one, else fp32.
 """
 
 from __future__ import annotations
@@ -37,7 +38,34 @@ def device_key() -> str:
     return devices.fingerprint(devices.detect()).key
 
 
-_TARGETS = {"u8s8": "onnxruntime's CPU provider", "s8s8": "TensorRT"}
+_TARGETS = {"u8s8": "onnxruntime's CPU provider", "u8s7": "onnxruntime's CPU provider", "s8s8": "TensorRT"}
+VNNI_FEATURES = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def cpu_int8_graph(arch: str, cpu_flags: frozenset[str]) -> tuple[str, str]:
+    """The int8 graph whose onnxruntime kernels are exact on this CPU family, and why.
+
+    Measured by ``bench/int8_kernels.py`` (onnxruntime 1.32): x86 with VNNI and Arm64 run U8S8
+    exactly; x86 without VNNI sums pairs of uint8 x int8 products in saturating int16, so it runs
+    U8S7 (7-bit weights). An x86 CPU whose features cannot be read gets U8S7, exact on every x86."""
+    if arch in ("aarch64", "arm64"):
+        return "u8s8", "Arm64: int8 dot products accumulate in int32 (SDOT/UDOT or widening multiplies)"
+    if arch in ("x86_64", "amd64", "AMD64"):
+        vnni = sorted(cpu_flags & VNNI_FEATURES)
+        if vnni:
+            return "u8s8", f"x86-64 with {', '.join(vnni)}: VPDPBUSD accumulates uint8 x int8 in int32"
+        return "u8s7", ("x86-64 without VNNI: uint8 x int8 pairs are summed in saturating int16 (VPMADDUBSW), "
+                        "so the graph with 7-bit weights runs instead")
+    return "u8s8", f"{arch}: no measured int8 kernel facts; U8S8, checked by the golden vectors"
+
+
+@functools.lru_cache(maxsize=1)
+def this_cpu_int8_graph() -> tuple[str, str]:
+    """:func:`cpu_int8_graph` for this machine (probed once per process)."""
+    import devices
+
+    info = devices.detect()
+    return cpu_int8_graph(info.arch, info.cpu_flags)
 
 
 def pick_graph(package: Package, precision: str, variant: str) -> str:
@@ -50,8 +78,22 @@ def pick_graph(package: Package, precision: str, variant: str) -> str:
 
 
 def cpu_graph(package: Package, precision: str) -> str:
-    """The graph the onnxruntime CPU provider runs: U8S8 when there is one."""
-    return pick_graph(package, precision, "u8s8")
+    """The graph the onnxruntime CPU provider runs: the int8 graph exact on this CPU when the package
+    has it (a package made before U8S7 existed offers U8S8, which the golden vectors then check)."""
+    wanted, _ = this_cpu_int8_graph()
+    graphs = package.manifest.graphs
+    variant = wanted if wanted in graphs or "u8s8" not in graphs else "u8s8"
+    return pick_graph(package, precision, variant)
+
+
+def graph_reason(graph: str) -> str:
+    """Why a graph serves: for a CPU int8 graph, the CPU fact that chose it."""
+    if graph == "fp32":
+        return "fp32 graph"
+    if graph == "s8s8":
+        return "TensorRT explicit-quantization graph"
+    wanted, reason = this_cpu_int8_graph()
+    return reason if graph == wanted else f"{graph}: the package has no {wanted} graph ({reason})"
 
 
 def _gpu_graph(package: Package, precision: str) -> str:

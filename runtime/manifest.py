@@ -23,7 +23,7 @@ POSTPROCESS_KINDS = {"image-classification": "classes", "text-classification": "
                      "anomaly-score": "anomaly", "text-embedding": "embedding"}
 POOLINGS = ("none", "mean", "cls")
 PRECISIONS = ("fp32", "int8")
-GRAPH_VARIANTS = ("u8s8", "s8s8")  # int8 for the onnxruntime CPU provider / for TensorRT
+GRAPH_VARIANTS = ("u8s8", "u8s7", "s8s8")  # int8 for the onnxruntime CPU provider (per ISA) / for TensorRT
 DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
 INTERPOLATIONS = ("nearest", "linear", "area", "cubic", "lanczos")
 COLORS = ("rgb", "bgr", "gray")
@@ -344,7 +344,7 @@ class Manifest:
     files: Mapping[str, FileEntry]
     golden: str | None = "golden.npz"
     precision: str = "fp32"
-    graphs: Mapping[str, str] = field(default_factory=dict)  # variant ("u8s8", "s8s8") -> file
+    graphs: Mapping[str, str] = field(default_factory=dict)  # variant ("u8s8", "u8s7", "s8s8") -> file
     engines: tuple[Mapping[str, Any], ...] = ()
     reports: Mapping[str, Any] = field(default_factory=dict)
     created_by: str = ""

@@ -123,7 +123,7 @@ class Pipeline:
         post = self.manifest.postprocess
         make = anomaly_predictions if post.kind == "anomaly" else to_predictions
         return make(scores, post, backend=self.backend, model=self.manifest.name,
-                    precision=self.selection.precision, timings=timings)
+                    precision=self.selection.precision_label, timings=timings)
 
     def _run(self, items: Sequence[Any]) -> list[Prediction]:
         if isinstance(self._encode, TextFeeds) and self.manifest.postprocess.kind != "embedding":

@@ -40,7 +40,20 @@ class Selection:
 
     @property
     def precision(self) -> str:
+        """"fp32" or "int8": what to ask the backend's factory for to get this graph again (replicas)."""
         return "fp32" if self.graph == "fp32" else "int8"
+
+    @property
+    def precision_label(self) -> str:
+        """What each prediction reports: "fp32", or "int8-<graph>" naming the int8 graph (e.g. int8-u8s7)."""
+        return "fp32" if self.graph == "fp32" else f"int8-{self.graph}"
+
+    @property
+    def graph_reason(self) -> str:
+        """Why this graph serves (the CPU fact behind a CPU int8 graph)."""
+        from runtime.backends import graph_reason
+
+        return graph_reason(self.graph)
 
 
 PRECISIONS = ("auto", "fp32", "int8")
@@ -73,7 +86,9 @@ def select_runner(
 
     ``precision`` is "auto" (int8 when the package has it), "fp32" or "int8". With ``verify``
     a backend must reproduce the package's golden outputs before it is chosen; one that fails
-    is deactivated, recorded with the difference, and the next backend is tried.
+    is deactivated and recorded with the difference. With precision "auto" a failing int8 graph is
+    followed by the same backend's fp32 graph (a CPU whose int8 kernels diverge serves fp32, never
+    a silently wrong int8), then by the next backend.
     """
     if precision not in PRECISIONS:
         raise BackendUnavailableError(f"precision is {precision!r}; expected one of {', '.join(PRECISIONS)}")
@@ -82,23 +97,10 @@ def select_runner(
         probe, factory = registry[name]
         reason = probe(package)
         if reason is None:
-            try:
-                runner, graph = factory(package, threads, precision)
-                runner.activate()
-            except EdgeSDKError as exc:
-                reason = str(exc)
-            else:
-                try:
-                    parity = check_parity(package, runner, graph) if verify else None
-                except EdgeSDKError as exc:
-                    runner.deactivate()
-                    reason = f"failed the golden-vector check: {exc}"
-                    log.warning("backend %s passed over: %s", name, reason)
-                else:
-                    for s in skipped:
-                        log.info("backend %s skipped: %s", s.backend, s.reason)
-                    log.info("selected backend %s (%s graph) for %s", name, graph, package.manifest.name)
-                    return Selection(name, runner, tuple(skipped), graph, parity)
+            chosen = _try(package, name, factory, threads, precision, verify, skipped)
+            if chosen is not None:
+                return chosen
+            continue
         skipped.append(Skipped(name, reason))
     details = "; ".join(f"{s.backend}: {s.reason}" for s in skipped)
     tried = {s.backend for s in skipped}
@@ -106,6 +108,35 @@ def select_runner(
         f"no backend in the policy can run {package.manifest.name}: {details}",
         hint="add 'onnxruntime-cpu' to the policy" if "onnxruntime-cpu" not in tried
         else "every backend was tried; the reasons above say what to fix")
+
+
+def _try(package: Package, name: str, factory: Factory, threads: int | None, precision: str, verify: bool,
+         skipped: list[Skipped]) -> Selection | None:
+    """Activate backend ``name`` and check its parity; with precision "auto", an int8 graph that fails
+    the golden vectors is recorded and the same backend is tried on the fp32 graph."""
+    attempts = [precision, "fp32"] if precision == "auto" else [precision]
+    for attempt in attempts:
+        try:
+            runner, graph = factory(package, threads, attempt)
+            runner.activate()
+        except EdgeSDKError as exc:
+            skipped.append(Skipped(name, str(exc)))
+            return None
+        try:
+            parity = check_parity(package, runner, graph) if verify else None
+        except EdgeSDKError as exc:
+            runner.deactivate()
+            label = name if graph == "fp32" else f"{name} ({graph} graph)"
+            skipped.append(Skipped(label, f"failed the golden-vector check: {exc}"))
+            log.warning("backend %s passed over: %s", label, skipped[-1].reason)
+            if graph == "fp32":
+                return None
+            continue
+        for s in skipped:
+            log.info("backend %s skipped: %s", s.backend, s.reason)
+        log.info("selected backend %s (%s graph) for %s", name, graph, package.manifest.name)
+        return Selection(name, runner, tuple(skipped), graph, parity)
+    return None
 
 
 def replicate(

@@ -112,8 +112,11 @@ def affine_params(lo: float, hi: float) -> QuantParams:
     return QuantParams(scale, zero_point.astype(np.uint8), "uint8")
 
 
-def per_channel_weight_params(weight: np.ndarray, axis: int) -> QuantParams:
-    """Symmetric int8 parameters per slice along ``axis`` (amax = max ``|w|`` of each channel)."""
+def per_channel_weight_params(weight: np.ndarray, axis: int, qmax: int = INT8_MAX) -> QuantParams:
+    """Symmetric int8 parameters per slice along ``axis`` (amax = max ``|w|`` of each channel).
+
+    ``qmax`` 64 gives onnxruntime's ``reduce_range`` weights in ``[-64, 64]``, whose products with
+    uint8 activations x86 kernels without VNNI can pair-sum in int16 without saturating."""
     w = np.asarray(weight)
     if not -w.ndim <= axis < w.ndim:
         raise CalibrationError(f"axis {axis} is out of range for a weight of shape {w.shape}")
@@ -124,7 +127,8 @@ def per_channel_weight_params(weight: np.ndarray, axis: int) -> QuantParams:
         )
     amax = np.max(np.abs(w.astype(np.float64)), axis=tuple(i for i in range(w.ndim) if i != axis))
     # An all-zero channel gets MIN_SCALE: every weight then quantizes to 0, exactly.
-    return QuantParams(symmetric_scale(amax), np.zeros(amax.shape, np.int8), "int8", axis)
+    scale = _float32_scale(amax / qmax)
+    return QuantParams(scale, np.zeros(amax.shape, np.int8), "int8", axis)
 
 
 def _along_axis(values: np.ndarray, ndim: int, shape: tuple[int, ...], axis: int | None) -> np.ndarray:

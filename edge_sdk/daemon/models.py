@@ -102,7 +102,7 @@ class ModelRegistry:
         p = slot.pipeline
         m = p.manifest
         return {"name": name, "package": str(slot.package), "model": m.name, "version": m.version, "task": m.task,
-                "backend": p.backend, "precision": p.selection.precision, "labels": list(m.postprocess.labels),
+                "backend": p.backend, "precision": p.selection.precision_label, "labels": list(m.postprocess.labels),
                 "skipped_backends": [{"backend": s.backend, "reason": s.reason} for s in p.skipped],
                 "loaded_at": slot.loaded_at, "swaps": slot.swaps, "last_swap_error": slot.last_swap_error}
 

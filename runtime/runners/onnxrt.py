@@ -7,7 +7,7 @@ selection decides whether they are usable on this machine.
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -16,6 +16,12 @@ from runtime.manifest import TensorSpec
 from runtime.runners.base import Feeds, Runner
 
 log = logging.getLogger(__name__)
+
+#: onnxruntime optimizers never run on a package's graphs. Since 1.20 ``WeightBiasQuantization``
+#: gives int8 weights to a Conv/Gemm/MatMul left in float between a DequantizeLinear and a
+#: QuantizeLinear, so a layer the converter returned to float (mixed precision) would silently run
+#: in int8 with weights of onnxruntime's choosing. Unknown names are ignored by older versions.
+DISABLED_OPTIMIZERS = ("WeightBiasQuantization",)
 
 _PROVIDER_BACKENDS = {
     "CPUExecutionProvider": "onnxruntime-cpu",
@@ -45,6 +51,7 @@ class OnnxRuntimeRunner(Runner):
         providers: Sequence[str] = ("CPUExecutionProvider",),
         provider_options: Sequence[dict[str, Any]] | None = None,
         threads: int | None = None,
+        session_config: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(inputs, outputs)
         if threads is not None and threads < 1:
@@ -53,6 +60,7 @@ class OnnxRuntimeRunner(Runner):
         self.providers = tuple(providers)
         self.provider_options = list(provider_options) if provider_options else None
         self.threads = threads
+        self.session_config = dict(session_config or {})  # onnxruntime session config entries
         self.backend = _PROVIDER_BACKENDS.get(self.providers[0], self.providers[0])
         self._session: Any = None
 
@@ -70,9 +78,13 @@ class OnnxRuntimeRunner(Runner):
         # of the thread pool burns a core (and power) for a few percent of latency.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        options.log_severity_level = 3  # onnxruntime's own warnings (unused initializers) are not the user's concern
+        for key, value in self.session_config.items():
+            options.add_session_config_entry(key, value)
         try:
             self._session = ort.InferenceSession(self._model, sess_options=options, providers=list(self.providers),
-                                                 provider_options=self.provider_options)
+                                                 provider_options=self.provider_options,
+                                                 disabled_optimizers=list(DISABLED_OPTIMIZERS))
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise InferenceError(f"onnxruntime could not load the model: {exc}") from None
         used = self._session.get_providers()
