@@ -78,6 +78,7 @@ class _VariantResult:
     sensitivity: dict[str, float]
     steps: list[dict[str, Any]]
     metric: float
+    rounding: dict[str, Any]
 
 
 def _fit_variant(
@@ -85,18 +86,30 @@ def _fit_variant(
     score: Callable[[onnx.ModelProto], float], baseline: float, budget: float | None,
     progress: Callable[[str, int, int], None] | None,
 ) -> _VariantResult:
-    """Measure ``variant``'s layer sensitivities, then return layers to float until it meets ``budget``."""
+    """Choose ``variant``'s weight rounding by measurement, measure its layer sensitivities, then
+    return layers to float until it meets ``budget``."""
+    plain = build_variant(cal, placement, variant)
+    scores = {"nearest": score(plain)}
+    graph, reconstruction = plain, False
+    if cal.statistics is not None and cal.statistics.sums:
+        rebuilt = build_variant(cal, placement, variant, reconstruction=True)
+        scores["reconstructed"] = score(rebuilt)
+        if scores["reconstructed"] > scores["nearest"]:
+            graph, reconstruction = rebuilt, True
+    rounding = {"chosen": "reconstructed" if reconstruction else "nearest", "metric": scores,
+                "layers": len(cal.statistics.sums) if cal.statistics else 0}
     tick = (lambda n: progress(f"sensitivity {variant.value}", n, len(placement.nodes))) if progress else None
-    sensitivity = layer_sensitivity(model, sens_batches, cal, placement, progress=tick, variant=variant)
-    graph = build_variant(cal, placement, variant)
-    achieved = score(graph)
+    sensitivity = layer_sensitivity(model, sens_batches, cal, placement, progress=tick, variant=variant,
+                                    reconstruction=reconstruction)
+    achieved = max(scores.values())
     steps: list[dict[str, Any]] = [{"float_layers": 0, "metric": achieved, "drop": baseline - achieved,
                                     "within_budget": budget is None or baseline - achieved <= budget}]
     floats: dict[str, str] = {}
     if budget is not None and baseline - achieved > budget:
-        graph, floats, steps = mixed_precision(cal, placement, variant, sensitivity, score, baseline, budget)
+        graph, floats, steps = mixed_precision(cal, placement, variant, sensitivity, score, baseline, budget,
+                                               reconstruction)
         achieved = next(s["metric"] for s in reversed(steps) if s["float_layers"] == len(floats))
-    return _VariantResult(graph, floats, sensitivity, steps, achieved)
+    return _VariantResult(graph, floats, sensitivity, steps, achieved, rounding)
 
 
 def run_int8(
@@ -134,7 +147,7 @@ def run_int8(
     files = {GRAPH_FILES[v.value]: g.SerializeToString() for v, g in graphs.graphs.items()}
     files.update({SCALES_FILE: cal.scales.to_json().encode("utf-8"),
                   PLOT_FILE: _plot(cal.model, cal, results[Variant.U8S8].sensitivity)})
-    per_graph = {v.value: {"target": GRAPH_TARGETS[v.value], "metric_int8": r.metric,
+    per_graph = {v.value: {"target": GRAPH_TARGETS[v.value], "metric_int8": r.metric, "weight_rounding": r.rounding,
                            "float_layers": dict(r.float_nodes), "mixed_precision_steps": r.steps,
                            **_agreement(reference, _logits(r.graph, batches, output))}
                  for v, r in results.items()}

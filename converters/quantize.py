@@ -28,6 +28,7 @@ from converters.calibration.schemes import (Scheme, affine_scale_zero_point, deq
                                               per_channel_weight_params, quantize)
 from converters.qdq import CPU_VARIANTS, Placement, Variant, plan_placement, weight_max, write_qdq
 from converters.reference import run_reference
+from converters.rounding import InputStatistics, layer_of, reconstruct, statistics_for
 from converters.smoothing import DEFAULT_ALPHA, smooth_model
 from converters.trt_rules import assert_trt_compatible
 
@@ -50,6 +51,8 @@ class Calibration:
     prepared: onnx.ModelProto  # the same graph (kept under this name for the package's model.onnx)
     means: ChannelMeans | None = None  # per-channel input means of Conv/Gemm layers, for bias correction
     original: onnx.ModelProto | None = None  # the graph before smoothing / equalization: every layer in float
+    statistics: InputStatistics | None = None  # per-layer input statistics for reconstructed rounding
+    rounded: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # (node, qmax) -> weights, cached
     bias_corrected: tuple[str, ...] = ()
     smoothed: tuple[str, ...] = ()
     smoothing_alpha: float | None = None
@@ -77,18 +80,27 @@ class Int8Graphs:
 def calibrate(
     model: onnx.ModelProto, batches: Sequence[Feeds], placement: Placement, method: CalibrationMethod, *,
     num_bins: int = 2048, progress: Callable[[int], None] | None = None, bias_correction: bool = True,
-    mask: str | None = None,
+    mask: str | None = None, reconstruction: bool = True,
 ) -> Calibration:
     """Histogram the tensors both variants quantize and choose their ranges with ``method``.
 
     With ``bias_correction`` the per-channel input means of Conv/Gemm layers are measured in
-    the same pass and their biases absorb the int8 weight-rounding shift.
+    the same pass and their biases absorb the int8 weight-rounding shift. With ``reconstruction``
+    the same pass gathers each layer's input statistics for layer-wise weight rounding
+    (``converters.rounding``), which a graph may use instead.
     """
     start = time.perf_counter()
     op_types = sorted({op for ops in placement.op_types.values() for op in ops})
     tensors = tensors_around(model, op_types)
     means = ChannelMeans(input_axes(model, placement.nodes) if bias_correction else {})
-    hists = collect_histograms(model, batches, tensors, num_bins=num_bins, progress=progress, observe=means,
+    stats = statistics_for(model, placement.nodes) if reconstruction else None
+
+    def observe(name: str, value: np.ndarray) -> None:
+        means(name, value)
+        if stats is not None:
+            stats(name, value)
+
+    hists = collect_histograms(model, batches, tensors, num_bins=num_bins, progress=progress, observe=observe,
                                mask=mask)
     corrected = [n for n in input_nodes(model, placement.nodes) if means.mean(n[1]) is not None]
     fallbacks: dict[str, str] = {}
@@ -101,7 +113,8 @@ def calibrate(
         created_by="edge-sdk converters",
     )
     return Calibration(hists, linear, affine, scales, time.perf_counter() - start, model, model,
-                       means if bias_correction else None, tuple(n for n, _ in corrected), range_fallbacks=fallbacks)
+                       means if bias_correction else None, statistics=stats,
+                       bias_corrected=tuple(n for n, _ in corrected), range_fallbacks=fallbacks)
 
 
 def prepare_int8(
@@ -156,19 +169,61 @@ def _tensor_scale(h: TensorHistogram, r: TensorRange) -> TensorScale:
                        error=r.error)
 
 
-def quantizable_model(calibration: Calibration, placement: Placement, variant: Variant) -> onnx.ModelProto:
-    """The graph ``variant`` quantizes: biases of the int8 layers (only) corrected for its weight rounding."""
-    if calibration.means is None or not placement.nodes:
+def quantizable_model(calibration: Calibration, placement: Placement, variant: Variant,
+                      reconstruction: bool = False) -> onnx.ModelProto:
+    """The graph ``variant`` quantizes. Only its int8 layers change: with ``reconstruction`` their
+    weights take the levels chosen by layer-wise reconstruction (no bias correction needed), the
+    others get bias correction for the variant's weight rounding. Float layers keep fp32 weights."""
+    if not placement.nodes:
         return calibration.model
-    corrected, _ = correct_biases(calibration.model, placement.nodes, calibration.means, weight_max(variant))
+    rounded: list[str] = []
+    model = calibration.model
+    if reconstruction and calibration.statistics is not None:
+        model, rounded = _with_reconstructed_weights(calibration, placement.nodes, variant)
+    if calibration.means is None:
+        return model
+    rest = tuple(n for n in placement.nodes if n not in set(rounded))
+    corrected, _ = correct_biases(model, rest, calibration.means, weight_max(variant))
     return corrected
 
 
-def build_variant(calibration: Calibration, placement: Placement, variant: Variant) -> onnx.ModelProto:
+def _with_reconstructed_weights(calibration: Calibration, nodes: Sequence[str], variant: Variant,
+                                ) -> tuple[onnx.ModelProto, list[str]]:
+    stats = calibration.statistics
+    if stats is None:
+        return calibration.model, []
+    out = onnx.ModelProto()
+    out.CopyFrom(calibration.model)
+    inits = {i.name: i for i in out.graph.initializer}
+    readers: dict[str, int] = {}
+    for node in out.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    chosen, done = set(nodes), []
+    levels = weight_max(variant)
+    for node in out.graph.node:
+        hessian = stats.hessian(node.name) if node.name in chosen else None
+        if hessian is None or readers.get(node.input[1], 0) != 1:  # shared weights keep plain rounding
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        layer = layer_of(node, weight)
+        if layer is None:
+            continue
+        key = (node.name, levels(node))
+        if key not in calibration.rounded:
+            calibration.rounded[key] = reconstruct(weight, layer, hessian, key[1])
+        inits[node.input[1]].CopyFrom(numpy_helper.from_array(calibration.rounded[key].astype(weight.dtype),
+                                                              node.input[1]))
+        done.append(node.name)
+    return out, done
+
+
+def build_variant(calibration: Calibration, placement: Placement, variant: Variant,
+                  reconstruction: bool = False) -> onnx.ModelProto:
     """One Q/DQ graph; layers outside ``placement`` stay float with their fp32 weights and biases."""
     ranges = calibration.linear if variant is Variant.S8S8 else calibration.affine
-    graph = write_qdq(quantizable_model(calibration, placement, variant), {n: (r.lo, r.hi) for n, r in ranges.items()},
-                      variant, placement)
+    graph = write_qdq(quantizable_model(calibration, placement, variant, reconstruction),
+                      {n: (r.lo, r.hi) for n, r in ranges.items()}, variant, placement)
     if variant is Variant.S8S8 and placement.nodes:
         assert_trt_compatible(graph)
     return graph
@@ -218,7 +273,7 @@ def fake_quantize_node(model: onnx.ModelProto, node_name: str, act: TensorRange,
 
 def layer_sensitivity(
     model: onnx.ModelProto, batches: Sequence[Feeds], calibration: Calibration, placement: Placement,
-    progress: Callable[[int], None] | None = None, variant: Variant = Variant.S8S8,
+    progress: Callable[[int], None] | None = None, variant: Variant = Variant.S8S8, reconstruction: bool = False,
 ) -> dict[str, float]:
     """Relative output error (MSE / output power) of each layer quantized alone as ``variant`` does it,
     computed by the exact reference on a few batches (the same on every CPU)."""
@@ -231,7 +286,7 @@ def layer_sensitivity(
         act = ranges.get(inputs[node])
         if act is None:
             continue
-        single = quantizable_model(calibration, replace(placement, nodes=(node,)), variant)
+        single = quantizable_model(calibration, replace(placement, nodes=(node,)), variant, reconstruction)
         quantized = run_reference(fake_quantize_node(single, node, act, variant), batches).astype(np.float64)
         result[node] = float(np.mean((quantized - reference) ** 2)) / power
         if progress:
@@ -241,7 +296,7 @@ def layer_sensitivity(
 
 def mixed_precision(
     calibration: Calibration, placement: Placement, variant: Variant, sensitivity: dict[str, float],
-    metric: Metric, baseline: float, budget: float,
+    metric: Metric, baseline: float, budget: float, reconstruction: bool = False,
 ) -> tuple[onnx.ModelProto, dict[str, str], list[dict[str, Any]]]:
     """The fewest most-sensitive layers returned to float that keep ``baseline - metric <= budget``.
 
@@ -259,7 +314,7 @@ def mixed_precision(
     def within(k: int) -> bool:
         floats = set(order[:k])
         current = replace(placement, nodes=tuple(n for n in placement.nodes if n not in floats))
-        graphs[k] = (build_variant(calibration, current, variant) if current.nodes
+        graphs[k] = (build_variant(calibration, current, variant, reconstruction) if current.nodes
                      else calibration.original or calibration.model)
         score = metric(graphs[k])
         steps.append({"float_layers": k, "metric": score, "drop": baseline - score,

@@ -72,6 +72,14 @@ def int8_lines(int8: dict[str, Any]) -> list[str]:
         f"(budget {int8['budget']}), top-1 agreement {100 * agreement['top1_agreement']:.1f}%, "
         f"mean cosine {agreement['mean_cosine']:.4f}",
     ]
+    if int8.get("measured_by"):
+        lines.append(f"int8 figures measured by the {int8['measured_by']}")
+    for graph, g in int8.get("per_graph", {}).items():
+        rounding = g.get("weight_rounding", {}).get("chosen", "nearest")
+        lines.append(f"  {graph} ({g['target']}): metric {g['metric_int8']:.2f}, agreement "
+                     f"{100 * g['top1_agreement']:.1f}%, cosine {g['mean_cosine']:.4f}, "
+                     f"{len(g['float_layers'])} layers in float, {rounding} weight rounding, "
+                     f"{len(g['mixed_precision_steps'])} mixed-precision steps")
     if int8.get("validation"):
         lines.append(f"int8 validation accuracy: {int8['validation']['accuracy']:.3f}")
     sizes = int8["sizes_bytes"]
@@ -80,8 +88,10 @@ def int8_lines(int8: dict[str, Any]) -> list[str]:
         lines.append(f"kept in float: {node} ({reason})")
     ranked = sorted((l for l in int8["layers"] if l["sensitivity"] is not None), key=lambda l: -l["sensitivity"])
     for layer in ranked[:5]:
+        precision = layer["precision"]
+        shown = ", ".join(f"{g} {p}" for g, p in precision.items()) if isinstance(precision, dict) else precision
         lines.append(f"sensitive: {layer['node']} ({layer['op_type']}) error {layer['sensitivity']:.2e}, "
-                     f"{layer['method']} amax {layer['amax']:.4g}, {layer['precision']}")
+                     f"{layer['method']} amax {layer['amax']:.4g}, {shown}")
     return lines
 
 

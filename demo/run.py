@@ -67,9 +67,24 @@ def _convert(build: Path, packages: Path) -> dict[str, Path]:
                 continue
             started = time.perf_counter()
             extra = {"quantize": "int8"} if precision == "int8" else {}
-            edge_sdk.convert(model, target, name=name, **kwargs, **extra)  # type: ignore[arg-type]
+            report = edge_sdk.convert(model, target, name=name, **kwargs, **extra)  # type: ignore[arg-type]
             print(f"converted {target.name} in {time.perf_counter() - started:.1f} s")
+            if report.int8:
+                from converters.report import int8_lines
+
+                print("\n".join(f"  {line}" for line in int8_lines(report.int8)[:6]))
     return out
+
+
+def isa() -> str:
+    """This machine's CPU family as the int8 graphs see it: every figure the demo prints was measured on it."""
+    import platform
+
+    import devices
+
+    info = devices.detect()
+    vnni = sorted(info.cpu_flags & {"avx512_vnni", "avx_vnni", "asimddp"})
+    return f"{platform.machine()}, {'int8 dot product: ' + ', '.join(vnni) if vnni else 'no int8 dot product'}"
 
 
 def _measure(package: Path, heldout: Heldout) -> tuple[list[tuple[str, ...]], float, float, str]:
@@ -86,13 +101,15 @@ def _measure(package: Path, heldout: Heldout) -> tuple[list[tuple[str, ...]], fl
                 rows.append((display, truth, p.label, f"{p.score:.3f}", f"{p.backend} {p.precision}",
                              f"{latencies[-1]:.1f} ms"))
         skipped = "; ".join(f"{s['backend']}: {s['reason']}" for s in model.info["skipped_backends"])
+        skipped += f"; serving the {model.info['graph']} graph: {model.info['graph_reason']}"
     return rows, hits / len(heldout.items), statistics.median(latencies), skipped
 
 
 def _run(packages: dict[str, Path], heldout: Heldout) -> None:
     fp32_rows, fp32_acc, fp32_ms, _ = _measure(packages[f"{heldout.name}.fp32"], heldout)
     int8_rows, int8_acc, int8_ms, skipped = _measure(packages[f"{heldout.name}.int8"], heldout)
-    print(f"\n== {heldout.name}: {len(heldout.items)} held-out samples, one at a time (int8 package shown)")
+    print(f"\n== {heldout.name}: {len(heldout.items)} held-out samples, one at a time (int8 package shown; "
+          f"CPU {isa()})")
     table(("sample", "true", "predicted", "score", "backend", "latency"), int8_rows)
     print(f"fp32: accuracy {fp32_acc:.3f}, median latency {fp32_ms:.1f} ms per sample")
     print(f"int8: accuracy {int8_acc:.3f}, median latency {int8_ms:.1f} ms per sample "
