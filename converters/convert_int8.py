@@ -145,14 +145,18 @@ def run_int8(
     graphs = Int8Graphs({v: r.graph for v, r in results.items()}, {v: r.float_nodes for v, r in results.items()})
     golden = {v.value: {output: _logits(g, [golden_in], output)} for v, g in graphs.graphs.items()}
     files = {GRAPH_FILES[v.value]: g.SerializeToString() for v, g in graphs.graphs.items()}
+    # fidelity figures on the held-out validation inputs when there are any, else on the calibration data
+    held = [encoder([s.item for s in validation[i:i + 16]]) for i in range(0, len(validation), 16)] or batches
+    held_ref = _logits(model, held, output) if validation else reference
     files.update({SCALES_FILE: cal.scales.to_json().encode("utf-8"),
                   PLOT_FILE: _plot(cal.model, cal, results[Variant.U8S8].sensitivity)})
     per_graph = {v.value: {"target": GRAPH_TARGETS[v.value], "metric_int8": r.metric, "weight_rounding": r.rounding,
                            "float_layers": dict(r.float_nodes), "mixed_precision_steps": r.steps,
-                           **_agreement(reference, _logits(r.graph, batches, output))}
+                           **_agreement(held_ref, _logits(r.graph, held, output))}
                  for v, r in results.items()}
     report = _report(cal.model, cal, placement.family, graphs, results[Variant.U8S8].sensitivity, files, proto,
                      budget, baseline, per_graph)
+    report["agreement_measured_on"] = f"{'validation' if validation else 'calibration'} data, {len(held_ref)} inputs"
     return Int8Stage(cal.prepared.SerializeToString(), files, golden, report, evaluation)
 
 

@@ -73,7 +73,8 @@ def int8_lines(int8: dict[str, Any]) -> list[str]:
         f"mean cosine {agreement['mean_cosine']:.4f}",
     ]
     if int8.get("measured_by"):
-        lines.append(f"int8 figures measured by the {int8['measured_by']}")
+        lines.append(f"int8 figures measured by the {int8['measured_by']}, "
+                     f"agreement on {int8.get('agreement_measured_on', 'the calibration data')}")
     for graph, g in int8.get("per_graph", {}).items():
         rounding = g.get("weight_rounding", {}).get("chosen", "nearest")
         lines.append(f"  {graph} ({g['target']}): metric {g['metric_int8']:.2f}, agreement "
