@@ -33,11 +33,16 @@ DEPTHWISE_POSITIONS_PER_BATCH = 128
 DAMPING = 0.01
 
 
-def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
-    for a in node.attribute:
-        if a.name == name:
-            return list(a.ints) if a.ints else a.i
-    return default
+def _int(node: onnx.NodeProto, name: str, default: int) -> int:
+    return next((int(a.i) for a in node.attribute if a.name == name), default)
+
+
+def _ints(node: onnx.NodeProto, name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    return next((tuple(int(v) for v in a.ints) for a in node.attribute if a.name == name), default)
+
+
+def _text(node: onnx.NodeProto, name: str, default: str) -> str:
+    return next((a.s.decode() for a in node.attribute if a.name == name), default)
 
 
 @dataclass(frozen=True)
@@ -56,20 +61,19 @@ class _Layer:
 def layer_of(node: onnx.NodeProto, weight: np.ndarray) -> _Layer | None:
     """The reconstruction layout of ``node``, or None when it is not supported (grouped, dilated, 3-D)."""
     if node.op_type == "Conv":
-        group = int(_attr(node, "group", 1))  # type: ignore[arg-type]
-        dilations = _attr(node, "dilations", [1, 1])
-        if weight.ndim != 4 or dilations != [1, 1] or _attr(node, "auto_pad", 0) not in (0, b"NOTSET"):
+        group = _int(node, "group", 1)
+        if weight.ndim != 4 or _ints(node, "dilations", (1, 1)) != (1, 1) or _text(node, "auto_pad", "NOTSET") != "NOTSET":
             return None
         depthwise = group > 1 and group == weight.shape[0] and weight.shape[1] == 1
         if group != 1 and not depthwise:
             return None
-        strides = tuple(_attr(node, "strides", [1, 1]))  # type: ignore[arg-type]
-        pads = tuple(_attr(node, "pads", [0, 0, 0, 0]))  # type: ignore[arg-type]
-        return _Layer(node.name, "Conv", (weight.shape[2], weight.shape[3]), strides, pads, depthwise)  # type: ignore[arg-type]
+        sh, sw = _ints(node, "strides", (1, 1))
+        t, l, b, r = _ints(node, "pads", (0, 0, 0, 0))
+        return _Layer(node.name, "Conv", (int(weight.shape[2]), int(weight.shape[3])), (sh, sw), (t, l, b, r), depthwise)
     if node.op_type == "Gemm":
-        if _attr(node, "transA", 0):
+        if _int(node, "transA", 0):
             return None
-        return _Layer(node.name, "Gemm", transposed=not _attr(node, "transB", 0))
+        return _Layer(node.name, "Gemm", transposed=not _int(node, "transB", 0))
     if node.op_type == "MatMul" and weight.ndim == 2:
         return _Layer(node.name, "MatMul", transposed=True)
     return None
