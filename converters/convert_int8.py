@@ -98,14 +98,17 @@ def _fit_variant(
             graph, reconstruction = rebuilt, True
     rounding = {"chosen": "reconstructed" if reconstruction else "nearest", "metric": scores,
                 "layers": len(cal.statistics.sums) if cal.statistics else 0}
-    tick = (lambda n: progress(f"sensitivity {variant.value}", n, len(placement.nodes))) if progress else None
-    sensitivity = layer_sensitivity(model, sens_batches, cal, placement, progress=tick, variant=variant,
-                                    reconstruction=reconstruction)
     achieved = max(scores.values())
     steps: list[dict[str, Any]] = [{"float_layers": 0, "metric": achieved, "drop": baseline - achieved,
                                     "within_budget": budget is None or baseline - achieved <= budget}]
     floats: dict[str, str] = {}
-    if budget is not None and baseline - achieved > budget:
+    over = budget is not None and baseline - achieved > budget
+    sensitivity: dict[str, float] = {}
+    if over or variant is Variant.U8S8:  # U8S8's sensitivities are reported; the others only when needed
+        tick = (lambda n: progress(f"sensitivity {variant.value}", n, len(placement.nodes))) if progress else None
+        sensitivity = layer_sensitivity(model, sens_batches, cal, placement, progress=tick, variant=variant,
+                                        reconstruction=reconstruction)
+    if budget is not None and over:
         graph, floats, steps = mixed_precision(cal, placement, variant, sensitivity, score, baseline, budget,
                                                reconstruction)
         achieved = next(s["metric"] for s in reversed(steps) if s["float_layers"] == len(floats))
