@@ -61,7 +61,10 @@ def fold_constant_dequantize(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` whose DequantizeLinear nodes of constant weights and biases are float initializers."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    wanted = {name for n in out.graph.node if n.op_type == "DequantizeLinear" for name in n.input}
+    inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer if i.name in wanted}
+    if not wanted:
+        return out
     kept, folded = [], []
     for node in out.graph.node:
         value = _dequantized(node, inits) if node.op_type == "DequantizeLinear" else None
