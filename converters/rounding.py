@@ -31,6 +31,8 @@ POSITIONS_PER_BATCH = 512
 DEPTHWISE_POSITIONS_PER_BATCH = 128
 #: Dampening of the input statistics, relative to their mean diagonal (GPTQ's default).
 DAMPING = 0.01
+#: Columns quantized between two deferred updates of the remaining ones (GPTQ's block size).
+BLOCK = 128
 
 
 def _int(node: onnx.NodeProto, name: str, default: int) -> int:
@@ -156,15 +158,26 @@ def _quantize_rows(w: np.ndarray, h: np.ndarray, qmax: int) -> np.ndarray:
     hs = hs + damp[:, :, None] * np.eye(k)[None]
     inverse = np.linalg.inv(hs)
     upper = np.linalg.cholesky(inverse).transpose(0, 2, 1)  # H^-1 = U^T U, U upper triangular
-    upper = np.broadcast_to(upper, (rows, k, k)) if upper.shape[0] == 1 else upper
     q = np.empty_like(w)
-    for j in range(k):
-        level = np.clip(np.rint(w[:, j] / scale), -qmax, qmax)
-        fixed = keep == j
-        level[fixed] = keep_level[fixed]
-        q[:, j] = level
-        err = (w[:, j] - level * scale) / upper[:, j, j]
-        w[:, j + 1 :] -= err[:, None] * upper[:, j, j + 1 :]
+    shared = upper.shape[0] == 1
+    for start in range(0, k, BLOCK):  # GPTQ's lazy batch updates: the columns after a block at once
+        stop = min(start + BLOCK, k)
+        errors = np.empty((rows, stop - start))
+        for j in range(start, stop):
+            level = np.clip(np.rint(w[:, j] / scale), -qmax, qmax)
+            fixed = keep == j
+            level[fixed] = keep_level[fixed]
+            q[:, j] = level
+            u = upper[0] if shared else None
+            diag_j = u[j, j] if u is not None else upper[:, j, j]
+            err = (w[:, j] - level * scale) / diag_j
+            errors[:, j - start] = err
+            w[:, j + 1 : stop] -= err[:, None] * (u[j, j + 1 : stop] if u is not None else upper[:, j, j + 1 : stop])
+        if stop < k:
+            if shared:
+                w[:, stop:] -= errors @ upper[0, start:stop, stop:]
+            else:
+                w[:, stop:] -= np.einsum("rb,rbk->rk", errors, upper[:, start:stop, stop:])
     return (q * scale[:, None]).astype(np.float32)
 
 
