@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 __all__ = [
     "ARM_INT8_FEATURES",
+    "cpuid_features",
+    "reconcile_with_cpuid",
     "X86_INT8_FEATURES",
     "DOT_PRODUCT_FEATURES",
     "CpuInfo",
@@ -109,3 +111,37 @@ def parse_cpuinfo(text: str) -> CpuInfo:
             flags=present & ARM_INT8_FEATURES,
         )
     return CpuInfo(arch=None, model=fields.get("model name") or None, count=count, flags=frozenset())
+
+
+#: numpy's run-time CPUID feature names -> the cpuinfo flags they confirm (x86).
+_CPUID_NAMES = {"AVX2": "avx2", "AVX512F": "avx512f", "AVX512VNNI": "avx512_vnni"}
+
+
+def cpuid_features() -> dict[str, bool] | None:
+    """What this process's CPU reports through CPUID, as numpy's dispatcher read it (None if unknown).
+
+    onnxruntime picks its int8 kernels from CPUID, not from ``/proc/cpuinfo``; the two disagree under
+    user-mode emulation (qemu-user shows the host's cpuinfo) and in some containers."""
+    import importlib
+
+    for module in ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath"):  # numpy 2, numpy 1
+        try:
+            features = getattr(importlib.import_module(module), "__cpu_features__", None)
+        except ImportError:
+            continue
+        if isinstance(features, dict):
+            return {str(k): bool(v) for k, v in features.items()}
+    return None
+
+
+def reconcile_with_cpuid(flags: frozenset[str], cpuid: dict[str, bool] | None) -> tuple[frozenset[str], str | None]:
+    """x86 int8 flags that the CPU's own CPUID confirms. When cpuinfo claims a feature CPUID denies
+    (AVX2, AVX-512F or AVX-512 VNNI), cpuinfo is describing another CPU: keep only what CPUID says
+    (which cannot confirm AVX-VNNI, so that is dropped too), and say why."""
+    if cpuid is None:
+        return flags, None
+    denied = sorted(flag for name, flag in _CPUID_NAMES.items() if flag in flags and not cpuid.get(name, True))
+    if not denied:
+        return flags, None
+    confirmed = frozenset(flag for name, flag in _CPUID_NAMES.items() if cpuid.get(name))
+    return confirmed, f"/proc/cpuinfo lists {', '.join(denied)} but CPUID denies it (emulated CPU?): using CPUID's view"

@@ -61,11 +61,16 @@ def cpu_int8_graph(arch: str, cpu_flags: frozenset[str]) -> tuple[str, str]:
 
 @functools.lru_cache(maxsize=1)
 def this_cpu_int8_graph() -> tuple[str, str]:
-    """:func:`cpu_int8_graph` for this machine (probed once per process)."""
+    """:func:`cpu_int8_graph` for this machine (probed once per process), its cpuinfo flags checked
+    against CPUID, which is what onnxruntime's kernel dispatch reads."""
     import devices
+    from devices.cpu import cpuid_features, reconcile_with_cpuid
 
     info = devices.detect()
-    return cpu_int8_graph(info.arch, info.cpu_flags)
+    flags, note = (reconcile_with_cpuid(info.cpu_flags, cpuid_features()) if info.arch == "x86_64"
+                   else (info.cpu_flags, None))
+    graph, reason = cpu_int8_graph(info.arch, flags)
+    return graph, f"{reason} ({note})" if note else reason
 
 
 def pick_graph(package: Package, precision: str, variant: str) -> str:

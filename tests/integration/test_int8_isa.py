@@ -165,3 +165,16 @@ def test_mixed_precision_ends_within_the_budget_with_every_step_reported(tmp_pat
         chosen = [s for s in steps if s["float_layers"] == len(result["float_layers"])]
         assert chosen and chosen[-1]["within_budget"] and chosen[-1]["drop"] <= 0.0, graph
         assert len(steps) <= 2 + int(np.ceil(np.log2(max(2, len(report.int8["layers"]))))), graph
+
+
+def test_cpuinfo_that_cpuid_denies_is_not_trusted() -> None:
+    from devices.cpu import reconcile_with_cpuid
+
+    host = frozenset({"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"})
+    emulated = {"AVX2": True, "AVX512F": False, "AVX512VNNI": False}  # qemu-user -cpu max on a VNNI host
+    flags, note = reconcile_with_cpuid(host, emulated)
+    assert flags == {"avx2"} and note and "CPUID denies" in note
+    assert backends.cpu_int8_graph("x86_64", flags)[0] == "u8s7"
+    alder_lake = {"AVX2": True, "AVX512F": False, "AVX512VNNI": False}  # AVX-VNNI without AVX-512: nothing denied
+    assert reconcile_with_cpuid(frozenset({"avx2", "avx_vnni"}), alder_lake) == (frozenset({"avx2", "avx_vnni"}), None)
+    assert reconcile_with_cpuid(host, None) == (host, None)
