@@ -76,7 +76,7 @@ def test_package_carries_every_graph_and_each_is_faithful_on_the_reference(
 def test_loading_serves_this_cpus_graph_and_names_it(cnn_package: tuple[Path, Path, np.ndarray]) -> None:
     path, _, held = cnn_package
     info = devices.detect()
-    expected, reason = backends.cpu_int8_graph(info.arch, info.cpu_flags)
+    expected, reason = backends.this_cpu_int8_graph()
     image = np.random.default_rng(5).integers(0, 255, (20, 20, 3), dtype=np.uint8)
     with edge_sdk.load(path, backend="cpu") as model:
         print(f"ISA {platform.machine()} {sorted(info.cpu_flags)}: serving {model.info['graph']}")

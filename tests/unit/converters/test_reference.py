@@ -18,7 +18,7 @@ from onnx.reference import ReferenceEvaluator
 import devices
 from bench.int8_kernels import EXACT, FORMS, LAYERS, fused_error, probe_model
 from converters.reference import fold_constant_dequantize, run_reference
-from runtime.backends import cpu_int8_graph
+from runtime.backends import this_cpu_int8_graph
 
 
 def _spec(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
@@ -53,7 +53,7 @@ def test_folding_dequantize_is_bit_exact_per_channel() -> None:
 
 def test_the_graph_this_cpu_is_given_runs_exactly_on_its_fused_kernels() -> None:
     info = devices.detect()
-    graph, reason = cpu_int8_graph(info.arch, info.cpu_flags)
+    graph, reason = this_cpu_int8_graph()
     errors = {kind: fused_error(*probe_model(kind, graph)) for kind in LAYERS}
     print(f"ISA: {platform.machine()} {sorted(info.cpu_flags)} -> {graph} ({reason}); errors {errors}")
     assert all(e < EXACT for e in errors.values()), errors
