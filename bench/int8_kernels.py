@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> None:
         cells = "".join(f"{row[f]:>10.2e} {'EXACT' if row[f] < EXACT else 'WRONG':>5}" for f in FORMS)
         print(f"{kind:<14}{cells}")
     if args.json:
+        from pathlib import Path
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"machine": platform.machine(), "onnxruntime": ort.__version__, "errors": results}, f, indent=1)
 
