@@ -132,7 +132,7 @@ build_with_binfmt() {
 }
 
 build_foreign() {
-  log "binfmt_misc unavailable: debootstrap --foreign (first stage only) into $ROOT"
+  log "no binfmt_misc (unavailable, or ARM64_NO_BINFMT=1): debootstrap --foreign (first stage only) into $ROOT"
   debootstrap --foreign --arch=arm64 --variant=minbase --include="$PKGS" \
     "$SUITE" "$ROOT" "$MIRROR"
   # The second stage would run arm64 maintainer scripts, impossible without

@@ -55,7 +55,10 @@ mkdir -p "$STAGE/src" "$STAGE/check/demo" "$STAGE/check/$GB/image/data" "$STAGE/
 git ls-files -z -co --exclude-standard | tar --null -T - --ignore-failed-read -cf - 2>/dev/null \
   | tar -xf - -C "$STAGE/src"
 cp demo/__init__.py demo/verify_device.py "$STAGE/check/demo/"
-link_copy() { cp -al "$1" "$2" 2>/dev/null || cp -a "$1" "$2"; }  # hard links when on one filesystem
+link_copy() {  # hard links when on one filesystem; a missing input is left to the check to report
+  [ -e "$1" ] || return 0
+  cp -al "$1" "$2" 2>/dev/null || cp -a "$1" "$2"
+}
 link_copy "$BUILD/packages" "$STAGE/check/$GB/packages"
 link_copy "$BUILD/image/data/test" "$STAGE/check/$GB/image/data/test"
 link_copy "$BUILD/text/data/test.tsv" "$STAGE/check/$GB/text/data/test.tsv"
@@ -109,10 +112,10 @@ else
   abs_root=$(cd "$ROOT" && pwd)
   site="$STAGE/site"
   rm -rf "$site" "$STAGE/wheel"
-  python3 -m pip wheel -q --no-deps -w "$STAGE/wheel" "$STAGE/src"
+  python3 -m pip wheel -qq --no-deps -w "$STAGE/wheel" "$STAGE/src"
   plats=()
   for v in 17 24 27 28 31 34 35 36; do plats+=(--platform "manylinux_2_${v}_aarch64"); done
-  python3 -m pip install -q --target "$site" "${plats[@]}" --platform manylinux2014_aarch64 \
+  python3 -m pip install -qq --target "$site" "${plats[@]}" --platform manylinux2014_aarch64 \
     --implementation cp --python-version 3.11 --abi cp311 --only-binary=:all: "$STAGE"/wheel/*.whl
   log "install took $((SECONDS - t1)) s"
   check() {  # check QEMU_CPU threads
