@@ -47,17 +47,16 @@ class ChannelMeans:
         return self.sums[name] / self.counts[name] if name in self.sums else None
 
 
-def input_axes(model: onnx.ModelProto, nodes: Sequence[str]) -> dict[str, int]:
-    """The activation input of each node to correct, with its channel axis."""
-    chosen = set(nodes)
-    return {n.input[0]: (1 if n.op_type == "Conv" else -1) for n in model.graph.node
-            if n.name in chosen and n.op_type in ("Conv", "Gemm")}
-
-
 def input_nodes(model: onnx.ModelProto, nodes: Sequence[str]) -> list[tuple[str, str]]:
     """(node, activation input) of the Conv/Gemm layers among ``nodes`` that bias correction can treat."""
     chosen = set(nodes)
     return [(n.name, n.input[0]) for n in model.graph.node if n.name in chosen and n.op_type in ("Conv", "Gemm")]
+
+
+def input_axes(model: onnx.ModelProto, nodes: Sequence[str]) -> dict[str, int]:
+    """The activation input of each node to correct, with its channel axis (1 for Conv, last for Gemm)."""
+    ops = {n.name: n.op_type for n in model.graph.node}
+    return {tensor: (1 if ops[node] == "Conv" else -1) for node, tensor in input_nodes(model, nodes)}
 
 
 def _rounding_error(w: np.ndarray, axis: int, qmax: int) -> np.ndarray:

@@ -45,8 +45,6 @@ class Variant(str, enum.Enum):
     U8S7 = "u8s7"  # onnxruntime CPU: x86 without VNNI
 
 
-#: The CPU variants, each exact on its CPU family (see ``runtime.backends.cpu_graph``).
-CPU_VARIANTS = (Variant.U8S8, Variant.U8S7)
 REDUCED_WEIGHT_MAX = 64  # onnxruntime's reduce_range int8 weights: [-64, 64]
 
 

@@ -26,7 +26,7 @@ from converters.calibration.methods import CalibrationMethod, TensorRange, choos
 from converters.calibration.scales import ScaleFile, TensorScale, data_hash, graph_hash
 from converters.calibration.schemes import (Scheme, affine_scale_zero_point, dequantize,
                                               per_channel_weight_params, quantize)
-from converters.qdq import CPU_VARIANTS, Placement, Variant, plan_placement, weight_max, write_qdq
+from converters.qdq import Placement, Variant, plan_placement, weight_max, write_qdq
 from converters.reference import run_reference
 from converters.rounding import InputStatistics, layer_of, reconstruct, statistics_for
 from converters.smoothing import DEFAULT_ALPHA, smooth_model
@@ -348,5 +348,5 @@ def raise_budget(budget: float, steps: list[dict[str, Any]]) -> None:
         hint="the metric is not reproducible: check that validation predictions are deterministic")
 
 
-__all__ = ["CPU_VARIANTS", "Calibration", "Int8Graphs", "Variant", "build_int8", "build_variant", "calibrate",
+__all__ = ["Calibration", "Int8Graphs", "Variant", "build_int8", "build_variant", "calibrate",
            "layer_sensitivity", "mixed_precision", "plan_placement", "prepare_int8"]

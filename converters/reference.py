@@ -88,10 +88,6 @@ def reference_runner(model: onnx.ModelProto, inputs: Sequence[TensorSpec], outpu
                              threads=threads, session_config=REFERENCE_CONFIG)
 
 
-def is_quantized(model: onnx.ModelProto) -> bool:
-    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
-
-
 def run_reference(model: onnx.ModelProto, batches: Sequence[dict[str, np.ndarray]], output: str | None = None,
                   ) -> np.ndarray:
     """``model``'s first (or ``output``) output on every batch, concatenated, computed by the reference."""
@@ -107,4 +103,4 @@ def run_reference(model: onnx.ModelProto, batches: Sequence[dict[str, np.ndarray
     return np.concatenate([session.run([name], dict(b))[0] for b in batches])
 
 
-__all__ = ["REFERENCE_CONFIG", "fold_constant_dequantize", "is_quantized", "reference_runner", "run_reference"]
+__all__ = ["REFERENCE_CONFIG", "fold_constant_dequantize", "reference_runner", "run_reference"]
