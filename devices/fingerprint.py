@@ -5,11 +5,12 @@ and runs only on the compute capability (``sm``) it was built for, on the DLA co
 it targets. A ``Fingerprint`` records those facts for one device (or one built engine), names
 engine files by a filesystem-safe :attr:`Fingerprint.key`, and says whether an engine fits.
 
-Decision: :meth:`Fingerprint.matches` decides on TensorRT version (exact), compute capability
-and DLA core only. CUDA and L4T differences are reported but do not refuse an engine: TensorRT's
-own deserialization check is on its version and the device's architecture, and the same
-TensorRT build runs across CUDA minor releases. Callers that want to be stricter compare keys,
-which do include CUDA and L4T.
+Decision: :meth:`Fingerprint.matches` and :attr:`Fingerprint.key` decide on TensorRT version
+(exact), compute capability and DLA core only. CUDA and L4T differences are reported but do not
+refuse an engine: TensorRT's own deserialization check is on its version and the device's
+architecture, and the same TensorRT build runs across CUDA minor releases. So a JetPack patch
+update that keeps TensorRT (6.1 -> 6.2: L4T 36.4.0 -> 36.4.3, TensorRT 10.3.0 both) keeps every
+engine built or carried for the device.
 """
 
 from __future__ import annotations
@@ -64,9 +65,9 @@ class Fingerprint:
 
     @property
     def key(self) -> str:
-        """Stable, filesystem-safe name, e.g. ``sm87-trt10.3.0-cuda12.2-l4t36.3.0`` (``-dla0`` for DLA)."""
+        """Stable, filesystem-safe name of what decides, e.g. ``sm87-trt10.3.0`` (``-dla0`` for DLA)."""
         sm = self.gpu.replace(".", "") if self.gpu else "none"
-        parts = [f"sm{sm}", f"trt{self.tensorrt or 'none'}", f"cuda{self.cuda or 'none'}", f"l4t{self.l4t or 'none'}"]
+        parts = [f"sm{sm}", f"trt{self.tensorrt or 'none'}"]
         if self.dla_core is not None:
             parts.append(f"dla{self.dla_core}")
         return "-".join(parts)

@@ -3,7 +3,7 @@
 ``detect()`` reads ``/proc``, ``/sys``, ``/etc`` and ``/usr/local/cuda`` relative to
 ``root`` (so tests point it at a fake root in ``tmp_path``) and, on the live machine
 only unless asked, imports the optional Python modules (onnxruntime, tensorrt, pycuda,
-cuda-python) to read their versions. A probe that fails never raises: its reason goes
+cuda-python) to read their versions and asks the CUDA driver for the GPU's compute capability. A probe that fails never raises: its reason goes
 into ``DeviceInfo.probe_errors`` and the debug log. Nothing heavy is imported at module
 import time.
 """
@@ -69,7 +69,7 @@ class DeviceInfo:
     memory_total_mb: int | None = None
     memory_available_mb: int | None = None
     gpu_name: str | None = None  # driver's name on x86; module table on Jetson (see inferred)
-    gpu_compute_capability: str | None = None  # module table on Jetson only (see inferred)
+    gpu_compute_capability: str | None = None  # the CUDA driver (live), else the Jetson module table
     dla_cores: int | None = None  # sysfs nvdla nodes, else module table (see inferred)
     cuda_version: str | None = None  # as usr/local/cuda/version.{json,txt} says: "12.2.20230823"
     tensorrt_version: str | None = None
@@ -289,9 +289,18 @@ def _dla_cores(
 
 
 def _gpu(
-    root: Path, family: str | None, problems: _Problems, inferred: list[str]
+    root: Path, family: str | None, problems: _Problems, inferred: list[str], live: bool
 ) -> tuple[str | None, str | None]:
-    """(GPU name, compute capability): the NVIDIA driver's proc entry, else the Jetson table."""
+    """(GPU name, compute capability): the CUDA driver on the live machine, else the NVIDIA driver's
+    proc entry (name only), else the Jetson module table."""
+    if live:
+        from .gpu import query_driver, query_nvidia_smi
+
+        for query in (query_driver, query_nvidia_smi):
+            gpus, reason = query()
+            if gpus:
+                return gpus[0].name, gpus[0].compute_capability
+            problems.add(f"gpu ({query.__name__})", reason or "no GPU")
     for path in sorted(glob.glob(os.path.join(glob.escape(str(root)), _NVIDIA_GPUS))):
         text = _read_text(root, os.path.relpath(path, root), problems) or ""
         for line in text.splitlines():
@@ -413,11 +422,11 @@ def detect(
         problems.add("arch", "cpuinfo shows neither x86 flags nor Arm Features")
     cpu_count = cpu.count or ((os.cpu_count() or 0) if live else 0)
     total_mb, available_mb = _read_meminfo(base, problems)
-    gpu_name, capability = _gpu(base, family, problems, inferred)
+    probed = live if probe_modules is None else probe_modules
+    gpu_name, capability = _gpu(base, family, problems, inferred, probed and live)
     dla = _dla_cores(base, family, module is not None, problems, inferred)
     cuda = _read_cuda_version(base, problems)
 
-    probed = live if probe_modules is None else probe_modules
     versions, providers = _probe_modules(problems) if probed else ({}, ())
     return DeviceInfo(
         arch=arch,

@@ -53,7 +53,7 @@ def _check_key(fingerprint_key: str) -> str:
     if not isinstance(fingerprint_key, str) or not _KEY_RE.fullmatch(fingerprint_key):
         raise DeviceError(
             f"fingerprint key {fingerprint_key!r} is not a device fingerprint key",
-            hint="pass devices.fingerprint(info).key, e.g. 'sm87-trt10.3.0-cuda12.2-l4t36.3.0'",
+            hint="pass devices.fingerprint(info).key, e.g. 'sm87-trt10.3.0'",
         )
     return fingerprint_key
 

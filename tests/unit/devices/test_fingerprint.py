@@ -31,15 +31,15 @@ def test_orin_nano_key(orin_nano_root: Path) -> None:
     fp = fingerprint(_with_trt(detect(orin_nano_root), "10.3.0.30"))
 
     assert fp == ORIN
-    assert fp.key == "sm87-trt10.3.0-cuda12.2-l4t36.3.0"
+    assert fp.key == "sm87-trt10.3.0"
     assert fp.can_build
 
 
 def test_xavier_nx_key_with_dla(xavier_nx_root: Path) -> None:
     info = _with_trt(detect(xavier_nx_root), "8.5.2.2")
 
-    assert fingerprint(info).key == "sm72-trt8.5.2-cuda11.4-l4t35.4.1"
-    assert fingerprint(info, dla_core=1).key == "sm72-trt8.5.2-cuda11.4-l4t35.4.1-dla1"
+    assert fingerprint(info).key == "sm72-trt8.5.2"
+    assert fingerprint(info, dla_core=1).key == "sm72-trt8.5.2-dla1"
     assert fingerprint(info, dla_core=0).dla_core == 0
 
 
@@ -57,14 +57,24 @@ def test_cpu_only_machine_cannot_build(x86_root: Path) -> None:
     fp = fingerprint(detect(x86_root))
 
     assert fp == Fingerprint()
-    assert fp.key == "smnone-trtnone-cudanone-l4tnone"
+    assert fp.key == "smnone-trtnone"
     assert not fp.can_build
     assert not fingerprint(_with_trt(detect(x86_root), "10.3.0")).can_build  # TensorRT but no GPU
 
 
 def test_key_is_stable_across_detections(orin_nano_root: Path) -> None:
     keys = {fingerprint(_with_trt(detect(orin_nano_root), "10.3.0")).key for _ in range(3)}
-    assert keys == {"sm87-trt10.3.0-cuda12.2-l4t36.3.0"}
+    assert keys == {"sm87-trt10.3.0"}
+
+
+def test_a_jetpack_patch_update_that_keeps_tensorrt_keeps_the_key(orin_nano_root: Path) -> None:
+    """JetPack 6.1 -> 6.2 moves L4T 36.4.0 -> 36.4.3 and keeps TensorRT 10.3.0 and CUDA 12.6:
+    engines built or carried for the device must still be found."""
+    before = fingerprint(dataclasses.replace(_with_trt(detect(orin_nano_root), "10.3.0.30"), l4t_release="36.4.0"))
+    after = dataclasses.replace(before, l4t="36.4.3", cuda="12.8")
+    assert before.key == after.key == "sm87-trt10.3.0"
+    assert before.matches(after)[0] and "L4T 36.4.0" in before.matches(after)[1]
+    assert dataclasses.replace(before, tensorrt="10.7.0").key != before.key
 
 
 # --- normalisation of DeviceInfo strings ----------------------------------------------------
