@@ -1,11 +1,14 @@
 """Compile an ONNX graph to a serialized TensorRT engine, and say how to reproduce it.
 
-Two int8 routes (DESIGN principle 4): *explicit* builds the package's S8S8 Q/DQ graph as a
-strongly typed network (TensorRT >= 10; on 8.x the Q/DQ graph with the INT8 flag), *implicit*
-serves the package's calibration cache to an entropy calibrator (TensorRT 8.x; deprecated in
-10, removed in 11). ``tensorrt`` is imported only inside :func:`build_engine`; TensorRT
-8.x / 10.x differences are handled by feature detection (``hasattr``), except the explicit-batch
-network flag, which TensorRT 8.x requires and 10.x deprecates.
+Two int8 routes (DESIGN principle 4): *explicit* builds the package's S8S8 Q/DQ graph with the
+INT8 and FP16 builder flags, so the Q/DQ nodes place int8 and every float layer (LayerNorm,
+Softmax, GELU, residual adds, the head) may run in fp16 rather than fp32; ``strongly_typed``
+instead keeps the graph's own float types (fp32 for the package's graphs; TensorRT >= 10).
+*implicit* serves the package's calibration cache to an entropy calibrator: the only int8 route
+on DLA, which does not run Q/DQ graphs (deprecated in TensorRT 10, removed in 11). ``tensorrt``
+is imported only inside :func:`build_engine`; TensorRT 8.x / 10.x differences are handled by
+feature detection (``hasattr``), except the explicit-batch network flag, which TensorRT 8.x
+requires and 10.x deprecates.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from typing import Any
 from edge_sdk.errors import BackendUnavailableError, EngineBuildError
 from runtime.manifest import TensorSpec
 
-__all__ = ["Profile", "EngineBuildConfig", "BuildResult", "profiles_for", "trtexec_command", "format_command", "build_engine"]
+__all__ = ["Profile", "EngineBuildConfig", "BuildResult", "profiles_for", "static_profile", "trtexec_command",
+           "tensorrt_release", "format_command", "build_engine"]
 
 log = logging.getLogger(__name__)
 Shape = tuple[int, ...]
@@ -71,11 +75,12 @@ class EngineBuildConfig:
     timing_cache: str | None = None
     optimization_level: int = 3
     profiles: tuple[Profile, ...] = ()
+    strongly_typed: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise EngineBuildError(f"precision {self.precision!r} is not one of {PRECISIONS}", hint="pass precision='int8', 'fp16' or 'fp32'")
-        for name in ("explicit", "sparsity", "gpu_fallback"):
+        for name in ("explicit", "sparsity", "gpu_fallback", "strongly_typed"):
             if not isinstance(getattr(self, name), bool):
                 raise EngineBuildError(f"{name}={getattr(self, name)!r}; expected True or False")
         self._check_calibration()
@@ -90,7 +95,25 @@ class EngineBuildConfig:
             raise EngineBuildError(f"timing_cache={self.timing_cache!r}; expected None or a file path")
         if not _is_int(self.optimization_level) or not 0 <= self.optimization_level <= 5:
             raise EngineBuildError(f"optimization_level={self.optimization_level!r}; expected an int from 0 to 5 (TensorRT's default is 3)")
+        if self.strongly_typed and not (self.precision == "int8" and self.explicit):
+            raise EngineBuildError(f"strongly_typed=True with precision={self.precision!r}, explicit={self.explicit}; "
+                                   "a strongly typed build takes its precisions from an explicit Q/DQ graph",
+                                   hint="use strongly_typed=False, or precision='int8', explicit=True")
         self._check_profiles()
+        self._check_dla()
+
+    def _check_dla(self) -> None:
+        if self.dla_core is None:
+            return
+        if self.precision == "int8" and self.explicit:
+            raise EngineBuildError("dla_core is set with explicit (Q/DQ) int8; DLA runs int8 only by implicit "
+                                   "calibration", hint="use explicit=False with the package's calibration cache, "
+                                   "or precision='fp16'")
+        dynamic = [n for p in self.profiles for n, (lo, _, hi) in p.shapes.items() if lo != hi]
+        if dynamic or len(self.profiles) > 1:
+            raise EngineBuildError(f"dla_core is set with dynamic shapes ({sorted(set(dynamic)) or 'several profiles'}); "
+                                   "DLA needs one profile with min = opt = max",
+                                   hint="use static_profile(inputs, batch, sequence)")
 
     def _check_calibration(self) -> None:
         implicit_int8 = self.precision == "int8" and not self.explicit
@@ -128,7 +151,7 @@ class BuildResult:
     command: str
 
 
-def profiles_for(inputs: Sequence[TensorSpec], batch: tuple[int, int, int] = (1, 8, 16),
+def profiles_for(inputs: Sequence[TensorSpec], batch: tuple[int, int, int] = (1, 8, 32),
                  sequence_buckets: Sequence[int] = (32, 64, 128)) -> tuple[Profile, ...]:
     """Profiles for dynamic batch (axis 0) and, for text inputs, one per sequence bucket (axis 1)."""
     if len(batch) != 3 or not all(_is_int(b) and b > 0 for b in batch) or not batch[0] <= batch[1] <= batch[2]:
@@ -150,6 +173,17 @@ def profiles_for(inputs: Sequence[TensorSpec], batch: tuple[int, int, int] = (1,
     return tuple(Profile({s.name: _ranges(s.shape, batch, (lo, hi, hi)) for s in inputs}) for lo, hi in zip(lows, buckets))
 
 
+def static_profile(inputs: Sequence[TensorSpec], batch: int = 1, sequence: int = 128) -> tuple[Profile, ...]:
+    """One fixed-shape profile (min = opt = max), what DLA needs: dynamic axis 0 at ``batch``, axis 1
+    at ``sequence``. Empty when every input shape is static already."""
+    if not _is_int(batch) or batch < 1 or not _is_int(sequence) or sequence < 1:
+        raise EngineBuildError(f"batch={batch!r}, sequence={sequence!r}; expected positive ints")
+    if not any(isinstance(d, str) for spec in inputs for d in spec.shape):
+        return ()
+    fixed = {s.name: _ranges(s.shape, (batch,) * 3, (sequence,) * 3) for s in inputs}
+    return (Profile(fixed),)
+
+
 def _ranges(shape: Sequence[int | str], batch: tuple[int, int, int], seq: tuple[int, int, int] | None) -> tuple[Shape, Shape, Shape]:
     def dim(axis: int, d: int | str, k: int) -> int:
         if isinstance(d, int):
@@ -160,20 +194,27 @@ def _ranges(shape: Sequence[int | str], batch: tuple[int, int, int], seq: tuple[
 
 
 def trtexec_command(config: EngineBuildConfig, onnx_path: str, engine_path: str, *,
-                    calib_path: str | None = None, tensorrt_major: int = 10) -> list[str]:
-    """The ``trtexec`` command line equivalent to :func:`build_engine` with ``config``.
+                    calib_path: str | None = None, tensorrt: tuple[int, int] = (10, 3)) -> list[str]:
+    """The ``trtexec`` command line equivalent to :func:`build_engine` with ``config``, for the trtexec
+    of TensorRT ``tensorrt`` (major, minor): ``--builderOptimizationLevel`` exists from 8.6 and
+    ``--stronglyTyped`` from 10.0, and TensorRT 8.5's trtexec refuses flags it does not know.
 
     trtexec takes one optimization profile per command line: only ``config.profiles[0]`` is
     rendered. ``calib_path`` names the cache file for implicit int8; nothing is written here.
     """
     cmd = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
-    if config.precision == "int8" and config.explicit:
-        cmd.append("--stronglyTyped" if tensorrt_major >= 10 else "--int8")
+    if config.precision == "int8" and config.explicit and config.strongly_typed:
+        if tensorrt < (10, 0):
+            raise EngineBuildError(f"strongly typed builds need TensorRT >= 10; this is {tensorrt[0]}.{tensorrt[1]}",
+                                   hint="use strongly_typed=False (INT8 + FP16 flags)")
+        cmd.append("--stronglyTyped")
+    elif config.precision == "int8" and config.explicit:
+        cmd += ["--int8", "--fp16"]  # Q/DQ place int8; float layers may run fp16
     elif config.precision == "int8":
         if calib_path is None:
             raise EngineBuildError("implicit int8 needs calib_path, the calibration cache file for trtexec --calib",
                                    hint="pass calib_path='model.cache'")
-        cmd += ["--int8", f"--calib={calib_path}"]
+        cmd += ["--int8", "--fp16", f"--calib={calib_path}"]
     elif config.precision == "fp16":
         cmd.append("--fp16")
     if config.sparsity:
@@ -182,15 +223,24 @@ def trtexec_command(config: EngineBuildConfig, onnx_path: str, engine_path: str,
         cmd.append(f"--useDLACore={config.dla_core}")
         if config.gpu_fallback:
             cmd.append("--allowGPUFallback")
-    cmd += [f"--memPoolSize=workspace:{config.workspace_mb}M"]
+    cmd += [f"--memPoolSize=workspace:{config.workspace_mb}"]  # MiB in every trtexec that has the flag (>= 8.4)
     if config.timing_cache:
         cmd.append(f"--timingCacheFile={config.timing_cache}")
-    cmd.append(f"--builderOptimizationLevel={config.optimization_level}")
+    if tensorrt >= (8, 6):
+        cmd.append(f"--builderOptimizationLevel={config.optimization_level}")
     if config.profiles:
         shapes = config.profiles[0].shapes
         for k, flag in enumerate(("--minShapes", "--optShapes", "--maxShapes")):
             cmd.append(flag + "=" + ",".join(f"{n}:{'x'.join(map(str, t[k]))}" for n, t in shapes.items()))
     return cmd
+
+
+def tensorrt_release(version: str) -> tuple[int, int]:
+    """``"10.3.0.26"`` -> ``(10, 3)``."""
+    parts = re.findall(r"\d+", version)
+    if len(parts) < 2:
+        raise EngineBuildError(f"TensorRT version {version!r} is not major.minor")
+    return int(parts[0]), int(parts[1])
 
 
 def format_command(cmd: Sequence[str]) -> str:
@@ -201,9 +251,9 @@ def format_command(cmd: Sequence[str]) -> str:
 def build_engine(onnx: bytes, config: EngineBuildConfig, *, progress: Progress | None = None) -> BuildResult:
     """Parse ``onnx`` and build a serialized TensorRT engine as ``config`` says."""
     trt = _import_tensorrt()
-    major = int(trt.__version__.split(".")[0])
     command = format_command(trtexec_command(config, "model.onnx", "model.engine", calib_path="calibration.cache"
-                                             if config.calibration_cache else None, tensorrt_major=major))
+                                             if config.calibration_cache else None,
+                                             tensorrt=tensorrt_release(str(trt.__version__))))
     log.info("building TensorRT %s engine; trtexec equivalent: %s", trt.__version__, command)
     logger = _make_logger(trt)
     builder = trt.Builder(logger)
@@ -261,8 +311,10 @@ def _make_logger(trt: Any) -> Any:
 def _parse(trt: Any, builder: Any, logger: Any, onnx: bytes, config: EngineBuildConfig) -> tuple[Any, Any]:
     """The parsed network, and its parser (which must outlive it)."""
     flags = trt.NetworkDefinitionCreationFlag
-    strongly_typed = config.precision == "int8" and config.explicit and hasattr(flags, "STRONGLY_TYPED")
-    if strongly_typed:
+    if config.strongly_typed and not hasattr(flags, "STRONGLY_TYPED"):
+        raise EngineBuildError(f"TensorRT {trt.__version__} has no strongly typed networks (TensorRT >= 10)",
+                               hint="use strongly_typed=False (INT8 + FP16 flags)")
+    if config.strongly_typed:
         network = builder.create_network(1 << int(flags.STRONGLY_TYPED))
     elif int(trt.__version__.split(".")[0]) < 10:
         network = builder.create_network(1 << int(flags.EXPLICIT_BATCH))
@@ -312,18 +364,19 @@ def _builder_config(trt: Any, builder: Any, config: EngineBuildConfig, progress:
 
 
 def _set_precision(trt: Any, cfg: Any, config: EngineBuildConfig, keep_alive: dict[str, Any]) -> None:
-    if config.precision == "fp16":
+    if config.strongly_typed:
+        return  # the Q/DQ graph's own types decide every layer
+    if config.precision in ("fp16", "int8"):
         if not hasattr(trt.BuilderFlag, "FP16"):
             raise EngineBuildError(f"TensorRT {trt.__version__} has no FP16 builder flag (strong typing only)",
-                                   hint="export an fp16 graph, or use precision='int8'")
-        cfg.set_flag(trt.BuilderFlag.FP16)
-    elif config.precision == "int8" and config.explicit and not hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        cfg.set_flag(trt.BuilderFlag.INT8)  # TensorRT 8.x: the Q/DQ nodes set the int8 scales
-    elif config.precision == "int8" and not config.explicit:
+                                   hint="build with strongly_typed=True from a Q/DQ graph")
+        cfg.set_flag(trt.BuilderFlag.FP16)  # int8 engines too: their float layers run fp16, not fp32
+    if config.precision == "int8":
+        cfg.set_flag(trt.BuilderFlag.INT8)  # explicit: the Q/DQ nodes set the int8 scales
+    if config.precision == "int8" and not config.explicit:
         if not hasattr(trt, "IInt8EntropyCalibrator2"):
             raise EngineBuildError(f"TensorRT {trt.__version__} has no implicit int8 calibration", hint="build the Q/DQ graph with explicit=True")
         log.warning("implicit int8 calibration is deprecated since TensorRT 10 and removed in 11; prefer explicit=True")
-        cfg.set_flag(trt.BuilderFlag.INT8)
         keep_alive["calibrator"] = cfg.int8_calibrator = _make_calibrator(trt, str(config.calibration_cache))
 
 

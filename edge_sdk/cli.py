@@ -153,22 +153,22 @@ def _cmd_engine_build(args: argparse.Namespace) -> int:
 
     if args.dry_run:
         package = Package.open(args.package)
-        plan = plan_build(package, devices.detect(), dla_core=args.dla_core, workspace_mb=args.workspace_mb,
-                          sparsity=args.sparsity)
-        print(f"would build the {plan.graph} graph for {plan.fingerprint.key} (about {plan.needed_mb} MB needed)")
+        plan = plan_build(package, devices.detect(), dla_core=args.dla_core, precision=args.precision,
+                          workspace_mb=args.workspace_mb, sparsity=args.sparsity)
+        print(f"would build engine {plan.spec.name} from the {plan.graph} graph (about {plan.needed_mb} MB needed)")
         print(plan.command(package))
         return 0
-    path, result, plan = build_for_device(args.package, dla_core=args.dla_core, workspace_mb=args.workspace_mb,
-                                          sparsity=args.sparsity, progress=_build_progress)
-    print(f"built {plan.graph} engine for {plan.fingerprint.key} in {result.seconds:.0f} s with TensorRT "
-          f"{result.tensorrt_version}: {path}")
+    path, result, plan = build_for_device(args.package, dla_core=args.dla_core, precision=args.precision,
+                                          workspace_mb=args.workspace_mb, sparsity=args.sparsity,
+                                          progress=_build_progress)
+    print(f"built engine {plan.spec.name} in {result.seconds:.0f} s with TensorRT {result.tensorrt_version}: {path}")
     print(f"reproduce with: {result.command}")
     if args.into:
         from runtime.engine_cache import add_package_engine
 
         out = add_package_engine(Package.open(args.package), args.into, result.engine, plan.fingerprint.to_dict(),
-                                 plan.fingerprint.key, plan.graph, result.tensorrt_version)
-        print(f"wrote {out.path} carrying engines/{plan.fingerprint.key}.plan")
+                                 plan.spec, result.tensorrt_version)
+        print(f"wrote {out.path} carrying engines/{plan.spec.name}.plan")
     return 0
 
 
@@ -202,12 +202,24 @@ def _cmd_calib_cache(args: argparse.Namespace) -> int:
             f"the scales in {args.package} were made for another graph than its {package.manifest.model}; "
             "a calibration cache from them would be silently wrong",
             hint="re-convert the package with --quantize int8")
-    cache = scales.to_trt_cache(args.trt_version)
+    cache = scales.to_trt_cache(args.trt_version or _detected_tensorrt())
     if args.output:
         Path(args.output).write_text(cache, encoding="utf-8")
     else:
         print(cache, end="")
     return 0
+
+
+def _detected_tensorrt() -> str:
+    """This machine's TensorRT version; TensorRT ignores a calibration cache whose header names another."""
+    import devices
+
+    version = devices.detect().tensorrt_version
+    if version is None:
+        raise EdgeSDKError("no TensorRT is installed here to take the calibration cache's version from",
+                           hint="pass --trt-version of the device that reads it: 8.5.2 on JetPack 5.1.x, "
+                                "8.6.2 on JetPack 6.0, 10.3.0 on JetPack 6.1/6.2")
+    return version
 
 
 def _run_inputs(args: argparse.Namespace) -> list[tuple[str, Any]]:
@@ -306,7 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     engine = p.add_subparsers(dest="engine_command", required=True)
     p = engine.add_parser("build", help="build this device's engine for a package into the engine cache")
     p.add_argument("package")
-    p.add_argument("--dla-core", type=int, help="build for this DLA core (GPU fallback allowed)")
+    p.add_argument("--dla-core", type=int, help="build for this DLA core (GPU fallback allowed; fixed shapes; "
+                                                "int8 from the calibration cache, else fp16)")
+    p.add_argument("--precision", choices=("auto", "int8", "fp16", "fp32"), default="auto",
+                   help="auto: int8 when the package has it, else fp16")
     p.add_argument("--workspace-mb", type=int, default=1024, help="TensorRT workspace limit")
     p.add_argument("--sparsity", action="store_true", help="enable 2:4 sparse tactics")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the trtexec command, build nothing")
@@ -319,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calib-cache", help="render a package's int8 scales as a TensorRT calibration cache")
     p.add_argument("package")
-    p.add_argument("--trt-version", default="8.6.1", help="TensorRT version of the device (e.g. 8.5.2 on JetPack 5)")
+    p.add_argument("--trt-version", help="TensorRT version of the device that reads the cache (default: the "
+                                         "TensorRT installed here; 8.5.2 on JetPack 5, 10.3.0 on JetPack 6.1/6.2)")
     p.add_argument("-o", "--output", help="file to write (default: stdout)")
     p.set_defaults(func=_cmd_calib_cache)
 

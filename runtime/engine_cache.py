@@ -3,13 +3,14 @@
 Building a TensorRT engine takes minutes on a Jetson, so an engine is built once per
 package content and device, and kept under the cache root::
 
-    <root>/engines/<graph digest>/<graph>-<fingerprint key>.plan   the serialized engine
-    <root>/engines/<graph digest>/<graph>-<fingerprint key>.json   its sidecar (commit record)
+    <root>/engines/<graph digest>/<spec name>.plan   the serialized engine
+    <root>/engines/<graph digest>/<spec name>.json   its sidecar (commit record)
     <root>/ort-trt/<package digest>/<fingerprint key>/             onnxruntime's TensorRT-EP caches
 
 The graph digest is the graph file's sha256 from the package manifest, so a new package
-version never reuses a stale engine. The fingerprint key (``devices.Fingerprint.key``) names
-the TensorRT version, GPU architecture, CUDA, L4T and DLA core the engine was built for.
+version never reuses a stale engine. The spec name (:class:`runtime.engine_spec.EngineSpec`)
+names the graph, the precision, and the TensorRT version, GPU architecture and DLA core the
+engine was built for, e.g. ``fp32-fp16-sm87-trt10.3.0-dla0``.
 
 An engine counts as cached only once its sidecar is written, and only while the sidecar's
 sha256 and size match the engine file: a crash mid-write, a corrupt sidecar or a damaged
@@ -28,9 +29,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from edge_sdk.errors import DeviceError, PackageError
+from runtime.engine_spec import EngineSpec
 from runtime.package import Package, sha256_bytes
 
-__all__ = ["EngineCache", "default_cache_dir", "package_engine"]
+__all__ = ["EngineCache", "default_cache_dir", "package_engine", "find_engine"]
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +128,16 @@ class EngineCache:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
 
-    def engine_path(self, package: Package, fingerprint_key: str, graph: str = "s8s8") -> Path:
-        """Where the engine of ``package``'s ``graph`` for this device fingerprint lives."""
-        name = f"{graph}-{_check_key(fingerprint_key)}.plan"
-        return self.root / "engines" / _graph_digest(package, graph) / name
+    def engine_path(self, package: Package, spec: EngineSpec) -> Path:
+        """Where the engine ``spec`` of ``package`` lives."""
+        _check_key(spec.key)
+        return self.root / "engines" / _graph_digest(package, spec.graph) / f"{spec.name}.plan"
 
-    def get(self, package: Package, fingerprint_key: str, graph: str = "s8s8") -> bytes | None:
-        """The cached engine, or None when absent, partial or corrupt."""
-        path = self.engine_path(package, fingerprint_key, graph)
+    def get(self, package: Package, spec: EngineSpec) -> bytes | None:
+        """The cached engine, or None when absent, partial or corrupt (or the package lacks its graph)."""
+        if spec.graph != "fp32" and spec.graph not in package.manifest.graphs:
+            return None
+        path = self.engine_path(package, spec)
         sidecar = _read_sidecar(path.with_suffix(".json"))
         if sidecar is None:
             if path.exists():
@@ -152,21 +156,18 @@ class EngineCache:
             return None
         return data
 
-    def put(
-        self, package: Package, fingerprint_key: str, data: bytes, meta: Mapping[str, Any], graph: str = "s8s8"
-    ) -> Path:
+    def put(self, package: Package, spec: EngineSpec, data: bytes, meta: Mapping[str, Any]) -> Path:
         """Store an engine atomically, then its sidecar; return the engine's path.
 
         ``meta`` (the fingerprint dict, build seconds, TensorRT version, ...) is kept
         verbatim under the sidecar's ``"meta"``; it must be JSON-serialisable.
         """
-        path = self.engine_path(package, fingerprint_key, graph)
+        path = self.engine_path(package, spec)
         sidecar = {
             "engine": path.name,
             "sha256": sha256_bytes(data),
             "size": len(data),
-            "fingerprint_key": fingerprint_key,
-            "graph": graph,
+            **spec.to_dict(),
             "package": {"name": package.manifest.name, "version": package.manifest.version},
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "meta": dict(meta),
@@ -215,42 +216,69 @@ class EngineCache:
         return found
 
 
-def package_engine(package: Package, fingerprint_key: str) -> bytes | None:
-    """The engine ``package`` itself carries for this fingerprint key, or None.
+def package_engine(package: Package, spec: EngineSpec) -> bytes | None:
+    """The engine ``package`` itself carries for ``spec``, or None.
 
-    ``manifest.engines`` entries look like ``{"file": "engines/<key>.plan", "key": "<key>",
-    "fingerprint": {...}, "graph": "s8s8", "tensorrt": "10.3.0"}``. The file is read (and
-    checked against its sha256) through :meth:`Package.read_bytes`.
+    ``manifest.engines`` entries look like ``{"file": "engines/<spec name>.plan", "key": "sm87-trt10.3.0",
+    "graph": "s8s8", "precision": "int8", "dla_core": null, "fingerprint": {...}, "tensorrt": "10.3.0"}``.
+    The file is read (and checked against its sha256) through :meth:`Package.read_bytes`.
     """
     for entry in package.manifest.engines:
-        if not isinstance(entry, Mapping) or entry.get("key") != fingerprint_key:
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("key"), str):
+            continue
+        try:
+            carried = EngineSpec.from_entry(entry)
+        except PackageError as exc:
+            log.warning("package %s: ignoring engine entry %r: %s", package.manifest.name, entry.get("file"), exc)
+            continue
+        if carried != spec:
             continue
         file = entry.get("file")
         if not isinstance(file, str):
             raise PackageError(
-                f"package {package.manifest.name} lists an engine for {fingerprint_key!r} without a 'file'",
+                f"package {package.manifest.name} lists an engine for {spec.name!r} without a 'file'",
                 hint="rebuild the package with edge-sdk convert",
             )
         return package.read_bytes(file)
     return None
 
 
-def add_package_engine(
-    package: Package, out: str | os.PathLike[str], engine: bytes, fingerprint: Mapping[str, Any], key: str,
-    graph: str, tensorrt: str,
-) -> Package:
-    """Write a copy of ``package`` to ``out`` that carries ``engine`` as ``engines/<key>.plan``.
+def find_engine(package: Package, specs: list[EngineSpec], cache: EngineCache) -> tuple[EngineSpec, bytes, str] | None:
+    """The first of ``specs`` the package carries or the cache holds: (spec, engine, where from)."""
+    for spec in specs:
+        carried = package_engine(package, spec)
+        if carried is not None:
+            return spec, carried, "package"
+        cached = cache.get(package, spec)
+        if cached is not None:
+            return spec, cached, "engine cache"
+    return None
 
-    An engine already carried for the same key is replaced; every other file is kept as is.
+
+def add_package_engine(
+    package: Package, out: str | os.PathLike[str], engine: bytes, fingerprint: Mapping[str, Any], spec: EngineSpec,
+    tensorrt: str,
+) -> Package:
+    """Write a copy of ``package`` to ``out`` that carries ``engine`` as ``engines/<spec name>.plan``.
+
+    An engine already carried for the same spec is replaced; every other file is kept as is.
     """
     from dataclasses import replace
 
     from runtime.package import write_package
 
-    name = f"engines/{_check_key(key)}.plan"
-    entry = {"file": name, "key": key, "fingerprint": dict(fingerprint), "graph": graph, "tensorrt": tensorrt}
-    kept = [e for e in package.manifest.engines if not (isinstance(e, Mapping) and e.get("key") == key)]
-    files = {n: package.read_bytes(n) for n in package.manifest.files if n != name}
+    name = f"engines/{spec.name}.plan"
+    entry = {"file": name, **spec.to_dict(), "fingerprint": dict(fingerprint), "tensorrt": tensorrt}
+
+    def same(e: Any) -> bool:
+        try:
+            return isinstance(e, Mapping) and EngineSpec.from_entry(e) == spec
+        except PackageError:
+            return False
+
+    kept = [e for e in package.manifest.engines if not same(e)]
+    replaced = {e.get("file") for e in package.manifest.engines if same(e)} | {name}
+    files = {n: package.read_bytes(n) for n in package.manifest.files if n not in replaced}
     files[name] = engine
     manifest = replace(package.manifest, engines=(*kept, entry))
     return write_package(manifest, files, out, archive=package.is_archive)

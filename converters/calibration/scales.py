@@ -128,8 +128,10 @@ class ScaleFile:
         fields = {k: v for k, v in data.items() if k != "tensors"}
         return _build(cls, "scale file", tensors={n: _tensor(n, t) for n, t in tensors.items()}, **fields)
 
-    def to_trt_cache(self, trt_version: str = "8.6") -> str:
-        """Render TensorRT's calibration cache text: header, then ``name: hex`` lines sorted by name."""
+    def to_trt_cache(self, trt_version: str) -> str:
+        """Render TensorRT's calibration cache text: header, then ``name: hex`` lines sorted by name.
+
+        ``trt_version`` is the reading TensorRT's: it ignores a cache whose header names another."""
         lines = [f"TRT-{trt_version_code(trt_version)}-EntropyCalibration2"]
         lines += [f"{name}: {struct.pack('>f', self.tensors[name].scale).hex()}" for name in sorted(self.tensors)]
         return "\n".join(lines) + "\n"

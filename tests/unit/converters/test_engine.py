@@ -17,6 +17,7 @@ from converters.engine import (
     build_engine,
     format_command,
     profiles_for,
+    static_profile,
     trtexec_command,
 )
 from edge_sdk.errors import BackendUnavailableError, EngineBuildError
@@ -37,6 +38,7 @@ IMAGE = ((1, 3, 224, 224), (8, 3, 224, 224), (16, 3, 224, 224))
     ({"dla_core": -1}, "dla_core=-1"),
     ({"dla_core": True}, "dla_core=True"),
     ({"dla_core": 0, "precision": "fp32"}, "DLA runs only fp16 or int8"),
+    ({"strongly_typed": True, "precision": "fp16"}, "strongly typed build takes its precisions"),
     ({"workspace_mb": 0}, "workspace_mb=0"),
     ({"workspace_mb": 1.5}, "workspace_mb=1.5"),
     ({"timing_cache": ""}, "timing_cache=''"),
@@ -74,7 +76,7 @@ def test_profile_normalises_lists_to_tuples() -> None:
 
 def test_profiles_for_image_is_one_dynamic_batch_profile() -> None:
     profiles = profiles_for([TensorSpec("images", "float32", ("batch", 3, 224, 224))])
-    assert profiles == (Profile({"images": IMAGE}),)
+    assert profiles == (Profile({"images": IMAGE[:2] + ((32, 3, 224, 224),)}),)  # predict_batch(32) fits one run
 
 
 def test_profiles_for_text_is_one_profile_per_sequence_bucket() -> None:
@@ -107,22 +109,32 @@ def test_profiles_for_rejects_what_it_cannot_express(kwargs: dict[str, Any], mat
         profiles_for(**args)
 
 
-def test_trtexec_explicit_int8_is_strongly_typed() -> None:
+def test_trtexec_explicit_int8_lets_float_layers_run_fp16() -> None:
+    """The Q/DQ graph places int8; INT8 + FP16 lets LayerNorm, Softmax, GELU and the head run fp16 (fp32 when
+    strongly typed from the fp32 Q/DQ graph, at half the rate)."""
     assert trtexec_command(EngineBuildConfig(), "m.onnx", "m.engine") == [
-        "trtexec", "--onnx=m.onnx", "--saveEngine=m.engine", "--stronglyTyped",
-        "--memPoolSize=workspace:1024M", "--builderOptimizationLevel=3"]
+        "trtexec", "--onnx=m.onnx", "--saveEngine=m.engine", "--int8", "--fp16",
+        "--memPoolSize=workspace:1024", "--builderOptimizationLevel=3"]
+    typed = trtexec_command(EngineBuildConfig(strongly_typed=True), "m.onnx", "m.engine")
+    assert "--stronglyTyped" in typed and "--int8" not in typed and "--fp16" not in typed
 
 
-def test_trtexec_explicit_int8_on_tensorrt_8_uses_the_int8_flag() -> None:
-    cmd = trtexec_command(EngineBuildConfig(), "m.onnx", "m.engine", tensorrt_major=8)
-    assert "--int8" in cmd and "--stronglyTyped" not in cmd
+@pytest.mark.parametrize(("release", "has_level"), [((8, 5), False), ((8, 6), True), ((10, 3), True)])
+def test_trtexec_renders_only_flags_that_release_knows(release: tuple[int, int], has_level: bool) -> None:
+    """TensorRT 8.5's trtexec (JetPack 5) refuses --builderOptimizationLevel (8.6) and --stronglyTyped (10.0)."""
+    cmd = trtexec_command(EngineBuildConfig(), "m.onnx", "m.engine", tensorrt=release)
+    assert any(c.startswith("--builderOptimizationLevel") for c in cmd) is has_level
+    assert "--memPoolSize=workspace:1024" in cmd and "--stronglyTyped" not in cmd
+    if release < (10, 0):
+        with pytest.raises(EngineBuildError, match="strongly typed builds need TensorRT >= 10; this is 8"):
+            trtexec_command(EngineBuildConfig(strongly_typed=True), "m.onnx", "m.engine", tensorrt=release)
 
 
 def test_trtexec_implicit_int8_reads_the_calibration_file() -> None:
     config = EngineBuildConfig(explicit=False, calibration_cache=CACHE)
-    assert trtexec_command(config, "m.onnx", "m.engine", calib_path="/tmp/m.cache", tensorrt_major=8) == [
-        "trtexec", "--onnx=m.onnx", "--saveEngine=m.engine", "--int8", "--calib=/tmp/m.cache",
-        "--memPoolSize=workspace:1024M", "--builderOptimizationLevel=3"]
+    assert trtexec_command(config, "m.onnx", "m.engine", calib_path="/tmp/m.cache", tensorrt=(8, 5)) == [
+        "trtexec", "--onnx=m.onnx", "--saveEngine=m.engine", "--int8", "--fp16", "--calib=/tmp/m.cache",
+        "--memPoolSize=workspace:1024"]
     with pytest.raises(EngineBuildError, match="needs calib_path"):
         trtexec_command(config, "m.onnx", "m.engine")
 
@@ -131,16 +143,26 @@ def test_trtexec_fp16_on_dla_with_gpu_fallback() -> None:
     config = EngineBuildConfig(precision="fp16", dla_core=1)
     assert trtexec_command(config, "m.onnx", "m.engine") == [
         "trtexec", "--onnx=m.onnx", "--saveEngine=m.engine", "--fp16", "--useDLACore=1", "--allowGPUFallback",
-        "--memPoolSize=workspace:1024M", "--builderOptimizationLevel=3"]
+        "--memPoolSize=workspace:1024", "--builderOptimizationLevel=3"]
     no_fallback = trtexec_command(EngineBuildConfig(precision="fp16", dla_core=0, gpu_fallback=False), "m.onnx", "e")
     assert "--useDLACore=0" in no_fallback and "--allowGPUFallback" not in no_fallback
+
+
+def test_dla_refuses_qdq_int8_and_dynamic_shapes() -> None:
+    with pytest.raises(EngineBuildError, match="DLA runs int8 only by implicit calibration"):
+        EngineBuildConfig(dla_core=0)
+    with pytest.raises(EngineBuildError, match="DLA needs one profile with min = opt = max"):
+        EngineBuildConfig(precision="fp16", dla_core=0, profiles=(Profile({"images": IMAGE}),))
+    fixed = static_profile([TensorSpec("images", "float32", ("batch", 3, 224, 224))], batch=4)
+    assert fixed == (Profile({"images": ((4, 3, 224, 224),) * 3}),)
+    assert EngineBuildConfig(explicit=False, calibration_cache=CACHE, dla_core=1, profiles=fixed).dla_core == 1
 
 
 def test_trtexec_sparsity_workspace_timing_cache_and_level() -> None:
     config = EngineBuildConfig(precision="fp32", sparsity=True, workspace_mb=256,
                                timing_cache="/var/cache/edge/timing.cache", optimization_level=5)
     assert trtexec_command(config, "m.onnx", "m.engine") == [
-        "trtexec", "--onnx=m.onnx", "--saveEngine=m.engine", "--sparsity=enable", "--memPoolSize=workspace:256M",
+        "trtexec", "--onnx=m.onnx", "--saveEngine=m.engine", "--sparsity=enable", "--memPoolSize=workspace:256",
         "--timingCacheFile=/var/cache/edge/timing.cache", "--builderOptimizationLevel=5"]
 
 
@@ -158,7 +180,7 @@ def test_trtexec_dynamic_shapes_render_the_first_profile() -> None:
 def test_format_command_quotes_for_the_shell() -> None:
     cmd = trtexec_command(EngineBuildConfig(), "my model.onnx", "out/m.engine")
     line = format_command(cmd)
-    assert line.startswith("trtexec '--onnx=my model.onnx' --saveEngine=out/m.engine --stronglyTyped")
+    assert line.startswith("trtexec '--onnx=my model.onnx' --saveEngine=out/m.engine --int8 --fp16")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")

@@ -59,8 +59,10 @@ def test_cache_header_follows_tensorrt_version_code(version: str, header: str) -
     assert _scales(a=1.0).to_trt_cache(version).splitlines()[0] == header
 
 
-def test_cache_default_version_is_8_6() -> None:
-    assert _scales(a=1.0).to_trt_cache().startswith("TRT-8600-EntropyCalibration2\n")
+def test_cache_version_has_no_default() -> None:
+    """TensorRT ignores a cache whose header names another version: the caller must name the device's."""
+    with pytest.raises(TypeError):
+        _scales(a=1.0).to_trt_cache()  # type: ignore[call-arg]
 
 
 @pytest.mark.parametrize("version", ["8", "eight", "8.10.0", "", "8.6.1-ga"])
@@ -76,7 +78,7 @@ def test_cache_lines_are_big_endian_float32_of_amax_over_127() -> None:
 
 
 def test_cache_lines_sorted_with_trailing_newline() -> None:
-    text = _scales(zeta=3.0, alpha=1.0, mid=2.0).to_trt_cache()
+    text = _scales(zeta=3.0, alpha=1.0, mid=2.0).to_trt_cache("10.3.0")
     assert [line.split(":")[0] for line in text.splitlines()[1:]] == ["alpha", "mid", "zeta"]
     assert text.endswith("\n") and not text.endswith("\n\n")
 
@@ -98,7 +100,7 @@ def test_parse_reads_a_tensorrt_written_cache() -> None:
 
 
 def test_names_with_colons_survive_the_cache() -> None:
-    header, scales = parse_trt_cache(_scales(**{"input:0": 127.0}).to_trt_cache())
+    header, scales = parse_trt_cache(_scales(**{"input:0": 127.0}).to_trt_cache("8.5.2"))
     assert scales == {"input:0": 1.0}
 
 
