@@ -11,6 +11,7 @@ from runtime.manifest import Manifest
 from runtime.pipeline import Encoder, Pipeline
 from runtime.prediction import Prediction
 from runtime.runners.onnxrt import OnnxRuntimeRunner
+from runtime.backends import Served
 from runtime.select import Selection
 
 if TYPE_CHECKING:  # the report imports this module on devices without onnx
@@ -63,7 +64,7 @@ def pipeline_for(manifest: Manifest, model: "onnx.ModelProto", encoder: Encoder,
         runner = OnnxRuntimeRunner(model.SerializeToString(), manifest.inputs, manifest.outputs)
     else:
         runner = reference_runner(model, manifest.inputs, manifest.outputs)
-    return Pipeline(manifest, Selection("onnxruntime-cpu", runner.activate(), (), graph), encoder)
+    return Pipeline(manifest, Selection("onnxruntime-cpu", runner.activate(), (), Served.of_graph(graph)), encoder)
 
 
 def accuracy_points(manifest: Manifest, model: "onnx.ModelProto", encoder: Encoder, samples: Sequence[Sample],

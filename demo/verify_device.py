@@ -42,6 +42,7 @@ from runtime.parity import check_parity
 from runtime.pipeline import Pipeline, make_encoder
 from runtime.runners.base import Feeds, Runner
 from runtime.runners.onnxrt import OnnxRuntimeRunner
+from runtime.backends import Served
 from runtime.select import Selection
 
 WORKSTATION_MODULES = ("onnx", "torch", "converters")
@@ -161,7 +162,7 @@ def run_graph(package: Package, graph: str, heldout: Heldout, threads: int | Non
         recorder.activate()
         tokenizer = (package.read_bytes(m.preprocess.tokenizer).decode("utf-8")
                      if isinstance(m.preprocess, TextPreprocess) else None)
-        pipeline = Pipeline(m, Selection("onnxruntime-cpu", recorder, (), graph), make_encoder(m, tokenizer), package)
+        pipeline = Pipeline(m, Selection("onnxruntime-cpu", recorder, (), Served.of_graph(graph)), make_encoder(m, tokenizer), package)
         started = time.perf_counter()
         try:
             if m.postprocess.kind == "embedding":

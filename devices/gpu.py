@@ -3,7 +3,8 @@
 A TensorRT engine is built for one compute capability (``sm``), so the device fingerprint needs it
 on every machine, x86 desktops included. The driver library (``libcuda.so.1``, present wherever
 an NVIDIA driver is: x86 and Jetson alike) answers through ``cuDeviceGetAttribute`` without any
-Python CUDA binding; ``nvidia-smi --query-gpu=name,compute_cap`` (driver >= 510) is the fallback.
+Python CUDA binding; cuda-python's ``cudaGetDeviceProperties`` (when installed) and
+``nvidia-smi --query-gpu=name,compute_cap`` (driver >= 510) are the fallbacks.
 Each source that fails gives its reason; nothing here raises.
 """
 
@@ -14,7 +15,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-__all__ = ["CudaGpu", "query_driver", "query_nvidia_smi", "parse_nvidia_smi"]
+__all__ = ["CudaGpu", "query_driver", "query_cuda_python", "query_nvidia_smi", "parse_nvidia_smi"]
 
 _CC_MAJOR, _CC_MINOR = 75, 76  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_{MAJOR,MINOR} in cuda.h
 _LIBRARIES = ("libcuda.so.1", "libcuda.so")
@@ -24,7 +25,7 @@ _LIBRARIES = ("libcuda.so.1", "libcuda.so")
 class CudaGpu:
     name: str
     compute_capability: str  # "8.7"
-    source: str  # "libcuda" or "nvidia-smi"
+    source: str  # "libcuda", "cuda-python" or "nvidia-smi"
 
 
 def _load(library: str | None) -> tuple[ctypes.CDLL | None, str]:
@@ -66,6 +67,31 @@ def _device(lib: ctypes.CDLL, ordinal: int) -> CudaGpu | None:
     lib.cuDeviceGetName(name, len(name), device)
     return CudaGpu(name.value.decode("utf-8", "replace").strip() or f"CUDA device {ordinal}",
                    f"{major.value}.{minor.value}", "libcuda")
+
+
+def query_cuda_python() -> tuple[list[CudaGpu], str | None]:
+    """Every device cuda-python's runtime API lists (needs cuda-python; imports it)."""
+    try:
+        try:
+            from cuda.bindings import runtime as cudart
+        except ImportError:
+            from cuda import cudart
+    except ImportError:
+        return [], "cuda-python is not installed"
+    try:
+        err, count = cudart.cudaGetDeviceCount()
+        if int(err) != 0:
+            return [], f"cudaGetDeviceCount failed with {getattr(err, 'name', err)}"
+        gpus = []
+        for ordinal in range(count):
+            err, props = cudart.cudaGetDeviceProperties(ordinal)
+            if int(err) == 0:
+                name = props.name.decode("utf-8", "replace") if isinstance(props.name, bytes) else str(props.name)
+                gpus.append(CudaGpu(name.strip("\x00 ") or f"CUDA device {ordinal}", f"{props.major}.{props.minor}",
+                                    "cuda-python"))
+    except Exception as exc:  # noqa: BLE001 - a broken binding raises anything
+        return [], f"cuda-python failed: {type(exc).__name__}: {exc}"
+    return gpus, None if gpus else "cuda-python lists no device"
 
 
 def parse_nvidia_smi(text: str) -> list[CudaGpu]:

@@ -294,9 +294,9 @@ def _gpu(
     """(GPU name, compute capability): the CUDA driver on the live machine, else the NVIDIA driver's
     proc entry (name only), else the Jetson module table."""
     if live:
-        from .gpu import query_driver, query_nvidia_smi
+        from .gpu import query_cuda_python, query_driver, query_nvidia_smi
 
-        for query in (query_driver, query_nvidia_smi):
+        for query in (query_driver, query_cuda_python, query_nvidia_smi):
             gpus, reason = query()
             if gpus:
                 return gpus[0].name, gpus[0].compute_capability

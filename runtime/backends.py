@@ -1,12 +1,19 @@
 """The backends runner selection can choose from: how each checks it can run here, and builds its runner.
 
-* ``tensorrt``: an engine for this device's fingerprint, carried by the package or built into
-  the engine cache (``edge-sdk engine build``), run by the TensorRT runner.
-* ``onnxruntime-tensorrt``: onnxruntime's TensorRT execution provider on the S8S8 (or fp32)
-  graph, with its engine and timing caches under the runtime's cache directory.
+* ``tensorrt``: a GPU engine for this device's fingerprint, carried by the package or built into
+  the engine cache (``edge-sdk engine build``), run by the TensorRT runner: int8 (S8S8 graph),
+  else fp16, else fp32, as the precision asked allows.
+* ``tensorrt-dla``: the same for an engine built for one of the device's DLA cores
+  (``engine build --dla-core N``); not in the default policy: DLA is chosen, not guessed.
+* ``onnxruntime-tensorrt``: onnxruntime's TensorRT execution provider on the S8S8 graph (int8),
+  or the fp32 graph with fp16 kernels allowed (fp16) or not (fp32), with its engine and timing
+  caches under the runtime's cache directory.
 * ``onnxruntime-cuda``: onnxruntime's CUDA provider on the fp32 graph.
 * ``onnxruntime-cpu``: the CPU provider on the int8 graph this CPU computes exactly (see
   :func:`cpu_int8_graph`) when the package has one, else fp32.
+
+A factory returns the runner and what it serves (:class:`Served`: graph and precision), which
+parity judges with that precision's tolerance and every prediction reports.
 """
 
 from __future__ import annotations
@@ -14,28 +21,61 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 from edge_sdk.errors import BackendUnavailableError
+from runtime.engine_spec import EngineSpec, engine_candidates, served_label
 from runtime.package import Package
 from runtime.runners.base import Runner
 from runtime.runners.onnxrt import OnnxRuntimeRunner, available_providers
 
 log = logging.getLogger(__name__)
 
+if TYPE_CHECKING:
+    import devices
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a runner serves: the package graph it runs and the precision it computes in."""
+
+    graph: str = "fp32"  # "fp32" or an int8 graph ("u8s8", "u8s7", "s8s8")
+    precision: str = "fp32"  # "fp32", "fp16" or "int8"
+    engine: EngineSpec | None = None  # the TensorRT engine, for the tensorrt backends
+
+    @property
+    def label(self) -> str:
+        """What each prediction reports: "fp32", "fp16", "int8-<graph>" (e.g. int8-u8s7)."""
+        return served_label(self.graph, self.precision)
+
+    @classmethod
+    def of_graph(cls, graph: str) -> Served:
+        """A graph served as it is: fp32 for the fp32 graph, int8 for a Q/DQ graph."""
+        return cls(graph, "fp32" if graph == "fp32" else "int8")
+
+
 # A probe returns why the backend cannot run this package here, or None when it can try.
 Probe = Callable[[Package], "str | None"]
-Factory = Callable[[Package, "int | None", str], "tuple[Runner, str]"]
+# A factory builds (not activates) a runner for a precision request: "auto", "fp32", "fp16" or "int8".
+Factory = Callable[[Package, "int | None", str], "tuple[Runner, Served]"]
 TENSORRT_MISSING = ("the tensorrt Python package is not installed "
                     "(pip install 'edge-sdk[tensorrt]' on a machine with an NVIDIA GPU; JetPack ships it)")
 
 
 @functools.lru_cache(maxsize=1)
-def device_key() -> str:
-    """This machine's engine fingerprint key (probed once per process)."""
+def device_info() -> devices.DeviceInfo:
+    """This machine's facts (probed once per process)."""
     import devices
 
-    return devices.fingerprint(devices.detect()).key
+    return devices.detect()
+
+
+def device_key() -> str:
+    """This machine's engine fingerprint key, GPU part (``sm87-trt10.3.0``)."""
+    import devices
+
+    return devices.fingerprint(device_info()).key
 
 
 _TARGETS = {"u8s8": "onnxruntime's CPU provider", "u8s7": "onnxruntime's CPU provider", "s8s8": "TensorRT"}
@@ -79,6 +119,9 @@ def pick_graph(package: Package, precision: str, variant: str) -> str:
     if precision == "int8" and not has_int8:
         raise BackendUnavailableError(f"package {package.manifest.name} has no int8 graph for {_TARGETS[variant]}",
                                       hint="convert it with quantize='int8', or load it with precision='fp32'")
+    if precision == "fp16":
+        raise BackendUnavailableError(f"{_TARGETS[variant]} runs no fp16 graph",
+                                      hint="load with precision='fp32' or 'int8', or serve fp16 from TensorRT")
     return variant if has_int8 and precision != "fp32" else "fp32"
 
 
@@ -101,47 +144,56 @@ def graph_reason(graph: str) -> str:
     return reason if graph == wanted else f"{graph}: the package has no {wanted} graph ({reason})"
 
 
-def _gpu_graph(package: Package, precision: str) -> str:
-    """The graph TensorRT (engine or provider) runs: the S8S8 Q/DQ graph when there is one."""
-    return pick_graph(package, precision, "s8s8")
-
-
 def _graph_bytes(package: Package, graph: str) -> bytes:
     m = package.manifest
     return package.read_bytes(m.model if graph == "fp32" else m.graphs[graph])
 
 
-def _engine(package: Package) -> tuple[bytes, str] | None:
-    """An engine for this device: carried by the package, else from the engine cache."""
-    from runtime.engine_cache import EngineCache, default_cache_dir, package_engine
-
-    key = device_key()
-    carried = package_engine(package, key)
-    if carried is not None:
-        return carried, "package"
-    cached = EngineCache(default_cache_dir()).get(package, key)
-    return (cached, "engine cache") if cached is not None else None
+def _engine_specs(package: Package, precision: str, dla: bool) -> list[EngineSpec]:
+    """The engines that would serve ``precision`` here, best first (every DLA core's for ``dla``)."""
+    cores: list[int | None] = list(range(device_info().dla_cores or 0)) if dla else [None]
+    graphs = set(package.manifest.graphs)
+    calibrated = "scales.json" in package.manifest.files
+    return [spec for core in cores for spec in engine_candidates(device_key(), graphs, precision, calibrated, core)]
 
 
-def _probe_tensorrt(package: Package) -> str | None:
-    if importlib.util.find_spec("tensorrt") is None:
-        return TENSORRT_MISSING
-    if _engine(package) is None:
-        carried = [e.get("key") for e in package.manifest.engines]
-        return (f"no engine for this device ({device_key()}); the package carries {carried or 'none'}: "
-                f"build one with `edge-sdk engine build {package.path}`")
-    return None
+def _find_engine(package: Package, precision: str, dla: bool) -> tuple[EngineSpec, bytes, str] | None:
+    from runtime.engine_cache import EngineCache, default_cache_dir, find_engine
+
+    return find_engine(package, _engine_specs(package, precision, dla), EngineCache(default_cache_dir()))
 
 
-def _tensorrt_factory(package: Package, threads: int | None, precision: str) -> tuple[Runner, str]:
-    from runtime.runners.tensorrt import TensorRTRunner
+def _tensorrt_probe(dla: bool) -> Probe:
+    def probe(package: Package) -> str | None:
+        if importlib.util.find_spec("tensorrt") is None:
+            return TENSORRT_MISSING
+        if dla and not device_info().dla_cores:
+            return "this device has no DLA core"
+        if _find_engine(package, "auto", dla) is None:
+            carried = [e.get("file") for e in package.manifest.engines if isinstance(e, dict)]
+            flag = " --dla-core 0" if dla else ""
+            return (f"no {'DLA ' if dla else ''}engine for this device ({device_key()}); the package carries "
+                    f"{carried or 'none'}: build one with `edge-sdk engine build {package.path}{flag}`")
+        return None
 
-    found = _engine(package)
-    if found is None:
-        raise BackendUnavailableError(f"no TensorRT engine for this device ({device_key()})")
-    m = package.manifest
-    log.info("TensorRT engine for %s from the %s", device_key(), found[1])
-    return TensorRTRunner(found[0], m.inputs, m.outputs), _gpu_graph(package, precision)
+    return probe
+
+
+def _tensorrt_factory(dla: bool) -> Factory:
+    def factory(package: Package, threads: int | None, precision: str) -> tuple[Runner, Served]:
+        from runtime.runners.tensorrt import TensorRTRunner
+
+        found = _find_engine(package, precision, dla)
+        if found is None:
+            wanted = ", ".join(s.name for s in _engine_specs(package, precision, dla)) or "none can exist"
+            raise BackendUnavailableError(f"no TensorRT engine serves precision {precision} here (looked for {wanted})")
+        spec, data, source = found
+        log.info("TensorRT engine %s from the %s", spec.name, source)
+        m = package.manifest
+        return (TensorRTRunner(data, m.inputs, m.outputs, dla_core=spec.dla_core),
+                Served(spec.graph, spec.precision, spec))
+
+    return factory
 
 
 def _ort_probe(provider: str) -> Probe:
@@ -154,42 +206,56 @@ def _ort_probe(provider: str) -> Probe:
     return probe
 
 
-def _ort_cpu(package: Package, threads: int | None, precision: str) -> tuple[Runner, str]:
+def _ort_cpu(package: Package, threads: int | None, precision: str) -> tuple[Runner, Served]:
     graph = cpu_graph(package, precision)
     m = package.manifest
-    return OnnxRuntimeRunner(_graph_bytes(package, graph), m.inputs, m.outputs, threads=threads), graph
+    return OnnxRuntimeRunner(_graph_bytes(package, graph), m.inputs, m.outputs, threads=threads), Served.of_graph(graph)
 
 
-def _ort_cuda(package: Package, threads: int | None, precision: str) -> tuple[Runner, str]:
-    m = package.manifest  # CUDA kernels gain nothing from Q/DQ graphs: run fp32
+def _ort_cuda(package: Package, threads: int | None, precision: str) -> tuple[Runner, Served]:
+    if precision in ("int8", "fp16"):  # CUDA kernels gain nothing from Q/DQ graphs: the provider runs fp32
+        raise BackendUnavailableError(f"onnxruntime's CUDA provider serves fp32 only, not {precision}")
+    m = package.manifest
     providers = ("CUDAExecutionProvider", "CPUExecutionProvider")
     return OnnxRuntimeRunner(_graph_bytes(package, "fp32"), m.inputs, m.outputs, providers=providers,
-                             threads=threads), "fp32"
+                             threads=threads), Served()
 
 
-def tensorrt_provider_options(package: Package, graph: str) -> dict[str, Any]:
-    """onnxruntime TensorRT EP options: persistent engine and timing caches per package, int8 for Q/DQ."""
+def tensorrt_provider_options(package: Package, served: Served) -> dict[str, Any]:
+    """onnxruntime TensorRT EP options: persistent engine and timing caches per package, int8 for Q/DQ,
+    fp16 kernels unless fp32 is what is served."""
     from runtime.engine_cache import EngineCache, default_cache_dir
 
     cache = str(EngineCache(default_cache_dir()).ort_trt_cache_dir(package, device_key()))
     return {
         "trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
         "trt_timing_cache_enable": True, "trt_timing_cache_path": cache,
-        "trt_fp16_enable": True, "trt_int8_enable": graph == "s8s8",
+        "trt_fp16_enable": served.precision != "fp32", "trt_int8_enable": served.graph == "s8s8",
     }
 
 
-def _ort_tensorrt(package: Package, threads: int | None, precision: str) -> tuple[Runner, str]:
-    graph = _gpu_graph(package, precision)
+def _ort_tensorrt_served(package: Package, precision: str) -> Served:
+    has_s8s8 = "s8s8" in package.manifest.graphs
+    if precision == "int8" and not has_s8s8:
+        raise BackendUnavailableError(f"package {package.manifest.name} has no int8 graph for TensorRT",
+                                      hint="convert it with quantize='int8', or load it with precision='fp16'")
+    if precision in ("auto", "int8") and has_s8s8:
+        return Served("s8s8", "int8")
+    return Served("fp32", "fp32" if precision == "fp32" else "fp16")
+
+
+def _ort_tensorrt(package: Package, threads: int | None, precision: str) -> tuple[Runner, Served]:
+    served = _ort_tensorrt_served(package, precision)
     m = package.manifest
     providers = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-    options: tuple[dict[str, Any], ...] = (tensorrt_provider_options(package, graph), {}, {})
-    return OnnxRuntimeRunner(_graph_bytes(package, graph), m.inputs, m.outputs, providers=providers,
-                             provider_options=options, threads=threads), graph
+    options: tuple[dict[str, Any], ...] = (tensorrt_provider_options(package, served), {}, {})
+    return OnnxRuntimeRunner(_graph_bytes(package, served.graph), m.inputs, m.outputs, providers=providers,
+                             provider_options=options, threads=threads), served
 
 
 BACKENDS: dict[str, tuple[Probe, Factory]] = {
-    "tensorrt": (_probe_tensorrt, _tensorrt_factory),
+    "tensorrt": (_tensorrt_probe(dla=False), _tensorrt_factory(dla=False)),
+    "tensorrt-dla": (_tensorrt_probe(dla=True), _tensorrt_factory(dla=True)),
     "onnxruntime-tensorrt": (_ort_probe("TensorrtExecutionProvider"), _ort_tensorrt),
     "onnxruntime-cuda": (_ort_probe("CUDAExecutionProvider"), _ort_cuda),
     "onnxruntime-cpu": (_ort_probe("CPUExecutionProvider"), _ort_cpu),

@@ -31,9 +31,15 @@ class Parity:
         return self.max_abs_diff <= self.tolerance
 
 
-def check_parity(package: Package, runner: Runner, graph: str, tolerance: float | None = None) -> Parity:
-    """Run the golden feeds on ``runner`` and compare with the stored outputs of ``graph``; raise on mismatch."""
-    precision = "fp32" if graph == "fp32" else "int8"
+def check_parity(package: Package, runner: Runner, graph: str, precision: str | None = None,
+                 tolerance: float | None = None) -> Parity:
+    """Run the golden feeds on ``runner`` and compare with the stored outputs of ``graph``; raise on mismatch.
+
+    ``precision`` is what the runner computes in ("fp32", "fp16", "int8"; default: the graph's): an fp16
+    engine built from the fp32 graph is judged against the fp32 golden outputs with the fp16 tolerance."""
+    precision = precision or ("fp32" if graph == "fp32" else "int8")
+    if precision not in TOLERANCE:
+        raise InferenceError(f"precision {precision!r} has no parity tolerance; expected one of {list(TOLERANCE)}")
     limit = TOLERANCE[precision] if tolerance is None else tolerance
     inputs, expected = package.golden(graph)
     if not inputs or not expected:
@@ -48,9 +54,11 @@ def check_parity(package: Package, runner: Runner, graph: str, tolerance: float 
     parity = Parity(samples=len(next(iter(inputs.values()))), max_abs_diff=worst, tolerance=limit)
     if not parity.ok:
         raise InferenceError(
-            f"{runner.backend} output ({graph} graph) differs from the package's golden outputs by {worst:.3g} "
+            f"{runner.backend} output ({precision} on the {graph} graph) differs from the package's golden outputs "
+            f"by {worst:.3g} "
             f"(tolerance {limit:g}); refusing to serve it",
             hint="re-convert the package or select another backend",
         )
-    log.info("parity on %s (%s): %d samples, max relative diff %.2e", runner.backend, graph, parity.samples, worst)
+    log.info("parity on %s (%s on %s): %d samples, max relative diff %.2e", runner.backend, precision, graph,
+             parity.samples, worst)
     return parity

@@ -1,7 +1,10 @@
 """Runner selection: walk a policy (an ordered list of backends), return the first that runs.
 
 Every backend passed over is recorded with its reason, so a fallback is never
-silent: the caller reports ``Selection.skipped`` next to each prediction's backend.
+silent: the caller reports ``Selection.skipped`` next to each prediction's backend. Whatever a
+backend raises while probing, building, activating or checking parity (a CUDA initialisation
+failure, a pycuda error, an engine TensorRT cannot load) passes that backend over with the
+reason; the next one is tried.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from edge_sdk.errors import BackendUnavailableError, EdgeSDKError
-from runtime.backends import BACKENDS, Factory, Probe
+from runtime.backends import BACKENDS, Factory, Probe, Served
 from runtime.package import Package
 from runtime.parity import Parity, check_parity
 from runtime.runners.base import Runner
@@ -19,7 +22,8 @@ from runtime.runners.base import Runner
 log = logging.getLogger(__name__)
 
 DEFAULT_POLICY = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
-_ALIASES = {"cpu": "onnxruntime-cpu", "cuda": "onnxruntime-cuda", "trt": "tensorrt", "trt-ep": "onnxruntime-tensorrt"}
+_ALIASES = {"cpu": "onnxruntime-cpu", "cuda": "onnxruntime-cuda", "trt": "tensorrt", "trt-ep": "onnxruntime-tensorrt",
+            "dla": "tensorrt-dla"}
 
 
 @dataclass(frozen=True)
@@ -30,23 +34,28 @@ class Skipped:
 
 @dataclass(frozen=True)
 class Selection:
-    """The runner chosen (already active), the graph it runs, and why earlier backends were passed over."""
+    """The runner chosen (already active), what it serves, and why earlier backends were passed over."""
 
     backend: str
     runner: Runner
     skipped: tuple[Skipped, ...]
-    graph: str = "fp32"  # "fp32" or the int8 variant ("u8s8", "s8s8")
+    served: Served = Served()
     parity: Parity | None = None  # the golden-vector check the runner passed before serving
 
     @property
+    def graph(self) -> str:
+        """The package graph served: "fp32" or the int8 variant ("u8s8", "u8s7", "s8s8")."""
+        return self.served.graph
+
+    @property
     def precision(self) -> str:
-        """"fp32" or "int8": what to ask the backend's factory for to get this graph again (replicas)."""
-        return "fp32" if self.graph == "fp32" else "int8"
+        """"fp32", "fp16" or "int8": what to ask the backend's factory for to get this again (replicas)."""
+        return self.served.precision
 
     @property
     def precision_label(self) -> str:
-        """What each prediction reports: "fp32", or "int8-<graph>" naming the int8 graph (e.g. int8-u8s7)."""
-        return "fp32" if self.graph == "fp32" else f"int8-{self.graph}"
+        """What each prediction reports: "fp32", "fp16", or "int8-<graph>" (e.g. int8-u8s7)."""
+        return self.served.label
 
     @property
     def graph_reason(self) -> str:
@@ -56,7 +65,8 @@ class Selection:
         return graph_reason(self.graph)
 
 
-PRECISIONS = ("auto", "fp32", "int8")
+PRECISIONS = ("auto", "fp32", "fp16", "int8")
+_LOWER = {"int8": ("fp16", "fp32"), "fp16": ("fp32",), "fp32": ()}
 
 
 Registry = Mapping[str, "tuple[Probe, Factory]"]
@@ -84,18 +94,22 @@ def select_runner(
 ) -> Selection:
     """Activate and return the first backend in the policy that can run ``package`` here.
 
-    ``precision`` is "auto" (int8 when the package has it), "fp32" or "int8". With ``verify``
-    a backend must reproduce the package's golden outputs before it is chosen; one that fails
-    is deactivated and recorded with the difference. With precision "auto" a failing int8 graph is
-    followed by the same backend's fp32 graph (a CPU whose int8 kernels diverge serves fp32, never
-    a silently wrong int8), then by the next backend.
+    ``precision`` is "auto" (int8 when the package has it), "fp32", "fp16" (TensorRT) or "int8".
+    With ``verify`` a backend must reproduce the package's golden outputs, within the tolerance of
+    the precision it computes in, before it is chosen; one that fails is deactivated and recorded
+    with the difference. With precision "auto" a failing int8 graph is followed by the same
+    backend's fp16 then fp32 (a CPU whose int8 kernels diverge serves fp32, never a silently wrong
+    int8), then by the next backend.
     """
     if precision not in PRECISIONS:
         raise BackendUnavailableError(f"precision is {precision!r}; expected one of {', '.join(PRECISIONS)}")
     skipped: list[Skipped] = []
     for name in parse_policy(backend, registry):
         probe, factory = registry[name]
-        reason = probe(package)
+        try:
+            reason = probe(package)
+        except Exception as exc:  # noqa: BLE001 - a probe must never stop the walk
+            reason = _failure("probe", exc)
         if reason is None:
             chosen = _try(package, name, factory, threads, precision, verify, skipped)
             if chosen is not None:
@@ -110,33 +124,54 @@ def select_runner(
         else "every backend was tried; the reasons above say what to fix")
 
 
+def _failure(stage: str, exc: BaseException) -> str:
+    """The reason recorded for a backend that raised; our own errors read as their message."""
+    if isinstance(exc, EdgeSDKError):
+        return str(exc)
+    log.warning("backend %s raised %s", stage, type(exc).__name__, exc_info=exc)
+    return f"{stage} failed with {type(exc).__name__}: {exc}"
+
+
 def _try(package: Package, name: str, factory: Factory, threads: int | None, precision: str, verify: bool,
          skipped: list[Skipped]) -> Selection | None:
-    """Activate backend ``name`` and check its parity; with precision "auto", an int8 graph that fails
-    the golden vectors is recorded and the same backend is tried on the fp32 graph."""
-    attempts = [precision, "fp32"] if precision == "auto" else [precision]
+    """Activate backend ``name`` and check its parity; with precision "auto", a graph that fails the
+    golden vectors is recorded and the same backend is tried at each lower precision it serves."""
+    attempts = [precision]
     for attempt in attempts:
+        runner: Runner | None = None
         try:
-            runner, graph = factory(package, threads, attempt)
+            runner, served = factory(package, threads, attempt)
             runner.activate()
-        except EdgeSDKError as exc:
-            skipped.append(Skipped(name, str(exc)))
-            return None
-        try:
-            parity = check_parity(package, runner, graph) if verify else None
-        except EdgeSDKError as exc:
-            runner.deactivate()
-            label = name if graph == "fp32" else f"{name} ({graph} graph)"
-            skipped.append(Skipped(label, f"failed the golden-vector check: {exc}"))
-            log.warning("backend %s passed over: %s", label, skipped[-1].reason)
-            if graph == "fp32":
+        except Exception as exc:  # noqa: BLE001 - CUDA, TensorRT and bindings raise their own types
+            if runner is not None:
+                _quietly_deactivate(runner)
+            if attempt == precision:  # the backend cannot serve at all
+                skipped.append(Skipped(name, _failure("activation", exc)))
                 return None
+            log.debug("backend %s serves no %s: %s", name, attempt, exc)
+            continue
+        try:
+            parity = check_parity(package, runner, served.graph, served.precision) if verify else None
+        except Exception as exc:  # noqa: BLE001 - an inference error mid-check passes the backend over too
+            _quietly_deactivate(runner)
+            label = name if served.label == "fp32" else f"{name} ({served.label})"
+            skipped.append(Skipped(label, f"failed the golden-vector check: {_failure('parity', exc)}"))
+            log.warning("backend %s passed over: %s", label, skipped[-1].reason)
+            if precision == "auto":
+                attempts.extend(p for p in _LOWER[served.precision] if p not in attempts)
             continue
         for s in skipped:
             log.info("backend %s skipped: %s", s.backend, s.reason)
-        log.info("selected backend %s (%s graph) for %s", name, graph, package.manifest.name)
-        return Selection(name, runner, tuple(skipped), graph, parity)
+        log.info("selected backend %s (%s) for %s", name, served.label, package.manifest.name)
+        return Selection(name, runner, tuple(skipped), served, parity)
     return None
+
+
+def _quietly_deactivate(runner: Runner) -> None:
+    try:
+        runner.deactivate()
+    except Exception:  # noqa: BLE001 - already failing; the first error is the one reported
+        log.debug("deactivating a failed %s runner raised", runner.backend, exc_info=True)
 
 
 def replicate(
@@ -154,12 +189,14 @@ def replicate(
     runners: list[Runner] = []
     try:
         for _ in range(count):
-            runner, graph = factory(package, threads, selection.precision)
+            runner, served = factory(package, threads, selection.precision)
             runners.append(runner.activate())
             if verify:
-                check_parity(package, runner, graph)
-    except EdgeSDKError:
+                check_parity(package, runner, served.graph, served.precision)
+    except Exception as exc:
         for runner in runners:
-            runner.deactivate()
-        raise
+            _quietly_deactivate(runner)
+        if isinstance(exc, EdgeSDKError):
+            raise
+        raise BackendUnavailableError(f"a {selection.backend} replica failed: {_failure('replica', exc)}") from exc
     return runners

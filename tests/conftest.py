@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
+from typing import Any, Iterator
 
 import onnx
 import pytest
@@ -26,6 +28,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for name, (_, reason) in _HARDWARE.items():
             if item.get_closest_marker(name) is not None and not present[name]:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+STANDIN = Path(__file__).parent / "standin"
+_STANDIN_MODULES = ("tensorrt", "cuda", "pycuda", "_standin_gpu")
+
+
+def _drop_standin_modules() -> None:
+    for name in [n for n in sys.modules if n.split(".")[0] in _STANDIN_MODULES]:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def trt_standin(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Any]:
+    """The tensorrt / cuda-python / pycuda API stand-ins (tests/standin, never GPU verification) first on
+    sys.path, a fresh engine cache, and the device facts probed again; yields the stand-in's GPU state."""
+    from runtime import backends
+
+    for name in [n for n in sys.modules if n.split(".")[0] in _STANDIN_MODULES]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(STANDIN))
+    monkeypatch.setenv("EDGE_SDK_CACHE", str(tmp_path / "engine-cache"))
+    import _standin_gpu
+
+    _standin_gpu.reset()
+    backends.device_info.cache_clear()
+    yield _standin_gpu
+    backends.device_info.cache_clear()
+    _drop_standin_modules()
 
 
 @pytest.fixture

@@ -1,167 +1,50 @@
-"""TensorRT runner: runs a serialized engine on an NVIDIA GPU (Jetson or desktop).
+"""TensorRT runner: runs a serialized engine on an NVIDIA GPU or DLA core (Jetson or desktop).
 
-tensorrt and a CUDA binding (cuda-python or pycuda) are imported on ``activate()``,
-never at module import, so this module imports on a CPU-only machine. The two
-bindings hide behind the small :class:`_Cuda` protocol so the runner is written once.
-TensorRT's I/O API is feature-detected: the named-tensor API (``num_io_tensors``,
-``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``; TensorRT >= 8.5,
-the only one in 10.x) when present, else the binding API (``execute_async_v2``).
+tensorrt and a CUDA binding (cuda-python or pycuda, :mod:`runtime.runners.cuda`) are imported on
+``activate()``, never at module import, so this module imports on a CPU-only machine.
+
+* **One engine, many contexts.** TensorRT objects are not thread safe: an execution context must
+  be driven by one thread at a time. Each call checks out an execution context (with its own
+  CUDA stream and buffers) from a pool of at most ``max_contexts``, with the CUDA context current
+  in the calling thread; replicas of the same engine share one deserialized engine.
+* **Profiles.** Each call runs in the profile that holds its shapes
+  (:mod:`runtime.runners.trt_shapes`), switching the context with
+  ``set_optimization_profile_async`` first; batches beyond every profile are split. Before
+  TensorRT 10 two contexts may not hold the same profile at once, so there each profile gets
+  its own context.
+* **I/O API** is feature-detected: the named-tensor API (TensorRT >= 8.5, the only one in 10.x)
+  when present, else the binding API (``execute_async_v2``, bindings repeated per profile).
 """
 
 from __future__ import annotations
 
-import ctypes
+import hashlib
 import logging
 import math
-from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import numpy as np
 
-from edge_sdk.errors import BackendUnavailableError, InferenceError, InputMismatchError
+from edge_sdk.errors import BackendUnavailableError, EdgeSDKError, InferenceError, InputMismatchError
 from runtime.manifest import TensorSpec
 from runtime.runners.base import Feeds, Runner
+from runtime.runners.cuda import CUDA_BINDINGS, Cuda, load_cuda
+from runtime.runners.trt_shapes import Chunk, ProfileShapes, describe, plan_chunks
 
 log = logging.getLogger(__name__)
 
-CUDA_BINDINGS = ("auto", "cuda-python", "pycuda")
 _REBUILD = "rebuild the engine on this device with `edge-sdk engine build`"
-
-
-class _Cuda(Protocol):
-    """The few CUDA calls the runner needs; device pointers are plain ints."""
-
-    def alloc_device(self, nbytes: int) -> int: ...
-    def alloc_host(self, count: int, dtype: np.dtype) -> np.ndarray: ...
-    def free(self, device: int, host: np.ndarray) -> None: ...
-    def htod(self, dst: int, src: np.ndarray, stream: Any) -> None: ...
-    def dtoh(self, dst: np.ndarray, src: int, stream: Any) -> None: ...
-    def stream(self) -> Any: ...
-    def handle(self, stream: Any) -> int: ...
-    def sync(self, stream: Any) -> None: ...
-    def close(self, stream: Any) -> None: ...
-
-
-class _CudaPython:
-    """cuda-python runtime API; every call returns ``(err, *values)`` and is checked."""
-
-    def __init__(self) -> None:
-        try:
-            from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-        except ImportError:
-            from cuda import cudart  # older cuda-python
-        self._rt = cudart
-        self._pinned: dict[int, int] = {}  # id(host array) -> pinned pointer
-
-    def _call(self, result: Any, what: str) -> Any:
-        err, *values = result
-        if err != self._rt.cudaError_t.cudaSuccess:
-            raise InferenceError(f"CUDA call {what} failed with {getattr(err, 'name', err)}")
-        return values[0] if len(values) == 1 else None
-
-    def alloc_device(self, nbytes: int) -> int:
-        return int(self._call(self._rt.cudaMalloc(nbytes), "cudaMalloc"))
-
-    def alloc_host(self, count: int, dtype: np.dtype) -> np.ndarray:
-        nbytes = count * dtype.itemsize
-        ptr = int(self._call(self._rt.cudaMallocHost(nbytes), "cudaMallocHost"))
-        raw = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_ubyte)), (nbytes,))
-        host = raw.view(dtype)
-        self._pinned[id(host)] = ptr
-        return host
-
-    def free(self, device: int, host: np.ndarray) -> None:
-        self._call(self._rt.cudaFree(device), "cudaFree")
-        ptr = self._pinned.pop(id(host), None)
-        if ptr is not None:
-            self._call(self._rt.cudaFreeHost(ptr), "cudaFreeHost")
-
-    def htod(self, dst: int, src: np.ndarray, stream: Any) -> None:
-        kind = self._rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        self._call(self._rt.cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes, kind, stream), "cudaMemcpyAsync")
-
-    def dtoh(self, dst: np.ndarray, src: int, stream: Any) -> None:
-        kind = self._rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        self._call(self._rt.cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes, kind, stream), "cudaMemcpyAsync")
-
-    def stream(self) -> Any:
-        return self._call(self._rt.cudaStreamCreate(), "cudaStreamCreate")
-
-    def handle(self, stream: Any) -> int:
-        return int(stream)
-
-    def sync(self, stream: Any) -> None:
-        self._call(self._rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
-
-    def close(self, stream: Any) -> None:
-        if stream is not None:
-            self._call(self._rt.cudaStreamDestroy(stream), "cudaStreamDestroy")
-
-
-class _PyCuda:
-    """pycuda driver API on device 0's primary context (shared with TensorRT and the runtime API)."""
-
-    def __init__(self) -> None:
-        import pycuda.driver as drv
-
-        drv.init()
-        self._drv = drv
-        self._context = drv.Device(0).retain_primary_context()
-        self._context.push()
-        self._allocations: dict[int, Any] = {}  # pointer -> DeviceAllocation, kept alive until freed
-
-    def alloc_device(self, nbytes: int) -> int:
-        allocation = self._drv.mem_alloc(nbytes)
-        self._allocations[int(allocation)] = allocation
-        return int(allocation)
-
-    def alloc_host(self, count: int, dtype: np.dtype) -> np.ndarray:
-        return self._drv.pagelocked_empty(count, dtype)  # type: ignore[no-any-return]
-
-    def free(self, device: int, host: np.ndarray) -> None:
-        allocation = self._allocations.pop(device, None)
-        if allocation is not None:
-            allocation.free()
-        release = getattr(host.base, "free", None)  # pagelocked_empty's HostAllocation
-        if release is not None:
-            release()
-
-    def htod(self, dst: int, src: np.ndarray, stream: Any) -> None:
-        self._drv.memcpy_htod_async(dst, src, stream)
-
-    def dtoh(self, dst: np.ndarray, src: int, stream: Any) -> None:
-        self._drv.memcpy_dtoh_async(dst, src, stream)
-
-    def stream(self) -> Any:
-        return self._drv.Stream()
-
-    def handle(self, stream: Any) -> int:
-        return int(stream.handle)
-
-    def sync(self, stream: Any) -> None:
-        stream.synchronize()
-
-    def close(self, stream: Any) -> None:
-        self._context.pop()
-
-
-def load_cuda(choice: str) -> _Cuda:
-    """The CUDA binding for ``choice`` ("auto" prefers cuda-python, then pycuda)."""
-    order = ("cuda-python", "pycuda") if choice == "auto" else (choice,)
-    for name in order:
-        try:
-            return _CudaPython() if name == "cuda-python" else _PyCuda()
-        except ImportError:
-            log.debug("CUDA binding %s is not installed", name)
-    raise BackendUnavailableError(
-        f"no CUDA binding for TensorRT: tried {', '.join(order)}",
-        hint="pip install cuda-python (preferred) or pip install pycuda",
-    )
+# DataType name -> numpy; not trt.nptype, which fails on numpy >= 1.24 in TensorRT 8.5.1/8.5.2 (JetPack 5).
+_NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32, "INT64": np.int64,
+          "BOOL": np.bool_, "UINT8": np.uint8}
 
 
 @dataclass(frozen=True)
 class EngineIO:
-    """One engine I/O tensor: its name, direction, numpy dtype and binding index."""
+    """One engine I/O tensor: its name, direction, numpy dtype and (profile 0) binding index."""
 
     name: str
     is_input: bool
@@ -169,20 +52,42 @@ class EngineIO:
     index: int
 
 
+def numpy_dtype(name: str, dtype: Any) -> np.dtype:
+    """The numpy dtype of a TensorRT DataType, or a clear refusal (bf16, fp8, int4 have none)."""
+    label = str(getattr(dtype, "name", dtype)).rpartition(".")[2].upper()
+    if label not in _NUMPY:
+        raise BackendUnavailableError(
+            f"engine tensor '{name}' has TensorRT type {label}, which numpy cannot hold",
+            hint=f"build the engine with float32, float16 or integer inputs and outputs; {_REBUILD}")
+    return np.dtype(_NUMPY[label])
+
+
 def discover_io(engine: Any, trt: Any) -> tuple[list[EngineIO], bool]:
     """The engine's I/O tensors and whether the named-tensor API (TensorRT >= 8.5) is in use."""
     if hasattr(engine, "num_io_tensors"):
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        return [
-            EngineIO(n, engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT, np.dtype(trt.nptype(engine.get_tensor_dtype(n))), i)
-            for i, n in enumerate(names)
-        ], True
-    # Binding API: with several optimization profiles the bindings repeat per profile; use profile 0's.
+        return [EngineIO(n, engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT,
+                         numpy_dtype(n, engine.get_tensor_dtype(n)), i) for i, n in enumerate(names)], True
     count = engine.num_bindings // max(1, getattr(engine, "num_optimization_profiles", 1))
-    return [
-        EngineIO(engine.get_binding_name(i), engine.binding_is_input(i), np.dtype(trt.nptype(engine.get_binding_dtype(i))), i)
-        for i in range(count)
-    ], False
+    return [EngineIO(engine.get_binding_name(i), engine.binding_is_input(i),
+                     numpy_dtype(engine.get_binding_name(i), engine.get_binding_dtype(i)), i)
+            for i in range(count)], False
+
+
+def read_profiles(engine: Any, io: Sequence[EngineIO], named: bool) -> list[ProfileShapes]:
+    """Every optimization profile's (min, opt, max) per input, as the engine reports them."""
+    count = int(getattr(engine, "num_optimization_profiles", 1))
+    per_profile = len(io)
+    profiles: list[ProfileShapes] = []
+    for p in range(count):
+        shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {}
+        for t in (t for t in io if t.is_input):
+            dims = (engine.get_tensor_profile_shape(t.name, p) if named
+                    else engine.get_profile_shape(p, p * per_profile + t.index))
+            lo, opt, hi = (tuple(int(d) for d in s) for s in dims)
+            shapes[t.name] = (lo, opt, hi)
+        profiles.append(shapes)
+    return profiles
 
 
 def check_io_names(io: Sequence[EngineIO], inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:
@@ -201,7 +106,7 @@ def check_io_names(io: Sequence[EngineIO], inputs: Sequence[TensorSpec], outputs
 class BufferPool:
     """Pinned host + device buffers per tensor, grown only when a shape needs more than the capacity."""
 
-    def __init__(self, cuda: _Cuda) -> None:
+    def __init__(self, cuda: Cuda) -> None:
         self._cuda = cuda
         self._slots: dict[str, tuple[np.ndarray, int]] = {}  # name -> (flat pinned host, device pointer)
 
@@ -246,30 +151,96 @@ def _as_engine_dtype(name: str, value: np.ndarray, want: np.dtype) -> np.ndarray
     return cast
 
 
+class _SharedEngine:
+    """One deserialized engine per (engine bytes, DLA core) in the process, counted by its runners."""
+
+    _lock = threading.Lock()
+    _live: dict[tuple[str, int | None], _SharedEngine] = {}
+
+    def __init__(self, key: tuple[str, int | None], runtime: Any, engine: Any) -> None:
+        self.key, self.runtime, self.engine, self.users = key, runtime, engine, 0
+
+    @classmethod
+    def acquire(cls, trt: Any, data: bytes, dla_core: int | None) -> _SharedEngine:
+        key = (hashlib.sha256(data).hexdigest(), dla_core)
+        with cls._lock:
+            shared = cls._live.get(key)
+            if shared is None:
+                shared = cls(key, *_deserialize(trt, data, dla_core))
+                cls._live[key] = shared
+            shared.users += 1
+            return shared
+
+    def release(self) -> None:
+        with self._lock:
+            self.users -= 1
+            if self.users == 0:
+                self._live.pop(self.key, None)
+                self.engine = None  # engine before runtime: TensorRT 10 frees on release
+                self.runtime = None
+
+
+def _deserialize(trt: Any, data: bytes, dla_core: int | None) -> tuple[Any, Any]:
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    if dla_core is not None:
+        runtime.DLA_core = dla_core  # before deserializing: the core the engine runs on
+    try:
+        engine = runtime.deserialize_cuda_engine(data)
+    except Exception as exc:  # noqa: BLE001 - TensorRT raises untyped errors or returns None
+        log.debug("deserialize_cuda_engine raised %s", exc)
+        engine = None
+    if engine is None:
+        raise InferenceError(
+            "TensorRT could not deserialize the engine: it was built for another GPU, DLA core or TensorRT version",
+            hint=_REBUILD,
+        )
+    return runtime, engine
+
+
+@dataclass
+class _Slot:
+    """An execution context with its own stream and buffers; used by one thread at a time."""
+
+    context: Any
+    stream: Any
+    pool: BufferPool
+    profile: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
 class TensorRTRunner(Runner):
-    """Runs a serialized TensorRT engine; ``cuda`` picks the binding that manages memory and the stream."""
+    """Runs a serialized TensorRT engine; ``cuda`` picks the binding that manages memory and streams."""
 
     backend = "tensorrt"
 
     def __init__(
-        self, engine: bytes, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], *, cuda: str = "auto"
+        self, engine: bytes, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], *, cuda: str = "auto",
+        dla_core: int | None = None, max_contexts: int = 2,
     ) -> None:
         super().__init__(inputs, outputs)
         if cuda not in CUDA_BINDINGS:
             raise BackendUnavailableError(f"cuda is {cuda!r}; expected one of {list(CUDA_BINDINGS)}")
+        if isinstance(max_contexts, bool) or not isinstance(max_contexts, int) or max_contexts < 1:
+            raise BackendUnavailableError(f"max_contexts is {max_contexts!r}; expected an int >= 1")
         self._engine_bytes = engine
         self.cuda = cuda
+        self.dla_core = dla_core
+        self.max_contexts = max_contexts
+        self._batched = all(len(s.shape) > 0 and isinstance(s.shape[0], str) for s in (*inputs, *outputs))
         self._reset()
 
     def _reset(self) -> None:
-        self._cuda: _Cuda | None = None
-        self._stream: Any = None
-        self._runtime: Any = None
-        self._engine: Any = None
-        self._context: Any = None
-        self._pool: BufferPool | None = None
+        self._cuda: Cuda | None = None
+        self._shared: _SharedEngine | None = None
         self._io: list[EngineIO] = []
         self._named = True
+        self._profiles: list[ProfileShapes] = []
+        self._per_profile = True  # before TensorRT 10, one context per profile
+        self._slots: list[_Slot] = []
+        self._free: queue.LifoQueue[_Slot] = queue.LifoQueue()
+        self._slots_lock = threading.Lock()
+
+    # --- activation -------------------------------------------------------------------------
 
     def _activate_impl(self) -> None:
         try:
@@ -279,88 +250,182 @@ class TensorRTRunner(Runner):
                 "tensorrt is not installed",
                 hint="pip install 'edge-sdk[tensorrt]'; on a Jetson, JetPack ships tensorrt (python3-libnvinfer)",
             ) from None
-        self._cuda = cuda = load_cuda(self.cuda)
+        self._cuda = load_cuda(self.cuda)
         try:
-            self._stream = cuda.stream()
-            self._load(trt, cuda)
-        except BaseException:
+            with self._cuda.bound():
+                self._load(trt)
+        except EdgeSDKError:
             self._deactivate_impl()
             raise
+        except Exception as exc:  # noqa: BLE001 - e.g. "factory function returned nullptr": CUDA init failed
+            self._deactivate_impl()
+            raise BackendUnavailableError(
+                f"TensorRT could not start on this GPU: {type(exc).__name__}: {exc}",
+                hint="TensorRT could not initialise CUDA: check the driver matches the CUDA TensorRT was built "
+                     "for, and that this user can open /dev/nvidia* (Jetson: is in the video and render groups)",
+            ) from exc
 
-    def _load(self, trt: Any, cuda: _Cuda) -> None:
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        try:
-            self._engine = self._runtime.deserialize_cuda_engine(self._engine_bytes)
-        except Exception as exc:  # TensorRT raises untyped errors or returns None
-            log.debug("deserialize_cuda_engine raised %s", exc)
-            self._engine = None
-        if self._engine is None:
-            raise InferenceError(
-                "TensorRT could not deserialize the engine: it was probably built for another GPU or TensorRT version",
-                hint=_REBUILD,
-            )
-        self._context = self._engine.create_execution_context()
-        if self._context is None:
-            raise InferenceError("TensorRT could not create an execution context (out of GPU memory?)")
-        self._io, self._named = discover_io(self._engine, trt)
-        self._named = self._named and hasattr(self._context, "execute_async_v3")
+    def _load(self, trt: Any) -> None:
+        self._shared = _SharedEngine.acquire(trt, self._engine_bytes, self.dla_core)
+        engine = self._shared.engine
+        self._io, named = discover_io(engine, trt)
         check_io_names(self._io, self.inputs, self.outputs)
-        self._pool = BufferPool(cuda)
+        self._profiles = read_profiles(engine, self._io, named)
+        version = tuple(int(p) for p in str(trt.__version__).split(".")[:2] if p.isdigit())
+        self._per_profile = version < (10, 0) and len(self._profiles) > 1
+        self._slots.append(self._new_slot(0))  # fail now, not on the first request
+        self._named = named and hasattr(self._slots[0].context, "execute_async_v3")
+        self._free.put(self._slots[0])
+
+    def _new_slot(self, profile: int) -> _Slot:
+        assert self._cuda is not None and self._shared is not None
+        context = self._shared.engine.create_execution_context()
+        if context is None:
+            raise InferenceError("TensorRT could not create an execution context (out of GPU memory?)")
+        stream = self._cuda.stream()
+        slot = _Slot(context, stream, BufferPool(self._cuda), profile=-1)
+        self._switch(slot, profile)
+        return slot
+
+    def _switch(self, slot: _Slot, profile: int) -> None:
+        if slot.profile == profile:
+            return
+        if len(self._profiles) > 1 or profile != 0:
+            assert self._cuda is not None
+            if not slot.context.set_optimization_profile_async(profile, self._cuda.handle(slot.stream)):
+                raise InferenceError(f"TensorRT refused to switch the execution context to profile {profile}")
+        slot.profile = profile
+
+    # --- inference --------------------------------------------------------------------------
 
     def _infer_impl(self, feeds: Feeds) -> dict[str, np.ndarray]:
-        cuda, pool, ctx = self._cuda, self._pool, self._context
-        assert cuda is not None and pool is not None  # active
+        assert self._cuda is not None
         values = {t.name: _as_engine_dtype(t.name, feeds[t.name], t.dtype) for t in self._io if t.is_input}
+        chunks = plan_chunks(self._profiles, {n: v.shape for n, v in values.items()}, self._batched)
+        if chunks is None:
+            shapes = {n: list(v.shape) for n, v in values.items()}
+            raise InputMismatchError(
+                f"inputs {shapes} fit none of the engine's optimization profiles ({describe(self._profiles)})",
+                hint=f"feed shapes within a profile, or {_REBUILD} with wider profiles")
+        try:
+            with self._cuda.bound():
+                if len(chunks) == 1 and chunks[0].batch == chunks[0].stop - chunks[0].start:
+                    return self._run_in_profile(values, chunks[0].profile)
+                return self._run_chunks(values, chunks)
+        except EdgeSDKError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - CUDA bindings and TensorRT raise their own types
+            raise InferenceError(f"TensorRT inference failed: {type(exc).__name__}: {exc}") from exc
+
+    def _run_chunks(self, values: dict[str, np.ndarray], chunks: list[Chunk]) -> dict[str, np.ndarray]:
+        parts: dict[str, list[np.ndarray]] = {s.name: [] for s in self.outputs}
+        for c in chunks:
+            sub = {}
+            for name, value in values.items():
+                part = value[c.start:c.stop]
+                pad = c.batch - len(part)
+                sub[name] = np.concatenate([part, np.repeat(part[-1:], pad, axis=0)]) if pad else part
+            for name, out in self._run_in_profile(sub, c.profile).items():
+                parts[name].append(out[: c.stop - c.start])
+        return {name: np.concatenate(p) for name, p in parts.items()}
+
+    def _run_in_profile(self, values: dict[str, np.ndarray], profile: int) -> dict[str, np.ndarray]:
+        slot = self._checkout(profile)
+        try:
+            with slot.lock:
+                self._switch(slot, profile)
+                return self._execute(slot, values)
+        finally:
+            if not self._per_profile:
+                self._free.put(slot)
+
+    def _checkout(self, profile: int) -> _Slot:
+        """A context for ``profile``: its own one before TensorRT 10, else any free one of the pool."""
+        if self._per_profile:
+            with self._slots_lock:
+                found = next((s for s in self._slots if s.profile == profile), None)
+                if found is None:
+                    found = self._new_slot(profile)
+                    self._slots.append(found)
+                return found
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            pass
+        with self._slots_lock:
+            if len(self._slots) < self.max_contexts:
+                slot = self._new_slot(profile)
+                self._slots.append(slot)
+                return slot
+        return self._free.get()  # every context is busy: wait for one
+
+    def _execute(self, slot: _Slot, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cuda, ctx = self._cuda, slot.context
+        assert cuda is not None
+        base = slot.profile * len(self._io)  # binding API: bindings repeat per profile
         for t in self._io:
-            if t.is_input and not self._set_shape(t, values[t.name].shape):
+            if t.is_input and not self._set_shape(ctx, t, base, values[t.name].shape):
                 raise InputMismatchError(
-                    f"input '{t.name}' has shape {list(values[t.name].shape)}, outside the engine's optimization profile",
-                    hint=f"feed shapes within the profile the engine was built with, or {_REBUILD} with a wider profile",
-                )
+                    f"input '{t.name}' has shape {list(values[t.name].shape)}, outside optimization profile "
+                    f"{slot.profile}", hint=f"{_REBUILD} with a wider profile")
         pointers: dict[str, int] = {}
         hosts: dict[str, np.ndarray] = {}
         for t in self._io:
-            shape = values[t.name].shape if t.is_input else self._shape(t)
-            hosts[t.name], pointers[t.name] = pool.get(t.name, shape, t.dtype)
+            shape = values[t.name].shape if t.is_input else self._shape(ctx, t, base)
+            hosts[t.name], pointers[t.name] = slot.pool.get(t.name, shape, t.dtype)
             if t.is_input:
                 np.copyto(hosts[t.name], values[t.name])
-                cuda.htod(pointers[t.name], hosts[t.name], self._stream)
-        handle = cuda.handle(self._stream)
+                cuda.htod(pointers[t.name], hosts[t.name], slot.stream)
+        handle = cuda.handle(slot.stream)
         if self._named:
             for name, pointer in pointers.items():
                 ctx.set_tensor_address(name, pointer)
             ok = ctx.execute_async_v3(handle)
         else:
-            ok = ctx.execute_async_v2([pointers[t.name] for t in self._io], handle)
+            bindings = [0] * (len(self._io) * max(1, len(self._profiles)))
+            for t in self._io:
+                bindings[base + t.index] = pointers[t.name]
+            ok = ctx.execute_async_v2(bindings, handle)
         if not ok:
             raise InferenceError("TensorRT failed to enqueue the engine; see the TensorRT log above")
         for t in self._io:
             if not t.is_input:
-                cuda.dtoh(hosts[t.name], pointers[t.name], self._stream)
-        cuda.sync(self._stream)
+                cuda.dtoh(hosts[t.name], pointers[t.name], slot.stream)
+        cuda.sync(slot.stream)
         return {s.name: hosts[s.name].astype(np.dtype(s.dtype)) for s in self.outputs}  # astype copies
 
-    def _set_shape(self, t: EngineIO, shape: tuple[int, ...]) -> bool:
+    def _set_shape(self, ctx: Any, t: EngineIO, base: int, shape: tuple[int, ...]) -> bool:
         if self._named:
-            return bool(self._context.set_input_shape(t.name, shape))
-        return bool(self._context.set_binding_shape(t.index, shape))
+            return bool(ctx.set_input_shape(t.name, shape))
+        return bool(ctx.set_binding_shape(base + t.index, shape))
 
-    def _shape(self, t: EngineIO) -> tuple[int, ...]:
-        dims = self._context.get_tensor_shape(t.name) if self._named else self._context.get_binding_shape(t.index)
+    def _shape(self, ctx: Any, t: EngineIO, base: int) -> tuple[int, ...]:
+        dims = ctx.get_tensor_shape(t.name) if self._named else ctx.get_binding_shape(base + t.index)
         shape = tuple(int(d) for d in dims)
         if any(d < 0 for d in shape):
             raise InferenceError(f"output '{t.name}' has data-dependent shape {list(shape)}, which this runner does not support")
         return shape
 
+    @property
+    def contexts(self) -> int:
+        """Execution contexts created so far (at most ``max_contexts``, or one per profile before TensorRT 10)."""
+        return len(self._slots)
+
+    # --- release ----------------------------------------------------------------------------
+
     def _deactivate_impl(self) -> None:
+        cuda = self._cuda
         try:
-            if self._cuda is not None and self._stream is not None:
-                self._cuda.sync(self._stream)
-            if self._pool is not None:
-                self._pool.clear()
-            if self._cuda is not None:
-                self._cuda.close(self._stream)
+            if cuda is not None:
+                with cuda.bound():
+                    for slot in self._slots:
+                        with slot.lock:
+                            cuda.sync(slot.stream)
+                            slot.pool.clear()
+                            cuda.destroy_stream(slot.stream)
+                            slot.context = None  # contexts before the engine
+                cuda.release()
         finally:
-            self._context = None  # context before engine before runtime: TensorRT 10 frees on release
-            self._engine = None
+            if self._shared is not None:
+                self._shared.release()
             self._reset()

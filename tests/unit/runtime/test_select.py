@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from edge_sdk.errors import BackendUnavailableError
+from runtime.backends import Served
 from runtime.package import Package
 from runtime.runners.onnxrt import available_providers
 from runtime.runners.onnxrt import OnnxRuntimeRunner
@@ -71,7 +72,7 @@ class _ScaledRunner(OnnxRuntimeRunner):
 def _registry(factor: float) -> dict:
     def make(package: Package, threads: int | None, precision: str):  # type: ignore[no-untyped-def]
         m = package.manifest
-        return _ScaledRunner(package.read_bytes(m.model), m.inputs, m.outputs, factor=factor), "fp32"
+        return _ScaledRunner(package.read_bytes(m.model), m.inputs, m.outputs, factor=factor), Served()
 
     return {"fake-gpu": (lambda package: None, make), **BACKENDS}
 
@@ -114,9 +115,11 @@ def test_tensorrt_provider_options_keep_caches_under_the_runtime_cache(image_pac
     from runtime.backends import device_key, tensorrt_provider_options
 
     monkeypatch.setenv("EDGE_SDK_CACHE", str(tmp_path / "cache"))
-    options = tensorrt_provider_options(Package.open(image_package), "fp32")
+    options = tensorrt_provider_options(Package.open(image_package), Served("fp32", "fp32"))
     cache = Path(options["trt_engine_cache_path"])
     assert cache.is_dir() and cache.is_relative_to(tmp_path / "cache") and cache.name == device_key()
     assert options["trt_engine_cache_enable"] and options["trt_timing_cache_enable"]
     assert options["trt_timing_cache_path"] == str(cache) and options["trt_int8_enable"] is False
-    assert tensorrt_provider_options(Package.open(image_package), "s8s8")["trt_int8_enable"] is True
+    assert options["trt_fp16_enable"] is False  # fp32 asked: no fp16 kernels, or parity would judge fp16 as fp32
+    int8 = tensorrt_provider_options(Package.open(image_package), Served("s8s8", "int8"))
+    assert int8["trt_int8_enable"] is True and int8["trt_fp16_enable"] is True
