@@ -27,11 +27,14 @@ def _print_json(data: Any) -> None:
 def _cmd_devices(args: argparse.Namespace) -> int:
     import devices
 
+    from devices.install import install_advice, python_env
+
     info = devices.detect(args.root)
+    advice = install_advice(info, python_env(args.root))
     if args.json:
-        _print_json(info.to_dict())
+        _print_json({**info.to_dict(), "install": [a.__dict__ for a in advice]})
     else:
-        print("\n".join(info.summary_lines()))
+        print("\n".join(info.summary_lines() + [f"install {a.line()}" for a in advice]))
     return 0
 
 

@@ -112,8 +112,8 @@ def test_int8_graph_that_fails_parity_serves_fp32_on_the_cpu_and_says_why(
     with edge_sdk.load(broken, backend="cpu") as model:
         assert model.info["graph"] == "fp32" and model.info["precision_served"] == "fp32"
         skipped = {s["backend"]: s["reason"] for s in model.info["skipped_backends"]}
-        assert f"onnxruntime-cpu ({graph} graph)" in skipped
-        assert "golden-vector check" in skipped[f"onnxruntime-cpu ({graph} graph)"]
+        assert f"onnxruntime-cpu (int8-{graph})" in skipped
+        assert "golden-vector check" in skipped[f"onnxruntime-cpu (int8-{graph})"]
     with pytest.raises(edge_sdk.errors.BackendUnavailableError, match="golden-vector check"):
         edge_sdk.load(broken, backend="cpu", precision="int8")
 
