@@ -142,7 +142,9 @@ def _print_device_choice(package: Any) -> None:
     try:
         parity = selection.parity
         detail = f", parity {parity.max_abs_diff:.2e} <= {parity.tolerance:g}" if parity else ""
-        print(f"would serve with: {selection.backend} ({selection.graph} graph{detail})")
+        engine = f", engine {selection.served.engine.name}" if selection.served.engine else ""
+        print(f"would serve with: {selection.backend} ({selection.precision_label}, {selection.graph} graph"
+              f"{engine}{detail})")
         for skipped in selection.skipped:
             print(f"  skipped {skipped.backend}: {skipped.reason}")
     finally:

@@ -35,6 +35,7 @@ class Model:
             "graph": self._pipeline.selection.graph,
             "precision_served": self._pipeline.selection.precision_label,
             "graph_reason": self._pipeline.selection.graph_reason,
+            "engine": engine.name if (engine := self._pipeline.selection.served.engine) else None,
             "skipped_backends": [{"backend": s.backend, "reason": s.reason} for s in self._pipeline.skipped],
             "parity": None if parity is None else {
                 "samples": parity.samples, "max_abs_diff": parity.max_abs_diff, "tolerance": parity.tolerance,

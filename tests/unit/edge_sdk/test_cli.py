@@ -172,7 +172,7 @@ def test_inspect_device_and_engine_dry_run(image_package: Path, capsys: pytest.C
                                            monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("EDGE_SDK_CACHE", str(tmp_path / "cache"))
     code, out, _ = _cli(capsys, "inspect", str(image_package), "--device")
-    assert code == 0 and "would serve with: onnxruntime-cpu (fp32 graph, parity" in out
+    assert code == 0 and "would serve with: onnxruntime-cpu (fp32, fp32 graph, parity" in out
     assert "skipped onnxruntime-tensorrt: " in out
     code, out, _ = _cli(capsys, "engine", "build", str(image_package), "--dry-run")
     assert code == 0 and "would build engine fp32-fp16-" in out and "trtexec --onnx=model.onnx" in out

@@ -200,3 +200,29 @@ def test_the_ort_tensorrt_provider_serves_and_labels_what_it_computes(image_pack
     assert backends._ort_tensorrt_served(int8_package, "fp16").label == "fp16"
     with pytest.raises(Exception, match="has no int8 graph for TensorRT"):
         backends._ort_tensorrt_served(fp32_only, "int8")
+
+
+def test_the_sdk_serves_an_engine_to_many_threads_and_says_what_served(
+        trt_standin: Any, image_package: Path, image_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """edge_sdk.load -> TensorRT engine -> predictions from the daemon's kind of thread pool."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import edge_sdk
+    from edge_sdk.cli import main
+
+    build_for_device(image_package)
+    images = sorted(image_folder.rglob("*.png"))
+    with edge_sdk.load(image_package, precision="fp32") as cpu:
+        want = [cpu.predict(p).label for p in images]
+        assert cpu.backend == "onnxruntime-cpu"
+    with edge_sdk.load(image_package) as model:
+        assert model.info["backend"] == "tensorrt" and model.info["precision_served"] == "fp16"
+        assert model.info["engine"] == f"fp32-fp16-{DEVICE}"
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(model.predict, images * 4))
+        batch = model.predict_batch(images * 5)  # beyond the profile's 32: split inside the runner
+    assert [p.label for p in got] == want * 4 and [p.label for p in batch] == want * 5
+    assert {(p.backend, p.precision) for p in got + batch} == {("tensorrt", "fp16")}
+    assert trt_standin.violations == [] and trt_standin.live_allocations() == 0
+    assert main(["inspect", str(image_package), "--device"]) == 0
+    assert f"would serve with: tensorrt (fp16, fp32 graph, engine fp32-fp16-{DEVICE}, parity" in capsys.readouterr().out
