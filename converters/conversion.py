@@ -27,6 +27,7 @@ from converters.smoothing import DEFAULT_ALPHA
 from converters.data import Sample, image_samples, text_lines, tsv_samples
 from converters.evaluate import Evaluation, accuracy_points, evaluate
 from converters.prune_stage import parse_prune, run_pruning
+from converters.canonical import canonicalize
 from converters.graph import ModelSource, io_specs, load_onnx
 from converters.qdq import name_nodes
 from converters.report import ConversionReport
@@ -325,6 +326,16 @@ def _fp32_stage(proto: Any, manifest: Manifest, encoder: Any, calibration: Any, 
     return _Fp32Stage(validation_set, golden_in, golden_out, evaluation)
 
 
+def _canonical(proto: Any, manifest: Manifest, encoder: Any, calibration: Any, validation: Any,
+               opts: Options) -> tuple[Any, dict[str, Any]]:
+    """The canonical graph every pass works on (see converters.canonical), checked on real inputs."""
+    labels = manifest.postprocess.labels
+    samples = _samples(manifest.task, validation, labels, labelled=True)
+    feeds = _golden_feeds(manifest.task, encoder, samples, calibration, manifest.inputs, labels, 8)
+    canonical, report = canonicalize(proto, [feeds])
+    return (proto if canonical is proto else name_nodes(canonical)), report
+
+
 def _prune(proto: Any, manifest: Manifest, encoder: Any, calibration: Any, validation: Any,
            opts: Options) -> tuple[Any, dict[str, Any]]:
     """Prune before anything else is measured: golden vectors, accuracy and int8 follow the pruned graph."""
@@ -403,6 +414,7 @@ def convert(
         require_calibration(calibration)
     proto, manifest, tokenizer_json = _prepare(model, output, task, labels, preprocess, tokenizer, max_length, opts)
     encoder = make_encoder(manifest, tokenizer_json)
+    proto, canonical = _canonical(proto, manifest, encoder, calibration, validation, opts)
     anomaly: dict[str, Any] | None = None
     if task == "anomaly-score":
         manifest, anomaly = _fit_anomaly_threshold(proto, manifest, encoder, validation, opts)
@@ -417,6 +429,7 @@ def convert(
                         method=opts.method, budget=opts.budget, samples=opts.calibration_samples,
                         smoothing=opts.smoothing, progress=progress)
     manifest, files, notes = _assemble(manifest, proto, fp32, int8, tokenizer_json, calibration is not None, pruning)
+    manifest = replace(manifest, reports={**manifest.reports, "canonicalization": canonical})
     if anomaly is not None:
         manifest = replace(manifest, reports={**manifest.reports, "anomaly": anomaly})
     package = write_package(manifest, files, output, archive=opts.archive)
