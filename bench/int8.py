@@ -89,7 +89,7 @@ Feeds = dict[str, np.ndarray]
 BATCH = 8
 CAL_SEED = {"minilm": 1101, "efficientnet": 2002}
 HELD_SEED = {"minilm": 3303, "efficientnet": 3003}
-MODEL_KEYS = ("minilm", "lite0", "lite1", "lite2", "demo-image", "demo-text")
+MODEL_KEYS = ("minilm", "minilm-dynamo", "lite0", "lite0-ts", "lite1", "lite2", "demo-image", "demo-text")
 DEMO_ROOT = Path("build/demo")
 # Sample counts: the pretrained models' calibration is kept at 128 so that the whole run fits in
 # ~25 minutes on two cores (edge-sdk's calibration pass is the slowest part); the demo models are
@@ -396,7 +396,10 @@ def edge_int8(path: Path, batches: Sequence[Feeds], served: str, roundings: Sequ
     from converters.qdq import Variant, name_nodes
     from converters.quantize import build_variant, prepare_int8
 
-    model = name_nodes(onnx.load(str(path)))
+    from converters.canonical import canonicalize
+
+    model, canonical = canonicalize(onnx.load(str(path)), batches[:1])  # as convert() does on load
+    model = name_nodes(model)
     mask = "attention_mask" if "attention_mask" in batches[0] else None
     start = time.perf_counter()
     try:
@@ -410,6 +413,7 @@ def edge_int8(path: Path, batches: Sequence[Feeds], served: str, roundings: Sequ
     for r in cal.affine.values():
         chosen[r.method.value] = chosen.get(r.method.value, 0) + 1
     info: dict[str, Any] = {
+        "canonical_nodes": [canonical["nodes_before"], canonical.get("nodes_after")],
         "family": placement.family, "quantized_nodes": len(placement.nodes), "smoothed": len(cal.smoothed),
         "equalized_pairs": len(cal.equalized), "bias_corrected": len(cal.bias_corrected),
         "range_fallbacks": len(cal.range_fallbacks), "tensors": len(cal.histograms),
@@ -503,20 +507,24 @@ def _input_names(path: Path) -> set[str]:
 
 def load_bench(key: str, cache: Path, n_cal: int, n_held: int) -> Bench:
     """The model ``key`` and its data; raises ``_models.ModelUnavailable`` when it cannot be had."""
-    if key == "minilm":
-        path = _models.minilm_onnx(cache).resolve()
+    if key in ("minilm", "minilm-dynamo"):
+        path = _models.minilm_onnx(cache, "dynamo" if key == "minilm-dynamo" else "torchscript").resolve()
         tok = _models.tokenizer()
         inputs = _input_names(path)
         cal = _text_feeds(tok, _models.sentences(CAL_SEED["minilm"], "train", n_cal), inputs)
         held = _text_feeds(tok, _models.sentences(HELD_SEED["minilm"], "test", n_held), inputs)
-        return Bench(key, f"MiniLM-L6 (all-MiniLM-L6-v2, mean pooled, sequence {_models.SEQUENCE})", "text",
+        flavour = "dynamo" if key == "minilm-dynamo" else "TorchScript"
+        return Bench(key, f"MiniLM-L6 (all-MiniLM-L6-v2, mean pooled, sequence {_models.SEQUENCE}, {flavour} export)", "text",
                      "embedding", path, cal, held)
-    if key in ("lite0", "lite1", "lite2"):
-        size = _models.efficientnet_size(key)
-        path = _models.efficientnet_onnx(cache, key).resolve()
+    if key in ("lite0", "lite0-ts", "lite1", "lite2"):
+        variant = key.removesuffix("-ts")
+        size = _models.efficientnet_size(variant)
+        path = _models.efficientnet_onnx(cache, variant, "torchscript" if key.endswith("-ts") else "dynamo").resolve()
         cal_x = _models.cached_images(cache, CAL_SEED["efficientnet"], n_cal, size)
         held_x = _models.cached_images(cache, HELD_SEED["efficientnet"], n_held, size)
-        return Bench(key, f"EfficientNet-{key.capitalize()} {size} (ImageNet)", "image", "imagenet", path,
+        flavour = "TorchScript" if key.endswith("-ts") else "dynamo"
+        return Bench(key, f"EfficientNet-{variant.capitalize()} {size} (ImageNet, {flavour} export)", "image",
+                     "imagenet", path,
                      _chunks({"image": cal_x}), _chunks({"image": held_x}))
     if key == "demo-image":
         path, cal_x, held_x, y, labels = _models.demo_image(DEMO_ROOT / "image")

@@ -8,7 +8,11 @@ Models: the demo models that ``make demo`` builds under ``build/demo/`` (built h
 * **image**: EfficientNet-Lite0 + 5-class head, ``data/calib/<label>/*.png`` for calibration,
   ``data/test/<label>/*.png`` held out (labelled);
 * **text**: MiniLM-L6 + 8-class head, ``data/calib.txt`` for calibration, ``data/test.tsv``
-  (label<TAB>text) held out.
+  (label<TAB>text) held out (exported with the TorchScript exporter);
+* **image-ts**: the same image classifier exported again with torch's TorchScript exporter
+  (``dynamo=False``, opset 17: 456 nodes, its "same" padding as Constant/Pad chains, where the demo's
+  dynamo export has 94), same data. The conversion canonicalizes both; the ``flavours`` line compares
+  the units the pruning search found and the speed-ups.
 
 Variants, each one ``edge_sdk.convert(...)`` call with the SDK's public options, so the numbers are
 what users get (``validation=`` is the held-out set, as in ``demo.run``; the pruning budget is
@@ -320,6 +324,23 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def flavours(dynamo: dict[str, Any], torchscript: dict[str, Any]) -> dict[str, Any]:
+    """The budget-pruned variant of both exports: canonical graph, units found and speed-ups, side by side."""
+    def pick(result: dict[str, Any]) -> dict[str, Any]:
+        v = next((v for v in result["variants"] if v["name"] == "pruned"), {})
+        ps = v.get("pruning_summary") or {}
+        canon = (v.get("report") or {}).get("canonicalization") or {}
+        return {"nodes": [canon.get("nodes_before"), canon.get("nodes_after")], "units": ps.get("units_by_kind"),
+                "unit_names": sorted(ps.get("ratios") or {}), "model_speedup": v.get("graph_ratio"),
+                "end_to_end_speedup": v.get("ratio"), "error": v.get("error")}
+
+    a, b = pick(dynamo), pick(torchscript)
+    same_units = a["units"] == b["units"] and len(a["unit_names"]) == len(b["unit_names"])
+    within = (None if not (a["model_speedup"] and b["model_speedup"])
+              else abs(b["model_speedup"] / a["model_speedup"] - 1) <= 0.10)
+    return {"dynamo": a, "torchscript": b, "same units found": same_units, "model speed-up within 10%": within}
+
+
 def _fmt(x: Any, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
@@ -362,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("build/bench/prune.json"))
     parser.add_argument("--build", type=Path, default=Path("build/demo"), help="where the demo models are (built)")
     parser.add_argument("--quick", action="store_true", help="32 held-out samples, calibration_samples=64")
-    parser.add_argument("--models", default="image,text", help="comma-separated subset of image,text")
+    parser.add_argument("--models", default="image,image-ts,text", help="comma-separated subset of image,image-ts,text")
     args = parser.parse_args(argv)
     n = 32 if args.quick else 64
     ensure_built(args.build)
@@ -370,12 +391,20 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-prune-") as tmp_name:
         tmp = Path(tmp_name)
         for kind in args.models.split(","):
-            root = args.build / kind
-            kwargs, items = (image_job if kind == "image" else text_job)(root, n)
-            result = bench_model(kind, root / "model.onnx", kwargs, items, args, tmp)
+            root = args.build / ("text" if kind == "text" else "image")
+            kwargs, items = (text_job if kind == "text" else image_job)(root, n)
+            model = root / "model.onnx"
+            if kind == "image-ts":
+                from bench._models import demo_image_torchscript
+
+                model = demo_image_torchscript(root, args.out.parent)
+            result = bench_model(kind, model, kwargs, items, args, tmp)
             result["targets"] = targets(result)
             results["models"][kind] = result
             print_table(kind, result)
+    if {"image", "image-ts"} <= set(results["models"]):
+        results["flavours"] = flavours(results["models"]["image"], results["models"]["image-ts"])
+        print(f"\nflavours (dynamo vs TorchScript export of the image classifier): {results['flavours']}")
     results["wall_s"] = time.monotonic() - STARTED
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, default=str))

@@ -440,5 +440,5 @@ def convert(
         outputs=tuple(t.to_dict() for t in manifest.outputs),
         golden_samples=len(next(iter(fp32.golden_in.values()))), seconds=time.perf_counter() - start,
         validation=fp32.evaluation, notes=tuple(notes), int8=manifest.reports.get("int8"),
-        pruning=manifest.reports.get("pruning"),
+        pruning=manifest.reports.get("pruning"), canonicalization=canonical,
     )

@@ -24,6 +24,7 @@ class ConversionReport:
     notes: tuple[str, ...] = field(default_factory=tuple)
     int8: dict[str, Any] | None = None
     pruning: dict[str, Any] | None = None
+    canonicalization: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -40,6 +41,7 @@ class ConversionReport:
             "notes": list(self.notes),
             "int8": self.int8,
             "pruning": self.pruning,
+            "canonicalization": self.canonicalization,
         }
 
     def lines(self) -> list[str]:
@@ -53,6 +55,8 @@ class ConversionReport:
             v = self.validation
             out.append(f"validation: accuracy {v.accuracy:.3f} on {v.samples} samples ({v.backend}), "
                        f"median {v.median_latency_ms:.2f} ms/sample")
+        if self.canonicalization:
+            out.append(canonical_line(self.canonicalization))
         if self.pruning:
             out.extend(pruning_lines(self.pruning))
         if self.int8:
@@ -94,6 +98,16 @@ def int8_lines(int8: dict[str, Any]) -> list[str]:
         lines.append(f"sensitive: {layer['node']} ({layer['op_type']}) error {layer['sensitivity']:.2e}, "
                      f"{layer['method']} amax {layer['amax']:.4g}, {shown}")
     return lines
+
+
+def canonical_line(report: dict[str, Any]) -> str:
+    """``canonical graph: 456 -> 94 nodes (Constant 222 -> 0, Pad 17 -> 0, ...)``, or why it was kept."""
+    if report.get("kept"):
+        return f"canonical graph: kept as given: {report['kept']}"
+    changes = ", ".join(f"{op} {a} -> {b}" for op, (a, b) in sorted(
+        report.get("rewritten", {}).items(), key=lambda kv: kv[1][1] - kv[1][0])[:6])
+    return (f"canonical graph: {report['nodes_before']} -> {report.get('nodes_after', report['nodes_before'])} nodes"
+            + (f" ({changes})" if changes else " (already canonical)"))
 
 
 def pruning_lines(pruning: dict[str, Any]) -> list[str]:

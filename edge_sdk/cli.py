@@ -121,6 +121,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     if summary["reports"].get("pruning"):
         print("\n".join(pruning_lines(summary["reports"]["pruning"])))
+    if summary["reports"].get("canonicalization"):
+        from converters.report import canonical_line
+
+        print(canonical_line(summary["reports"]["canonicalization"]))
     if summary["reports"].get("int8"):
         print("\n".join(int8_lines(summary["reports"]["int8"])))
     if args.device:
