@@ -310,11 +310,14 @@ def find_residual_blocks(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, s
     MatMul with an initializer weight (an attention or FFN sub-block), in graph order."""
     graph = _Graph(model)
     producers = {o: n for n in model.graph.node for o in n.output}
+    constants = {i.name for i in model.graph.initializer}  # a shared constant (GELU's 1.0) skips nothing
     blocks = []
     for node in model.graph.node:
         if node.op_type != "Add" or len(node.input) != 2 or node.output[0] in graph.outputs:
             continue
         for skip, branch in (node.input, node.input[::-1]):
+            if skip in constants:
+                continue
             upstream, nodes = _ancestors(producers, branch)
             if skip in upstream and any(graph.weight(n) is not None for n in nodes):
                 blocks.append((node, skip, branch))

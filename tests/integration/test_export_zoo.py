@@ -265,3 +265,37 @@ def test_conversion_gives_the_same_int8_outputs_on_every_flavour(zoo: dict, tmp_
         np.testing.assert_array_equal(x, x0)
         assert np.abs(y - y0).max() <= 2e-2 * max(1.0, float(np.abs(y0).max())), flavour
         assert accuracy == a0, flavour
+
+
+def test_transformer_layers_and_int8_conversion_agree_on_every_flavour(zoo: dict, tmp_path: Path) -> None:
+    """Text classification from each flavour: the same residual layers found, the same smoothing and
+    int8 layers, int8 outputs within noise of each other (opset 13 spells LayerNorm out in primitives)."""
+    from converters import convert
+    from converters.pruning.transformer import find_residual_blocks as transformer_layers
+    from runtime.package import Package
+    from tests import builders
+
+    tokenizer = builders.tokenizer_json(tmp_path / "tokenizer.json")
+    (tmp_path / "calib.txt").write_text("bearing noise\noil leak at the pump\nthe pump is hot\ngrinding noise\n"
+                                        "oil drip\nthe temperature is hot\n")
+    outputs, int8_reports = {}, {}
+    for flavour in FLAVOURS:
+        canonical = zoo["transformer", flavour][1]
+        layers = [(a.op_type, len(a.input)) for a, _, _ in transformer_layers(canonical)]
+        assert layers == [(a.op_type, len(a.input)) for a, _, _ in transformer_layers(zoo["transformer", "dynamo18"][1])]
+        assert len(layers) == 5  # attention and FFN residuals of both layers, and layer 1's mask add
+        stem = flavour.replace("+", "-")
+        onnx.save(zoo["transformer", flavour][0], tmp_path / f"{stem}.onnx")
+        report = convert(tmp_path / f"{stem}.onnx", tmp_path / f"{stem}.edgepkg", task="text-classification",
+                         labels=builders.TEXT_LABELS, tokenizer=tokenizer, calibration=tmp_path / "calib.txt",
+                         quantize="int8", budget=None)
+        package = Package.open(report.package)
+        inputs, golden = package.golden("s8s8")
+        outputs[flavour] = (inputs["input_ids"], golden["logits"])
+        int8_reports[flavour] = report.int8 or {}
+    ids0, y0 = outputs["dynamo18"]
+    for flavour, (ids, y) in outputs.items():
+        np.testing.assert_array_equal(ids, ids0)
+        assert np.abs(y - y0).max() <= 5e-2 * max(1.0, float(np.abs(y0).max())), flavour
+        smoothed = (int8_reports[flavour].get("smoothing") or {}).get("layers", [])
+        assert len(smoothed) == len((int8_reports["dynamo18"].get("smoothing") or {}).get("layers", [])) > 0, flavour
