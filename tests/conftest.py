@@ -59,6 +59,19 @@ def trt_standin(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Any
 
 
 @pytest.fixture
+def int8_package(tmp_path: Path, image_folder: Path) -> Any:
+    """A small CNN converted with int8 (all three graphs and scales.json), opened."""
+    from converters import convert
+    from runtime.package import Package
+
+    onnx.save(builders.cnn_model(size=8), tmp_path / "cnn.onnx")
+    convert(tmp_path / "cnn.onnx", tmp_path / "cnn.edgepkg", task="image-classification",
+            labels=builders.COLOR_LABELS, preprocess=builders.preprocess_dict(), calibration=image_folder,
+            quantize="int8", budget=None)
+    return Package.open(tmp_path / "cnn.edgepkg")
+
+
+@pytest.fixture
 def image_onnx(tmp_path: Path) -> Path:
     path = tmp_path / "colors.onnx"
     onnx.save(builders.image_model(), path)

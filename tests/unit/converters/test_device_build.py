@@ -5,16 +5,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import onnx
 import pytest
 
 import devices
-from converters import convert
 from converters.device_build import build_for_device, check_memory, plan_build
 from edge_sdk.errors import BackendUnavailableError, EngineBuildError
 from runtime.engine_spec import EngineSpec
 from runtime.package import Package
-from tests import builders
 
 ORIN_NANO = devices.DeviceInfo(arch="aarch64", jetson_module="NVIDIA Jetson Orin Nano Developer Kit",
                                l4t_release="36.3.0", gpu_compute_capability="8.7", tensorrt_version="10.3.0",
@@ -22,15 +19,6 @@ ORIN_NANO = devices.DeviceInfo(arch="aarch64", jetson_module="NVIDIA Jetson Orin
 
 
 ORIN_AGX = dataclasses.replace(ORIN_NANO, jetson_module="NVIDIA Jetson AGX Orin Developer Kit", dla_cores=2)
-
-
-@pytest.fixture
-def int8_package(tmp_path: Path, image_folder: Path) -> Package:
-    onnx.save(builders.cnn_model(size=8), tmp_path / "cnn.onnx")
-    convert(tmp_path / "cnn.onnx", tmp_path / "cnn.edgepkg", task="image-classification",
-            labels=builders.COLOR_LABELS, preprocess=builders.preprocess_dict(), calibration=image_folder,
-            quantize="int8", budget=None)
-    return Package.open(tmp_path / "cnn.edgepkg")
 
 
 def test_plan_builds_the_qdq_graph_for_this_fingerprint(int8_package: Package) -> None:

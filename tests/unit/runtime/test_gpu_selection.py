@@ -13,28 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import pytest
 
 import devices
-from converters import convert
 from converters.device_build import build_for_device
 from runtime import backends
 from runtime.engine_spec import EngineSpec
 from runtime.package import Package
 from runtime.select import BACKENDS, replicate, select_runner
-from tests import builders
 
 DEVICE = "sm87-trt10.3.0"  # what the stand-ins report: compute capability 8.7, TensorRT 10.3.0
-
-
-@pytest.fixture
-def int8_package(tmp_path: Path, image_folder: Path) -> Package:
-    onnx.save(builders.cnn_model(size=8), tmp_path / "cnn.onnx")
-    convert(tmp_path / "cnn.onnx", tmp_path / "cnn.edgepkg", task="image-classification",
-            labels=builders.COLOR_LABELS, preprocess=builders.preprocess_dict(), calibration=image_folder,
-            quantize="int8", budget=None)
-    return Package.open(tmp_path / "cnn.edgepkg")
 
 
 def test_the_stand_in_device_is_fingerprinted_through_cuda_python(trt_standin: Any) -> None:
