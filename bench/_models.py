@@ -83,7 +83,7 @@ def tokenize(tok: Any, texts: list[str]) -> dict[str, np.ndarray]:
 
 def minilm_onnx(cache: Path, exporter: str = "torchscript") -> Path:
     """The cached MiniLM embedding model, exported on first use with the TorchScript exporter (opset 17),
-    or with ``exporter="dynamo"`` (opset 18 converted to 17)."""
+    or with ``exporter="dynamo"`` (kept at opset 18: converting it down to 17 breaks its single-assignment form)."""
     path = cache / ("minilm_l6.onnx" if exporter == "torchscript" else f"minilm_l6.{exporter}.onnx")
     if path.exists():
         return path
@@ -124,7 +124,7 @@ def minilm_onnx(cache: Path, exporter: str = "torchscript") -> Path:
             program = torch.onnx.export(model, args, input_names=list(TEXT_INPUTS), output_names=["embedding"],
                                         dynamic_shapes=tuple({0: batch, 1: sequence} for _ in TEXT_INPUTS),
                                         opset_version=18, dynamo=True, verbose=False)
-            onnx.save(onnx.version_converter.convert_version(program.model_proto, OPSET), str(tmp))
+            onnx.save(program.model_proto, str(tmp))  # opset 18: the version converter breaks this graph's SSA form
         else:
             torch.onnx.export(
                 model, args, str(tmp), input_names=list(TEXT_INPUTS), output_names=["embedding"],

@@ -105,9 +105,9 @@ def _fold_static_shape_reads(proto: onnx.ModelProto) -> int:
         elif source in shapes and node.op_type == "Slice" and all(n in inits for n in node.input[1:]):
             starts, ends, *rest = (inits[n].astype(np.int64) for n in node.input[1:])
             step = int(rest[1][0]) if len(rest) > 1 else 1
-            picked = shapes[source][int(starts[0]):int(ends[0]):step]
-            if all(d is not None for d in picked) and (not rest or int(rest[0][0]) == 0):
-                folded[node.output[0]] = np.array(picked, np.int64)
+            sliced = shapes[source][int(starts[0]):int(ends[0]):step]
+            if all(d is not None for d in sliced) and (not rest or int(rest[0][0]) == 0):
+                folded[node.output[0]] = np.array(sliced, np.int64)
     if not folded:
         return 0
     keep = [n for n in proto.graph.node if not set(n.output) & set(folded)]

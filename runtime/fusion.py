@@ -125,19 +125,21 @@ class FusionRule:
         for label in labels:
             self._fault(model, rule, label)
 
-    def project(self, prediction: Prediction) -> dict[str, float]:
-        """The prediction's scores as a distribution over the fault vocabulary (rule step 2)."""
-        rule = self._model_rule(prediction.model)
+    def project(self, prediction: Prediction, model: str | None = None) -> dict[str, float]:
+        """The prediction's scores as a distribution over the fault vocabulary (rule step 2), by the rule
+        of ``model`` (default: the package name the prediction carries)."""
+        model = model or prediction.model
+        rule = self._model_rule(model)
         out = dict.fromkeys(self.faults, 0.0)
         for label, score in prediction.scores.items():
             if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score) or score < 0:
-                raise PipelineError(f"model {prediction.model!r} gave label {label!r} the score {score!r}; "
+                raise PipelineError(f"model {model!r} gave label {label!r} the score {score!r}; "
                                     "expected a finite probability >= 0",
                                     hint="fuse class or anomaly predictions, not raw logits or embeddings")
-            out[self._fault(prediction.model, rule, label)] += float(score)
+            out[self._fault(model, rule, label)] += float(score)
         total = sum(out.values())
         if total <= 0:
-            raise PipelineError(f"model {prediction.model!r} gave scores {dict(prediction.scores)}; "
+            raise PipelineError(f"model {model!r} gave scores {dict(prediction.scores)}; "
                                 "expected some probability mass", hint="check the model's postprocess")
         return {fault: p / total for fault, p in out.items()}
 
@@ -168,8 +170,11 @@ class Evidence:
     kind: str  # "text", "image", or another modality
     source: str = ""  # a camera id, "report", an alarm channel; one slot per (model, source) in a Fuser
     ref: str | int | None = None  # a frame index, a text snippet
+    model: str = ""  # the fusion rule's name for the model that made it; "" = prediction.model (the package's)
 
     def __post_init__(self) -> None:
+        if not self.model:
+            object.__setattr__(self, "model", self.prediction.model)
         if not isinstance(self.asset_id, str) or not self.asset_id:
             raise PipelineError(f"evidence asset_id is {self.asset_id!r}; expected a non-empty string",
                                 hint="tag every input with the id of the asset it is about")
@@ -195,7 +200,7 @@ class Contribution:
 
     def to_dict(self) -> dict[str, Any]:
         prediction = self.evidence.prediction
-        return {"model": prediction.model, "label": prediction.label, "score": prediction.score,
+        return {"model": self.evidence.model, "label": prediction.label, "score": prediction.score,
                 "kind": self.evidence.kind, "source": self.evidence.source, "weight": self.weight,
                 "fault": self.fault, "probability": self.probabilities[self.fault],
                 "timestamp": self.evidence.timestamp, "ref": self.evidence.ref, "abstained": self.abstained}
@@ -244,7 +249,7 @@ def fuse(evidence: Sequence[Evidence], rule: FusionRule, *, similar: Sequence[An
     contributions = [_contribution(e, rule) for e in fresh]
     voting = [c for c in contributions if not c.abstained]
     if not voting:  # every model abstained: they still say what they saw, with their own weights
-        voting = [replace(c, weight=rule.models[c.evidence.prediction.model].weight, abstained=False)
+        voting = [replace(c, weight=rule.models[c.evidence.model].weight, abstained=False)
                   for c in contributions]
         contributions = voting
     total = sum(c.weight for c in voting)
@@ -288,11 +293,11 @@ class Fuser:
         frame does not erase what a report's knowledge-base lookup found). Evidence older than what
         is held for its (model, source) does not replace it.
         """
-        self.rule.project(evidence.prediction)  # refuse an unmappable prediction before storing it
+        self.rule.project(evidence.prediction, evidence.model)  # refuse an unmappable prediction before storing it
         with self._lock:
             asset = self._assets.pop(evidence.asset_id, None) or _Asset(latest={})
             self._assets[evidence.asset_id] = asset  # most recently updated last
-            slot = (evidence.prediction.model, evidence.source)
+            slot = (evidence.model, evidence.source)
             held = asset.latest.get(slot)
             if held is None or evidence.timestamp >= held.timestamp:
                 asset.latest[slot] = evidence
@@ -302,7 +307,7 @@ class Fuser:
             if similar is not None:
                 asset.similar = tuple(similar)
             kept = _fresh(list(asset.latest.values()), self.rule.max_age_s, None)
-            asset.latest = {(e.prediction.model, e.source): e for e in kept}
+            asset.latest = {(e.model, e.source): e for e in kept}
             self._evict()
             return fuse(kept, self.rule, similar=asset.similar)
 
@@ -337,9 +342,9 @@ def _fresh(evidence: Sequence[Evidence], max_age_s: float, now: float | None) ->
 
 
 def _contribution(evidence: Evidence, rule: FusionRule) -> Contribution:
-    probabilities = rule.project(evidence.prediction)
+    probabilities = rule.project(evidence.prediction, evidence.model)
     top = max(rule.faults, key=lambda f: (probabilities[f], -rule.faults.index(f)))
-    model = rule.models[evidence.prediction.model]
+    model = rule.models[evidence.model]
     abstains = evidence.prediction.label in model.abstain
     return Contribution(evidence=evidence, weight=0.0 if abstains else model.weight, fault=top,
                         probabilities=MappingProxyType(probabilities), abstained=abstains)

@@ -22,10 +22,10 @@ import numpy as np
 from edge_sdk.daemon.config import DaemonConfig, SourceConfig
 from edge_sdk.daemon.models import ModelRegistry
 from edge_sdk.errors import DaemonError, EdgeSDKError
+from runtime.diagnosis import Diagnoser, pick_model
 from runtime.frame import Frame
-from runtime.fusion import Diagnosis, Evidence, Fuser, FusionRule
-from runtime.manifest import ImagePreprocess
-from runtime.pipeline import Pipeline
+from runtime.fusion import Diagnosis, Fuser, FusionRule
+from runtime.manifest import ImagePreprocess, Manifest
 from runtime.prediction import Prediction
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,27 @@ class Outcome:
                 "diagnosis": self.diagnosis.to_dict() if self.diagnosis else None, "event": self.event_id}
 
 
+class _Served:
+    """The daemon's models as :class:`runtime.diagnosis.Models`: the registry's current packages, named as
+    configured, predicted through the daemon (leases and metrics)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._daemon.registry.names)
+
+    def manifest(self, name: str) -> Manifest:
+        return self._daemon.registry.current(name).manifest
+
+    def predict(self, name: str, items: list[Any]) -> list[Prediction]:
+        return self._daemon.predict(name, items)
+
+
 class Daemon:
-    """Everything ``edge-sdk serve`` runs, behind methods the HTTP layer calls."""
+    """Everything ``edge-sdk serve`` runs, behind methods the HTTP layer calls. Fusion, model choice and
+    knowledge-base lookups are :class:`runtime.diagnosis.Diagnoser`'s, over the daemon's registry."""
 
     def __init__(self, config: DaemonConfig) -> None:
         from edge_sdk.daemon.metrics import Metrics
@@ -57,7 +76,7 @@ class Daemon:
         self.registry = ModelRegistry(config.models)
         self.metrics = Metrics()
         self.rule = FusionRule.from_dict(config.fusion) if config.fusion is not None else None
-        self.fuser = Fuser(self.rule) if self.rule else None
+        self.diagnoser: Diagnoser | None = None
         self.knowledge: Any = None
         self.store: Any = None
         self.publisher: Any = None
@@ -79,12 +98,15 @@ class Daemon:
                                 max_bytes=self.config.storage.max_bytes)
         self.registry.load_all()
         for name in self.registry.names:
-            self._check_fusion(name)
             self._publish_model_metrics(name)
         if self.config.knowledge_base is not None:
             from runtime.knowledge import KnowledgeBase
 
             self.knowledge = KnowledgeBase.from_package(self.config.knowledge_base.package)
+        if self.rule is not None:  # checks every model against the rule: one that does not fit stops the start
+            kb = self.config.knowledge_base
+            self.diagnoser = Diagnoser(self.rule, _Served(self), knowledge=self.knowledge,
+                                       similar_k=kb.k if kb is not None else 3)
         if self.config.mqtt is not None:
             from edge_sdk.daemon.mqtt import MqttPublisher
 
@@ -121,17 +143,9 @@ class Daemon:
             self.store.close()
         log.info("daemon stopped")
 
-    def _check_fusion(self, name: str, pipeline: Pipeline | None = None) -> None:
-        if self.rule is None:
-            return
-        model = (pipeline or self.registry.current(name)).manifest
-        if model.postprocess.kind == "embedding":
-            return
-        key = model.name if model.name in self.rule.models else name
-        if key not in self.rule.models:
-            raise DaemonError(f"model {name!r} (package {model.name!r}) has no entry in the fusion rule",
-                              hint=f"add [fusion.models.{model.name}] with its label map")
-        self.rule.check_labels(key, model.postprocess.labels)
+    @property
+    def fuser(self) -> Fuser | None:
+        return self.diagnoser.fuser if self.diagnoser is not None else None
 
     def _publish_model_metrics(self, name: str) -> None:
         info = self.registry.info(name)
@@ -208,7 +222,7 @@ class Daemon:
                                            prediction.timings.inference_ms / 1e3 / prediction.batch_size)
             source = sources[frame.source_id]
             roi = prediction.extra.get("roi")
-            self.record(source.asset_of(roi), prediction, kind="image", source=frame.source_id,
+            self.record(source.asset_of(roi), prediction, kind="image", source=frame.source_id, model=model,
                         timestamp=frame.timestamp, ref=frame.index, image=frame.image)
 
         return sink
@@ -229,37 +243,29 @@ class Daemon:
             return predictions
 
     def pick_model(self, kind: str, model: str | None) -> str:
-        if model is not None:
-            self.registry.current(model)  # raises for an unknown model
-            return model
-        names = [n for n in self.registry.names
-                 if self.registry.current(n).manifest.postprocess.kind != "embedding"
-                 and isinstance(self.registry.current(n).manifest.preprocess, ImagePreprocess) == (kind == "image")]
-        if len(names) != 1:
-            raise DaemonError(f"{len(names)} {kind} models are served ({names}); say which with ?model=NAME")
-        return names[0]
+        return pick_model(_Served(self), kind, model)
 
     def diagnose_text(self, asset: str, text: str, model: str | None = None) -> Outcome:
-        name = self.pick_model("text", model)
-        prediction = self.predict(name, [text])[0]
-        kb = self.config.knowledge_base
-        similar = self.knowledge.search(text, k=kb.k) if self.knowledge is not None and kb is not None else None
-        return self.record(asset, prediction, kind="text", source="report", ref=text[:200], similar=similar)
+        if self.diagnoser is None:
+            return Outcome(self.predict(self.pick_model("text", model), [text])[0], None, None)
+        prediction, diagnosis = self.diagnoser.observe(asset, "text", text, model=model, source="report")
+        return Outcome(prediction, diagnosis, self._maybe_event(diagnosis, None))
 
     def diagnose_image(self, asset: str, image: np.ndarray, model: str | None = None,
                        source: str = "upload") -> Outcome:
-        name = self.pick_model("image", model)
-        prediction = self.predict(name, [image])[0]
-        return self.record(asset, prediction, kind="image", source=source, image=image)
+        if self.diagnoser is None:
+            return Outcome(self.predict(self.pick_model("image", model), [image])[0], None, None)
+        prediction, diagnosis = self.diagnoser.observe(asset, "image", image, model=model, source=source)
+        return Outcome(prediction, diagnosis, self._maybe_event(diagnosis, image))
 
-    def record(self, asset: str, prediction: Prediction, *, kind: str, source: str, timestamp: float | None = None,
-               ref: Any = None, similar: Any = None, image: np.ndarray | None = None) -> Outcome:
-        """Add a prediction as evidence about ``asset``; store an event when the diagnosis calls for one."""
-        if self.fuser is None:
+    def record(self, asset: str, prediction: Prediction, *, kind: str, source: str, model: str,
+               timestamp: float | None = None, ref: Any = None, image: np.ndarray | None = None) -> Outcome:
+        """Add a prediction of the served ``model`` as evidence about ``asset``; store an event when the
+        diagnosis calls for one."""
+        if self.diagnoser is None:
             return Outcome(prediction, None, None)
-        evidence = Evidence(asset_id=asset, prediction=prediction, kind=kind, source=source, ref=ref,
-                            timestamp=time.time() if timestamp is None else timestamp)
-        diagnosis = self.fuser.add(evidence, similar=similar)
+        diagnosis = self.diagnoser.add(asset, prediction, kind=kind, source=source, timestamp=timestamp, ref=ref,
+                                       model=model)
         return Outcome(prediction, diagnosis, self._maybe_event(diagnosis, image))
 
     def _maybe_event(self, d: Diagnosis, image: np.ndarray | None) -> int | None:
@@ -285,7 +291,9 @@ class Daemon:
 
     def swap(self, model: str, package: str | None = None) -> dict[str, Any]:
         """Hot swap: verify the new package, swap it in, restart the model's streams on it."""
-        info = self.registry.swap(model, package, check=lambda p: self._check_fusion(model, p))
+        diagnoser = self.diagnoser
+        check = (lambda p: diagnoser.check(model, p.manifest)) if diagnoser is not None else None
+        info = self.registry.swap(model, package, check=check)
         self._publish_model_metrics(model)
         if model in self._streams:
             self._stop_streams(model, timeout=20.0)

@@ -386,3 +386,28 @@ watch = true
         assert 'edge_sdk_source_frames_total{source="oven-cam"}' in client.metrics()
     finally:
         daemon.kill()
+
+
+def test_a_fusion_rule_keyed_by_configured_names_serves_diagnoses(tmp_path: Path, image_package: Path,
+                                                                  text_package: Path, capsys: Any) -> None:
+    """`[fusion.models.<configured name>]` (as the README writes it) passes `--check`, the start and a hot
+    swap, and then every diagnosis uses that same entry (it answered 422 when run time looked the rule up
+    by the package's own name)."""
+    from edge_sdk.cli import main
+
+    config = write_config(tmp_path, port=free_port(), models={"cams": image_package, "reports": text_package})
+    config.write_text(config.read_text().replace("[fusion.models.words]", "[fusion.models.reports]")
+                      .replace("[fusion.models.colors]", "[fusion.models.cams]"))
+    assert main(["serve", "--config", str(config), "--check"]) == 0
+    daemon = DaemonProcess(config, int(config.read_text().split("port = ")[1].split()[0])).start()
+    try:
+        client = Client(daemon.url, TOKEN)
+        text = client.diagnose_text("pump-7", "the pump is hot")
+        assert text["prediction"]["model"] == "words" and text["diagnosis"]["fault"] == "overheating"
+        image = client.diagnose_image("pump-7", png("red"), model="cams")
+        assert image["diagnosis"]["fault"] == "overheating"
+        assert {c["model"] for c in image["diagnosis"]["evidence"]} == {"reports", "cams"}
+        assert client.reload("cams")["name"] == "cams"  # the swap is checked against the same entry
+        assert client.diagnose_image("fan-2", png("green"))["diagnosis"]["fault"] == "none"
+    finally:
+        daemon.kill()
