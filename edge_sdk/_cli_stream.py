@@ -23,7 +23,7 @@ def add_stream_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-fps", type=float, help="cap each source's frame rate")
     g.add_argument("--watch", action="store_true", help="keep watching folders for new images")
     g.add_argument("--replicas", type=int, default=1, help="parallel runner copies (CPU threads are split)")
-    g.add_argument("--max-wait-ms", type=float, default=4.0, help="dynamic batching: wait to fill a batch")
+    g.add_argument("--max-wait-ms", type=float, help="dynamic batching: wait to fill a batch (default 4)")
     g.add_argument("--rois", help='JSON file: {"source id": {"region": [x, y, w, h]}}')
     g.add_argument("--save", help="a .csv file for one row per prediction, or a folder for annotated frames")
     g.add_argument("--limit", type=int, help="stop after this many predictions")
@@ -55,24 +55,23 @@ def _rois(path: str | None) -> dict[str, Any] | None:
 
 
 def run_sources(args: argparse.Namespace) -> int:
-    from edge_sdk.streaming import open_sources
+    from edge_sdk.streaming import stream as open_stream
     from runtime.batching import Batching
-    from runtime.pipeline import Pipeline
-    from runtime.stream import Stream
 
     sinks, closers = _sinks(args.save)
-    pipeline = Pipeline.from_package(args.package, args.backend, threads=None if args.replicas > 1 else args.threads,
-                                     precision=args.precision)
+    batching = Batching(**{k: v for k, v in (("max_batch", args.batch), ("max_wait_ms", args.max_wait_ms))
+                           if v is not None})
     try:
-        sources = open_sources([int(s) if s.isdigit() else s for s in args.source], policy=args.policy,
-                               max_fps=args.max_fps, watch=args.watch)
-        stream = Stream(pipeline, sources, sinks=sinks, batching=Batching(args.batch, args.max_wait_ms),
-                        replicas=args.replicas, threads=args.threads if args.replicas > 1 else None,
-                        rois=_rois(args.rois))
-        _consume(stream, args)
-        stats = stream.stats()
+        stream = open_stream([int(s) if s.isdigit() else s for s in args.source], args.package, backend=args.backend,
+                             precision=args.precision, threads=args.threads, policy=args.policy,
+                             max_fps=args.max_fps, watch=args.watch, rois=_rois(args.rois), batching=batching,
+                             replicas=args.replicas, sinks=sinks)
+        try:
+            _consume(stream, args)
+            stats = stream.stats()
+        finally:
+            stream.close()
     finally:
-        pipeline.close()
         for closer in closers:
             closer.close()
     print(f"\r{stats.line()}", file=sys.stderr)

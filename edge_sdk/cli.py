@@ -260,7 +260,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     items = _run_inputs(args)
     with load(args.package, backend=args.backend, threads=args.threads, precision=args.precision) as model:
-        predictions = model.predict_batch([x for _, x in items], max_batch=args.batch)
+        predictions = (model.predict_batch([x for _, x in items]) if args.batch is None
+                       else model.predict_batch([x for _, x in items], max_batch=args.batch))
         if args.json:
             _print_json([{"input": name, **p.to_dict()} for (name, _), p in zip(items, predictions)])
             return 0
@@ -356,10 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", action="append", help="a text to classify (repeatable)")
     p.add_argument("--text-file", help="a file with one text per line")
     p.add_argument("--backend", default="auto", help="auto, or a comma-separated policy (e.g. onnxruntime-cpu)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8"],
-                   help="graph to run (auto: int8 when the package has it)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "int8"],
+                   help="what to serve (auto: int8 when the package has it; fp16: TensorRT only)")
     p.add_argument("--threads", type=int, help="CPU threads for onnxruntime")
-    p.add_argument("--batch", type=int, default=16, help="max batch size")
+    p.add_argument("--batch", type=int, help="max batch size (default: predict_batch's for files, 8 for streams)")
     p.add_argument("--json", action="store_true")
     add_stream_arguments(p)
     p.set_defaults(func=_cmd_run)

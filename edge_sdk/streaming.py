@@ -73,7 +73,7 @@ def stream(
     batching: Batching | Mapping[str, Any] | int | None = None,
     replicas: int = 1,
     sinks: Sequence[Sink] = (),
-    queue_size: int = 32,
+    queue_size: int | None = None,
 ) -> Stream:
     """A :class:`~runtime.stream.Stream` over ``source``: iterate it for a :class:`StreamResult` per
     frame (per region of a frame), call ``.stats()`` for fps, latency, drops and errors.
@@ -84,7 +84,8 @@ def stream(
     source waits when the model is slower) or "latest" (stale frames are dropped); ``max_fps``
     caps the rate. ``batching`` gathers frames across sources into one inference; ``replicas``
     runs that many runner copies in parallel (``threads`` split between them). ``rois`` is
-    ``{source_id: {region: [x, y, w, h]}}``. Leaving the loop early stops the stream; a package
+    ``{source_id: {region: [x, y, w, h]}}``. ``queue_size``: frames held between stages (default 32,
+    or 2 when a source is "latest", so that latest means the newest frame). Leaving the loop early stops the stream; a package
     opened here is closed with it. ``backend``, ``precision`` (and ``threads`` with one replica)
     apply when ``model`` is a path; a loaded ``Model``/``Pipeline`` already has them.
     """

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 Sink = Callable[[Prediction, Frame], None]
 _LATENCY_WINDOW = 4096
+QUEUE, LATEST_QUEUE = 32, 2  # frames held between stages by default: "all" sources, and any "latest" source
 _POLL_S = 0.05
 
 
@@ -171,7 +172,7 @@ class Stream:
         replicas: int = 1,
         threads: int | None = None,
         rois: Mapping[str, Any] | None = None,
-        queue_size: int = 32,
+        queue_size: int | None = None,
         preprocess_workers: int | None = None,
         verify: bool = True,
         close_pipeline: bool = False,
@@ -185,8 +186,9 @@ class Stream:
         ids = [s.id for s in sources]
         if len(set(ids)) != len(ids):
             raise PipelineError(f"source ids {ids} are not unique", hint="give each source its own source_id")
-        if queue_size < 1:
-            raise PipelineError(f"queue_size is {queue_size}; expected at least 1")
+        if queue_size is not None and (isinstance(queue_size, bool) or not isinstance(queue_size, int)
+                                       or queue_size < 1):
+            raise PipelineError(f"queue_size is {queue_size!r}; expected None (the default) or an int >= 1")
         self.rois = parse_rois(rois)
         unknown = sorted(set(self.rois) - set(ids))
         if unknown:
@@ -196,8 +198,8 @@ class Stream:
         self._runners, self._own_runners = self._make_runners(replicas, threads, verify)
         workers = preprocess_workers or max(1, len(self._runners))
         latest = any(getattr(s, "policy", "all") == "latest" for s in sources)
-        if latest:  # frames wait in these queues too: keep them short, or "latest" still serves stale frames
-            queue_size = min(queue_size, 2)
+        if queue_size is None:  # frames wait in these queues too: short for "latest", or it serves stale frames
+            queue_size = LATEST_QUEUE if latest else QUEUE
         self._frames: queue.Queue[Any] = queue.Queue(queue_size)
         self._ready: queue.Queue[Any] = queue.Queue(queue_size)
         self._batches: queue.Queue[Any] = queue.Queue(len(self._runners) if latest else max(2, len(self._runners)))
