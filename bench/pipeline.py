@@ -31,7 +31,8 @@ the target (their rate is the camera's, not the model's):
   ``open_source``'s source), every frame: a camera's latency when the model keeps up;
 * ``camM latest``: paced at M = twice the fastest stream's fps, inside a
   ``runtime.sources.PolicySource(policy="latest")``: an overloaded camera, drops and latency; once
-  with the Stream's default ``queue_size`` and once with ``queue_size=2``.
+  with the Stream's default ``queue_size`` (2 with a latest source) and once with ``queue_size=32``
+  (the default for "all" sources), which the stream honours: the cost of a long queue in latency.
 
 Figures: fps and latency are the stream's own ``StreamStats``, taken as the last result is
 delivered; a config's row is its fastest clean pair (other processes below NOISY_CORES), else its
@@ -488,7 +489,8 @@ def measure(pipeline: Pipeline, video: Path, tensors: np.ndarray, args: argparse
         live = [Config(f"file latest max{n:g}", r, batching, policy="latest", max_fps=n, live=True),
                 Config(f"cam{n:g} all", r, batching, pace_fps=n, live=True),
                 Config(f"cam{fast} latest", r, batching, policy="latest", pace_fps=fast, live=True),
-                Config(f"cam{fast} latest q2", r, batching, policy="latest", pace_fps=fast, queue_size=2, live=True)]
+                Config(f"cam{fast} latest q32", r, batching, policy="latest", pace_fps=fast, queue_size=32,
+                       live=True)]
         for cfg in live:
             wait_quiet()
             configs.append(run_safely(cfg, pipeline, video, cores, truth))
