@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from converters.conversion import Options, _golden_feeds, _text_preprocess, _tokenizer
+from converters.arguments import Options, golden_feeds, read_tokenizer, text_preprocess
 from converters.data import Sample
 from converters.graph import ModelSource, io_specs, load_onnx
 from converters.qdq import name_nodes
@@ -168,7 +168,7 @@ def _write(model: ModelSource, output: str | os.PathLike[str], tokenizer: str | 
     encoder = make_encoder(manifest, tokenizer_json)
     try:
         samples = [Sample(i.text, i.fault) for i in incidents]  # golden texts spread over the faults
-        golden_in = _golden_feeds(TASK, encoder, samples, calibration, manifest.inputs, (), opts.golden_samples)
+        golden_in = golden_feeds(TASK, encoder, samples, calibration, manifest.inputs, (), opts.golden_samples)
         golden_out = runner.infer(golden_in)
         embedder = Embedder(Pipeline(manifest, Selection("onnxruntime-cpu", runner, ()), encoder))
         embeddings = l2_normalize(embedder.embed([i.text for i in incidents])) if incidents else None
@@ -195,8 +195,8 @@ def _prepare(model: ModelSource, output: str | os.PathLike[str], tokenizer: str 
     """Load and check the graph; the manifest without files."""
     proto = name_nodes(load_onnx(model))
     inputs, outputs = io_specs(proto)
-    pre = _text_preprocess(inputs, max_length)
-    tokenizer_json = _tokenizer(tokenizer)
+    pre = text_preprocess(inputs, max_length)
+    tokenizer_json = read_tokenizer(tokenizer)
     out = _embedding_output(outputs, opts.output_name, opts.pooling)
     if opts.pooling == "mean" and pre.attention_mask is None:
         raise ConversionError("mean pooling needs the attention mask to leave padding out, and the graph has no "

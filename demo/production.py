@@ -44,7 +44,7 @@ import numpy as np
 import edge_sdk
 from demo.corpus import LABELS as REPORT_LABELS
 from demo.corpus import MACHINES, generate
-from demo.run import table
+from demo._table import table
 from edge_sdk.errors import EdgeSDKError, PackageError
 from runtime.diagnosis import Diagnoser
 from runtime.frame import Source

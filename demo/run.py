@@ -19,9 +19,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import edge_sdk
+from demo._table import table
 from edge_sdk.errors import EdgeSDKError
 
 SHOWN_PER_LABEL = 2
@@ -117,12 +117,6 @@ def _run(packages: dict[str, Path], heldout: Heldout) -> None:
     print(f"  (skipped {skipped})")
 
 
-def table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, tuple("-" * w for w in widths), *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--build", type=Path, default=Path("build/demo"), help="where the demo models were built")
@@ -131,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         packages = _convert(args.build, args.build / "packages")
         _run(packages, _image_heldout(args.build / "image"))
         _run(packages, _text_heldout(args.build / "text"))
-        from demo import production  # imports this module for its table; later import, no cycle
+        from demo import production
 
         production.run(args.build)
     except EdgeSDKError as exc:
