@@ -161,8 +161,10 @@ def _quantize(
     if not s8 and placement.family == "cnn":
         nodes = [n.name for n in model.graph.node if n.op_type in op_types and n.name not in _excluded(model, placement)]
     quantizer = QDQQuantizer(
-        model, True, reduce_range, QuantType.QInt8, QuantType.QInt8 if s8 else QuantType.QUInt8,
-        TensorsData(CalibrationMethod.MinMax, data), nodes, [], list(op_types), extra,
+        model, per_channel=True, reduce_range=reduce_range, weight_qType=QuantType.QInt8,
+        activation_qType=QuantType.QInt8 if s8 else QuantType.QUInt8,
+        tensors_range=TensorsData(CalibrationMethod.MinMax, data), nodes_to_quantize=nodes, nodes_to_exclude=[],
+        op_types_to_quantize=list(op_types), extra_options=extra,
     )
     quantizer.quantize_model()
     quantizer.model.topological_sort()

@@ -75,9 +75,10 @@ def load(
 ) -> Model:
     """Open and verify the package at ``path`` and activate a backend.
 
-    ``backend`` is ``"auto"`` (TensorRT, then onnxruntime CUDA, then CPU), one
-    backend name, or an ordered list. ``precision`` is "auto" (the int8 graph
-    when the package carries one), "fp32" or "int8". With ``verify`` the backend
-    must reproduce the package's golden outputs before the model is returned.
+    ``backend`` is ``"auto"`` (``runtime.select.DEFAULT_POLICY``: a TensorRT engine, then
+    onnxruntime's TensorRT provider, then its CUDA provider, then its CPU provider), one backend
+    name, or an ordered list. ``precision`` is "auto" (int8 when the package carries it), "fp32",
+    "fp16" (TensorRT) or "int8". With ``verify`` the backend must reproduce the package's golden
+    outputs before the model is returned.
     """
     return Model(Pipeline.from_package(path, backend, threads=threads, precision=precision, verify=verify))
