@@ -121,7 +121,8 @@ def minilm_onnx(cache: Path, exporter: str = "torchscript") -> Path:
             import onnx
 
             batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", min=2, max=512)
-            program = torch.onnx.export(model, args, input_names=list(TEXT_INPUTS), output_names=["embedding"],
+            program = torch.onnx.export(model, args, input_names=list(TEXT_INPUTS),
+                                        output_names=["sentence_embedding"],  # "embedding" names a Gather here
                                         dynamic_shapes=tuple({0: batch, 1: sequence} for _ in TEXT_INPUTS),
                                         opset_version=18, dynamo=True, verbose=False)
             onnx.save(program.model_proto, str(tmp))  # opset 18: the version converter breaks this graph's SSA form
