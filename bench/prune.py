@@ -206,10 +206,10 @@ def measure(variants: list[Variant], items: list[tuple[Any, str]]) -> None:
             models[v.name] = edge_sdk.load(v.package, backend="onnxruntime-cpu", threads=THREADS)
             preds = models[v.name].predict_batch(inputs, max_batch=MAX_BATCH)  # warm-up, and the predictions
             if not feeds:
-                pipeline = models[v.name]._pipeline
+                pipeline = models[v.name].pipeline
                 feeds = [pipeline.encode(inputs[i:i + MAX_BATCH]) for i in range(0, len(inputs), MAX_BATCH)]
             for batch in feeds:
-                models[v.name]._pipeline.infer(batch)
+                models[v.name].pipeline.infer(batch)
             v.labels_pred = [p.label for p in preds]
             v.accuracy = 100.0 * sum(p == t for p, t in zip(v.labels_pred, truth)) / len(truth)
         except Exception as exc:
@@ -229,7 +229,7 @@ def measure(variants: list[Variant], items: list[tuple[Any, str]]) -> None:
                 time.sleep(0.05)
                 t = time.perf_counter()
                 for batch in feeds:
-                    model._pipeline.infer(batch)
+                    model.pipeline.infer(batch)
                 v.graph_times_s.append(time.perf_counter() - t)
             except Exception as exc:
                 v.error = f"run: {_short(exc)}"

@@ -6,6 +6,7 @@ import os
 from typing import Any, Sequence
 
 from runtime.pipeline import Pipeline
+from runtime.runners.base import Runner
 from runtime.prediction import Prediction
 
 
@@ -19,6 +20,17 @@ class Model:
     def backend(self) -> str:
         """The backend that runs this model (e.g. ``onnxruntime-cpu``)."""
         return self._pipeline.backend
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The pipeline behind this model, for measuring its stages apart: ``pipeline.encode(items)``
+        (preprocessing or tokenization) -> feeds, ``pipeline.infer(feeds)`` (the model alone) -> outputs."""
+        return self._pipeline
+
+    @property
+    def runner(self) -> Runner:
+        """The active runner of the selected backend (``runner.infer(feeds)``: the graph, input checks included)."""
+        return self._pipeline.selection.runner
 
     @property
     def labels(self) -> tuple[str, ...]:

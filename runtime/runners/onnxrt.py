@@ -64,6 +64,11 @@ class OnnxRuntimeRunner(Runner):
         self.backend = _PROVIDER_BACKENDS.get(self.providers[0], self.providers[0])
         self._session: Any = None
 
+    @property
+    def session(self) -> Any:
+        """The onnxruntime ``InferenceSession`` while active (None otherwise): a baseline for measurements."""
+        return self._session
+
     def _activate_impl(self) -> None:
         try:
             import onnxruntime as ort
