@@ -21,11 +21,11 @@ from converters.data import Sample, image_samples, text_lines, tsv_samples
 from converters.prune_stage import parse_prune
 from converters.smoothing import DEFAULT_ALPHA
 from edge_sdk.errors import ConversionError, EdgeSDKError
-from runtime.manifest import POOLINGS, ImagePreprocess, Postprocess, TensorSpec, TextPreprocess
+from runtime.manifest import (
+    CONVERT_TASKS, IMAGE_TASKS, POOLINGS, ImagePreprocess, Postprocess, TensorSpec, TextPreprocess,
+)
 
-TASKS = ("image-classification", "text-classification", "anomaly-score")
-IMAGE_TASKS = ("image-classification", "anomaly-score")
-EMBEDDING_TASK = "text-embedding"  # converted by converters.knowledge
+TASKS = CONVERT_TASKS  # text-embedding (EMBEDDING_TASK) is converted by converters.knowledge
 TEXT_ROLES = ("input_ids", "attention_mask", "token_type_ids")
 QUANTIZE = (None, "int8")
 _SYNTHETIC_TEXTS = ("pump vibration high at drive end bearing", "all parameters within limits", "oil leak seen under unit")

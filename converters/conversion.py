@@ -20,7 +20,7 @@ import numpy as np
 
 from converters.anomaly import fit_threshold
 from converters.arguments import (
-    EMBEDDING_TASK, IMAGE_TASKS, TASKS, Options, anomaly_output, check_image_input, golden_feeds, image_preprocess,
+    TASKS, Options, anomaly_output, check_image_input, golden_feeds, image_preprocess,
     parse_labels, parse_options, pick_output, read_samples, read_tokenizer, text_preprocess,
 )
 from converters.calibration.readers import calibration_reader
@@ -33,7 +33,7 @@ from converters.graph import ModelSource, io_specs, load_onnx
 from converters.qdq import name_nodes
 from converters.report import ConversionReport
 from edge_sdk.errors import ConversionError
-from runtime.manifest import ImagePreprocess, Manifest, Postprocess, TextPreprocess
+from runtime.manifest import EMBEDDING_TASK, IMAGE_TASKS, ImagePreprocess, Manifest, Postprocess, TextPreprocess
 from runtime.package import golden_bytes, write_package
 from runtime.pipeline import Pipeline, make_encoder
 from runtime.runners.onnxrt import OnnxRuntimeRunner

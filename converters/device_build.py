@@ -21,7 +21,7 @@ from converters.engine import BuildResult, EngineBuildConfig, build_engine, form
     static_profile, tensorrt_release, trtexec_command
 from edge_sdk.errors import BackendUnavailableError, EngineBuildError
 from runtime.engine_cache import EngineCache, default_cache_dir
-from runtime.engine_spec import EngineSpec
+from runtime.engine_spec import ENGINE_PRECISIONS, EngineSpec
 from runtime.package import Package
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 #: Memory a TensorRT build needs beyond its workspace, as a multiple of the graph's size
 #: (parsed network, weights, tactic buffers), plus a fixed margin for the process itself.
 GRAPH_FACTOR, MARGIN_MB = 3, 512
-BUILD_PRECISIONS = ("auto", "int8", "fp16", "fp32")
+BUILD_PRECISIONS = ("auto", *ENGINE_PRECISIONS)
 
 
 @dataclass(frozen=True)

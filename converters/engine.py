@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_sdk.errors import BackendUnavailableError, EngineBuildError
+from runtime.engine_spec import ENGINE_PRECISIONS
 from runtime.manifest import TensorSpec
 
 __all__ = ["Profile", "EngineBuildConfig", "BuildResult", "profiles_for", "static_profile", "trtexec_command",
@@ -33,7 +34,7 @@ __all__ = ["Profile", "EngineBuildConfig", "BuildResult", "profiles_for", "stati
 log = logging.getLogger(__name__)
 Shape = tuple[int, ...]
 Progress = Callable[[str, float], None]
-PRECISIONS = ("int8", "fp16", "fp32")
+PRECISIONS = ENGINE_PRECISIONS
 _TRT_HINT = "pip install 'edge-sdk[tensorrt]' on a machine with an NVIDIA GPU (JetPack ships it on Jetson)"
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from converters.data import Sample
 from runtime.manifest import Manifest
-from runtime.pipeline import Encoder, Pipeline
+from runtime.pipeline import DEFAULT_MAX_BATCH, Encoder, Pipeline
 from runtime.prediction import Prediction
 from runtime.runners.onnxrt import OnnxRuntimeRunner
 from runtime.backends import Served
@@ -36,7 +36,7 @@ class Evaluation:
         }
 
 
-def evaluate(pipeline: Pipeline, samples: Sequence[Sample], *, max_batch: int = 16) -> Evaluation:
+def evaluate(pipeline: Pipeline, samples: Sequence[Sample], *, max_batch: int = DEFAULT_MAX_BATCH) -> Evaluation:
     """Predict every labelled sample in batches and score the top-1 label."""
     predictions: list[Prediction] = pipeline.predict_batch([s.item for s in samples], max_batch=max_batch)
     hits: dict[str, list[bool]] = {}

@@ -29,7 +29,6 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from edge_sdk.errors import ConversionError
 
 log = logging.getLogger(__name__)
 

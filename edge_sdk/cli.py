@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from edge_sdk._cli_kb import add_kb_parser
 from edge_sdk.errors import BackendUnavailableError, EdgeSDKError
+from runtime.manifest import CONVERT_TASKS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -293,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert an ONNX model into an .edgepkg package")
     p.add_argument("model", help="the .onnx file")
     p.add_argument("-o", "--output", required=True, help="package path to write")
-    p.add_argument("--task", required=True, choices=["image-classification", "text-classification", "anomaly-score"])
+    p.add_argument("--task", required=True, choices=CONVERT_TASKS)
     p.add_argument("--labels", required=True, help="labels.txt path or comma-separated labels")
     p.add_argument("--preprocess", help="image preprocessing as JSON or a JSON file path")
     p.add_argument("--tokenizer", help="tokenizer.json of a text model")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-from runtime.pipeline import Pipeline
+from runtime.pipeline import DEFAULT_MAX_BATCH, Pipeline
 from runtime.runners.base import Runner
 from runtime.prediction import Prediction
 
@@ -59,7 +59,7 @@ class Model:
         """Predict one input: an image (path, bytes, BGR array) or a text, as the package's task says."""
         return self._pipeline.predict(x)
 
-    def predict_batch(self, xs: Sequence[Any], *, max_batch: int = 32) -> list[Prediction]:
+    def predict_batch(self, xs: Sequence[Any], *, max_batch: int = DEFAULT_MAX_BATCH) -> list[Prediction]:
         """Predict many inputs, batched ``max_batch`` at a time."""
         return self._pipeline.predict_batch(xs, max_batch=max_batch)
 

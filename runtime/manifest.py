@@ -16,7 +16,9 @@ from edge_sdk.errors import PackageError, PackageVersionError
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 
-TASKS = ("image-classification", "text-classification", "anomaly-score", "text-embedding")
+EMBEDDING_TASK = "text-embedding"
+TASKS = ("image-classification", "text-classification", "anomaly-score", EMBEDDING_TASK)
+CONVERT_TASKS = tuple(t for t in TASKS if t != EMBEDDING_TASK)  # convert()'s classifier tasks; embeddings: the KB
 IMAGE_TASKS = ("image-classification", "anomaly-score")
 #: What the postprocessing turns the output tensor into, per task.
 POSTPROCESS_KINDS = {"image-classification": "classes", "text-classification": "classes",

@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 
 from edge_sdk.errors import BackendUnavailableError, EdgeSDKError
 from runtime.backends import BACKENDS, Factory, Probe, Served
+from runtime.engine_spec import ENGINE_PRECISIONS
 from runtime.package import Package
 from runtime.parity import Parity, check_parity
 from runtime.runners.base import Runner
@@ -65,7 +66,7 @@ class Selection:
         return graph_reason(self.graph)
 
 
-PRECISIONS = ("auto", "fp32", "fp16", "int8")
+PRECISIONS = ("auto", *ENGINE_PRECISIONS)  # what load(precision=...) takes
 _LOWER = {"int8": ("fp16", "fp32"), "fp16": ("fp32",), "fp32": ()}
 
 

@@ -69,6 +69,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from edge_sdk.errors import DaemonError
+from runtime.batching import Batching
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -166,8 +167,8 @@ class SourceConfig:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    max_batch: int = 8
-    max_wait_ms: float = 4.0
+    max_batch: int = Batching.max_batch
+    max_wait_ms: float = Batching.max_wait_ms
     replicas: int = 1
 
 
