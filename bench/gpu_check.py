@@ -18,7 +18,6 @@ import argparse
 import json
 import platform
 import sys
-import threading
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +29,15 @@ ROWS: list[dict[str, str]] = []
 
 class NotAvailable(Exception):
     """This check cannot run here (no module, no provider); not a failure."""
+
+
+def _together(work: Callable[[int], None], args: Any) -> None:
+    """``work(arg)`` for every arg, all on their own threads at once (work records its own failures)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    args = list(args)
+    with ThreadPoolExecutor(len(args)) as pool:
+        list(pool.map(work, args))
 
 
 def check(name: str, run: Callable[[], str]) -> None:
@@ -175,11 +183,7 @@ def cuda_binding(name: str) -> Callable[[], str]:
                 cuda.free(spare, host_out)
                 cuda.destroy_stream(stream)
 
-        threads = [threading.Thread(target=roundtrip, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        _together(roundtrip, range(4))
         if errors:
             raise AssertionError("; ".join(errors))
         return "pinned buffers, a stream and a 256 KiB round trip from 4 threads"
@@ -260,11 +264,7 @@ def trt_threads() -> str:
         except Exception as exc:  # noqa: BLE001
             errors.append(f"thread {seed}: {type(exc).__name__}: {exc}")
 
-    threads = [threading.Thread(target=work, args=(s,)) for s in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _together(work, range(8))
     contexts = runner.contexts
     runner.deactivate()
     if errors:

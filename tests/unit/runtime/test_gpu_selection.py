@@ -8,7 +8,6 @@ the real `engine build` path, engine cache, selection and parity.
 from __future__ import annotations
 
 import dataclasses
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from runtime import backends
 from runtime.engine_spec import EngineSpec
 from runtime.package import Package
 from runtime.select import BACKENDS, replicate, select_runner
+from tests.threads import run_together
 
 DEVICE = "sm87-trt10.3.0"  # what the stand-ins report: compute capability 8.7, TensorRT 10.3.0
 
@@ -160,20 +160,12 @@ def test_replicas_of_the_tensorrt_backend_share_the_engine_and_serve_threads(
     runners = replicate(package, selection, 2)
     image = np.random.default_rng(0).random((3, 3, 8, 8), dtype=np.float32)
     want = selection.runner.infer({"image": image})["logits"]
-    errors: list[BaseException] = []
 
     def work(runner: Any) -> None:
-        try:
-            for _ in range(4):
-                np.testing.assert_array_equal(runner.infer({"image": image})["logits"], want)
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
+        for _ in range(4):
+            np.testing.assert_array_equal(runner.infer({"image": image})["logits"], want)
 
-    threads = [threading.Thread(target=work, args=(r,)) for r in [*runners, selection.runner] * 2]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_together(work, [*runners, selection.runner] * 2)
     for r in [*runners, selection.runner]:
         r.deactivate()
     assert errors == [] and trt_standin.violations == [] and trt_standin.live_allocations() == 0

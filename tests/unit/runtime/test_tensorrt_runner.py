@@ -10,7 +10,6 @@ real hardware and skips elsewhere.
 from __future__ import annotations
 
 import importlib.util
-import threading
 from types import SimpleNamespace
 from typing import Any
 
@@ -31,6 +30,7 @@ from runtime.runners.tensorrt import (
     numpy_dtype,
 )
 from tests import builders
+from tests.threads import run_together
 
 IMAGE = (TensorSpec("image", "float32", ("batch", 3, 8, 8)),)
 LOGITS = (TensorSpec("logits", "float32", ("batch", 3)),)
@@ -73,20 +73,12 @@ def test_threads_each_get_a_context_with_the_cuda_context_current(trt_standin: A
     every calling thread, and TensorRT an execution context per concurrent call."""
     runner = TensorRTRunner(_image_engine(), IMAGE, LOGITS, cuda=binding, max_contexts=3).activate()
     want = {seed: _cpu(builders.image_model(), IMAGE, _images(4, seed)) for seed in range(6)}
-    errors: list[BaseException] = []
 
     def work(seed: int) -> None:
-        try:
-            for _ in range(5):
-                np.testing.assert_allclose(runner.infer(_images(4, seed))["logits"], want[seed], rtol=1e-6)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        for _ in range(5):
+            np.testing.assert_allclose(runner.infer(_images(4, seed))["logits"], want[seed], rtol=1e-6)
 
-    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_together(work, range(6))
     assert errors == [] and trt_standin.violations == []
     assert 1 < runner.contexts <= 3 and trt_standin.executions == 30
     runner.deactivate()
@@ -150,22 +142,14 @@ def test_tensorrt_8_5_gives_every_profile_its_own_context(trt_standin: Any, monk
     model = builders.text_model()
     runner = TensorRTRunner(_engine(model, EngineBuildConfig(precision="fp32", profiles=profiles_for(TEXT))),
                             TEXT, LOGITS, max_contexts=8).activate()
-    errors: list[BaseException] = []
 
     def work(length: int) -> None:
         feeds = {"input_ids": np.full((2, length), 4), "attention_mask": np.ones((2, length), np.int64),
                  "token_type_ids": np.zeros((2, length), np.int64)}
-        try:
-            for _ in range(4):
-                np.testing.assert_allclose(runner.infer(feeds)["logits"], _cpu(model, TEXT, feeds), rtol=1e-6)
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
+        for _ in range(4):
+            np.testing.assert_allclose(runner.infer(feeds)["logits"], _cpu(model, TEXT, feeds), rtol=1e-6)
 
-    threads = [threading.Thread(target=work, args=(n,)) for n in (20, 60, 100, 30, 70, 110)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_together(work, (20, 60, 100, 30, 70, 110))
     assert errors == [] and trt_standin.violations == [] and runner.contexts == 3
     runner.deactivate()
 
