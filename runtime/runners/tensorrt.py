@@ -272,7 +272,7 @@ class TensorRTRunner(Runner):
         check_io_names(self._io, self.inputs, self.outputs)
         self._profiles = read_profiles(engine, self._io, named)
         version = tuple(int(p) for p in str(trt.__version__).split(".")[:2] if p.isdigit())
-        self._per_profile = version < (10, 0) and len(self._profiles) > 1
+        self._per_profile = version < (10, 0)  # one context per profile, even for an engine with one
         self._slots.append(self._new_slot(0))  # fail now, not on the first request
         self._named = named and hasattr(self._slots[0].context, "execute_async_v3")
         self._free.put(self._slots[0])

@@ -154,6 +154,21 @@ def test_tensorrt_8_5_gives_every_profile_its_own_context(trt_standin: Any, monk
     runner.deactivate()
 
 
+def test_tensorrt_8_5_with_one_profile_serves_threads_from_one_context(trt_standin: Any,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import tensorrt
+
+    monkeypatch.setattr(tensorrt, "__version__", "8.5.2")
+    runner = TensorRTRunner(_image_engine(), IMAGE, LOGITS, max_contexts=4).activate()
+
+    def work(seed: int) -> None:
+        np.testing.assert_allclose(runner.infer(_images(3, seed))["logits"],
+                                   _cpu(builders.image_model(), IMAGE, _images(3, seed)), rtol=1e-6)
+
+    assert run_together(work, range(5)) == [] and trt_standin.violations == [] and runner.contexts == 1
+    runner.deactivate()
+
+
 def test_replicas_share_one_deserialized_engine(trt_standin: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     import tensorrt
 
