@@ -103,10 +103,9 @@ def cpu_int8_graph(arch: str, cpu_flags: frozenset[str]) -> tuple[str, str]:
 def this_cpu_int8_graph() -> tuple[str, str]:
     """:func:`cpu_int8_graph` for this machine (probed once per process), its cpuinfo flags checked
     against CPUID, which is what onnxruntime's kernel dispatch reads."""
-    import devices
     from devices.cpu import cpuid_features, reconcile_with_cpuid
 
-    info = devices.detect()
+    info = device_info()  # one probe per process (it asks the CUDA driver too)
     flags, note = (reconcile_with_cpuid(info.cpu_flags, cpuid_features()) if info.arch == "x86_64"
                    else (info.cpu_flags, None))
     graph, reason = cpu_int8_graph(info.arch, flags)
