@@ -18,7 +18,7 @@ import numpy as np
 from converters.calibration.methods import CalibrationMethod
 from converters.calibration.readers import ArrayReader, calibration_reader
 from converters.data import Sample, image_samples, text_lines, tsv_samples
-from converters.prune_stage import parse_prune
+from converters.stages.prune import parse_prune
 from converters.smoothing import DEFAULT_ALPHA
 from edge_sdk.errors import ConversionError, EdgeSDKError
 from runtime.manifest import (

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from converters.prune_stage import allocation_units, parse_prune, run_pruning
+from converters.stages.prune import allocation_units, parse_prune, run_pruning
 from converters.pruning.allocation import Point, Unit, greedy_path, search_path, sensitivity
 from converters.pruning.cnn import ChannelPruner
 from converters.pruning.transformer import prune_ffn

@@ -214,7 +214,7 @@ def test_rewrites_explicit_head_constants(bert: onnx.ModelProto) -> None:
 
 
 def test_convert_accepts_head_pruning_only_with_a_ratio() -> None:
-    from converters.prune_stage import parse_prune
+    from converters.stages.prune import parse_prune
 
     assert parse_prune({"method": "heads", "ratio": 0.25}).ratio == 0.25
     with pytest.raises(PruningError, match="head pruning needs 'ratio'"):
@@ -233,7 +233,7 @@ def test_output_projection_refit_reduces_the_error(bert: onnx.ModelProto) -> Non
 
 
 def test_structured_ratio_with_heads_prunes_both_kinds(bert: onnx.ModelProto) -> None:
-    from converters.prune_stage import parse_prune, run_pruning
+    from converters.stages.prune import parse_prune, run_pruning
 
     pruned, report = run_pruning(parse_prune({"method": "structured", "ratio": 0.5, "heads": 0.5}), bert,
                                  _batches(), None)
