@@ -97,7 +97,7 @@ class ImagePreprocess:
             )
         resize = _pair(_require(data, "resize", "image preprocess"), "resize")
         crop = _pair(data["crop"], "crop") if data.get("crop") is not None else None
-        color = _choice(data.get("color", "rgb"), COLORS, "preprocess color")
+        color = _choice(data.get("color", cls.color), COLORS, "preprocess color")
         channels = 1 if color == "gray" else 3
         mean = _per_channel(data.get("mean", [0.0] * channels), channels, "mean")
         std = _per_channel(data.get("std", [1.0] * channels), channels, "std")
@@ -107,13 +107,14 @@ class ImagePreprocess:
             raise PackageError(f"preprocess crop {list(crop)} is larger than resize {list(resize)}")
         return cls(
             resize=resize,
-            interpolation=_choice(data.get("interpolation", "linear"), INTERPOLATIONS, "preprocess interpolation"),
+            interpolation=_choice(data.get("interpolation", cls.interpolation), INTERPOLATIONS,
+                                  "preprocess interpolation"),
             crop=crop,
             color=color,
             mean=mean,
             std=std,
-            layout=_choice(data.get("layout", "nchw"), LAYOUTS, "preprocess layout"),
-            dtype=_choice(data.get("dtype", "float32"), ("float32", "float16", "uint8"), "preprocess dtype"),
+            layout=_choice(data.get("layout", cls.layout), LAYOUTS, "preprocess layout"),
+            dtype=_choice(data.get("dtype", cls.dtype), ("float32", "float16", "uint8"), "preprocess dtype"),
         )
 
     @property
@@ -175,20 +176,20 @@ class TextPreprocess:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TextPreprocess:
-        max_length = data.get("max_length", 128)
+        max_length = data.get("max_length", cls.max_length)
         if not _is_int(max_length) or max_length < 2:
             raise PackageError(f"text max_length is {max_length!r}; expected an int >= 2")
         return cls(
-            tokenizer=str(data.get("tokenizer", "tokenizer.json")),
+            tokenizer=str(data.get("tokenizer", cls.tokenizer)),
             max_length=max_length,
-            padding=_choice(data.get("padding", "longest"), ("longest", "max_length"), "text padding"),
-            input_ids=str(data.get("input_ids", "input_ids")),
-            attention_mask=data.get("attention_mask", "attention_mask"),
-            token_type_ids=data.get("token_type_ids", "token_type_ids"),
+            padding=_choice(data.get("padding", cls.padding), ("longest", "max_length"), "text padding"),
+            input_ids=str(data.get("input_ids", cls.input_ids)),
+            attention_mask=data.get("attention_mask", cls.attention_mask),
+            token_type_ids=data.get("token_type_ids", cls.token_type_ids),
             buckets=_buckets(data.get("buckets", ()), max_length),
             stride=_stride(data.get("stride"), max_length),
-            max_windows=_max_windows(data.get("max_windows", 16)),
-            aggregate=_choice(data.get("aggregate", "mean"), AGGREGATES, "text aggregate"),
+            max_windows=_max_windows(data.get("max_windows", cls.max_windows)),
+            aggregate=_choice(data.get("aggregate", cls.aggregate), AGGREGATES, "text aggregate"),
         )
 
     @property
@@ -280,8 +281,8 @@ class Postprocess:
         output = str(_require(data, "output", "postprocess"))
         if kind == "embedding":
             return cls(output=output, labels=(), softmax=False, kind=kind,
-                       pooling=_choice(data.get("pooling", "none"), POOLINGS, "embedding pooling"),
-                       normalize=bool(data.get("normalize", True)))
+                       pooling=_choice(data.get("pooling", cls.pooling), POOLINGS, "embedding pooling"),
+                       normalize=bool(data.get("normalize", cls.normalize)))
         labels = tuple(str(label) for label in data.get("labels") or (("ok", "fault") if kind == "anomaly" else ()))
         if not labels or len(set(labels)) != len(labels):
             raise PackageError(f"postprocess labels {list(labels)} must be non-empty and unique")
@@ -297,7 +298,7 @@ class Postprocess:
         for label, value in thresholds.items():
             if label not in labels or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise PackageError(f"threshold {label!r}: {value!r}; expected a known label with a value in [0, 1]")
-        return cls(output=output, labels=labels, softmax=bool(data.get("softmax", True)), thresholds=thresholds)
+        return cls(output=output, labels=labels, softmax=bool(data.get("softmax", cls.softmax)), thresholds=thresholds)
 
     def to_dict(self) -> dict[str, Any]:
         if self.kind == "embedding":
@@ -384,11 +385,11 @@ class Manifest:
             postprocess=Postprocess.from_dict(_require(data, "postprocess", "manifest"), POSTPROCESS_KINDS[task]),
             files=files,
             golden=data.get("golden"),
-            precision=_choice(data.get("precision", "fp32"), PRECISIONS, "manifest precision"),
+            precision=_choice(data.get("precision", cls.precision), PRECISIONS, "manifest precision"),
             graphs=_graphs(data.get("graphs", {})),
             engines=tuple(data.get("engines", ())),
             reports=dict(data.get("reports", {})),
-            created_by=str(data.get("created_by", "")),
+            created_by=str(data.get("created_by", cls.created_by)),
             schema_version=int(version),
             knowledge_base=_knowledge_base(data.get("knowledge_base")),
         )
