@@ -178,7 +178,8 @@ def _layer_norms(proto: onnx.ModelProto) -> list[tuple[list[onnx.NodeProto], str
     matches = []
     for mean in (n for n in proto.graph.node if n.op_type == "ReduceMean" and last_axis(n)):
         x = mean.input[0]
-        sub = next((u for u in users.get(mean.output[0], []) if u.op_type == "Sub" and list(u.input) == [x, mean.output[0]]), None)
+        sub = next((u for u in users.get(mean.output[0], [])
+                    if u.op_type == "Sub" and list(u.input) == [x, mean.output[0]]), None)
         if sub is None:
             continue
         d = sub.output[0]
@@ -304,7 +305,8 @@ def canonicalize(proto: onnx.ModelProto, feeds: Sequence[Feeds]) -> tuple[onnx.M
     before, after = _census(proto), _census(out)
     rewritten = {op: [before[op], after[op]] for op in sorted(set(before) | set(after)) if before[op] != after[op]}
     log.info("canonical graph: %d -> %d nodes", len(proto.graph.node), len(out.graph.node))
-    opsets = {"opset": [_default_opset(proto), _default_opset(out)]} if _default_opset(out) != _default_opset(proto) else {}
+    before_opset, after_opset = _default_opset(proto), _default_opset(out)
+    opsets = {"opset": [before_opset, after_opset]} if after_opset != before_opset else {}
     return out, {**report, "nodes_after": len(out.graph.node), "rewritten": rewritten, **opsets,
                  "max_diff": worst, "checked_on": len(feeds)}
 

@@ -144,7 +144,8 @@ class PyCuda:
 
         drv.init()
         if drv.Device.count() <= device:
-            raise BackendUnavailableError(f"pycuda sees {drv.Device.count()} CUDA device(s); device {device} is not one")
+            raise BackendUnavailableError(
+                f"pycuda sees {drv.Device.count()} CUDA device(s); device {device} is not one")
         self._drv = drv
         self._context = drv.Device(device).retain_primary_context()
         self._allocations: dict[int, Any] = {}  # pointer -> DeviceAllocation, kept alive until freed

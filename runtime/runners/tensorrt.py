@@ -403,7 +403,8 @@ class TensorRTRunner(Runner):
         dims = ctx.get_tensor_shape(t.name) if self._named else ctx.get_binding_shape(base + t.index)
         shape = tuple(int(d) for d in dims)
         if any(d < 0 for d in shape):
-            raise InferenceError(f"output '{t.name}' has data-dependent shape {list(shape)}, which this runner does not support")
+            raise InferenceError(
+                f"output '{t.name}' has data-dependent shape {list(shape)}, which this runner does not support")
         return shape
 
     @property
