@@ -142,11 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     avx2_graph, avx2_reason = cpu_int8_graph("x86_64", frozenset({"avx2"}))
     print(f"\n== demo surface-defects: int8 graphs on x86-64 AVX2 without VNNI (qemu-x86_64-static -cpu max) vs "
           f"natively ({host}) ==")
-    print(f"(graphs as bench.int8 chose them: " + ", ".join(f"{g} {rounding.get(g, '?')} rounding" for g in GRAPHS)
+    print("(graphs as bench.int8 chose them: " + ", ".join(f"{g} {rounding.get(g, '?')} rounding" for g in GRAPHS)
           + ")")
     print(f"({len(x)} held-out test images; qemu run {qemu_s:.0f} s including start-up; an AVX2 x86 without VNNI "
           f"is served {avx2_graph}: {avx2_reason})")
-    print(f"1x1-conv kernel probe (largest |fused - exact| / largest output; exact below 1e-2): "
+    print("1x1-conv kernel probe (largest |fused - exact| / largest output; exact below 1e-2): "
           + ", ".join(f"{f} native {native_probe[f]:.1e} / qemu {emulated['probe'][i]:.1e}"
                       for i, f in enumerate(GRAPHS)))
     header = (f"{'graph':<6} {'run':<22} {'vs exact: agree':>15} {'cos':>7} {'min cos':>8} {'max |diff|':>10}   "
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'fp32':<6} {'native':<22} {'-':>15} {'-':>7} {'-':>8} {'-':>10}   {'100.0%':>14} {'1.0000':>7}  "
           f"{acc_fp32:7.1f}%")
     for g in GRAPHS:
-        runs = {"exact reference": exact[g], f"fused native": native[g], "fused qemu AVX2": emulated[g]}
+        runs = {"exact reference": exact[g], "fused native": native[g], "fused qemu AVX2": emulated[g]}
         results["graphs"][g] = {}
         for run, got in runs.items():
             vs_exact, vs_fp32 = _compare(exact[g], got), _compare(fp32, got)

@@ -76,7 +76,6 @@ def probe_model(kind: str, form: str, seed: int = 0) -> tuple[onnx.ModelProto, n
     a_zero = np.array(0 if atype == "int8" else 128, np.int8 if atype == "int8" else np.uint8)
     a_scale = np.array(4.0 / 127, np.float32)
     x = rng.uniform(-4.0, 4.0, shape).astype(np.float32)
-    elem = {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8}
     nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
              helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
              helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=axis)]

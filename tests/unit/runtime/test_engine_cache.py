@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from devices import Fingerprint
-from edge_sdk.errors import DeviceError, PackageError, PackageIntegrityError
+from edge_sdk.errors import PackageError, PackageIntegrityError
 from runtime.engine_cache import EngineCache, default_cache_dir, find_engine, package_engine
 from runtime.engine_spec import EngineSpec
 from runtime.manifest import Manifest, Postprocess, TensorSpec, TextPreprocess
