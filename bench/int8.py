@@ -393,7 +393,8 @@ def edge_int8(path: Path, batches: Sequence[Feeds], served: str, roundings: Sequ
     import onnx
 
     from converters.calibration.methods import CalibrationMethod
-    from converters.qdq import Variant, name_nodes
+    from converters.ir import name_nodes
+    from converters.qdq import Variant
     from converters.quantize import build_variant, prepare_int8
 
     from converters.canonical import canonicalize

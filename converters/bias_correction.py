@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from converters import ir
 from converters.calibration.schemes import dequantize, per_channel_weight_params, quantize
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,7 @@ def correct_biases(model: onnx.ModelProto, nodes: Sequence[str], means: ChannelM
     """A copy of ``model`` whose Conv/Gemm biases (of ``nodes`` only) absorb their int8 weight-rounding shift.
 
     ``weight_max(node)`` is the node's largest weight level (127 for int8, 63 for 7-bit weights)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = ir.copy(model)
     inits = {i.name: i for i in out.graph.initializer}
     corrected = []
     for node in out.graph.node:

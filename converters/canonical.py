@@ -35,6 +35,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx
 
+from converters import ir
+
 log = logging.getLogger(__name__)
 
 __all__ = ["canonicalize", "TOLERANCE"]
@@ -65,17 +67,6 @@ def _optimized(proto: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _static_dims(proto: onnx.ModelProto) -> dict[str, list[int | None]]:
-    """Tensor -> its dims as shape inference knows them (None where the axis is dynamic)."""
-    inferred = onnx.shape_inference.infer_shapes(proto)
-    dims: dict[str, list[int | None]] = {}
-    for value in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
-        if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
-            dims[value.name] = [d.dim_value if d.HasField("dim_value") else None
-                                for d in value.type.tensor_type.shape.dim]
-    return dims
-
-
 def _fold_static_shape_reads(proto: onnx.ModelProto) -> int:
     """Replace reads of static axes from a dynamic tensor's Shape (``Shape -> Gather/Slice``, or a
     ``Shape`` whose ``start:end`` is static) by constants, in place; the count replaced.
@@ -85,9 +76,9 @@ def _fold_static_shape_reads(proto: onnx.ModelProto) -> int:
     static dims are constants the next optimizer round folds the chain and fuses the Pad."""
     from onnx import numpy_helper
 
-    dims = _static_dims(proto)
+    dims = ir.Graph(proto).shapes
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
-    shapes: dict[str, list[int | None]] = {}
+    shapes: dict[str, tuple[int | None, ...]] = {}
     for node in proto.graph.node:
         if node.op_type == "Shape" and node.input[0] in dims:
             attrs = {a.name: a.i for a in node.attribute}
@@ -96,7 +87,7 @@ def _fold_static_shape_reads(proto: onnx.ModelProto) -> int:
     folded: dict[str, np.ndarray] = {}
     for node in proto.graph.node:
         source = node.input[0] if node.input else ""
-        if node.op_type == "Shape" and all(d is not None for d in shapes.get(node.output[0], [None])):
+        if node.op_type == "Shape" and all(d is not None for d in shapes.get(node.output[0], (None,))):
             folded[node.output[0]] = np.array(shapes[node.output[0]], np.int64)
         elif source in shapes and node.op_type == "Gather" and node.input[1] in inits:
             picked = np.asarray(shapes[source], dtype=object)[inits[node.input[1]].astype(np.int64)]
@@ -123,7 +114,7 @@ def _spatial_means_to_pools(proto: onnx.ModelProto) -> int:
     when the mean drops the axes; the count rewritten."""
     from onnx import helper, numpy_helper
 
-    dims = _static_dims(proto)
+    dims = ir.Graph(proto).shapes
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     nodes: list[onnx.NodeProto] = []
     changed = 0
@@ -245,21 +236,6 @@ def _strip_empty_inputs(proto: onnx.ModelProto) -> int:
     return changed
 
 
-def _drop_dead_nodes(proto: onnx.ModelProto) -> int:
-    """Remove nodes none of whose outputs is read (a Shape left behind by folding); the count removed."""
-    live = {o.name for o in proto.graph.output}
-    kept: list[onnx.NodeProto] = []
-    for node in reversed(proto.graph.node):
-        if live & set(node.output):
-            kept.append(node)
-            live.update(i for i in node.input if i)
-    removed = len(proto.graph.node) - len(kept)
-    if removed:
-        del proto.graph.node[:]
-        proto.graph.node.extend(reversed(kept))
-    return removed
-
-
 def _run(proto: onnx.ModelProto, feeds: Sequence[Feeds]) -> list[list[np.ndarray]]:
     import onnxruntime as ort
 
@@ -288,7 +264,7 @@ def canonicalize(proto: onnx.ModelProto, feeds: Sequence[Feeds]) -> tuple[onnx.M
         out = _optimized(_fuse_layer_norms(_optimized(proto)))
         for _ in range(4):  # each round exposes what the next folds
             if not (_fold_static_shape_reads(out) + _strip_empty_inputs(out) + _spatial_means_to_pools(out)
-                    + _drop_dead_nodes(out)):
+                    + ir.drop_dead(out)):
                 break
             out = _optimized(out)
     except Exception as exc:  # noqa: BLE001 - custom ops, an opset onnxruntime lacks: keep the graph

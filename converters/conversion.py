@@ -20,7 +20,7 @@ from converters.arguments import Options, parse_options, read_samples
 from converters.calibration.readers import calibration_reader
 from converters.evaluate import accuracy_points
 from converters.graph import ModelSource
-from converters.qdq import name_nodes
+from converters.ir import name_nodes
 from converters.report import ConversionReport
 from converters.stages import load
 from converters.stages.assemble import assemble

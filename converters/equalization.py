@@ -19,19 +19,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from converters import ir
+from converters.ir import Graph, attr
+
 log = logging.getLogger(__name__)
 
 
-def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
-    out: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            out.setdefault(name, []).append(node)
-    return out
-
-
 def _group(node: onnx.NodeProto) -> int:
-    return next((a.i for a in node.attribute if a.name == "group"), 1)
+    return int(attr(node, "group", 1))
 
 
 def _channels(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> int:
@@ -40,12 +35,11 @@ def _channels(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> int:
 
 def find_pairs(model: onnx.ModelProto) -> tuple[list[tuple[str, str]], dict[str, str]]:
     """Equalizable (A, B) Conv pairs, and why other Conv -> Conv links were left alone."""
-    consumers = _consumers(model)
-    outputs = {o.name for o in model.graph.output}
-    inits = {i.name: i for i in model.graph.initializer}
+    g = Graph(model)
+    consumers, outputs, inits = g.readers, g.outputs, g.inits
     pairs: list[tuple[str, str]] = []
     skipped: dict[str, str] = {}
-    for a in model.graph.node:
+    for a in g.nodes:
         if a.op_type != "Conv" or a.input[1] not in inits:
             continue
         link = consumers.get(a.output[0], [])
@@ -69,11 +63,10 @@ def find_pairs(model: onnx.ModelProto) -> tuple[list[tuple[str, str]], dict[str,
 
 def equalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[str, str]], dict[str, str]]:
     """A copy of ``model`` with every equalizable Conv pair rescaled; the pairs and the skips."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = ir.copy(model)
     pairs, skipped = find_pairs(out)
-    inits = {i.name: i for i in out.graph.initializer}
-    nodes = {n.name: n for n in out.graph.node}
+    g = Graph(out)
+    inits, nodes = g.inits, g.by_key
     for a_name, b_name in pairs:
         a, b = nodes[a_name], nodes[b_name]
         w1 = numpy_helper.to_array(inits[a.input[1]]).astype(np.float64)

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 from converters.arguments import Options, golden_feeds, read_tokenizer, text_preprocess
 from converters.data import Sample
 from converters.graph import ModelSource, io_specs, load_onnx
-from converters.qdq import name_nodes
+from converters.ir import name_nodes
 from converters.report import ConversionReport
 from edge_sdk.errors import ConversionError
 from runtime.knowledge import Embedder, Incident, index_entry, index_files, l2_normalize

@@ -29,13 +29,14 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
+from converters import ir
+from converters.ir import Graph
 
 log = logging.getLogger(__name__)
 
 WEIGHTED_OPS = ("Conv", "MatMul", "Gemm")
 # Ops onnxruntime runs in int8 on the CPU between weighted ops, keeping chains quantized.
 CPU_CNN_OPS = (*WEIGHTED_OPS, "Add", "Clip", "Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "Concat")
-TRANSFORMER_MARKERS = frozenset({"Softmax", "LayerNormalization", "Erf", "Gelu"})
 
 
 class Variant(str, enum.Enum):
@@ -67,18 +68,12 @@ class Placement:
     op_types: Mapping[Variant, tuple[str, ...]]
 
 
-def _constant_names(model: onnx.ModelProto) -> set[str]:
-    names = {i.name for i in model.graph.initializer}
-    return names | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-
-
 def plan_placement(model: onnx.ModelProto, exclude: Sequence[str] = ()) -> Placement:
     """Decide what to quantize: weighted ops with a constant weight, never float-sensitive paths."""
-    constants = _constant_names(model)
-    ops = {n.op_type for n in model.graph.node}
-    family = "transformer" if ops & TRANSFORMER_MARKERS else "cnn"
+    graph = Graph(model)
+    constants, family = graph.constants, graph.family
     nodes = []
-    for node in model.graph.node:
+    for node in graph.nodes:
         if node.op_type not in WEIGHTED_OPS or node.name in exclude:
             continue
         weight = node.input[1] if len(node.input) > 1 else ""
@@ -92,21 +87,6 @@ def plan_placement(model: onnx.ModelProto, exclude: Sequence[str] = ()) -> Place
     return Placement(family, tuple(nodes), op_types)
 
 
-def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Give every unnamed node a stable name (quantization and reports refer to nodes by name)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    taken = {n.name for n in out.graph.node if n.name}
-    for i, node in enumerate(out.graph.node):
-        if not node.name:
-            name = f"{node.op_type}_{i}"
-            while name in taken:
-                name += "_"
-            node.name = name
-            taken.add(name)
-    return out
-
-
 def write_qdq(
     model: onnx.ModelProto,
     ranges: Mapping[str, tuple[float, float]],
@@ -118,8 +98,7 @@ def write_qdq(
     A placement with no node left (mixed precision returned every layer to float) gives an
     unchanged copy of ``model``."""
     if not placement.nodes:
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
+        out = ir.copy(model)
         return out
     if variant is Variant.U8S7:
         full = _quantize(model, ranges, Variant.U8S8, placement, reduce_range=False)
@@ -176,7 +155,7 @@ def _quantize(
 
 def _float_sources(model: onnx.ModelProto) -> dict[str, str]:
     """DequantizeLinear output -> the float tensor its QuantizeLinear quantized."""
-    producers = {o: n for n in model.graph.node for o in n.output}
+    producers = Graph(model).writers
     sources: dict[str, str] = {}
     for node in model.graph.node:
         if node.op_type != "DequantizeLinear":
@@ -192,10 +171,9 @@ def _keep_depthwise_weights(reduced: onnx.ModelProto, full: onnx.ModelProto) -> 
 
     Both graphs come from the same quantizer on the same model and ranges, so they share node
     and initializer names; only the weight and bias values and scales differ."""
-    producers = {o: n for n in reduced.graph.node for o in n.output}
-    full_inits = {i.name: i for i in full.graph.initializer}
-    inits = {i.name: i for i in reduced.graph.initializer}
-    for node in reduced.graph.node:
+    graph = Graph(reduced)
+    producers, inits, full_inits = graph.writers, graph.inits, Graph(full).inits
+    for node in graph.nodes:
         if not is_depthwise(node):
             continue
         for name in node.input[1:]:
@@ -222,18 +200,7 @@ def _float_readers_read_float(model: onnx.ModelProto, quantized: set[str]) -> No
         for i, name in enumerate(node.input):
             if name in float_source:
                 node.input[i] = float_source[name]
-    _drop_dead_qdq(model)
-
-
-def _drop_dead_qdq(model: onnx.ModelProto) -> None:
-    while True:  # drop DQ nodes nobody reads any more, then Q nodes that fed only those
-        used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-        dead = [n for n in model.graph.node
-                if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.output[0] not in used]
-        if not dead:
-            return
-        for node in dead:
-            model.graph.node.remove(node)
+    ir.drop_dead(model)  # the DQ nodes nobody reads any more, the Q nodes that fed only those
 
 
 def _excluded(model: onnx.ModelProto, placement: Placement) -> set[str]:

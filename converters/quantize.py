@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from converters import ir
 from converters.bias_correction import ChannelMeans, correct_biases, input_axes, input_nodes
 from converters.equalization import equalize
 from converters.calibration.collect import collect_histograms, tensors_around
@@ -244,8 +245,7 @@ def fake_quantize_node(model: onnx.ModelProto, node_name: str, act: TensorRange,
                        variant: Variant = Variant.S8S8) -> onnx.ModelProto:
     """A copy of ``model`` where only ``node_name`` sees int8 as ``variant`` does: Q/DQ on its input
     (symmetric int8 for S8S8, uint8 with a zero point for the CPU variants) and rounded weights."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = ir.copy(model)
     node = next(n for n in out.graph.node if n.name == node_name)
     weights = {i.name: i for i in out.graph.initializer}
     w_init = weights[node.input[1]]

@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from converters import ir
 from runtime.manifest import TensorSpec
 from runtime.runners.onnxrt import OnnxRuntimeRunner
 
@@ -59,8 +60,7 @@ def _dequantized(node: onnx.NodeProto, inits: dict[str, np.ndarray]) -> np.ndarr
 
 def fold_constant_dequantize(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` whose DequantizeLinear nodes of constant weights and biases are float initializers."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = ir.copy(model)
     wanted = {name for n in out.graph.node if n.op_type == "DequantizeLinear" for name in n.input}
     inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer if i.name in wanted}
     if not wanted:

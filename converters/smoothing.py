@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from converters import ir
+
 log = logging.getLogger(__name__)
 
 #: Migration strength used for transformers: on all-MiniLM-L6-v2 the int8 embedding cosine to
@@ -59,8 +61,7 @@ def smooth(
     model: onnx.ModelProto, groups: dict[str, list[onnx.NodeProto]], absmax: ChannelAbsMax, alpha: float = 0.5,
 ) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of ``model`` with each group's input divided by ``s`` and its weights multiplied by it."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = ir.copy(model)
     inits = {i.name: i for i in out.graph.initializer}
     by_name = {n.name: n for n in out.graph.node}
     smoothed = []

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+
+from converters.ir import Graph
 
 from edge_sdk.errors import ConversionError
 
@@ -59,45 +60,22 @@ class Violation:
     message: str
 
 
-class _Index:
-    """Lookups over one graph: constants, producers, consumers, node labels."""
+def _label(index: Graph, node: onnx.NodeProto) -> str:
+    return node.name or f"{node.op_type}#{index.order[id(node)]}"
 
-    def __init__(self, graph: onnx.GraphProto) -> None:
-        self.constants: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-        self.producer: dict[str, onnx.NodeProto] = {}
-        self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-        self.outputs = {o.name for o in graph.output}
-        self.nodes = list(graph.node)  # held, so the id() keys of ``labels`` stay valid
-        self.labels: dict[int, str] = {}
-        for i, node in enumerate(self.nodes):
-            self.labels[id(node)] = node.name or f"{node.op_type}#{i}"
-            for name in node.output:
-                self.producer[name] = node
-            for k, name in enumerate(node.input):
-                self.consumers.setdefault(name, []).append((node, k))
-            if node.op_type == "Constant" and _is_onnx(node) and node.attribute:
-                value = _constant_value(node.attribute[0])
-                if value is not None:
-                    self.constants[node.output[0]] = value
 
-    def const(self, name: str) -> np.ndarray | None:
-        return self.constants.get(name)
-
-    def label(self, node: onnx.NodeProto) -> str:
-        return self.labels[id(node)]
-
-    def weight(self, dq: onnx.NodeProto) -> np.ndarray | None:
-        """The constant behind a DequantizeLinear: its int8 input, or the float input of its Q."""
-        x = self.const(dq.input[0])
-        if x is not None:
-            return x
-        q = self.producer.get(dq.input[0])
-        return self.const(q.input[0]) if q is not None and q.op_type == Q else None
+def _weight(index: Graph, dq: onnx.NodeProto) -> np.ndarray | None:
+    """The constant behind a DequantizeLinear: its int8 input, or the float input of its Q."""
+    x = index.const(dq.input[0], identity=False)
+    if x is not None:
+        return x
+    q = index.writers.get(dq.input[0])
+    return index.const(q.input[0], identity=False) if q is not None and q.op_type == Q else None
 
 
 def check_trt_qdq(model: onnx.ModelProto) -> list[Violation]:
     """Every way ``model`` breaks TensorRT's explicit-quantization rules, in graph order."""
-    index = _Index(model.graph)
+    index = Graph(model)
     qdq = [n for n in index.nodes if n.op_type in (Q, DQ) and _is_onnx(n)]
     found = _check_opset(model) if qdq else []
     for node in qdq:
@@ -126,14 +104,14 @@ def _check_opset(model: onnx.ModelProto) -> list[Violation]:
                       f">= {MIN_OPSET} (per-axis QuantizeLinear/DequantizeLinear): re-export with opset >= 13")]
 
 
-def _check_zero_point(index: _Index, node: onnx.NodeProto) -> list[Violation]:
-    label = index.label(node)
+def _check_zero_point(index: Graph, node: onnx.NodeProto) -> list[Violation]:
+    label = _label(index, node)
     if len(node.input) < 3 or not node.input[2]:
         why = ("so ONNX makes its output uint8 (the QuantizeLinear default)" if node.op_type == Q
                else "and TensorRT 8.x's ONNX parser requires all three Q/DQ inputs")
         return [Violation(label, "zero-point", f"{node.op_type} has no zero point, {why}; "
                           "add an int8 zero point of 0 (TensorRT quantization is symmetric int8)")]
-    zero = index.const(node.input[2])
+    zero = index.const(node.input[2], identity=False)
     if zero is None:
         return [Violation(label, "zero-point", f"zero point {node.input[2]!r} is computed at run time; "
                           "TensorRT needs a build-time constant: store an int8 initializer of 0")]
@@ -146,9 +124,9 @@ def _check_zero_point(index: _Index, node: onnx.NodeProto) -> list[Violation]:
     return []
 
 
-def _check_scale(index: _Index, node: onnx.NodeProto) -> list[Violation]:
-    label, name = index.label(node), node.input[1]
-    scale = index.const(name)
+def _check_scale(index: Graph, node: onnx.NodeProto) -> list[Violation]:
+    label, name = _label(index, node), node.input[1]
+    scale = index.const(name, identity=False)
     if scale is None:
         return [Violation(label, "scale", f"scale {name!r} is computed at run time; TensorRT needs build-time "
                           "constant scales: store the calibrated scale as an initializer")]
@@ -160,9 +138,9 @@ def _check_scale(index: _Index, node: onnx.NodeProto) -> list[Violation]:
     return []
 
 
-def _check_pair(index: _Index, q: onnx.NodeProto) -> list[Violation]:
-    label, out = index.label(q), q.output[0]
-    users = index.consumers.get(out, [])
+def _check_pair(index: Graph, q: onnx.NodeProto) -> list[Violation]:
+    label, out = _label(index, q), q.output[0]
+    users = index.reads(out)
     if not users or out in index.outputs:
         return [Violation(label, "pair", f"QuantizeLinear output {out!r} is not dequantized; TensorRT expects "
                           "each QuantizeLinear to be followed by a DequantizeLinear")]
@@ -170,18 +148,18 @@ def _check_pair(index: _Index, q: onnx.NodeProto) -> list[Violation]:
     for user, k in users:
         if user.op_type != DQ or k != 0:
             found.append(Violation(label, "pair", f"QuantizeLinear output {out!r} feeds {user.op_type} "
-                                   f"{index.label(user)!r}; it may feed only DequantizeLinear nodes"))
+                                   f"{_label(index, user)!r}; it may feed only DequantizeLinear nodes"))
         elif not _same_params(index, q, user):
-            found.append(Violation(label, "pair", f"QuantizeLinear and DequantizeLinear {index.label(user)!r} "
+            found.append(Violation(label, "pair", f"QuantizeLinear and DequantizeLinear {_label(index, user)!r} "
                                    "differ in scale, zero point or axis; use the same parameters for both"))
     return found
 
 
-def _check_axis(index: _Index, dq: onnx.NodeProto) -> list[Violation]:
-    label, scale = index.label(dq), index.const(dq.input[1])
+def _check_axis(index: Graph, dq: onnx.NodeProto) -> list[Violation]:
+    label, scale = _label(index, dq), index.const(dq.input[1], identity=False)
     if scale is None or scale.size <= 1:
         return []  # per-tensor (or a run-time scale, reported by the scale rule)
-    weight = index.weight(dq)
+    weight = _weight(index, dq)
     if scale.ndim > 1:
         return [Violation(label, "axis", f"scale {dq.input[1]!r} has shape {list(scale.shape)}; TensorRT int8 takes "
                           "a scalar (per-tensor) or 1-D (per-channel) scale")]
@@ -193,14 +171,14 @@ def _check_axis(index: _Index, dq: onnx.NodeProto) -> list[Violation]:
         return [Violation(label, "axis", f"axis {axis} is outside the weight's rank {weight.ndim}")]
     axis %= weight.ndim
     found = []
-    for user, k in index.consumers.get(dq.output[0], []):
+    for user, k in index.reads(dq.output[0]):
         expected = _weight_axis(user, k, weight.ndim)
         if expected is None:
             found.append(Violation(label, "axis", f"per-channel weight feeds input {k} of {user.op_type} "
-                                   f"{index.label(user)!r}; TensorRT takes per-channel only for the weight of "
+                                   f"{_label(index, user)!r}; TensorRT takes per-channel only for the weight of "
                                    f"{', '.join(WEIGHTED)}: use a scalar scale"))
         elif axis != expected:
-            found.append(Violation(label, "axis", f"weight of {user.op_type} {index.label(user)!r} is quantized "
+            found.append(Violation(label, "axis", f"weight of {user.op_type} {_label(index, user)!r} is quantized "
                                    f"on axis {axis}; TensorRT expects axis {expected}: re-quantize per channel "
                                    f"on axis {expected}"))
     if scale.size != weight.shape[axis]:
@@ -209,13 +187,13 @@ def _check_axis(index: _Index, dq: onnx.NodeProto) -> list[Violation]:
     return found
 
 
-def _check_weight(index: _Index, node: onnx.NodeProto) -> list[Violation]:
-    dq = index.producer.get(node.input[1])
+def _check_weight(index: Graph, node: onnx.NodeProto) -> list[Violation]:
+    dq = index.writers.get(node.input[1])
     if dq is None or dq.op_type != DQ:
         return []
-    x = index.const(dq.input[0])
-    source = index.producer.get(dq.input[0])
-    label, what = index.label(node), f"weight of {node.op_type}"
+    x = index.const(dq.input[0], identity=False)
+    source = index.writers.get(dq.input[0])
+    label, what = _label(index, node), f"weight of {node.op_type}"
     if x is not None and x.dtype != np.int8:
         return [Violation(label, "weight", f"{what} is dequantized from {x.dtype} constant {dq.input[0]!r}; "
                           "TensorRT needs int8 weights: quantize the float weight to int8")]
@@ -237,29 +215,18 @@ def _weight_axis(node: onnx.NodeProto, k: int, rank: int) -> int | None:
     return 0  # Conv [K, C, ...]; ConvTranspose [C, K/group, ...] on axis 0 too (see module docstring)
 
 
-def _same_params(index: _Index, q: onnx.NodeProto, dq: onnx.NodeProto) -> bool:
+def _same_params(index: Graph, q: onnx.NodeProto, dq: onnx.NodeProto) -> bool:
     for i in (1, 2):
         a = q.input[i] if len(q.input) > i else ""
         b = dq.input[i] if len(dq.input) > i else ""
         if a == b:
             continue
-        va, vb = index.const(a), index.const(b)
+        va, vb = index.const(a, identity=False), index.const(b, identity=False)
         if va is None or vb is None or va.dtype != vb.dtype or not np.array_equal(va.ravel(), vb.ravel()):
             return False
-    scale = index.const(q.input[1])
+    scale = index.const(q.input[1], identity=False)
     per_channel = scale is not None and scale.size > 1
     return not per_channel or _attr(q, "axis", 1) == _attr(dq, "axis", 1)
-
-
-def _constant_value(attr: onnx.AttributeProto) -> np.ndarray | None:
-    value = helper.get_attribute_value(attr)
-    if isinstance(value, onnx.TensorProto):
-        return numpy_helper.to_array(value)
-    if attr.name in ("value_float", "value_floats"):
-        return np.asarray(value, dtype=np.float32)
-    if attr.name in ("value_int", "value_ints"):
-        return np.asarray(value, dtype=np.int64)
-    return None
 
 
 def _attr(node: onnx.NodeProto, name: str, default: int) -> int:

@@ -12,8 +12,10 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
+from converters import ir
+from converters.ir import Graph
 from converters.calibration.histogram import HistogramCollector, TensorHistogram
 from edge_sdk.errors import CalibrationError
 
@@ -26,34 +28,21 @@ FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16)
 
 def float_tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every typed tensor in the graph (after shape inference)."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    graph = inferred.graph
-    return {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.value_info, *graph.output)}
+    return {name: v.type.tensor_type.elem_type for name, v in Graph(model).value_info.items()}
 
 
 def tensors_around(model: onnx.ModelProto, op_types: Sequence[str]) -> list[str]:
     """Float activation tensors read or written by nodes of ``op_types`` (initializers excluded)."""
-    types = float_tensor_types(model)
-    constants = {i.name for i in model.graph.initializer}
-    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    graph = Graph(model)
+    types = {name: v.type.tensor_type.elem_type for name, v in graph.value_info.items()}
+    constants = graph.constants
     names: dict[str, None] = {}
-    for node in model.graph.node:
+    for node in graph.nodes:
         if node.op_type in op_types:
             for name in (*node.input, *node.output):
                 if name and name not in constants and types.get(name) in FLOAT_TYPES:
                     names[name] = None
     return list(names)
-
-
-def _augmented(model: onnx.ModelProto, tensors: Sequence[str]) -> bytes:
-    extra = onnx.ModelProto()
-    extra.CopyFrom(model)
-    existing = {o.name for o in extra.graph.output}
-    types = float_tensor_types(model)
-    for name in tensors:
-        if name not in existing:
-            extra.graph.output.append(helper.make_tensor_value_info(name, types[name], None))
-    return extra.SerializeToString()
 
 
 def collect_histograms(
@@ -67,22 +56,12 @@ def collect_histograms(
     tensors are then histogrammed over real tokens only, since padding positions are not data
     (at sequence 128 most positions of short reports are padding).
     """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
     # Every calibrated tensor is a graph output here, and onnxruntime never fuses a node away
     # whose output is a graph output, so full optimization keeps them all.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(_augmented(model, tensors), options, providers=["CPUExecutionProvider"])
     collector = HistogramCollector(num_bins)
     seen = 0
-    for feeds in batches:
-        try:
-            values = session.run(list(tensors), feeds)
-        except Exception as exc:  # onnxruntime's own error types are not exported
-            raise CalibrationError(f"running the model on calibration batch {seen} failed: {exc}") from None
+    for feeds, found in ir.probe(model, batches, tensors, optimize=True, threads=threads, error=CalibrationError):
+        values = [found[name] for name in tensors]
         keep = feeds[mask].astype(bool) if mask and mask in feeds else None
         for name, value in zip(tensors, values):
             if keep is not None and value.ndim == 3 and value.shape[:2] == keep.shape:

@@ -34,7 +34,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import onnx
 
-from converters.pruning.common import Feeds, PruneResult, graph_outputs, macs_per_sample, relative_error
+from converters.ir import outputs_on
+from converters.pruning.common import Feeds, PruneResult, macs_per_sample, relative_error
 from edge_sdk.errors import PruningError
 
 __all__ = ["GRID", "Unit", "Point", "sensitivity", "greedy_path", "search_path"]
@@ -81,7 +82,7 @@ def sensitivity(model: onnx.ModelProto, units: Sequence[Unit], prune: Pruner, ba
     cannot be applied); ``saved`` is what ``cost`` (default: MACs per sample) falls by. The
     distortion is measured on at most ``SENSITIVITY_BATCHES`` batches."""
     batches = batches[:SENSITIVITY_BATCHES]
-    reference = graph_outputs(model, batches)
+    reference = outputs_on(model, batches)
     if cost is None:
         cost = lambda m: macs_per_sample(m, batches[0])  # noqa: E731
     base = cost(model)
@@ -97,7 +98,7 @@ def sensitivity(model: onnx.ModelProto, units: Sequence[Unit], prune: Pruner, ba
             saved = base - cost(pruned)
             if points and saved <= points[-1].saved:  # rounding to multiples of 8 gave the same width
                 continue
-            points.append(Point(ratio, relative_error(graph_outputs(pruned, batches), reference), saved))
+            points.append(Point(ratio, relative_error(outputs_on(pruned, batches), reference), saved))
         table[unit] = points
         log.info("sensitivity %s: %s", unit, " ".join(f"{p.ratio}:{p.distortion:.2g}" for p in points))
     return table

@@ -41,10 +41,12 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
-from converters.pruning.common import Feeds, PruneResult, probe_batches, units_to_drop
-from edge_sdk.errors import InternalError, PruningError
+from converters import ir
+from converters.ir import Graph, attr, node_key
+from converters.pruning.common import Feeds, PruneResult, units_to_drop
+from edge_sdk.errors import PruningError
 
 __all__ = ["ChannelGroup", "ChannelPruner", "Consumer", "Slice", "find_groups", "prune_channels"]
 
@@ -101,27 +103,19 @@ class _At:
     concat: bool = False  # past a Concat: the walk goes forward only
 
 
-@dataclass(frozen=True)
-class _Graph:
-    nodes: tuple[onnx.NodeProto, ...]  # one Python object per node: the walk keys on their identity
-    inits: dict[str, onnx.TensorProto]
-    constants: frozenset[str]  # initializers and Constant outputs
-    readers: dict[str, list[onnx.NodeProto]]
-    writers: dict[str, onnx.NodeProto]
-    outputs: frozenset[str]
-    shapes: dict[str, tuple[int | None, ...]]  # inferred; None for an unknown dim
+def _channels(g: Graph, tensor: str) -> int | None:
+    shape = g.shapes.get(tensor)
+    return shape[1] if shape is not None and len(shape) > 1 else None
 
-    def channels(self, tensor: str) -> int | None:
-        shape = self.shapes.get(tensor)
-        return shape[1] if shape is not None and len(shape) > 1 else None
 
-    def state(self, tensor: str) -> str | None:
-        shape = self.shapes.get(tensor)
-        if shape is None:
-            return None
-        if len(shape) == 2:
-            return "flat"
-        return "pooled" if len(shape) == 4 and shape[2:] == (1, 1) else "spatial"
+def _state(g: Graph, tensor: str) -> str | None:
+    """How an NCHW tensor carries channels: ``"flat"`` [N, C], ``"pooled"`` 1x1, else ``"spatial"``."""
+    shape = g.shapes.get(tensor)
+    if shape is None:
+        return None
+    if len(shape) == 2:
+        return "flat"
+    return "pooled" if len(shape) == 4 and shape[2:] == (1, 1) else "spatial"
 
 
 @dataclass
@@ -130,7 +124,7 @@ class _Walk:
 
     channels: int
     joint: bool
-    graph: _Graph
+    graph: Graph
     at: dict[str, _At] = field(default_factory=dict)
     frontier: list[str] = field(default_factory=list)
     done: set[tuple[int, str]] = field(default_factory=set)  # (node id, tensor it was reached by)
@@ -144,7 +138,7 @@ class _Walk:
         """Add ``tensor`` to the group (its state refined from the inferred shape); ``by`` is done with it."""
         if by is not None:
             self.done.add((id(by), tensor))
-        at = replace(at, state=self.graph.state(tensor) or at.state)
+        at = replace(at, state=_state(self.graph, tensor) or at.state)
         old = self.at.get(tensor)
         if old is None:
             self.at[tensor] = at
@@ -164,22 +158,11 @@ class _Walk:
         return next((reason for name in names if (reason := self.slice(name, axis, at))), None)
 
 
-def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def _name(node: onnx.NodeProto) -> str:
-    return node.name or node.output[0]
-
-
 # --- group walk: {op_type: handler(node, tensor, at, walk, graph) -> reason or None} ------------------
 # ``tensor`` is the group tensor the node was reached by: one of its inputs, or (walking back from
 # a joined tensor) its output.
 
-_Handler = Callable[[onnx.NodeProto, str, _At, _Walk, _Graph], "str | None"]
+_Handler = Callable[[onnx.NodeProto, str, _At, _Walk, Graph], "str | None"]
 
 
 def _across(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, out_state: str | None = None) -> str | None:
@@ -189,45 +172,45 @@ def _across(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, out_state: str |
     return walk.push(node.input[0], replace(at, state="spatial" if out_state else at.state), node)
 
 
-def _one_to_one(node: onnx.NodeProto, t: str, g: _Graph) -> str | None:
+def _one_to_one(node: onnx.NodeProto, t: str, g: Graph) -> str | None:
     if t not in (node.input[0], node.output[0]) or sum(1 for o in node.output if o) != 1 \
             or any(i and i not in g.constants for i in node.input[1:]):
-        return f"{node.op_type} {_name(node)!r} reads the channels as a parameter"
+        return f"{node.op_type} {node_key(node)!r} reads the channels as a parameter"
     return None
 
 
-def _activation(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: _Graph) -> str | None:
+def _activation(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: Graph) -> str | None:
     return _one_to_one(node, t, g) or _across(node, t, at, walk)
 
 
-def _batchnorm(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: _Graph) -> str | None:
+def _batchnorm(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: Graph) -> str | None:
     if len(node.output) != 1 or len(node.input) != 5 or any(i not in g.inits for i in node.input[1:5]):
-        return f"BatchNormalization {_name(node)!r} is in training mode or has non-constant statistics"
+        return f"BatchNormalization {node_key(node)!r} is in training mode or has non-constant statistics"
     return _one_to_one(node, t, g) or walk.slice_all(node.input[1:5], 0, at) or _across(node, t, at, walk)
 
 
-def _per_channel(node: onnx.NodeProto, const: str, at: _At, walk: _Walk, g: _Graph) -> str | None:
+def _per_channel(node: onnx.NodeProto, const: str, at: _At, walk: _Walk, g: Graph) -> str | None:
     init = g.inits.get(const)
     if init is None:  # a Constant node: scalars only
-        return None if g.shapes.get(const) == () else f"{node.op_type} {_name(node)!r}: constant is not an initializer"
+        return None if g.shapes.get(const) == () else f"{node.op_type} {node_key(node)!r}: constant is not an initializer"
     dims = list(init.dims)
     if math.prod(dims) == 1:
         return None
     axis = len(dims) - (1 if at.state == "flat" else 3)
     if axis < 0 or dims[axis] != at.width or math.prod(dims) != at.width:
-        return f"{node.op_type} {_name(node)!r} broadcasts a constant of shape {dims} over the channels"
+        return f"{node.op_type} {node_key(node)!r} broadcasts a constant of shape {dims} over the channels"
     return walk.slice(const, axis, at)
 
 
-def _join(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: _Graph) -> str | None:
+def _join(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: Graph) -> str | None:
     """Add/Mul of two activations: every input and the output carry the same channels."""
     joined = [i for i in node.input if i not in walk.at]
     if at.concat or (joined and not walk.joint):
         kind = "residual-coupled" if node.op_type == "Add" else "non-constant Mul (squeeze-excitation?)"
         where = " after a Concat" if at.concat else ""
-        return f"{kind}: {node.op_type} {_name(node)!r} joins it with another activation{where}"
+        return f"{kind}: {node.op_type} {node_key(node)!r} joins it with another activation{where}"
     if joined:
-        walk.couplings.append(_name(node))
+        walk.couplings.append(node_key(node))
     for name in (*node.input, node.output[0]):
         reason = walk.push(name, _At(at.state, 0, walk.channels), node)
         if reason:
@@ -235,9 +218,9 @@ def _join(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: _Graph) -> str 
     return None
 
 
-def _elementwise(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: _Graph) -> str | None:
+def _elementwise(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: Graph) -> str | None:
     if len(node.input) != 2:
-        return f"{node.op_type} {_name(node)!r} is not a binary op"
+        return f"{node.op_type} {node_key(node)!r} is not a binary op"
     const = [i for i in node.input if i in g.constants]
     if not const:
         return _join(node, t, at, walk, g)
@@ -245,18 +228,18 @@ def _elementwise(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: _Graph) 
     return _per_channel(node, const[0], at, walk, g) or walk.push(node.output[0] if t == x else x, at, node)
 
 
-def _conv(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: _Graph) -> str | None:
+def _conv(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: Graph) -> str | None:
     weight = g.inits.get(node.input[1]) if len(node.input) > 1 else None
     if weight is None or len(weight.dims) != 4 or t not in (node.input[0], node.output[0]):
-        return f"Conv {_name(node)!r} has a non-constant or non-2-D weight"
+        return f"Conv {node_key(node)!r} has a non-constant or non-2-D weight"
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     if bias is not None and bias not in g.inits:
-        return f"Conv {_name(node)!r} has a non-constant bias"
-    group = int(_attr(node, "group", 1))
+        return f"Conv {node_key(node)!r} has a non-constant bias"
+    group = int(attr(node, "group", 1))
     outputs = [weight.name] + ([bias] if bias else [])  # sliced along axis 0 with the output channels
     if group == 1 and t == node.output[0]:
         if int(weight.dims[0]) != at.width:
-            return f"Conv {_name(node)!r} has {weight.dims[0]} output channels, expected {at.width}"
+            return f"Conv {node_key(node)!r} has {weight.dims[0]} output channels, expected {at.width}"
         walk.producers.append(node)
         return walk.slice_all(outputs, 0, at)
     if group == 1:
@@ -264,53 +247,53 @@ def _conv(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: _Graph) -> str 
         return walk.slice(weight.name, 1, at)
     if group == at.width and list(weight.dims[:2]) == [at.width, 1]:
         return walk.slice_all(outputs, 0, at) or _across(node, t, at, walk)
-    return f"grouped Conv {_name(node)!r} (group={group}) is not handled"
+    return f"grouped Conv {node_key(node)!r} (group={group}) is not handled"
 
 
-def _global_pool(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: _Graph) -> str | None:
+def _global_pool(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: Graph) -> str | None:
     return _one_to_one(node, t, g) or _across(node, t, at, walk, out_state="pooled")
 
 
-def _pool(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: _Graph) -> str | None:
+def _pool(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: Graph) -> str | None:
     return _one_to_one(node, t, g) or _across(node, t, at, walk)
 
 
-def _flatten(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: _Graph) -> str | None:
-    if t != node.input[0] or at.state != "pooled" or int(_attr(node, "axis", 1)) != 1:
-        return f"Flatten {_name(node)!r} mixes channels with spatial positions"
+def _flatten(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: Graph) -> str | None:
+    if t != node.input[0] or at.state != "pooled" or int(attr(node, "axis", 1)) != 1:
+        return f"Flatten {node_key(node)!r} mixes channels with spatial positions"
     return walk.push(node.output[0], replace(at, state="flat"), node)
 
 
-def _reshape(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: _Graph) -> str | None:
+def _reshape(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: Graph) -> str | None:
     shape = g.inits.get(node.input[1]) if len(node.input) > 1 else None
     target = numpy_helper.to_array(shape).tolist() if shape is not None else None
     if t != node.input[0] or at.state != "pooled" or shape is None or target is None or len(target) != 2 \
             or target[1] not in (at.width, -1) or target == [-1, -1]:
-        return f"Reshape {_name(node)!r} is not a constant [N, C] flattening of pooled channels"
+        return f"Reshape {node_key(node)!r} is not a constant [N, C] flattening of pooled channels"
     reason = walk.slice(shape.name, 1, at, into="shapes") if target[1] == at.width else None
     return reason or walk.push(node.output[0], replace(at, state="flat"), node)
 
 
-def _dense(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: _Graph) -> str | None:
+def _dense(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: Graph) -> str | None:
     weight = g.inits.get(node.input[1])
     if at.state != "flat" or node.input[0] != t or weight is None or len(weight.dims) != 2 \
-            or int(_attr(node, "transA", 0)) != 0:
-        return f"{node.op_type} {_name(node)!r} does not read the pooled channels as its input rows"
-    axis = 1 if node.op_type == "Gemm" and int(_attr(node, "transB", 0)) == 1 else 0
+            or int(attr(node, "transA", 0)) != 0:
+        return f"{node.op_type} {node_key(node)!r} does not read the pooled channels as its input rows"
+    axis = 1 if node.op_type == "Gemm" and int(attr(node, "transB", 0)) == 1 else 0
     walk.consumers.append(Consumer(node, t, weight.name, axis, at.offset))
     return walk.slice(weight.name, axis, at)
 
 
-def _concat(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: _Graph) -> str | None:
+def _concat(node: onnx.NodeProto, t: str, at: _At, walk: _Walk, g: Graph) -> str | None:
     if t == node.output[0] or list(node.input).count(t) != 1:
-        return f"Concat {_name(node)!r} joins the channels with themselves or with a coupled activation"
+        return f"Concat {node_key(node)!r} joins the channels with themselves or with a coupled activation"
     rank = len(g.shapes.get(t, ())) or 4
-    axis = int(_attr(node, "axis", 1))
+    axis = int(attr(node, "axis", 1))
     if (axis + rank if axis < 0 else axis) != 1:
-        return f"Concat {_name(node)!r} joins along axis {axis}, not the channels"
-    widths = [at.width if i == t else g.channels(i) for i in node.input]
+        return f"Concat {node_key(node)!r} joins along axis {axis}, not the channels"
+    widths = [at.width if i == t else _channels(g, i) for i in node.input]
     if any(w is None for w in widths):
-        return f"Concat {_name(node)!r}: the channel counts of its inputs are unknown"
+        return f"Concat {node_key(node)!r}: the channel counts of its inputs are unknown"
     before = sum(w or 0 for w in widths[:list(node.input).index(t)])
     return walk.push(node.output[0], _At(at.state, at.offset + before, sum(w or 0 for w in widths), concat=True), node)
 
@@ -328,12 +311,12 @@ _HANDLERS: dict[str, _Handler] = {
 }
 
 
-def _visit(tensor: str, walk: _Walk, g: _Graph) -> str | None:
+def _visit(tensor: str, walk: _Walk, g: Graph) -> str | None:
     at = walk.at[tensor]
     if tensor in g.outputs:
         return f"tensor {tensor!r} is a graph output"
-    if g.channels(tensor) not in (None, at.width):
-        return f"tensor {tensor!r} has {g.channels(tensor)} channels, expected {at.width}"
+    if _channels(g, tensor) not in (None, at.width):
+        return f"tensor {tensor!r} has {_channels(g, tensor)} channels, expected {at.width}"
     writer = [] if at.concat else [g.writers.get(tensor)]
     if writer == [None]:
         return f"tensor {tensor!r} is a graph input"
@@ -342,14 +325,14 @@ def _visit(tensor: str, walk: _Walk, g: _Graph) -> str | None:
             continue
         walk.done.add((id(node), tensor))
         handler = _HANDLERS.get(node.op_type)
-        reason = (f"{node.op_type} {_name(node)!r} is not handled" if handler is None
+        reason = (f"{node.op_type} {node_key(node)!r} is not handled" if handler is None
                   else handler(node, tensor, at, walk, g))
         if reason:
             return reason
     return None
 
 
-def _gates(tensor: str, g: _Graph) -> bool:
+def _gates(tensor: str, g: Graph) -> bool:
     """Whether ``tensor`` reaches, through activations, a Mul by another activation (an SE gate)."""
     for _ in range(4):
         readers = g.readers.get(tensor, [])
@@ -364,14 +347,14 @@ def _gates(tensor: str, g: _Graph) -> bool:
     return False
 
 
-def _walk(producer: onnx.NodeProto, g: _Graph, joint: bool) -> tuple[ChannelGroup | str, list[str]]:
+def _walk(producer: onnx.NodeProto, g: Graph, joint: bool) -> tuple[ChannelGroup | str, list[str]]:
     """The group of ``producer`` (or why it is refused) and the producers it reached."""
     channels = int(g.inits[producer.input[1]].dims[0])
     walk = _Walk(channels, joint, g)
     reason = walk.push(producer.output[0], _At("spatial", 0, channels))
     while walk.frontier and not reason:
         reason = _visit(walk.frontier.pop(), walk, g)
-    names = list(dict.fromkeys(_name(p) for p in [producer, *walk.producers]))
+    names = list(dict.fromkeys(node_key(p) for p in [producer, *walk.producers]))
     if reason:
         return reason, names
     if not walk.consumers:
@@ -379,7 +362,7 @@ def _walk(producer: onnx.NodeProto, g: _Graph, joint: bool) -> tuple[ChannelGrou
     for name, _ in [*walk.slices, *walk.shapes]:
         if len(g.readers.get(name, [])) != 1:
             return f"initializer {name!r} is shared by several nodes", names
-    if len(walk.producers) == 1 and g.state(producer.input[0]) == "pooled" \
+    if len(walk.producers) == 1 and _state(g, producer.input[0]) == "pooled" \
             and any(_gates(c.node.output[0], g) for c in walk.consumers):
         return "squeeze-excitation bottleneck: its width is kept", names
     group = ChannelGroup(tuple(names), channels, tuple(walk.slices.values()), tuple(walk.consumers),
@@ -387,42 +370,21 @@ def _walk(producer: onnx.NodeProto, g: _Graph, joint: bool) -> tuple[ChannelGrou
     return group, names
 
 
-def _graph(model: onnx.ModelProto) -> _Graph:
-    nodes = tuple(model.graph.node)
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    writers: dict[str, onnx.NodeProto] = {}
-    for node in nodes:
-        for name in dict.fromkeys(node.input):
-            readers.setdefault(name, []).append(node)
-        writers.update({o: node for o in node.output if o})
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model).graph
-    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError):
-        inferred = model.graph
-    shapes = {v.name: tuple(d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim)
-              for v in (*inferred.input, *inferred.value_info, *inferred.output)
-              if v.type.tensor_type.HasField("shape")}
-    inits = {i.name: i for i in model.graph.initializer}
-    constants = {n.output[0] for n in nodes if n.op_type == "Constant"}
-    return _Graph(nodes, inits, frozenset(constants | set(inits)), readers, writers,
-                  frozenset(o.name for o in model.graph.output), shapes)
-
-
 def find_groups(model: onnx.ModelProto, *, joint: bool = False) -> tuple[list[ChannelGroup], list[tuple[str, str]]]:
     """Prunable channel groups, and ``(producer, reason)`` for each Conv whose channels cannot be pruned.
 
     With ``joint``, producers whose channels meet at an Add or Mul of two activations form one group.
     """
-    g = _graph(model)
+    g = Graph(model)
     groups: list[ChannelGroup] = []
     refused: list[tuple[str, str]] = []
     seen: set[str] = set()
     for node in g.nodes:
-        if node.op_type != "Conv" or int(_attr(node, "group", 1)) != 1 or _name(node) in seen:
+        if node.op_type != "Conv" or int(attr(node, "group", 1)) != 1 or node_key(node) in seen:
             continue
         weight = g.inits.get(node.input[1])
         if weight is None or len(weight.dims) != 4:
-            refused.append((_name(node), "its weight is not a constant 2-D Conv kernel"))
+            refused.append((node_key(node), "its weight is not a constant 2-D Conv kernel"))
             continue
         found, producers = _walk(node, g, joint)
         seen.update(producers)
@@ -438,7 +400,7 @@ def find_groups(model: onnx.ModelProto, *, joint: bool = False) -> tuple[list[Ch
 def _collect(model: onnx.ModelProto, batches: Sequence[Feeds], names: set[str]) -> dict[str, np.ndarray]:
     """The tensors ``names`` on every batch, concatenated along the batch axis (onnxruntime CPU)."""
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for _, values in probe_batches(model, batches, sorted(names)):
+    for _, values in ir.probe(model, batches, sorted(names), error=PruningError):
         for n in names:
             parts[n].append(np.asarray(values[n], dtype=np.float64))
     return {n: np.concatenate(v, axis=0) for n, v in parts.items()}
@@ -461,12 +423,12 @@ def _patches(x: np.ndarray, c: Consumer, kernel: tuple[int, ...]) -> np.ndarray 
     """im2col of ``x`` for a Conv consumer (rows: output positions), or ``x`` itself for Gemm/MatMul."""
     if c.node.op_type != "Conv":
         return x.reshape(-1, x.shape[-1])
-    if _attr(c.node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+    if attr(c.node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         return None
     kh, kw = kernel
-    sh, sw = _attr(c.node, "strides", [1, 1])
-    dh, dw = _attr(c.node, "dilations", [1, 1])
-    top, left, bottom, right = _attr(c.node, "pads", [0, 0, 0, 0])
+    sh, sw = attr(c.node, "strides", [1, 1])
+    dh, dw = attr(c.node, "dilations", [1, 1])
+    top, left, bottom, right = attr(c.node, "pads", [0, 0, 0, 0])
     xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
     ho = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
     wo = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
@@ -493,7 +455,7 @@ def _refit(x: np.ndarray, w: np.ndarray, c: Consumer, keep: np.ndarray, refit: b
     per = int(np.prod(w.shape[2:])) if c.node.op_type == "Conv" else 1
     p = _patches(x, c, tuple(w.shape[2:]))
     if p is None:
-        return _Fit(note=f"{_name(c.node)}: auto_pad Conv, reconstruction error and refit skipped")
+        return _Fit(note=f"{node_key(c.node)}: auto_pad Conv, reconstruction error and refit skipped")
     if p.shape[0] > _MAX_ROWS:
         p = p[np.random.default_rng(0).choice(p.shape[0], _MAX_ROWS, replace=False)]
     m = _weight_matrix(w.astype(np.float64), c)
@@ -504,7 +466,7 @@ def _refit(x: np.ndarray, w: np.ndarray, c: Consumer, keep: np.ndarray, refit: b
     if not refit or fit.before <= 1e-12 * max(fit.target, 1e-30):
         return fit
     if p.shape[0] < 2 * len(cols):
-        fit.note = f"{_name(c.node)}: {p.shape[0]} calibration rows for {len(cols)} unknowns, refit skipped"
+        fit.note = f"{node_key(c.node)}: {p.shape[0]} calibration rows for {len(cols)} unknowns, refit skipped"
         return fit
     solved = _ridge(p[:, cols], y)
     after = float(np.sum((p[:, cols] @ solved - y) ** 2))
@@ -566,7 +528,7 @@ class ChannelPruner:
         self.model, self.refit, self.batches, self.sequential = model, refit, batches, sequential and refit
         self.groups, self.refused = find_groups(model, joint=joint)
         self.weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-        self.consumers = {(_name(c.node), c.weight): c for g in self.groups for c in g.consumers}
+        self.consumers = {(node_key(c.node), c.weight): c for g in self.groups for c in g.consumers}
         self.acts = _collect(model, batches, {c.tensor for c in self.consumers.values()}) if self.groups else {}
         self.order = [np.argsort(_scores(g, self.acts, self.weights), kind="stable") for g in self.groups]
         self._fits: dict[tuple[tuple[str, str], bytes], _Fit] = {}
@@ -617,7 +579,7 @@ class ChannelPruner:
             fitted.update(self._refit_on(pruned, cut, fitted, everything=bool(bypass)))
             new = self._sliced(cut, fitted)
             pruned = self._build(new, bypass)
-        layers = tuple(_layer(g, keep, [fits[(_name(c.node), c.weight)] for c in g.consumers], weights, new)
+        layers = tuple(_layer(g, keep, [fits[(node_key(c.node), c.weight)] for c in g.consumers], weights, new)
                        for g, keep in zip(groups, keeps))
         layers += tuple({"node": add, "op_type": "Add", "removed": True} for add in bypass)
         log.info("pruned %d of %d channel groups (%d joint), bypassed %d blocks, refused %d producers",
@@ -651,7 +613,7 @@ class ChannelPruner:
         """Second pass: refit every cut consumer (with ``everything``, every consumer still in the graph)
         on its input *in the pruned model*, which carries the upstream pruning errors, to the unpruned
         model's output, where that lowers the error."""
-        present = {_name(n) for n in pruned.graph.node}
+        present = {node_key(n) for n in pruned.graph.node}
         todo = {key: c for key, c in self.consumers.items()
                 if key[0] in present and (everything or cut.get((c.weight, c.axis)))}
         xs = _collect(pruned, self.batches, {c.tensor for c in todo.values()})
@@ -723,11 +685,10 @@ def _new_weights(weights: dict[str, np.ndarray], cut: dict[tuple[str, int], set[
 
 
 def _rebuild(model: onnx.ModelProto, new: dict[str, np.ndarray]) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = ir.copy(model)
     old = {i.name: list(i.dims) for i in out.graph.initializer}
     for node in out.graph.node:  # depthwise Convs: ``group`` follows the kept channel count
-        group = int(_attr(node, "group", 1))
+        group = int(attr(node, "group", 1))
         if node.op_type == "Conv" and group > 1 and node.input[1] in new and group == old[node.input[1]][0]:
             for a in node.attribute:
                 if a.name == "group":
@@ -735,12 +696,8 @@ def _rebuild(model: onnx.ModelProto, new: dict[str, np.ndarray]) -> onnx.ModelPr
     for init in out.graph.initializer:
         if init.name in new:
             init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new[init.name]), init.name))
-    del out.graph.value_info[:]  # shapes of pruned tensors are stale; inference recomputes them
-    try:
-        onnx.checker.check_model(out, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise InternalError(f"channel pruning produced an invalid graph: {exc}") from exc
-    return out
+    ir.forget_shapes(out, [v.name for v in out.graph.value_info])  # stale; inference recomputes them
+    return ir.check(out, "channel-pruned")
 
 
 def _rel(err: float, target: float) -> float:
@@ -755,7 +712,7 @@ def _layer(g: ChannelGroup, keep: np.ndarray, fits: list[_Fit], before: dict[str
         "producer": g.producer,
         "producers": g.producers,
         "couplings": g.couplings,
-        "consumers": tuple(_name(c.node) for c in g.consumers),
+        "consumers": tuple(node_key(c.node) for c in g.consumers),
         "channels_before": g.channels,
         "channels_after": int(len(keep)),
         "kept": tuple(int(k) for k in keep),

@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import onnx
 
-from converters.pruning.common import (Feeds, PruneResult, drop_dead, graph_outputs, node_key, params, probe_batches,
-                                      relative_error)
-from edge_sdk.errors import InternalError, PruningError
+from converters import ir
+from converters.ir import Graph, node_key
+from converters.pruning.common import Feeds, PruneResult, params, relative_error
+from edge_sdk.errors import PruningError
 
 __all__ = ["ResidualBlock", "bypass_blocks", "find_residual_blocks", "prune_residual_blocks"]
 
@@ -47,90 +48,64 @@ class ResidualBlock:
     params: int  # initializer elements only this branch reads
 
 
-def _shape(info: dict[str, onnx.ValueInfoProto], name: str) -> tuple[Any, ...] | None:
-    value = info.get(name)
-    if value is None or not value.type.tensor_type.HasField("shape"):
-        return None
-    dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                 for d in value.type.tensor_type.shape.dim)
-    return None if None in dims else dims
+def _branch(graph: Graph, add: onnx.NodeProto, skip: str, branch: str) -> list[onnx.NodeProto] | str:
+    """The nodes computing ``branch`` from ``skip`` alone, or why this is not a residual block."""
+    nodes: dict[int, onnx.NodeProto] = {}
+    stack, seen, reached = [branch], set(), False
+    while stack:
+        name = stack.pop()
+        if name == skip:
+            reached = True
+            continue
+        if not name or name in graph.inits or name in seen:
+            continue
+        seen.add(name)
+        node = graph.writers.get(name)
+        if node is None:
+            return f"the branch {branch!r} also depends on graph input {name!r}"
+        nodes[id(node)] = node
+        stack.extend(node.input)
+    if not reached:
+        return f"the branch {branch!r} does not read {skip!r}"
+    inside = set(nodes) | {id(add)}
+    for node in nodes.values():
+        for out in node.output:
+            if out in graph.outputs:
+                return f"branch tensor {out!r} is a graph output"
+            if any(id(r) not in inside for r in graph.readers.get(out, [])):
+                return f"branch tensor {out!r} is also read outside the block"
+    if not any(n.op_type in _WEIGHTED and len(n.input) > 1 and n.input[1] in graph.inits for n in nodes.values()):
+        return "the branch holds no layer with a constant weight"
+    return sorted(nodes.values(), key=lambda n: graph.order[id(n)])
 
 
-class _Graph:
-    def __init__(self, model: onnx.ModelProto) -> None:
-        g = model.graph
-        self.nodes = list(g.node)  # one Python object per node: identities below stay valid
-        self.order = {id(n): i for i, n in enumerate(self.nodes)}
-        self.writers = {o: n for n in self.nodes for o in n.output if o}
-        self.readers: dict[str, list[onnx.NodeProto]] = {}
-        for node in self.nodes:
-            for name in dict.fromkeys(node.input):
-                self.readers.setdefault(name, []).append(node)
-        self.inits = {i.name: i for i in g.initializer}
-        self.outputs = {o.name for o in g.output}
-        try:
-            inferred = onnx.shape_inference.infer_shapes(model).graph
-        except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError):
-            inferred = g
-        self.info = {v.name: v for v in (*inferred.input, *inferred.value_info, *inferred.output)}
-
-    def branch(self, add: onnx.NodeProto, skip: str, branch: str) -> list[onnx.NodeProto] | str:
-        """The nodes computing ``branch`` from ``skip`` alone, or why this is not a residual block."""
-        nodes: dict[int, onnx.NodeProto] = {}
-        stack, seen, reached = [branch], set(), False
-        while stack:
-            name = stack.pop()
-            if name == skip:
-                reached = True
-                continue
-            if not name or name in self.inits or name in seen:
-                continue
-            seen.add(name)
-            node = self.writers.get(name)
-            if node is None:
-                return f"the branch {branch!r} also depends on graph input {name!r}"
-            nodes[id(node)] = node
-            stack.extend(node.input)
-        if not reached:
-            return f"the branch {branch!r} does not read {skip!r}"
-        inside = set(nodes) | {id(add)}
-        for node in nodes.values():
-            for out in node.output:
-                if out in self.outputs:
-                    return f"branch tensor {out!r} is a graph output"
-                if any(id(r) not in inside for r in self.readers.get(out, [])):
-                    return f"branch tensor {out!r} is also read outside the block"
-        if not any(n.op_type in _WEIGHTED and len(n.input) > 1 and n.input[1] in self.inits for n in nodes.values()):
-            return "the branch holds no layer with a constant weight"
-        return sorted(nodes.values(), key=lambda n: self.order[id(n)])
-
-    def block(self, add: onnx.NodeProto) -> ResidualBlock | str:
-        if add.output[0] in self.outputs:
-            return "its output is a graph output"
-        reasons = []
-        for skip, branch in (tuple(add.input), tuple(add.input)[::-1]):
-            found = self.branch(add, skip, branch)
-            if isinstance(found, str):
-                reasons.append(found)
-                continue
-            if _shape(self.info, skip) is None or _shape(self.info, skip) != _shape(self.info, add.output[0]):
-                return f"the shapes of {skip!r} and {add.output[0]!r} are not known to be equal"
-            own = {i for n in found for i in n.input if i in self.inits
-                   and all(any(r is m for m in found) for r in self.readers[i])}
-            count = sum(int(np.prod(self.inits[i].dims, dtype=np.int64)) for i in own)
-            return ResidualBlock(node_key(add), skip, branch, tuple(node_key(n) for n in found), count)
-        reasons.sort(key=lambda r: "graph input" in r or "does not read" in r)  # the orientation that fits best
-        return reasons[0]
+def _block(graph: Graph, add: onnx.NodeProto) -> ResidualBlock | str:
+    if add.output[0] in graph.outputs:
+        return "its output is a graph output"
+    reasons = []
+    for skip, branch in (tuple(add.input), tuple(add.input)[::-1]):
+        found = _branch(graph, add, skip, branch)
+        if isinstance(found, str):
+            reasons.append(found)
+            continue
+        if graph.dims(skip) is None or graph.dims(skip) != graph.dims(add.output[0]):
+            return f"the shapes of {skip!r} and {add.output[0]!r} are not known to be equal"
+        own = {i for n in found for i in n.input if i in graph.inits
+               and all(any(r is m for m in found) for r in graph.readers[i])}
+        count = sum(int(np.prod(graph.inits[i].dims, dtype=np.int64)) for i in own)
+        return ResidualBlock(node_key(add), skip, branch, tuple(node_key(n) for n in found), count)
+    reasons.sort(key=lambda r: "graph input" in r or "does not read" in r)  # the orientation that fits best
+    return reasons[0]
 
 
 def find_residual_blocks(model: onnx.ModelProto) -> tuple[list[ResidualBlock], list[str]]:
     """The removable residual blocks in graph order, and why the other Adds of two activations are not."""
-    graph = _Graph(model)
+    graph = Graph(model)
     blocks, notes = [], []
     for node in graph.nodes:
         if node.op_type != "Add" or len(node.input) != 2 or any(i in graph.inits for i in node.input):
             continue
-        found = graph.block(node)
+        found = _block(graph, node)
         if isinstance(found, str):
             notes.append(f"{node_key(node)}: not a removable block: {found}")
         else:
@@ -142,15 +117,8 @@ def _bypass(model: onnx.ModelProto, blocks: Sequence[ResidualBlock]) -> onnx.Mod
     """A copy of ``model`` with ``y := x`` for each of ``blocks``, dead nodes and initializers dropped."""
     adds = {b.add: b.skip for b in blocks}
     rename = {n.output[0]: adds[node_key(n)] for n in model.graph.node if n.op_type == "Add" and node_key(n) in adds}
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for node in out.graph.node:
-        for k, name in enumerate(node.input):
-            while name in rename:
-                name = rename[name]
-            node.input[k] = name
-    drop_dead(out)
-    del out.graph.value_info[:]
+    out = ir.bypass(model, rename)
+    ir.forget_shapes(out, [v.name for v in out.graph.value_info])
     return out
 
 
@@ -167,7 +135,7 @@ def bypass_blocks(model: onnx.ModelProto, adds: Sequence[str]) -> onnx.ModelProt
 def _norm_influence(model: onnx.ModelProto, blocks: list[ResidualBlock], batches: Sequence[Feeds]) -> list[float]:
     sums = np.zeros((len(blocks), 2))
     names = sorted({t for b in blocks for t in (b.skip, b.branch)})
-    for _, values in probe_batches(model, batches, names):
+    for _, values in ir.probe(model, batches, names, error=PruningError):
         for k, b in enumerate(blocks):
             sums[k] += [float(np.sum(np.square(values[b.branch], dtype=np.float64))),
                         float(np.sum(np.square(values[b.skip], dtype=np.float64)))]
@@ -175,8 +143,8 @@ def _norm_influence(model: onnx.ModelProto, blocks: list[ResidualBlock], batches
 
 
 def _output_influence(model: onnx.ModelProto, blocks: list[ResidualBlock], batches: Sequence[Feeds]) -> list[float]:
-    reference = graph_outputs(model, batches)
-    return [float(np.sqrt(relative_error(graph_outputs(_bypass(model, [b]), batches), reference))) for b in blocks]
+    reference = ir.outputs_on(model, batches)
+    return [float(np.sqrt(relative_error(ir.outputs_on(_bypass(model, [b]), batches), reference))) for b in blocks]
 
 
 def prune_residual_blocks(model: onnx.ModelProto, count: int, batches: Sequence[Feeds], *,
@@ -199,10 +167,7 @@ def prune_residual_blocks(model: onnx.ModelProto, count: int, batches: Sequence[
     influence = (_norm_influence if measure == "norm" else _output_influence)(model, blocks, batches)
     chosen = set(sorted(range(len(blocks)), key=lambda k: influence[k])[:count])
     pruned = _bypass(model, [blocks[k] for k in sorted(chosen)])
-    try:
-        onnx.checker.check_model(pruned, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise InternalError(f"block-pruned model fails onnx.checker: {exc}") from exc
+    ir.check(pruned, "block-pruned")
     layers = tuple({"node": b.add, "op_type": "Add", "skip": b.skip, "branch": b.branch, "nodes": b.nodes,
                     "params": b.params, "influence": influence[k], "measure": measure, "removed": k in chosen}
                    for k, b in enumerate(blocks))

@@ -8,16 +8,18 @@ measures the per-input-channel L2 norm of each such layer's activation on calibr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
+from converters import ir
+from converters.ir import attr, infer, node_key, probe
 from edge_sdk.errors import PruningError
 
 __all__ = ["PruneResult", "Feeds", "params", "nonzero_params", "weighted_nodes", "input_norms",
-           "node_key"]
+           "node_key", "refit_rows", "relative_error", "relative_mse"]
 
 Feeds = dict[str, np.ndarray]
 
@@ -45,25 +47,13 @@ def nonzero_params(model: onnx.ModelProto) -> int:
     return sum(int(np.count_nonzero(numpy_helper.to_array(init))) for init in model.graph.initializer)
 
 
-def node_key(node: onnx.NodeProto) -> str:
-    """The name layers are reported under: the node name, or its first output when unnamed."""
-    return node.name or node.output[0]
-
-
-def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
-    for a in node.attribute:
-        if a.name == name:
-            return int(helper.get_attribute_value(a))
-    return default
-
-
 def _input_axis(node: onnx.NodeProto, weight: onnx.TensorProto) -> int | None:
     """Input-dimension axis of ``weight`` for ``node``, or None when the layer is not handled."""
     if node.op_type == "MatMul" and len(weight.dims) == 2:
         return 0
-    if node.op_type == "Gemm" and len(weight.dims) == 2 and _attr(node, "transA", 0) == 0:
-        return 1 if _attr(node, "transB", 0) == 1 else 0
-    if node.op_type == "Conv" and len(weight.dims) >= 3 and _attr(node, "group", 1) == 1:
+    if node.op_type == "Gemm" and len(weight.dims) == 2 and attr(node, "transA", 0) == 0:
+        return 1 if attr(node, "transB", 0) == 1 else 0
+    if node.op_type == "Conv" and len(weight.dims) >= 3 and attr(node, "group", 1) == 1:
         return 1
     return None
 
@@ -90,17 +80,6 @@ def weighted_nodes(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.Te
     return found
 
 
-def _output_info(model: onnx.ModelProto, names: set[str]) -> list[onnx.ValueInfoProto]:
-    inferred = onnx.shape_inference.infer_shapes(model)
-    known = {v.name: v for v in inferred.graph.value_info}
-    infos = []
-    for name in sorted(names):
-        info = known.get(name)
-        elem = info.type.tensor_type.elem_type if info is not None else onnx.TensorProto.FLOAT
-        infos.append(helper.make_tensor_value_info(name, elem or onnx.TensorProto.FLOAT, None))
-    return infos
-
-
 def input_norms(
     model: onnx.ModelProto, batches: Sequence[Feeds], nodes: Sequence[onnx.NodeProto],
 ) -> dict[str, np.ndarray]:
@@ -113,7 +92,7 @@ def input_norms(
         raise PruningError("input_norms got no calibration batches; expected at least one feed dict.",
                            hint="Pass batches=[{input_name: array}, ...] from your calibration data.")
     sums: dict[str, np.ndarray] = {}
-    for _, values in probe_batches(model, batches, sorted({n.input[0] for n in nodes})):
+    for _, values in probe(model, batches, sorted({n.input[0] for n in nodes}), error=PruningError):
         for node in nodes:
             x = np.asarray(values[node.input[0]], dtype=np.float64)
             axis = 1 if node.op_type == "Conv" else x.ndim - 1
@@ -129,15 +108,14 @@ def macs_per_sample(model: onnx.ModelProto, feeds: Feeds) -> int:
     Shapes come from ONNX shape inference with the graph inputs fixed to the feed shapes; an
     op whose shapes cannot be inferred (data-dependent) counts as 0 and the total is a floor.
     """
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
+    fixed = ir.copy(model)
     for value in fixed.graph.input:
         if value.name in feeds:
             dims = value.type.tensor_type.shape.dim
             for dim, size in zip(dims, feeds[value.name].shape):
                 dim.Clear()
                 dim.dim_value = int(size)
-    graph = onnx.shape_inference.infer_shapes(fixed).graph
+    graph = infer(fixed, strict=True).graph
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in (*graph.input, *graph.value_info, *graph.output)}
     shapes.update({i.name: list(i.dims) for i in graph.initializer})
@@ -182,66 +160,32 @@ def units_to_drop(ratio: float, total: int, multiple: int | None = None) -> int:
     return max(drop, 0)
 
 
-def probe_batches(
-    model: onnx.ModelProto, batches: Sequence[Feeds], names: Iterable[str],
-) -> Iterator[tuple[Feeds, dict[str, np.ndarray]]]:
-    """Run ``model`` (onnxruntime CPU, unoptimized) on every batch with the tensors ``names``
-    exposed as outputs; yield each batch's feeds and ``{name: value}`` (graph inputs from the feeds)."""
-    import onnxruntime as ort
-
-    wanted = list(dict.fromkeys(names))
-    graph_inputs = {i.name for i in model.graph.input}
-    fetch = [n for n in wanted if n not in graph_inputs]
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(_output_info(model, {n for n in fetch if n not in known}))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    for i, feeds in enumerate(batches):
-        try:
-            values = dict(zip(fetch, session.run(fetch, feeds)))
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise PruningError(f"calibration batch {i} does not run on the model: {exc}",
-                               hint="pass feed dicts keyed by the model's input names, with their dtypes") from None
-        values.update({k: np.asarray(v) for k, v in feeds.items() if k in wanted})
-        yield feeds, values
-
-
-def graph_outputs(model: onnx.ModelProto, batches: Sequence[Feeds]) -> list[np.ndarray]:
-    """Every graph output of ``model`` on every batch (float64), batch by batch, through an optimized
-    onnxruntime CPU session (an unoptimized one runs a CNN about 10x slower)."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return [np.asarray(out, dtype=np.float64) for feeds in batches for out in session.run(None, feeds)]
-
-
 def relative_error(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
-    """``sum ||a - b||^2 / sum ||b||^2`` over paired arrays (``graph_outputs`` of two models)."""
+    """``sum ||a - b||^2 / sum ||b||^2`` over paired arrays (``ir.outputs_on`` of two models)."""
     num = sum(float(np.sum(np.square(a - b))) for a, b in zip(outputs, reference))
     den = sum(float(np.sum(np.square(b))) for b in reference)
     return num / den if den > 0 else float(num > 0)
 
 
-def drop_dead(model: onnx.ModelProto) -> None:
-    """Remove nodes whose outputs nobody reads, then unread initializers."""
-    g = model.graph
-    while True:
-        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-        live = [n for n in g.node if any(o in used for o in n.output)]
-        if len(live) == len(g.node):
-            break
-        del g.node[:]
-        g.node.extend(live)
-    used = {i for n in g.node for i in n.input}
-    inits = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    info = [v for v in g.value_info if v.name in used]
-    del g.value_info[:]
-    g.value_info.extend(info)
+def relative_mse(pred: np.ndarray, target: np.ndarray) -> float:
+    """``||pred - target||^2 / ||target||^2`` of one pair of arrays."""
+    num = float(np.sum(np.square(pred - target)))
+    den = float(np.sum(np.square(target)))
+    return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+def refit_rows(h: np.ndarray, target: np.ndarray, with_bias: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge least squares ``h @ W + c ~= target``; ``c`` is zero unless ``with_bias`` (not regularised)."""
+    n, f = h.shape
+    x = np.hstack([h, np.ones((n, 1))]) if with_bias else h
+    ridge = 1e-3 * float(np.mean(np.sum(np.square(h), axis=0)))
+    penalty = np.zeros((f, x.shape[1]))
+    penalty[:, :f] = np.sqrt(max(ridge, 1e-12)) * np.eye(f)
+    theta = np.linalg.lstsq(np.vstack([x, penalty]), np.vstack([target, np.zeros((f, target.shape[1]))]),
+                            rcond=None)[0]
+    shift = theta[f] if with_bias else np.zeros(target.shape[1])
+    return theta[:f], shift
+
 
 
 def check_ratios(ratio: float, ratios: Mapping[str, float] | None, what: str) -> None:

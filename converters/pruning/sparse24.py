@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from converters import ir
 from edge_sdk.errors import PruningError
 
 from .common import Feeds, PruneResult, input_norms, node_key
@@ -74,8 +75,7 @@ def prune_2_4(
     are noted. The input model is not modified.
     """
     check_method(method, batches)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = ir.copy(model)
     notes = [f"2:4 sparsity ({method}) along the input dimension; TensorRT sparse tactics apply."]
     layers: list[WeightLayer] = []
     for layer in weight_layers(out):

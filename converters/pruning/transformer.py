@@ -12,7 +12,6 @@ the layer output over the calibration tokens moves as little as possible.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -20,9 +19,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from converters.pruning.common import (Feeds, PruneResult, check_ratios, drop_dead, node_key, params, probe_batches,
-                                      units_to_drop, unknown_units)
-from edge_sdk.errors import InternalError, PruningError
+from converters import ir
+from converters.ir import Graph, node_key
+from converters.pruning.common import (Feeds, PruneResult, check_ratios, params, refit_rows, relative_mse, units_to_drop,
+                                      unknown_units)
+from edge_sdk.errors import PruningError
 
 __all__ = ["FFNGroup", "find_ffn_groups", "prune_ffn", "find_residual_blocks", "prune_layers"]
 
@@ -49,45 +50,6 @@ class FFNGroup:
     tensors: tuple[str, ...]  # every tensor of width F between the two MatMuls
 
 
-class _Graph:
-    """Producer/consumer/initializer look-ups over one graph."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        g = model.graph
-        self.inits = {i.name: i for i in g.initializer}
-        self.outputs = {o.name for o in g.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        self.uses: Counter[str] = Counter()
-        self.constants: dict[str, np.ndarray] = {n: numpy_helper.to_array(i) for n, i in self.inits.items()
-                                                 if int(np.prod(i.dims, dtype=np.int64)) == 1}
-        for node in g.node:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
-                self.uses[name] += 1
-            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-                value = numpy_helper.to_array(node.attribute[0].t)
-                if value.size == 1:
-                    self.constants[node.output[0]] = value
-
-    def weight(self, node: onnx.NodeProto) -> onnx.TensorProto | None:
-        """The 2-D initializer at input 1 of a MatMul, else None."""
-        if node.op_type != "MatMul" or len(node.input) < 2:
-            return None
-        init = self.inits.get(node.input[1])
-        return init if init is not None and len(init.dims) == 2 else None
-
-    def bias_after(self, tensor: str, width: int) -> tuple[onnx.NodeProto, str] | None:
-        """``(Add node, bias name)`` when ``tensor``'s only consumer adds an own [width] initializer."""
-        users = self.consumers.get(tensor, [])
-        if len(users) != 1 or users[0].op_type != "Add" or tensor in self.outputs:
-            return None
-        other = [i for i in users[0].input if i != tensor]
-        init = self.inits.get(other[0]) if len(other) == 1 else None
-        if init is None or list(init.dims) != [width] or self.uses[init.name] != 1:
-            return None
-        return users[0], init.name
-
-
 def _activation(ops: list[str]) -> str | None:
     if ops == ["Relu"]:
         return "relu"
@@ -98,10 +60,10 @@ def _activation(ops: list[str]) -> str | None:
     return None
 
 
-def _group_at(graph: _Graph, up: onnx.NodeProto) -> FFNGroup | str | None:
+def _group_at(graph: Graph, up: onnx.NodeProto) -> FFNGroup | str | None:
     """The FFN group starting at ``up``; a reason string when it looks like one but is not
     supported; None when no second MatMul is reached through element-wise ops."""
-    w1 = graph.weight(up)
+    w1 = graph.matmul_weight(up)
     if w1 is None:
         return None
     width = int(w1.dims[1])
@@ -113,10 +75,10 @@ def _group_at(graph: _Graph, up: onnx.NodeProto) -> FFNGroup | str | None:
     tensors, frontier = {start}, [start]
     downs: list[onnx.NodeProto] = []
     while frontier:
-        for node in graph.consumers.get(frontier.pop(), []):
+        for node in graph.readers.get(frontier.pop(), []):
             if any(node is n for n in region + downs):
                 continue
-            if graph.weight(node) is not None and node.input[0] in tensors:
+            if graph.matmul_weight(node) is not None and node.input[0] in tensors:
                 downs.append(node)
             elif node.op_type in _ELEMENTWISE:
                 region.append(node)
@@ -129,20 +91,20 @@ def _group_at(graph: _Graph, up: onnx.NodeProto) -> FFNGroup | str | None:
         return f"{where}: hidden tensors feed {len(downs)} MatMuls; skipped"
     down = downs[0]
     hidden = down.input[0]
-    w2 = graph.weight(down)
+    w2 = graph.matmul_weight(down)
     if w2 is None:  # cannot happen: downs hold only MatMuls with a 2-D weight
         return None
     inside = {id(n) for n in region} | {id(down)}
     for name in sorted(tensors | ({up.output[0]} if b1 else set())):
         if name in graph.outputs:
             return f"{where}: hidden tensor {name!r} is a graph output; skipped"
-        foreign = [node_key(n) for n in graph.consumers.get(name, []) if id(n) not in inside]
+        foreign = [node_key(n) for n in graph.readers.get(name, []) if id(n) not in inside]
         if name != up.output[0] and foreign:
             return f"{where}: hidden tensor {name!r} also feeds {foreign}; skipped"
     if graph.uses[hidden] != 1:
         return f"{where}: activation {hidden!r} feeds more than the second MatMul; skipped"
     for node in region:
-        mixed = [i for i in node.input if i not in tensors and i not in graph.constants]
+        mixed = [i for i in node.input if i not in tensors and not graph.is_scalar(i)]
         if mixed:
             return f"{where}: {node.op_type} {node_key(node)!r} mixes in non-scalar tensor {mixed[0]!r} (gated FFN?); skipped"
     kind = _activation([n.op_type for n in region])
@@ -160,7 +122,7 @@ def _group_at(graph: _Graph, up: onnx.NodeProto) -> FFNGroup | str | None:
 
 def find_ffn_groups(model: onnx.ModelProto) -> tuple[list[FFNGroup], list[str]]:
     """The FFN groups of ``model`` in graph order, and why FFN-like structures were skipped."""
-    graph = _Graph(model)
+    graph = Graph(model)
     groups: list[FFNGroup] = []
     notes: list[str] = []
     for node in model.graph.node:
@@ -175,7 +137,7 @@ def find_ffn_groups(model: onnx.ModelProto) -> tuple[list[FFNGroup], list[str]]:
 def _hidden_rows(model: onnx.ModelProto, hidden: str, batches: Sequence[Feeds]) -> np.ndarray:
     """The hidden activations ``[tokens, F]`` over all batches, padding tokens (attention_mask == 0) dropped."""
     rows = []
-    for feeds, values in probe_batches(model, batches, [hidden]):
+    for feeds, values in ir.probe(model, batches, [hidden], error=PruningError):
         h = np.asarray(values[hidden], dtype=np.float64)
         flat = h.reshape(-1, h.shape[-1])
         mask = feeds.get("attention_mask")
@@ -183,25 +145,6 @@ def _hidden_rows(model: onnx.ModelProto, hidden: str, batches: Sequence[Feeds]) 
             flat = flat[np.asarray(mask).reshape(-1) != 0]
         rows.append(flat)
     return np.concatenate(rows, axis=0)
-
-
-def _rel_mse(pred: np.ndarray, target: np.ndarray) -> float:
-    num = float(np.sum(np.square(pred - target)))
-    den = float(np.sum(np.square(target)))
-    return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
-
-
-def _refit(h: np.ndarray, target: np.ndarray, with_bias: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Ridge least squares ``h @ W + c ~= target``; ``c`` is zero unless ``with_bias`` (not regularised)."""
-    n, f = h.shape
-    x = np.hstack([h, np.ones((n, 1))]) if with_bias else h
-    ridge = 1e-3 * float(np.mean(np.sum(np.square(h), axis=0)))
-    penalty = np.zeros((f, x.shape[1]))
-    penalty[:, :f] = np.sqrt(max(ridge, 1e-12)) * np.eye(f)
-    theta = np.linalg.lstsq(np.vstack([x, penalty]), np.vstack([target, np.zeros((f, target.shape[1]))]),
-                            rcond=None)[0]
-    shift = theta[f] if with_bias else np.zeros(target.shape[1])
-    return theta[:f], shift
 
 
 def _set(inits: dict[str, onnx.TensorProto], name: str, value: np.ndarray) -> None:
@@ -227,10 +170,10 @@ def _prune_group(model: onnx.ModelProto, group: FFNGroup, ratio: float, batches:
     keep = np.sort(np.argsort(scores, kind="stable")[drop:])
     target = h @ w2
     new_w2, shift = w2[keep], np.zeros(w2.shape[1])
-    err_before = err_after = _rel_mse(h[:, keep] @ new_w2, target)
+    err_before = err_after = relative_mse(h[:, keep] @ new_w2, target)
     if refit and drop > 0:
-        fit_w2, fit_shift = _refit(h[:, keep], target, group.b2 is not None)
-        err_fit = _rel_mse(h[:, keep] @ fit_w2 + fit_shift, target)
+        fit_w2, fit_shift = refit_rows(h[:, keep], target, group.b2 is not None)
+        err_fit = relative_mse(h[:, keep] @ fit_w2 + fit_shift, target)
         if err_fit < err_before:
             new_w2, shift, err_after = fit_w2, fit_shift, err_fit
         else:
@@ -267,8 +210,7 @@ def prune_ffn(model: onnx.ModelProto, ratio: float, batches: Sequence[Feeds], *,
         raise PruningError("prune_ffn got no calibration batches; expected at least one feed dict",
                            hint="Pass batches=[{input_name: array}, ...] from your calibration data.")
     groups, notes = find_ffn_groups(model)
-    pruned = onnx.ModelProto()
-    pruned.CopyFrom(model)
+    pruned = ir.copy(model)
     if not groups:
         notes.append("no supported FFN group found; model unchanged")
         return PruneResult(model=pruned, method="structured", layers=(), notes=tuple(notes))
@@ -277,13 +219,8 @@ def prune_ffn(model: onnx.ModelProto, ratio: float, batches: Sequence[Feeds], *,
     layers = [_prune_group(pruned, g, float(ratios.get(g.up, ratio)), batches, refit, notes) for g in groups
               if ratios.get(g.up, ratio) > 0]
     stale = {t for g in groups for t in g.tensors}
-    kept_info = [v for v in pruned.graph.value_info if v.name not in stale]
-    del pruned.graph.value_info[:]
-    pruned.graph.value_info.extend(kept_info)
-    try:
-        onnx.checker.check_model(pruned, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise InternalError(f"pruned FFN model fails onnx.checker: {exc}") from exc
+    ir.forget_shapes(pruned, stale)
+    ir.check(pruned, "pruned FFN")
     log.info("prune_ffn: %d -> %d params", params(model), params(pruned))
     return PruneResult(model=pruned, method="structured", layers=tuple(layers), notes=tuple(notes))
 
@@ -308,18 +245,17 @@ def _ancestors(producers: dict[str, onnx.NodeProto], tensor: str) -> tuple[set[s
 def find_residual_blocks(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, str]]:
     """``(Add node, skip input x, branch output f)`` for each ``x + f(x)`` whose branch holds a
     MatMul with an initializer weight (an attention or FFN sub-block), in graph order."""
-    graph = _Graph(model)
-    producers = {o: n for n in model.graph.node for o in n.output}
-    constants = {i.name for i in model.graph.initializer}  # a shared constant (GELU's 1.0) skips nothing
+    graph = Graph(model)
+    constants = graph.inits  # a shared constant (GELU's 1.0) skips nothing
     blocks = []
-    for node in model.graph.node:
+    for node in graph.nodes:
         if node.op_type != "Add" or len(node.input) != 2 or node.output[0] in graph.outputs:
             continue
         for skip, branch in (node.input, node.input[::-1]):
             if skip in constants:
                 continue
-            upstream, nodes = _ancestors(producers, branch)
-            if skip in upstream and any(graph.weight(n) is not None for n in nodes):
+            upstream, nodes = _ancestors(graph.writers, branch)
+            if skip in upstream and any(graph.matmul_weight(n) is not None for n in nodes):
                 blocks.append((node, skip, branch))
                 break
     return blocks
@@ -330,7 +266,7 @@ def _influence(model: onnx.ModelProto, blocks: list[tuple[onnx.NodeProto, str, s
     """``||f(x)|| / ||x||`` per block over the calibration tokens."""
     names = sorted({t for _, x, f in blocks for t in (x, f)})
     sums = np.zeros((len(blocks), 2))
-    for _, values in probe_batches(model, batches, names):
+    for _, values in ir.probe(model, batches, names, error=PruningError):
         for b, (_, x, f) in enumerate(blocks):
             sums[b] += [float(np.sum(np.square(values[f], dtype=np.float64))),
                         float(np.sum(np.square(values[x], dtype=np.float64)))]
@@ -353,20 +289,10 @@ def prune_layers(model: onnx.ModelProto, count: int, batches: Sequence[Feeds]) -
                            hint="Pass batches=[{input_name: array}, ...] from your calibration data.")
     influence = _influence(model, blocks, batches)
     chosen = sorted(range(len(blocks)), key=lambda b: influence[b])[:count]
-    pruned = onnx.ModelProto()
-    pruned.CopyFrom(model)
     rename = {blocks[b][0].output[0]: blocks[b][1] for b in chosen}
-    for node in pruned.graph.node:
-        for k, name in enumerate(node.input):
-            while name in rename:
-                name = rename[name]
-            node.input[k] = name
-    before = params(pruned)
-    drop_dead(pruned)
-    try:
-        onnx.checker.check_model(pruned, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise InternalError(f"layer-pruned model fails onnx.checker: {exc}") from exc
+    before = params(model)
+    pruned = ir.bypass(model, rename)
+    ir.check(pruned, "layer-pruned")
     layers = tuple({"node": node_key(blocks[b][0]), "op_type": "Add", "skip": blocks[b][1], "branch": blocks[b][2],
                     "influence": influence[b], "removed": b in chosen} for b in range(len(blocks)))
     notes = (f"params {before} -> {params(pruned)}",)

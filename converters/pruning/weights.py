@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from converters import ir
 from edge_sdk.errors import PruningError
 
 from .common import Feeds, PruneResult, input_norms, node_key, weighted_nodes
@@ -159,8 +160,7 @@ def prune_weights(
     """
     _check_args(sparsity, norm, scope)
     check_method(method, batches)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = ir.copy(model)
     notes = [f"{method} pruning ({norm}, {scope} scope) to sparsity {sparsity:g}; zeroed weights "
              "do not speed up dense kernels."]
     layers = []

@@ -16,7 +16,7 @@ from converters.calibration.readers import Encoder, calibration_reader
 from converters.data import Sample
 from converters.evaluate import Evaluation, accuracy_points, evaluate, pipeline_for
 from converters.plots import histogram_png
-from converters.qdq import name_nodes
+from converters.ir import name_nodes
 from converters.quantize import (Calibration, Feeds, Int8Graphs, Placement, Variant, build_variant, layer_sensitivity,
                                  mixed_precision, prepare_int8)
 from converters.smoothing import DEFAULT_ALPHA

@@ -11,7 +11,7 @@ from converters.arguments import (
 )
 from converters.canonical import canonicalize
 from converters.graph import ModelSource, io_specs, load_onnx
-from converters.qdq import name_nodes
+from converters.ir import name_nodes
 from edge_sdk.errors import ConversionError
 from runtime.manifest import EMBEDDING_TASK, IMAGE_TASKS, ImagePreprocess, Manifest, Postprocess, TextPreprocess
 

@@ -37,6 +37,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
+from converters import ir
 from converters.pruning.allocation import Pruner, Unit, greedy_path, search_path, sensitivity
 from converters.pruning.common import PruneResult, macs_per_sample, nonzero_params, params
 from edge_sdk.errors import PruningError
@@ -117,9 +118,7 @@ def _check_unit_ratios(spec: PruneSpec) -> None:
 
 
 def _structured(model: onnx.ModelProto, ratio: float, batches: Sequence[Feeds], joint: bool = False) -> PruneResult:
-    from converters.qdq import plan_placement
-
-    if plan_placement(model).family == "transformer":
+    if ir.family(model) == "transformer":
         from converters.pruning.transformer import prune_ffn
 
         return prune_ffn(model, ratio, batches)
@@ -143,9 +142,7 @@ def _apply(spec: PruneSpec, model: onnx.ModelProto, batches: Sequence[Feeds]) ->
 
         return prune_heads(model, spec.ratio or 0.0, batches)
     if spec.method == "layers":
-        from converters.qdq import plan_placement
-
-        if plan_placement(model).family != "transformer":
+        if ir.family(model) != "transformer":
             from converters.pruning.cnn_blocks import prune_residual_blocks
 
             return prune_residual_blocks(model, spec.count, batches)
@@ -175,9 +172,7 @@ def allocation_units(model: onnx.ModelProto, batches: Sequence[Feeds], joint: bo
     """The units a per-unit allocation can prune, and the function applying per-unit ratios to ``model``:
     FFNs and attention blocks of a transformer; channel groups and residual blocks (ratio 1: bypassed)
     of a CNN."""
-    from converters.qdq import plan_placement
-
-    if plan_placement(model).family == "transformer":
+    if ir.family(model) == "transformer":
         from converters.pruning.heads import find_attention_blocks, prune_heads
         from converters.pruning.transformer import find_ffn_groups, prune_ffn
 

@@ -28,7 +28,8 @@ from converters.pruning.cnn import find_groups  # noqa: E402
 from converters.pruning.cnn_blocks import find_residual_blocks  # noqa: E402
 from converters.pruning.heads import find_attention_blocks  # noqa: E402
 from converters.pruning.transformer import find_ffn_groups  # noqa: E402
-from converters.qdq import name_nodes, plan_placement  # noqa: E402
+from converters.ir import name_nodes  # noqa: E402
+from converters.qdq import plan_placement  # noqa: E402
 from converters.smoothing import smoothable  # noqa: E402
 
 

@@ -134,7 +134,8 @@ def test_budget_returns_sensitive_layers_to_float(tmp_path: Path, image_folder: 
 
 
 def test_smoothing_keeps_the_fp32_function_and_the_residual_paths(tmp_path: Path, tokenizer_file: Path) -> None:
-    from converters.qdq import name_nodes, plan_placement
+    from converters.ir import name_nodes
+    from converters.qdq import plan_placement
     from converters.smoothing import smooth_model
 
     model = name_nodes(builders.transformer_model())

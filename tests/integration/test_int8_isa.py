@@ -21,7 +21,8 @@ import devices
 import edge_sdk
 import runtime.backends as backends
 from converters.calibration.methods import CalibrationMethod
-from converters.qdq import Variant, name_nodes
+from converters.ir import name_nodes
+from converters.qdq import Variant
 from converters.quantize import build_variant, mixed_precision, prepare_int8
 from converters.reference import run_reference
 from runtime.package import Package, write_package
