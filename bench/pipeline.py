@@ -48,7 +48,6 @@ against the raw baseline's labels (agree %). The machine is shared: read the rat
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading
@@ -60,6 +59,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from bench._log import Log
 import edge_sdk
 from bench.prune import _fmt, _short, ensure_built
 from runtime.batching import Batching
@@ -86,11 +86,7 @@ ATTEMPTS = 2
 # The target.
 TARGET_RATIO = 0.9
 
-STARTED = time.monotonic()
-
-
-def log(message: str) -> None:
-    print(f"[pipeline {time.monotonic() - STARTED:6.1f}s] {message}", flush=True)
+log = Log("pipeline")
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -538,10 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         "configs": [asdict(c) for c in configs], "target": target(configs, raw),
     }
     print_table(result)
-    result["wall_s"] = time.monotonic() - STARTED
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=str))
-    log(f"wrote {args.out}; wall time {result['wall_s']:.0f} s")
+    log.write(result, args.out)
     return 0
 
 

@@ -51,7 +51,6 @@ printed as met / not met from the measured numbers. ``--quick``: 32 held-out sam
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -63,6 +62,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench._log import Log
 import edge_sdk
 from edge_sdk.errors import PruningError
 
@@ -74,11 +74,7 @@ THREADS = 2
 # The targets.
 TARGET_PRUNED_SPEEDUP = 1.3
 
-STARTED = time.monotonic()
-
-
-def log(message: str) -> None:
-    print(f"[prune {time.monotonic() - STARTED:6.1f}s] {message}", flush=True)
+log = Log("prune")
 
 
 @dataclass
@@ -405,10 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     if {"image", "image-ts"} <= set(results["models"]):
         results["flavours"] = flavours(results["models"]["image"], results["models"]["image-ts"])
         print(f"\nflavours (dynamo vs TorchScript export of the image classifier): {results['flavours']}")
-    results["wall_s"] = time.monotonic() - STARTED
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2, default=str))
-    log(f"wrote {args.out}; wall time {results['wall_s']:.0f} s")
+    log.write(results, args.out)
     return 0
 
 

@@ -27,10 +27,13 @@ from onnx import helper, numpy_helper
 
 from edge_sdk.errors import ConversionError, InternalError
 
-__all__ = ["Graph", "TRANSFORMER_MARKERS", "attr", "bypass", "check", "copy", "drop_dead", "family",
+__all__ = ["Graph", "TRANSFORMER_MARKERS", "WEIGHTED", "attr", "bypass", "check", "copy", "drop_dead", "family",
            "forget_shapes", "infer", "name_nodes", "node_key", "outputs_on", "probe", "with_outputs"]
 
 Feeds = dict[str, np.ndarray]
+
+#: The ops that carry a weight: what pruning cuts, Q/DQ quantizes and TensorRT's rules check.
+WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 #: An op that only transformers use: a graph holding one is quantized and pruned as a transformer.
 TRANSFORMER_MARKERS = frozenset({"Softmax", "LayerNormalization", "Erf", "Gelu"})

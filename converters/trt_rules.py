@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from converters.ir import Graph
+from converters.ir import WEIGHTED, Graph
 
 from edge_sdk.errors import ConversionError
 
@@ -48,7 +48,6 @@ RULES: dict[str, str] = {
 }
 MIN_OPSET = 13
 Q, DQ = "QuantizeLinear", "DequantizeLinear"
-WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
 INFO = "build_info.json"
+
+
+def run_demo(description: str, run: Callable[[Path], None], argv: list[str] | None = None) -> int:
+    """Parse ``--build``, call ``run(build)``; an SDK error is printed as ``demo: error: ...`` and exits 1."""
+    from edge_sdk.errors import EdgeSDKError
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--build", type=Path, default=Path("build/demo"), help="where the demo models were built")
+    args = parser.parse_args(argv)
+    try:
+        run(args.build)
+    except EdgeSDKError as exc:
+        print(f"demo: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def run_build(description: str, build: Callable[[Path], dict[str, Any]], log: Callable[[str], None],

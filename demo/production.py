@@ -25,7 +25,6 @@ Expects the demo models (``text/embed.onnx`` included) and the int8 packages tha
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -44,8 +43,9 @@ import numpy as np
 import edge_sdk
 from demo.corpus import LABELS as REPORT_LABELS
 from demo.corpus import MACHINES, generate
+from demo._cli import run_demo
 from demo._table import table
-from edge_sdk.errors import EdgeSDKError, PackageError
+from edge_sdk.errors import PackageError
 from runtime.diagnosis import Diagnoser
 from runtime.frame import Source
 from runtime.fusion import Contribution, Diagnosis
@@ -403,15 +403,7 @@ def diagnose(build: Path, packages: Path, kb: Path, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--build", type=Path, default=Path("build/demo"), help="where the demo models were built")
-    args = parser.parse_args(argv)
-    try:
-        run(args.build)
-    except EdgeSDKError as exc:
-        print(f"demo: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_demo(__doc__.splitlines()[0], run, argv)
 
 
 if __name__ == "__main__":

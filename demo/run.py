@@ -13,7 +13,6 @@ one diagnosis per asset, with similar past incidents from a knowledge base.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -21,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import edge_sdk
+from demo._cli import run_demo
 from demo._table import table
-from edge_sdk.errors import EdgeSDKError
 
 SHOWN_PER_LABEL = 2
 
@@ -117,21 +116,18 @@ def _run(packages: dict[str, Path], heldout: Heldout) -> None:
     print(f"  (skipped {skipped})")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--build", type=Path, default=Path("build/demo"), help="where the demo models were built")
-    args = parser.parse_args(argv)
-    try:
-        packages = _convert(args.build, args.build / "packages")
-        _run(packages, _image_heldout(args.build / "image"))
-        _run(packages, _text_heldout(args.build / "text"))
-        from demo import production
+def run(build: Path) -> None:
+    """Convert both demo models, run their held-out samples, then the production-line scenario."""
+    packages = _convert(build, build / "packages")
+    _run(packages, _image_heldout(build / "image"))
+    _run(packages, _text_heldout(build / "text"))
+    from demo import production
 
-        production.run(args.build)
-    except EdgeSDKError as exc:
-        print(f"demo: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    production.run(build)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_demo(__doc__.splitlines()[0], run, argv)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
+from runtime.closing import Closing
 from runtime.pipeline import DEFAULT_MAX_BATCH, Pipeline
 from runtime.runners.base import Runner
 from runtime.prediction import Prediction
 
 
-class Model:
+class Model(Closing):
     """A loaded, verified package with an active backend. Use as a context manager or call close()."""
 
     def __init__(self, pipeline: Pipeline) -> None:
@@ -65,12 +66,6 @@ class Model:
 
     def close(self) -> None:
         self._pipeline.close()
-
-    def __enter__(self) -> Model:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         m = self._pipeline.manifest

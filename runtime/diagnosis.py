@@ -19,6 +19,7 @@ import os
 import time
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
+from runtime.closing import Closing
 from edge_sdk.errors import PipelineError
 from runtime.frame import Frame
 from runtime.fusion import Diagnosis, Evidence, Fuser, FusionRule
@@ -89,7 +90,7 @@ def pick_model(models: Models, kind: str, model: str | None) -> str:
     return names[0]
 
 
-class Diagnoser:
+class Diagnoser(Closing):
     """Models + a fusion rule (+ a knowledge base) -> a :class:`Diagnosis` per asset."""
 
     def __init__(self, rule: FusionRule, models: Models | Sequence[Pipeline], *, knowledge: Any = None,
@@ -210,9 +211,3 @@ class Diagnoser:
             self.models.close()
         if self.knowledge is not None:
             self.knowledge.close()
-
-    def __enter__(self) -> Diagnoser:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

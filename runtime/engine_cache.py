@@ -24,10 +24,10 @@ import json
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
+from runtime.files import write_atomic
 from edge_sdk.errors import DeviceError, PackageError
 from runtime.engine_spec import EngineSpec
 from runtime.package import Package, sha256_bytes
@@ -81,30 +81,6 @@ def _package_digest(package: Package) -> str:
     """A digest of the whole file table: any change of content gives a new digest."""
     table = "\n".join(f"{name} {entry.sha256}" for name, entry in sorted(package.manifest.files.items()))
     return sha256_bytes(table.encode("utf-8"))[:_DIGEST_CHARS]
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path``, fsync it, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename durable too; not every filesystem lets a directory be opened
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 def _read_sidecar(path: Path) -> dict[str, Any] | None:
@@ -177,8 +153,8 @@ class EngineCache:
         except (TypeError, ValueError) as exc:
             raise TypeError(f"engine meta {dict(meta)!r} is not JSON-serialisable: {exc}") from None
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, data)
-        _write_atomic(path.with_suffix(".json"), sidecar_bytes)  # last: it commits the entry
+        write_atomic(path, data)
+        write_atomic(path.with_suffix(".json"), sidecar_bytes)  # last: it commits the entry
         log.info("cached engine %s (%d bytes)", path, len(data))
         return path
 

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from runtime.closing import Closing
 from edge_sdk.errors import InferenceError, PackageError, PipelineError
 from runtime.manifest import Manifest, TextPreprocess
 from runtime.package import Package
@@ -234,7 +235,7 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return candidates[order][:k]
 
 
-class KnowledgeBase:
+class KnowledgeBase(Closing):
     """Past incidents and their embeddings, searched by cosine similarity to a query text."""
 
     def __init__(self, embedder: Embedder, embeddings: np.ndarray, incidents: Sequence[Incident]) -> None:
@@ -306,12 +307,6 @@ class KnowledgeBase:
 
     def close(self) -> None:
         self.embedder.close()
-
-    def __enter__(self) -> KnowledgeBase:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _check_query(texts: Sequence[str], k: int, min_similarity: float | None) -> None:

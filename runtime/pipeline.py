@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from runtime.closing import Closing
 from edge_sdk.errors import PackageError, PipelineError
 from runtime.manifest import ImagePreprocess, Manifest, TextPreprocess
 from runtime.package import Package
@@ -44,7 +45,7 @@ def make_encoder(m: Manifest, tokenizer_json: str | None = None) -> Encoder:
     return TextFeeds(encoder, {t.name: np.dtype(t.dtype) for t in m.inputs})
 
 
-class Pipeline:
+class Pipeline(Closing):
     """A package, its preprocessing and an active runner, ready to predict."""
 
     def __init__(
@@ -153,12 +154,6 @@ class Pipeline:
 
     def close(self) -> None:
         self.selection.runner.deactivate()
-
-    def __enter__(self) -> Pipeline:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _with_windows(prediction: Prediction, batch: TextBatch, index: int) -> Prediction:

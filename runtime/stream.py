@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from runtime.closing import Closing
 from edge_sdk.errors import EdgeSDKError, PipelineError
 from runtime.batching import END, Batching, next_batch
 from runtime.frame import Frame, Source, SourceState
@@ -159,7 +160,7 @@ def _sink_name(sink: Sink) -> str:
     return getattr(sink, "__name__", None) or type(sink).__name__
 
 
-class Stream:
+class Stream(Closing):
     """A running image pipeline over one or more sources. Iterate it, or ``run()`` it with sinks."""
 
     def __init__(
@@ -280,12 +281,6 @@ class Stream:
         if self._close_pipeline:
             self.pipeline.close()
             self._close_pipeline = False
-
-    def __enter__(self) -> Stream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __iter__(self) -> Iterator[StreamResult]:
         """Start and yield results as they come; leaving the loop early stops the stream."""

@@ -83,6 +83,12 @@ def tokenizer_json(path: Path) -> Path:
     return path
 
 
+def save(model: onnx.ModelProto, path: Path) -> Path:
+    """``model`` written to ``path``; the path."""
+    onnx.save(model, path)
+    return path
+
+
 def write_image_folder(root: Path, per_class: int = 3, size: int = 32) -> Path:
     """An ImageFolder of solid-colour PNGs whose label is their dominant colour."""
     import cv2
@@ -111,6 +117,15 @@ def _init(rng: np.random.Generator, name: str, shape: tuple[int, ...], scale: fl
     return numpy_helper.from_array(rng.normal(0, scale, shape).astype(np.float32), name)
 
 
+def _classifier(nodes: list[onnx.NodeProto], name: str, size: int, classes: int,
+                inits: list[onnx.TensorProto]) -> onnx.ModelProto:
+    """An opset-17 graph from ``image`` [batch, 3, size, size] to ``logits`` [batch, classes]."""
+    graph = helper.make_graph(
+        nodes, name, [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
 def cnn_model(size: int = 16, classes: int = 3, seed: int = 0) -> onnx.ModelProto:
     """A small residual CNN (conv, depthwise conv, residual add, pooling, dense) with random weights."""
     rng = np.random.default_rng(seed)
@@ -127,10 +142,7 @@ def cnn_model(size: int = 16, classes: int = 3, seed: int = 0) -> onnx.ModelProt
         helper.make_node("Flatten", ["pool"], ["flat"], name="flatten"),
         helper.make_node("Gemm", ["flat", "fc", "fcb"], ["logits"], transB=1, name="head"),
     ]
-    graph = helper.make_graph(
-        nodes, "cnn", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])], initializer=inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return _classifier(nodes, "cnn", size, classes, inits)
 
 
 def transformer_model(vocab: int = len(VOCAB), dim: int = 16, classes: int = 3, seed: int = 0,
@@ -202,10 +214,7 @@ def chain_cnn_model(size: int = 8, classes: int = 3, seed: int = 0) -> onnx.Mode
         helper.make_node("Flatten", ["pool"], ["flat"], name="flatten"),
         helper.make_node("Gemm", ["flat", "fc", "fcb"], ["logits"], transB=1, name="head"),
     ]
-    graph = helper.make_graph(
-        nodes, "chain", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])], initializer=inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return _classifier(nodes, "chain", size, classes, inits)
 
 
 def anomaly_model(size: int = 8) -> onnx.ModelProto:

@@ -73,16 +73,12 @@ def int8_package(tmp_path: Path, image_folder: Path) -> Any:
 
 @pytest.fixture
 def image_onnx(tmp_path: Path) -> Path:
-    path = tmp_path / "colors.onnx"
-    onnx.save(builders.image_model(), path)
-    return path
+    return builders.save(builders.image_model(), tmp_path / "colors.onnx")
 
 
 @pytest.fixture
 def text_onnx(tmp_path: Path) -> Path:
-    path = tmp_path / "words.onnx"
-    onnx.save(builders.text_model(), path)
-    return path
+    return builders.save(builders.text_model(), tmp_path / "words.onnx")
 
 
 @pytest.fixture

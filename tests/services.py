@@ -8,6 +8,10 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from edge_sdk.deploy.ssh import stop_process
+
+__all__ = ["free_port", "start_listener", "stop_process"]
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
@@ -33,13 +37,3 @@ def start_listener(argv: Sequence[str], port: int, log: Path, name: str, timeout
     raise RuntimeError(f"{name} did not listen on port {port} within {timeout} s")
 
 
-def stop_process(process: subprocess.Popen[bytes] | None) -> None:
-    """SIGTERM, then SIGKILL after 5 s; always reaped."""
-    if process is None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()

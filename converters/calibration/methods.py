@@ -23,6 +23,7 @@ from converters.calibration.schemes import (
     Scheme,
     affine_params,
     affine_scale_zero_point,
+    parse_choice,
     symmetric_params,
     symmetric_scale,
 )
@@ -48,14 +49,7 @@ class CalibrationMethod(str, Enum):
     @classmethod
     def parse(cls, value: CalibrationMethod | str) -> CalibrationMethod:
         """The method named ``value``; a clear error for an unknown name."""
-        try:
-            return cls(value)
-        except ValueError:
-            valid = ", ".join(repr(m.value) for m in cls)
-            raise CalibrationError(
-                f"calibration method {value!r} is unknown; expected one of {valid}",
-                hint="'entropy' is TensorRT's default; 'auto' tries them all",
-            ) from None
+        return parse_choice(cls, value, "calibration method", "'entropy' is TensorRT's default; 'auto' tries them all")
 
 
 #: AUTO's candidates; on equal error the earlier (simpler) one wins.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import TypeVar
 
 import numpy as np
 
@@ -27,6 +28,18 @@ UINT8_MAX = 255
 _LIMITS = {"int8": (-128, INT8_MAX), "uint8": (0, UINT8_MAX)}  # ONNX saturation bounds
 
 
+E = TypeVar("E", bound=Enum)
+
+
+def parse_choice(cls: type[E], value: E | str, what: str, hint: str) -> E:
+    """The member of ``cls`` named ``value``; a clear error naming ``what`` and the valid names."""
+    try:
+        return cls(value)
+    except ValueError:
+        valid = ", ".join(repr(m.value) for m in cls)
+        raise CalibrationError(f"{what} {value!r} is unknown; expected one of {valid}", hint=hint) from None
+
+
 class Scheme(str, Enum):
     """How a float range maps onto 8-bit integers."""
 
@@ -36,14 +49,8 @@ class Scheme(str, Enum):
     @classmethod
     def parse(cls, value: Scheme | str) -> Scheme:
         """The scheme named ``value``; a clear error for an unknown name."""
-        try:
-            return cls(value)
-        except ValueError:
-            valid = ", ".join(repr(s.value) for s in cls)
-            raise CalibrationError(
-                f"quantization scheme {value!r} is unknown; expected one of {valid}",
-                hint="'linear' is symmetric int8 (TensorRT), 'affine' is uint8 with a zero point",
-            ) from None
+        return parse_choice(cls, value, "quantization scheme",
+                            "'linear' is symmetric int8 (TensorRT), 'affine' is uint8 with a zero point")
 
 
 @dataclass(frozen=True, eq=False)

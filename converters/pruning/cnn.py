@@ -45,7 +45,7 @@ from onnx import numpy_helper
 
 from converters import ir
 from converters.ir import Graph, attr, node_key
-from converters.pruning.common import Feeds, PruneResult, units_to_drop
+from converters.pruning.common import need_batches, Feeds, PruneResult, units_to_drop
 from edge_sdk.errors import PruningError
 
 __all__ = ["ChannelGroup", "ChannelPruner", "Consumer", "Slice", "find_groups", "prune_channels"]
@@ -512,9 +512,7 @@ def _check_ratio(ratio: float) -> None:
 
 
 def _check_batches(batches: Sequence[Feeds]) -> None:
-    if not batches:
-        raise PruningError("prune_channels got no calibration batches; expected at least one feed dict",
-                           hint="pass batches=[{input_name: array}, ...] from your calibration data")
+    need_batches(batches, "prune_channels")
 
 
 class ChannelPruner:

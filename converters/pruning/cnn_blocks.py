@@ -25,8 +25,8 @@ import numpy as np
 import onnx
 
 from converters import ir
-from converters.ir import Graph, node_key
-from converters.pruning.common import Feeds, PruneResult, params, relative_error
+from converters.ir import WEIGHTED, Graph, node_key
+from converters.pruning.common import need_batches, Feeds, PruneResult, params, relative_error
 from edge_sdk.errors import PruningError
 
 __all__ = ["ResidualBlock", "bypass_blocks", "find_residual_blocks", "prune_residual_blocks"]
@@ -34,7 +34,6 @@ __all__ = ["ResidualBlock", "bypass_blocks", "find_residual_blocks", "prune_resi
 log = logging.getLogger(__name__)
 
 Measure = Literal["norm", "output"]
-_WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,7 @@ def _branch(graph: Graph, add: onnx.NodeProto, skip: str, branch: str) -> list[o
                 return f"branch tensor {out!r} is a graph output"
             if any(id(r) not in inside for r in graph.readers.get(out, [])):
                 return f"branch tensor {out!r} is also read outside the block"
-    if not any(n.op_type in _WEIGHTED and len(n.input) > 1 and n.input[1] in graph.inits for n in nodes.values()):
+    if not any(n.op_type in WEIGHTED and len(n.input) > 1 and n.input[1] in graph.inits for n in nodes.values()):
         return "the branch holds no layer with a constant weight"
     return sorted(nodes.values(), key=lambda n: graph.order[id(n)])
 
@@ -161,9 +160,7 @@ def prune_residual_blocks(model: onnx.ModelProto, count: int, batches: Sequence[
     if measure not in ("norm", "output"):
         raise PruningError(f"measure is {measure!r}; expected 'norm' or 'output'",
                            hint="'norm' compares ||f(x)|| with ||x||; 'output' bypasses each block and compares outputs")
-    if not batches:
-        raise PruningError("prune_residual_blocks got no calibration batches; expected at least one feed dict",
-                           hint="pass batches=[{input_name: array}, ...] from your calibration data")
+    need_batches(batches, "prune_residual_blocks")
     influence = (_norm_influence if measure == "norm" else _output_influence)(model, blocks, batches)
     chosen = set(sorted(range(len(blocks)), key=lambda k: influence[k])[:count])
     pruned = _bypass(model, [blocks[k] for k in sorted(chosen)])

@@ -19,7 +19,7 @@ from converters.ir import attr, infer, node_key, probe
 from edge_sdk.errors import PruningError
 
 __all__ = ["PruneResult", "Feeds", "params", "nonzero_params", "weighted_nodes", "input_norms",
-           "node_key", "refit_rows", "relative_error", "relative_mse"]
+           "need_batches", "node_key", "refit_rows", "relative_error", "relative_mse"]
 
 Feeds = dict[str, np.ndarray]
 
@@ -88,9 +88,7 @@ def input_norms(
     Runs onnxruntime on CPU with the activation inputs added as graph outputs. The channel
     axis is 1 for Conv (NCHW) and the last axis for MatMul/Gemm.
     """
-    if not batches:
-        raise PruningError("input_norms got no calibration batches; expected at least one feed dict.",
-                           hint="Pass batches=[{input_name: array}, ...] from your calibration data.")
+    need_batches(batches, "input_norms")
     sums: dict[str, np.ndarray] = {}
     for _, values in probe(model, batches, sorted({n.input[0] for n in nodes}), error=PruningError):
         for node in nodes:
@@ -186,6 +184,13 @@ def refit_rows(h: np.ndarray, target: np.ndarray, with_bias: bool) -> tuple[np.n
     shift = theta[f] if with_bias else np.zeros(target.shape[1])
     return theta[:f], shift
 
+
+
+def need_batches(batches: Sequence[Feeds], what: str) -> None:
+    """``what`` measures activations: refuse an empty calibration set with the way to give one."""
+    if not batches:
+        raise PruningError(f"{what} got no calibration batches; expected at least one feed dict",
+                           hint="pass batches=[{input_name: array}, ...] from your calibration data")
 
 
 def check_ratios(ratio: float, ratios: Mapping[str, float] | None, what: str) -> None:

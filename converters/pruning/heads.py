@@ -28,8 +28,8 @@ from onnx import numpy_helper
 
 from converters import ir
 from converters.ir import Graph, node_key
-from converters.pruning.common import (Feeds, PruneResult, check_ratios, params, refit_rows, relative_mse,
-                                      unknown_units)
+from converters.pruning.common import (Feeds, PruneResult, check_ratios, need_batches, params, refit_rows,
+                                      relative_mse, unknown_units)
 from edge_sdk.errors import InternalError, PruningError
 
 __all__ = ["AttentionBlock", "find_attention_blocks", "prune_heads"]
@@ -392,9 +392,7 @@ def prune_heads(model: onnx.ModelProto, ratio: float, batches: Sequence[Feeds], 
     if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1):
         raise PruningError(f"num_heads is {num_heads!r}; expected a positive int or None",
                            hint="num_heads is the head count of every attention block, e.g. 12")
-    if not batches:
-        raise PruningError("prune_heads got no calibration batches; expected at least one feed dict",
-                           hint="Pass batches=[{input_name: array}, ...] from your calibration data.")
+    need_batches(batches, "prune_heads")
     blocks, notes = find_attention_blocks(model, num_heads)
     pruned = ir.copy(model)
     if not blocks:

@@ -21,8 +21,8 @@ from onnx import helper, numpy_helper
 
 from converters import ir
 from converters.ir import Graph, node_key
-from converters.pruning.common import (Feeds, PruneResult, check_ratios, params, refit_rows, relative_mse, units_to_drop,
-                                      unknown_units)
+from converters.pruning.common import (Feeds, PruneResult, check_ratios, need_batches, params, refit_rows, relative_mse,
+                                      units_to_drop, unknown_units)
 from edge_sdk.errors import PruningError
 
 __all__ = ["FFNGroup", "find_ffn_groups", "prune_ffn", "find_residual_blocks", "prune_layers"]
@@ -206,9 +206,7 @@ def prune_ffn(model: onnx.ModelProto, ratio: float, batches: Sequence[Feeds], *,
     with it, ``ratio`` may be 0 (groups not named stay whole).
     """
     check_ratios(ratio, ratios, "FFN neurons")
-    if not batches:
-        raise PruningError("prune_ffn got no calibration batches; expected at least one feed dict",
-                           hint="Pass batches=[{input_name: array}, ...] from your calibration data.")
+    need_batches(batches, "prune_ffn")
     groups, notes = find_ffn_groups(model)
     pruned = ir.copy(model)
     if not groups:
@@ -284,9 +282,7 @@ def prune_layers(model: onnx.ModelProto, count: int, batches: Sequence[Feeds]) -
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= len(blocks):
         raise PruningError(f"count is {count!r}; expected an int from 1 to {len(blocks)}, the residual blocks found",
                            hint="count is how many attention/FFN residual blocks to remove")
-    if not batches:
-        raise PruningError("prune_layers got no calibration batches; expected at least one feed dict",
-                           hint="Pass batches=[{input_name: array}, ...] from your calibration data.")
+    need_batches(batches, "prune_layers")
     influence = _influence(model, blocks, batches)
     chosen = sorted(range(len(blocks)), key=lambda b: influence[b])[:count]
     rename = {blocks[b][0].output[0]: blocks[b][1] for b in chosen}

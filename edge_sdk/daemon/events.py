@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from runtime.closing import Closing
 from edge_sdk.errors import DaemonError
 
 __all__ = ["Event", "EventStore", "OutboxItem"]
@@ -116,7 +117,7 @@ class OutboxItem:
     payload_json: str
 
 
-class EventStore:
+class EventStore(Closing):
     """Events in ``directory/events.db`` with images in ``directory/snapshots`` (module docstring)."""
 
     def __init__(self, directory: str | os.PathLike[str], *, max_age_s: float | None = None,
@@ -336,12 +337,6 @@ class EventStore:
             self._db.close()
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = -1
-
-    def __enter__(self) -> EventStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:

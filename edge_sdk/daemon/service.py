@@ -22,11 +22,11 @@ import re
 import shutil
 import socket
 import subprocess
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 from edge_sdk.errors import DaemonError
+from runtime.files import write_atomic
 
 __all__ = [
     "SystemdNotifier",
@@ -188,7 +188,7 @@ def install_unit(
     target = directory / name
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        _write_atomically(target, text)
+        write_atomic(target, text.encode("utf-8"), mode=0o644)
     except PermissionError:
         raise DaemonError(f"cannot write {target}: permission denied",
                           hint="run with sudo for a system unit, or install a --user unit") from None
@@ -196,31 +196,6 @@ def install_unit(
     if enable:
         _run_systemctl(systemctl, enable_commands(user_mode=user_mode, name=name))
     return target
-
-
-def _write_atomically(target: Path, text: str) -> None:
-    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=target.parent, prefix=f".{target.name}.",
-                                         suffix=".tmp", delete=False)
-    try:
-        with handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(handle.name, 0o644)
-        os.replace(handle.name, target)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(target.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _run_systemctl(systemctl: str, commands: list[list[str]]) -> None:

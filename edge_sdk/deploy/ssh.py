@@ -27,6 +27,7 @@ import weakref
 from pathlib import Path
 from typing import IO, Sequence
 
+from runtime.closing import Closing
 from edge_sdk.deploy.transport import DeployError, Progress, RunResult, Target, copy_from
 from edge_sdk.errors import InternalError
 
@@ -46,7 +47,7 @@ _RSYNC_SAFE = re.compile(r"[\w@%+=:,./-]+")
 _MIN_RSYNC = (3, 1)  # --info=progress2
 
 
-class SshTransport:
+class SshTransport(Closing):
     """A device reached as ``ssh://user@host[:port]/path`` (see :class:`Transport`)."""
 
     def __init__(self, target: Target, *, identity: str | None = None, known_hosts: str | None = None,
@@ -163,7 +164,7 @@ class SshTransport:
                 output = _follow(process.stdout, offset, total, progress)
                 returncode = process.wait()
             finally:
-                _stop(process)
+                stop_process(process)
             errors.seek(0)
             stderr = errors.read().decode(errors="replace")
         if returncode != 0:
@@ -184,7 +185,7 @@ class SshTransport:
                 _feed(local, offset, process.stdin, progress)
                 returncode = process.wait()
             finally:
-                _stop(process)
+                stop_process(process)
             errors.seek(0)
             stderr = errors.read().decode(errors="replace")
         if returncode == 255:
@@ -208,12 +209,6 @@ class SshTransport:
     def close(self) -> None:
         """End the shared connection and remove its control directory (safe to call twice)."""
         self._closer()
-
-    def __enter__(self) -> SshTransport:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _split_command(edge_sdk: str) -> list[str]:
@@ -306,8 +301,10 @@ def _feed(local: Path, offset: int, stdin: IO[bytes] | None, progress: Progress 
         pass
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """End ``process`` if it still runs (an exception interrupted us) and reap it."""
+def stop_process(process: subprocess.Popen[bytes] | None) -> None:
+    """End ``process`` if it still runs: SIGTERM, then SIGKILL after 5 s; always reaped, its pipes closed."""
+    if process is None:
+        return
     if process.poll() is None:
         process.terminate()
         try:

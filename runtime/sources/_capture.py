@@ -11,6 +11,7 @@ import time
 import cv2
 import numpy as np
 
+from runtime.closing import Releasing
 from edge_sdk.errors import SourceError
 from runtime.frame import Frame, SourceState
 from runtime.sources._health import TERMINAL, Health
@@ -18,7 +19,7 @@ from runtime.sources._spec import Spec, SourceSpec, check_positive, classify, de
 
 log = logging.getLogger(__name__)
 
-class CaptureSource:
+class CaptureSource(Releasing):
     """A :class:`~runtime.frame.Source` over ``cv2.VideoCapture``.
 
     *Live* sources (a camera, a URL, a GStreamer pipeline, or anything with ``live=True``) open on
@@ -115,12 +116,6 @@ class CaptureSource:
             finally:
                 self._io.release()
         # Otherwise the reading thread is inside OpenCV: it closes the capture when that call returns.
-
-    def __enter__(self) -> CaptureSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
     def __repr__(self) -> str:
         return f"CaptureSource({self._spec.display!r}, id={self.id!r}, live={self._live})"

@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from runtime.closing import Releasing
 from edge_sdk.errors import SourceError
 from runtime.frame import Frame, SourceState
 from runtime.sources._health import TERMINAL, Health
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
-class FolderSource:
+class FolderSource(Releasing):
     """A :class:`~runtime.frame.Source` over the image files of one folder (not its subfolders).
 
     Files are read in name order, decoded to BGR; ``Frame.name`` is the file name. Without
@@ -90,12 +91,6 @@ class FolderSource:
         """Stop; a ``read()`` waiting for new files in another thread returns None promptly."""
         self._stop.set()
         self._health.set(status="released")
-
-    def __enter__(self) -> FolderSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
     def __repr__(self) -> str:
         return f"FolderSource({str(self._folder)!r}, id={self.id!r}, watch={self._watch})"

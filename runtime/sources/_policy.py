@@ -8,6 +8,7 @@ import threading
 import time
 from dataclasses import replace
 
+from runtime.closing import Releasing
 from edge_sdk.errors import SourceError
 from runtime.frame import Frame, Source, SourceState
 from runtime.sources._spec import check_positive
@@ -50,7 +51,7 @@ class RateGate:
         return True
 
 
-class PolicySource:
+class PolicySource(Releasing):
     """Wraps any :class:`~runtime.frame.Source` with a frame policy and a rate limit.
 
     Delivered frames keep the inner source's ``index``, so gaps show drops. ``state`` is the inner
@@ -123,12 +124,6 @@ class PolicySource:
             if thread.is_alive():
                 log.warning("source %s: background reader still inside the inner read() after %.0fs; "
                             "it stops when that read returns", self.id, JOIN_TIMEOUT_S)
-
-    def __enter__(self) -> PolicySource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
     def __repr__(self) -> str:
         return f"PolicySource({self._inner!r}, policy={self._policy!r})"

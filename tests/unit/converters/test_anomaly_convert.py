@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import onnx
 import pytest
 
 import edge_sdk
@@ -17,9 +16,7 @@ from tests import builders
 
 @pytest.fixture
 def anomaly_onnx(tmp_path: Path) -> Path:
-    path = tmp_path / "anomaly.onnx"
-    onnx.save(builders.anomaly_model(), path)
-    return path
+    return builders.save(builders.anomaly_model(), tmp_path / "anomaly.onnx")
 
 
 @pytest.fixture

@@ -1,0 +1,35 @@
+"""``with`` for the runtime's resources: a class that frees itself by ``close()`` (or, for frame
+sources, cv2's ``release()``) inherits ``Closing`` (``Releasing``) instead of restating
+``__enter__``/``__exit__``."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class Closing:
+    """``with obj: ...`` calls ``obj.close()`` on the way out, whatever happened inside."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: T) -> T:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class Releasing:
+    """``with source: ...`` calls ``source.release()`` on the way out (cv2's name for close)."""
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: T) -> T:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
