@@ -41,6 +41,7 @@ bench: $(VENV)/.demo-deps $(VENV)/.test-deps $(VENV)/.bench-deps
 	$(BIN)/python -m bench.prune --out build/bench/prune.json
 	$(BIN)/python -m bench.pipeline --out build/bench/pipeline.json
 	$(BIN)/python -m bench.daemon --out build/bench/daemon.json
+	$(BIN)/python -m bench.graph_ir --out build/bench/graph_ir.json
 
 clean:
 	rm -rf $(BUILD) $(VENV)

@@ -22,14 +22,11 @@ class Closing:
         self.close()
 
 
-class Releasing:
-    """``with source: ...`` calls ``source.release()`` on the way out (cv2's name for close)."""
+class Releasing(Closing):
+    """A frame source: ``release()`` (cv2's name) frees it; ``close()`` and ``with`` do the same."""
 
     def release(self) -> None:
         raise NotImplementedError
 
-    def __enter__(self: T) -> T:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
+    def close(self) -> None:
         self.release()

@@ -11,15 +11,14 @@ import time
 import cv2
 import numpy as np
 
-from runtime.closing import Releasing
 from edge_sdk.errors import SourceError
-from runtime.frame import Frame, SourceState
-from runtime.sources._health import TERMINAL, Health
+from runtime.frame import Frame
+from runtime.sources._health import Health, Reporting
 from runtime.sources._spec import Spec, SourceSpec, check_positive, classify, default_id, redact
 
 log = logging.getLogger(__name__)
 
-class CaptureSource(Releasing):
+class CaptureSource(Reporting):
     """A :class:`~runtime.frame.Source` over ``cv2.VideoCapture``.
 
     *Live* sources (a camera, a URL, a GStreamer pipeline, or anything with ``live=True``) open on
@@ -76,15 +75,6 @@ class CaptureSource(Releasing):
     @property
     def live(self) -> bool:
         return self._live
-
-    @property
-    def is_open(self) -> bool:
-        """True until the source has ended, failed or been released (also while reconnecting)."""
-        return self._health.status not in TERMINAL
-
-    @property
-    def state(self) -> SourceState:
-        return self._health.snapshot()
 
     def read(self) -> Frame | None:
         """The next frame; None once ended or released. Raises :class:`SourceError` once failed."""

@@ -12,10 +12,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from runtime.closing import Releasing
 from edge_sdk.errors import SourceError
-from runtime.frame import Frame, SourceState
-from runtime.sources._health import TERMINAL, Health
+from runtime.frame import Frame
+from runtime.sources._health import Health, Reporting
 from runtime.sources._spec import Spec, check_positive, default_id
 
 log = logging.getLogger(__name__)
@@ -24,7 +23,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
-class FolderSource(Releasing):
+class FolderSource(Reporting):
     """A :class:`~runtime.frame.Source` over the image files of one folder (not its subfolders).
 
     Files are read in name order, decoded to BGR; ``Frame.name`` is the file name. Without
@@ -60,14 +59,6 @@ class FolderSource(Releasing):
         self._pending: dict[str, tuple[int, int]] = {}  # watch: name -> (size, mtime) at the last poll
         self._scanned = False
         self._index = 0
-
-    @property
-    def is_open(self) -> bool:
-        return self._health.status not in TERMINAL
-
-    @property
-    def state(self) -> SourceState:
-        return self._health.snapshot()
 
     def read(self) -> Frame | None:
         """The next image; None after the last one (without ``watch``) or once released."""

@@ -6,6 +6,7 @@ import threading
 from dataclasses import replace
 
 from edge_sdk.errors import InternalError
+from runtime.closing import Releasing
 from runtime.frame import SOURCE_STATUSES, SourceState
 
 
@@ -48,3 +49,19 @@ class Health:
     def snapshot(self) -> SourceState:
         with self._lock:
             return self._state
+
+
+class Reporting(Releasing):
+    """``is_open`` and ``state`` of a source that keeps its :class:`Health` in ``_health``; ``with``
+    releases it."""
+
+    _health: Health
+
+    @property
+    def is_open(self) -> bool:
+        """True until the source has ended, failed or been released (also while reconnecting)."""
+        return self._health.status not in TERMINAL
+
+    @property
+    def state(self) -> SourceState:
+        return self._health.snapshot()
