@@ -53,6 +53,11 @@ class Options:
     normalize: bool = True
     # task "anomaly-score": score >= threshold is the fault; None = fitted on the validation data
     threshold: float | None = None
+    # task "anomaly-detection": a folder of good images; the share of their patch features the memory
+    # bank keeps (greedy coreset); the backbone tensors the patches come from (None: chosen)
+    normal: str | os.PathLike[str] | None = None
+    coreset_ratio: float = 0.05
+    feature_layers: Sequence[str] | None = None
 
 
 def parse_options(options: Mapping[str, Any]) -> Options:
@@ -74,6 +79,14 @@ def parse_options(options: Mapping[str, Any]) -> Options:
     if opts.threshold is not None and (isinstance(opts.threshold, bool) or not isinstance(opts.threshold, (int, float))
                                        or not np.isfinite(opts.threshold)):
         raise ConversionError(f"threshold is {opts.threshold!r}; expected a finite anomaly score (or None to fit it)")
+    ratio = opts.coreset_ratio
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
+        raise ConversionError(f"coreset_ratio is {ratio!r}; expected the share of good patches to keep, in (0, 1]",
+                              hint="e.g. 0.05 (the default); 1.0 keeps every patch")
+    if opts.feature_layers is not None and (isinstance(opts.feature_layers, str) or not opts.feature_layers
+                                            or not all(isinstance(n, str) and n for n in opts.feature_layers)):
+        raise ConversionError(f"feature_layers is {opts.feature_layers!r}; expected a list of tensor names",
+                              hint='e.g. ["add_530", "add_728"], or None to choose them')
     if opts.pooling not in POOLINGS:
         raise ConversionError(f"pooling is {opts.pooling!r}; expected one of {', '.join(POOLINGS)}")
     CalibrationMethod.parse(opts.method)

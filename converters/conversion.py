@@ -28,7 +28,7 @@ from converters.stages.fp32 import fit_anomaly_threshold, fp32_stage
 from converters.stages.int8 import Int8Stage, require_calibration, run_int8
 from converters.stages.prune import parse_prune, run_pruning
 from edge_sdk.errors import ConversionError
-from runtime.manifest import EMBEDDING_TASK, Manifest
+from runtime.manifest import ANOMALY_DETECTION, EMBEDDING_TASK, Manifest
 from runtime.package import write_package
 from runtime.pipeline import make_encoder
 
@@ -68,6 +68,9 @@ def convert(
     ``smoothing`` (transformer migration strength, None to skip); ``prune`` (see
     ``converters.stages.prune``);
     ``name``, ``version``, ``archive``, ``golden_samples``, ``output_name``, ``threads``.
+    ``task="anomaly-detection"`` builds a PatchCore-class anomaly model onto ``model`` (any CNN) from
+    ``normal`` (a folder of good images; also the default calibration data), with ``coreset_ratio``
+    and ``feature_layers`` (see ``converters.patchcore``); ``labels`` default to ["ok", "defect"].
     ``task="text-embedding"`` needs no labels and takes ``pooling`` (mean, cls, none), ``normalize``
     and ``knowledge_base`` (an incidents CSV to index; see ``converters.knowledge``).
     ``progress(stage, done, total)`` is called during calibration and sensitivity analysis.
@@ -82,6 +85,8 @@ def convert(
     if opts.knowledge_base is not None or opts.pooling != Options.pooling or opts.normalize != Options.normalize:
         raise ConversionError(f"knowledge_base, pooling and normalize are for task 'text-embedding'; task is {task!r}",
                               hint="convert the embedding model with task='text-embedding', knowledge_base=...")
+    if task == ANOMALY_DETECTION and calibration is None:
+        calibration = opts.normal  # the backbone is calibrated on the good images
     if opts.quantize or opts.prune is not None:
         require_calibration(calibration)
     proto, manifest, tokenizer_json = load.prepare(model, output, task, labels, preprocess, tokenizer, max_length, opts)
@@ -90,6 +95,10 @@ def convert(
     anomaly: dict[str, Any] | None = None
     if task == "anomaly-score":
         manifest, anomaly = fit_anomaly_threshold(proto, manifest, encoder, validation, opts)
+    if task == ANOMALY_DETECTION:
+        from converters.stages.anomaly import fit_anomaly_model
+
+        proto, manifest, anomaly = fit_anomaly_model(proto, manifest, encoder, validation, opts)
     pruning: dict[str, Any] | None = None
     if opts.prune is not None:
         proto, pruning = _prune(proto, manifest, encoder, calibration, validation, opts)
@@ -102,6 +111,9 @@ def convert(
                         smoothing=opts.smoothing, progress=progress)
     manifest, files, notes = assemble(manifest, proto, fp32, int8, tokenizer_json, calibration is not None, pruning)
     manifest = replace(manifest, reports={**manifest.reports, "canonicalization": canonical})
+    if anomaly is not None and int8 is not None and anomaly.get("validation") and manifest.postprocess.map_output:
+        anomaly = {**anomaly, "auroc_fp32": int8.report["metric_fp32"] / 100.0,
+                   "auroc_int8": {g: r["metric_int8"] / 100.0 for g, r in int8.report["per_graph"].items()}}
     if anomaly is not None:
         manifest = replace(manifest, reports={**manifest.reports, "anomaly": anomaly})
     package = write_package(manifest, files, output, archive=opts.archive)
@@ -112,5 +124,5 @@ def convert(
         outputs=tuple(t.to_dict() for t in manifest.outputs),
         golden_samples=len(next(iter(fp32.golden_in.values()))), seconds=time.perf_counter() - start,
         validation=fp32.evaluation, notes=tuple(notes), int8=manifest.reports.get("int8"),
-        pruning=manifest.reports.get("pruning"), canonicalization=canonical,
+        pruning=manifest.reports.get("pruning"), canonicalization=canonical, anomaly=anomaly,
     )

@@ -39,6 +39,10 @@ WEIGHTED_OPS = ("Conv", "MatMul", "Gemm")
 CPU_CNN_OPS = (*WEIGHTED_OPS, "Add", "Clip", "Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "Concat")
 
 
+#: Nodes named in this scope stay float in every int8 graph (an anomaly head's memory bank, say).
+FLOAT_SCOPE = "float/"
+
+
 class Variant(str, enum.Enum):
     S8S8 = "s8s8"  # TensorRT
     U8S8 = "u8s8"  # onnxruntime CPU: x86 with VNNI, Arm64
@@ -74,7 +78,7 @@ def plan_placement(model: onnx.ModelProto, exclude: Sequence[str] = ()) -> Place
     constants, family = graph.constants, graph.family
     nodes = []
     for node in graph.nodes:
-        if node.op_type not in WEIGHTED_OPS or node.name in exclude:
+        if node.op_type not in WEIGHTED_OPS or node.name in exclude or node.name.startswith(FLOAT_SCOPE):
             continue
         weight = node.input[1] if len(node.input) > 1 else ""
         if weight in constants:  # activation x activation MatMuls (attention scores) stay float
@@ -206,4 +210,5 @@ def _float_readers_read_float(model: onnx.ModelProto, quantized: set[str]) -> No
 def _excluded(model: onnx.ModelProto, placement: Placement) -> set[str]:
     """Weighted nodes the placement left in float (mixed precision or non-constant weights)."""
     chosen = set(placement.nodes)
-    return {n.name for n in model.graph.node if n.op_type in WEIGHTED_OPS and n.name not in chosen}
+    return {n.name for n in model.graph.node
+            if (n.op_type in WEIGHTED_OPS and n.name not in chosen) or n.name.startswith(FLOAT_SCOPE)}

@@ -25,6 +25,7 @@ class ConversionReport:
     int8: dict[str, Any] | None = None
     pruning: dict[str, Any] | None = None
     canonicalization: dict[str, Any] | None = None
+    anomaly: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -42,6 +43,7 @@ class ConversionReport:
             "int8": self.int8,
             "pruning": self.pruning,
             "canonicalization": self.canonicalization,
+            "anomaly": self.anomaly,
         }
 
     def lines(self) -> list[str]:
@@ -57,6 +59,8 @@ class ConversionReport:
                        f"median {v.median_latency_ms:.2f} ms/sample")
         if self.canonicalization:
             out.append(canonical_line(self.canonicalization))
+        if self.anomaly and self.anomaly.get("method") == "patchcore":
+            out.extend(anomaly_lines(self.anomaly))
         if self.pruning:
             out.extend(pruning_lines(self.pruning))
         if self.int8:
@@ -97,6 +101,26 @@ def int8_lines(int8: dict[str, Any]) -> list[str]:
         shown = ", ".join(f"{g} {p}" for g, p in precision.items()) if isinstance(precision, dict) else precision
         lines.append(f"sensitive: {layer['node']} ({layer['op_type']}) error {layer['sensitivity']:.2e}, "
                      f"{layer['method']} amax {layer['amax']:.4g}, {shown}")
+    return lines
+
+
+def anomaly_lines(report: dict[str, Any]) -> list[str]:
+    """Summary of an anomaly-detection fit: features, memory bank, threshold, AUROC / F1 (fp32, int8)."""
+    layers = ", ".join(f"{m['name']} (stride {m['stride']}, {m['channels']} ch)" for m in report["layers"])
+    lines = [f"anomaly model: PatchCore, patches from {layers} ({report['layers_chosen']}), "
+             f"{report['grid'][0]}x{report['grid'][1]} grid",
+             f"memory bank: {report['memory_bank']:,} of {report['patches']:,} patch features ({report['feature_dim']} "
+             f"dims, coreset ratio {report['coreset_ratio']}) from {report['bank_images']} good images, "
+             f"fitted in {report['fit_seconds']:.1f} s",
+             f"threshold {report['threshold']:.4g}: {report['threshold_rule']}; typical good score "
+             f"{report['normal_score']:.4g}"]
+    v = report.get("validation")
+    if v:
+        auroc = f"AUROC {v['auroc']:.4f}, " if "auroc" in v else ""
+        lines.append(f"anomaly validation (fp32): {auroc}F1 {v['f1']:.3f} (precision {v['precision']:.3f}, "
+                     f"recall {v['recall']:.3f}) on {v['samples']} images, {v['defects']} defects")
+    for graph, value in (report.get("auroc_int8") or {}).items():
+        lines.append(f"anomaly validation ({graph}, exact reference): AUROC {value:.4f}")
     return lines
 
 

@@ -17,12 +17,13 @@ SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 
 EMBEDDING_TASK = "text-embedding"
-TASKS = ("image-classification", "text-classification", "anomaly-score", EMBEDDING_TASK)
+ANOMALY_DETECTION = "anomaly-detection"  # built by convert() from good images (converters.patchcore)
+TASKS = ("image-classification", "text-classification", "anomaly-score", ANOMALY_DETECTION, EMBEDDING_TASK)
 CONVERT_TASKS = tuple(t for t in TASKS if t != EMBEDDING_TASK)  # convert()'s classifier tasks; embeddings: the KB
-IMAGE_TASKS = ("image-classification", "anomaly-score")
+IMAGE_TASKS = ("image-classification", "anomaly-score", ANOMALY_DETECTION)
 #: What the postprocessing turns the output tensor into, per task.
 POSTPROCESS_KINDS = {"image-classification": "classes", "text-classification": "classes",
-                     "anomaly-score": "anomaly", "text-embedding": "embedding"}
+                     "anomaly-score": "anomaly", ANOMALY_DETECTION: "anomaly", "text-embedding": "embedding"}
 POOLINGS = ("none", "mean", "cls")
 PRECISIONS = ("fp32", "int8")
 GRAPH_VARIANTS = ("u8s8", "u8s7", "s8s8")  # int8 for the onnxruntime CPU provider (per ISA) / for TensorRT
@@ -261,7 +262,10 @@ class Postprocess:
 
     * ``classes``: class scores -> softmax (or not), labels, per-class thresholds.
     * ``anomaly``: one score per input (higher is more anomalous); ``score >= threshold`` is
-      ``labels[1]`` (the fault), below is ``labels[0]``.
+      ``labels[1]`` (the fault), below is ``labels[0]``. ``map_output`` names an anomaly map
+      ([batch, h, w], where the score comes from); ``normal_score`` is a typical good part's score,
+      so ``(score - normal_score) / (threshold - normal_score)`` is 0 for a good part and 1 at the
+      threshold on every device.
     * ``embedding``: vectors ([batch, dim], or [batch, seq, dim] pooled by ``pooling``),
       optionally L2-normalised; no labels.
     """
@@ -272,6 +276,8 @@ class Postprocess:
     thresholds: Mapping[str, float] = field(default_factory=dict)
     kind: str = "classes"
     threshold: float | None = None  # anomaly
+    map_output: str | None = None  # anomaly: the [batch, h, w] anomaly map, when the model gives one
+    normal_score: float | None = None  # anomaly: a typical good part's score (score normalisation)
     pooling: str = "none"  # embedding
     normalize: bool = True  # embedding
 
@@ -293,7 +299,15 @@ class Postprocess:
                 raise PackageError(f"anomaly postprocess has labels {list(labels)} and threshold {threshold!r}; "
                                    "expected two labels [normal, fault] and a numeric threshold",
                                    hint="convert with task='anomaly-score' and threshold=<score> (or validation data)")
-            return cls(output=output, labels=labels, softmax=False, kind=kind, threshold=float(threshold))
+            normal = data.get("normal_score")
+            if normal is not None and (isinstance(normal, bool) or not isinstance(normal, (int, float))
+                                       or not normal < threshold):
+                raise PackageError(f"anomaly postprocess normal_score is {normal!r}; expected a number below the "
+                                   f"threshold {threshold}")
+            map_output = data.get("map_output")
+            return cls(output=output, labels=labels, softmax=False, kind=kind, threshold=float(threshold),
+                       map_output=None if map_output is None else str(map_output),
+                       normal_score=None if normal is None else float(normal))
         thresholds = dict(data.get("thresholds") or {})
         for label, value in thresholds.items():
             if label not in labels or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
@@ -305,7 +319,9 @@ class Postprocess:
             return {"kind": self.kind, "output": self.output, "pooling": self.pooling, "normalize": self.normalize}
         if self.kind == "anomaly":
             return {"kind": self.kind, "output": self.output, "labels": list(self.labels),
-                    "threshold": self.threshold}
+                    "threshold": self.threshold,
+                    **({"map_output": self.map_output} if self.map_output is not None else {}),
+                    **({"normal_score": self.normal_score} if self.normal_score is not None else {})}
         return {"output": self.output, "labels": list(self.labels), "softmax": self.softmax,
                 "thresholds": dict(self.thresholds)}
 
@@ -374,15 +390,20 @@ class Manifest:
                                  size=int(_require(entry, "size", f"file '{path}'")))
             for path, entry in dict(_require(data, "files", "manifest")).items()
         }
+        outputs = tuple(TensorSpec.from_dict(t) for t in _require(data, "outputs", "manifest"))
+        post = Postprocess.from_dict(_require(data, "postprocess", "manifest"), POSTPROCESS_KINDS[task])
+        if post.map_output is not None and post.map_output not in {o.name for o in outputs}:
+            raise PackageError(f"postprocess map_output {post.map_output!r} is not an output of the graph "
+                               f"({', '.join(o.name for o in outputs)})", hint="re-convert the model")
         return cls(
             name=name,
             version=str(_require(data, "version", "manifest")),
             task=task,
             model=str(_require(data, "model", "manifest")),
             inputs=tuple(TensorSpec.from_dict(t) for t in _require(data, "inputs", "manifest")),
-            outputs=tuple(TensorSpec.from_dict(t) for t in _require(data, "outputs", "manifest")),
+            outputs=outputs,
             preprocess=ImagePreprocess.from_dict(pre) if task in IMAGE_TASKS else TextPreprocess.from_dict(pre),
-            postprocess=Postprocess.from_dict(_require(data, "postprocess", "manifest"), POSTPROCESS_KINDS[task]),
+            postprocess=post,
             files=files,
             golden=data.get("golden"),
             precision=_choice(data.get("precision", cls.precision), PRECISIONS, "manifest precision"),

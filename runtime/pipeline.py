@@ -119,12 +119,18 @@ class Pipeline(Closing):
             return anomaly_scores(outputs[post.output])
         return class_scores(outputs[post.output], post)
 
-    def wrap(self, scores: np.ndarray, timings: Sequence[Timings]) -> list[Prediction]:
-        """Stage 3b: per-input scores -> :class:`Prediction` objects with provenance."""
-        post = self.manifest.postprocess
-        make = anomaly_predictions if post.kind == "anomaly" else to_predictions
-        return make(scores, post, backend=self.backend, model=self.manifest.name,
-                    precision=self.selection.precision_label, timings=timings)
+    def maps(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray | None:
+        """Stage 3a': the [batch, h, w] anomaly maps, when the package declares them; else None."""
+        name = self.manifest.postprocess.map_output
+        return None if name is None else np.asarray(outputs[name])
+
+    def wrap(self, scores: np.ndarray, timings: Sequence[Timings], maps: np.ndarray | None = None) -> list[Prediction]:
+        """Stage 3b: per-input scores (and anomaly maps) -> :class:`Prediction` objects with provenance."""
+        post, name, precision = self.manifest.postprocess, self.manifest.name, self.selection.precision_label
+        if post.kind == "anomaly":
+            return anomaly_predictions(scores, post, backend=self.backend, model=name, precision=precision,
+                                       timings=timings, maps=maps)
+        return to_predictions(scores, post, backend=self.backend, model=name, precision=precision, timings=timings)
 
     def _run(self, items: Sequence[Any]) -> list[Prediction]:
         if isinstance(self._encode, TextFeeds) and self.manifest.postprocess.kind != "embedding":
@@ -137,7 +143,7 @@ class Pipeline(Closing):
         probs = self.scores(outputs)
         t3 = time.perf_counter()
         timing = Timings((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
-        return self.wrap(probs, [timing] * len(items))
+        return self.wrap(probs, [timing] * len(items), self.maps(outputs))
 
     def _run_windows(self, texts: Sequence[Any], text: TextFeeds) -> list[Prediction]:
         """Text classification: windows padded to length buckets, one inference per bucket, windows aggregated."""

@@ -56,7 +56,19 @@ class Prediction:
                 "postprocess": self.timings.postprocess_ms,
                 "total": self.timings.total_ms,
             },
+            **({"extra": {k: _plain(v) for k, v in self.extra.items()}} if self.extra else {}),
         }
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready copy: arrays (an anomaly map) become nested lists rounded to 5 significant digits."""
+    if isinstance(value, np.ndarray):
+        return np.vectorize(lambda v: float(f"{v:.5g}"), otypes=[float])(value).tolist() if value.size else []
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -107,23 +119,29 @@ def anomaly_scores(output: np.ndarray) -> np.ndarray:
 
 def anomaly_predictions(
     scores: np.ndarray, spec: Postprocess, *, backend: str, model: str, timings: Sequence[Timings],
-    precision: str = "fp32",
+    precision: str = "fp32", maps: np.ndarray | None = None,
 ) -> list[Prediction]:
     """Anomaly scores -> predictions: ``score >= threshold`` is the fault label (``labels[1]``).
 
     ``score`` is the raw anomaly score; ``scores`` holds the decision (1.0 for the decided
     label, 0.0 for the other) so consumers of class scores see a consistent mapping, and
-    ``extra`` keeps the score and the threshold.
+    ``extra`` keeps the score and the threshold, the normalised score when the package declares a
+    typical good score (0 for a good part, 1 at the threshold) and the anomaly map ([h, w] float32)
+    when the model gives one.
     """
     assert spec.threshold is not None  # guaranteed by Postprocess.from_dict for kind "anomaly"
     normal, fault = spec.labels
     out = []
-    for value, timing in zip(scores, timings):
+    for i, (value, timing) in enumerate(zip(scores, timings)):
         is_fault = bool(value >= spec.threshold)
+        extra: dict[str, Any] = {"anomaly_score": float(value), "threshold": spec.threshold}
+        if spec.normal_score is not None:
+            extra["normalized_score"] = float((value - spec.normal_score) / (spec.threshold - spec.normal_score))
+        if maps is not None:
+            extra["anomaly_map"] = np.asarray(maps[i], dtype=np.float32)
         out.append(Prediction(
             label=fault if is_fault else normal, score=float(value),
             scores=MappingProxyType({normal: float(not is_fault), fault: float(is_fault)}),
             backend=backend, timings=timing, model=model, precision=precision, over_threshold=is_fault,
-            batch_size=len(scores),
-            extra=MappingProxyType({"anomaly_score": float(value), "threshold": spec.threshold})))
+            batch_size=len(scores), extra=MappingProxyType(extra)))
     return out

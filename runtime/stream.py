@@ -385,7 +385,7 @@ class Stream(Closing):
                     scores = self.pipeline.scores(outputs)
                     post_ms = (time.perf_counter() - t1) * 1e3
                     timings = [Timings(it.preprocess_ms, (t1 - t0) * 1e3, post_ms) for it in items]
-                    predictions = self.pipeline.wrap(scores, timings)
+                    predictions = self.pipeline.wrap(scores, timings, self.pipeline.maps(outputs))
                 except Exception as exc:
                     self._error(f"inference of a batch of {len(items)} on replica {index}", exc)
                     continue

@@ -16,7 +16,7 @@ import numpy as np
 
 from converters.data import image_samples, text_lines
 from edge_sdk.errors import CalibrationError
-from runtime.manifest import TensorSpec
+from runtime.manifest import IMAGE_TASKS, TensorSpec
 
 Feeds = dict[str, np.ndarray]
 Encoder = Callable[[Sequence[Any]], Feeds]
@@ -96,7 +96,7 @@ def calibration_reader(
             picked = spread(len(next(iter(arrays.values()))), limit)
             arrays = {k: v[picked] for k, v in arrays.items()}
         return ArrayReader(arrays, batch_size)
-    samples = image_samples(path) if task in ("image-classification", "anomaly-score") else text_lines(path)
+    samples = image_samples(path) if task in IMAGE_TASKS else text_lines(path)
     items = tuple(s.item for s in samples)
     if limit:
         items = tuple(items[i] for i in spread(len(items), limit))

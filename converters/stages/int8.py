@@ -64,11 +64,42 @@ def _metric(manifest: Manifest, encoder: Encoder, validation: Sequence[Sample], 
     output = manifest.postprocess.output
 
     def score(graph: onnx.ModelProto) -> float:
+        if validation and manifest.postprocess.kind == "anomaly":
+            return _auroc_points(manifest, graph, encoder, validation)
         if validation:
             return accuracy_points(manifest, graph, encoder, validation, variant.value)
         return 100.0 * _agreement(reference, _logits(graph, batches, output))["top1_agreement"]
 
     return score
+
+
+def _held(encoder: Encoder, validation: Sequence[Sample]) -> list[dict[str, np.ndarray]]:
+    return [encoder([s.item for s in validation[i:i + 16]]) for i in range(0, len(validation), 16)]
+
+
+def _auroc_points(manifest: Manifest, graph: onnx.ModelProto, encoder: Encoder, validation: Sequence[Sample]) -> float:
+    """An anomaly model's metric: image AUROC on the labelled validation data (0-100), on the reference."""
+    from converters.patchcore import auroc
+
+    scores = _logits(graph, _held(encoder, validation), manifest.postprocess.output)
+    return 100.0 * auroc(scores, [s.label == manifest.postprocess.labels[1] for s in validation])
+
+
+def _anomaly_fidelity(manifest: Manifest, model: onnx.ModelProto, held: Sequence[dict[str, np.ndarray]],
+                      ) -> Callable[[onnx.ModelProto], dict[str, float]]:
+    """For an anomaly model: ``top1_agreement`` is the share of inputs decided alike at the package's
+    threshold, ``mean_cosine`` the mean cosine of the anomaly maps, both against fp32."""
+    post = manifest.postprocess
+    threshold, map_output = post.threshold, post.map_output
+    assert threshold is not None and map_output is not None
+    ref_scores, ref_maps = _logits(model, held, post.output), _logits(model, held, map_output)
+
+    def fidelity(graph: onnx.ModelProto) -> dict[str, float]:
+        scores, maps = _logits(graph, held, post.output), _logits(graph, held, map_output)
+        same = (scores >= threshold) == (ref_scores >= threshold)
+        return {"top1_agreement": float(np.mean(same)), "mean_cosine": _agreement(ref_maps, maps)["mean_cosine"]}
+
+    return fidelity
 
 
 @dataclass(frozen=True)
@@ -137,13 +168,19 @@ def run_int8(
                                   progress=(lambda n: progress("calibration", n, len(reader))) if progress else None)
     output = manifest.postprocess.output
     reference = _logits(model, batches, output)
-    baseline = 100.0 * fp32.accuracy if (validation and fp32) else 100.0
+    anomaly_map = manifest.postprocess.kind == "anomaly" and manifest.postprocess.map_output is not None
+    if validation and anomaly_map:
+        baseline = _auroc_points(manifest, model, encoder, validation)
+    else:
+        baseline = 100.0 * fp32.accuracy if (validation and fp32) else 100.0
     # fidelity figures on the held-out validation inputs when there are any, else on the calibration data
-    held = [encoder([s.item for s in validation[i:i + 16]]) for i in range(0, len(validation), 16)] or batches
+    held = _held(encoder, validation) or batches
     held_ref = _logits(model, held, output) if validation else reference
 
-    def fidelity(graph: onnx.ModelProto) -> dict[str, float]:
+    def agreement(graph: onnx.ModelProto) -> dict[str, float]:
         return _agreement(held_ref, _logits(graph, held, output))
+
+    fidelity = _anomaly_fidelity(manifest, model, held) if anomaly_map else agreement  # decisions and maps
 
     results = {v: _fit_variant(v, model, cal, placement, batches[:1],
                                _metric(manifest, encoder, validation, batches, reference, v), baseline, budget, progress,

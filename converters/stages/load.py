@@ -13,7 +13,11 @@ from converters.canonical import canonicalize
 from converters.graph import ModelSource, io_specs, load_onnx
 from converters.ir import name_nodes
 from edge_sdk.errors import ConversionError
-from runtime.manifest import EMBEDDING_TASK, IMAGE_TASKS, ImagePreprocess, Manifest, Postprocess, TextPreprocess
+from runtime.manifest import (ANOMALY_DETECTION, EMBEDDING_TASK, IMAGE_TASKS, ImagePreprocess, Manifest, Postprocess,
+                              TextPreprocess)
+
+
+DEFECT_LABELS = ("ok", "defect")
 
 
 def prepare(
@@ -23,10 +27,23 @@ def prepare(
     """Load and check the graph and the user's pre/post-processing; the manifest without files."""
     if task not in TASKS:
         raise ConversionError(f"task is {task!r}; expected one of {', '.join((*TASKS, EMBEDDING_TASK))}")
-    label_list = parse_labels(labels, task)
+    label_list = parse_labels(labels if labels is not None or task != ANOMALY_DETECTION else DEFECT_LABELS, task)
+    if task == ANOMALY_DETECTION and len(label_list) != 2:
+        raise ConversionError(f"an anomaly-detection model has labels {list(label_list)}; expected two: [good, defect]",
+                              hint=f"e.g. labels={list(DEFECT_LABELS)} (the default), matching the validation sub-folders")
+    if task != ANOMALY_DETECTION and opts.normal is not None:
+        raise ConversionError(f"normal= (good images) is for task {ANOMALY_DETECTION!r}; task is {task!r}",
+                              hint=f"convert with task={ANOMALY_DETECTION!r} to build an anomaly model from good images")
+    if task == ANOMALY_DETECTION and opts.prune is not None:
+        raise ConversionError("prune= does not apply to an anomaly-detection model (its head holds the memory bank)",
+                              hint="prune the backbone in its own convert, then build the anomaly model on it")
     proto = name_nodes(load_onnx(model))  # reports and scales refer to nodes by name
     inputs, outputs = io_specs(proto)
-    if task == "anomaly-score":
+    if task == ANOMALY_DETECTION:  # the backbone's outputs go; fit_anomaly_model writes score and map
+        out_spec = outputs[0]
+        postprocess = Postprocess(output=out_spec.name, labels=label_list, softmax=False, kind="anomaly",
+                                  threshold=0.0)
+    elif task == "anomaly-score":
         out_spec, postprocess = anomaly_output(outputs, opts, label_list)
     else:
         out_spec = pick_output(outputs, opts.output_name, label_list)

@@ -32,6 +32,7 @@ from edge_sdk.daemon.kserve import BadRequest, decode_request, encode_response, 
 from edge_sdk.daemon.models import UnknownModelError
 from edge_sdk.daemon.uploads import decode_upload
 from edge_sdk.errors import DaemonError, EdgeSDKError, InputMismatchError, PipelineError
+from runtime.manifest import IMAGE_TASKS
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class Api:
     async def _items(self, request: Request, name: str) -> list[Any]:
         manifest = self.daemon.registry.current(name).manifest
         body = await read_body(request, self.limit)
-        if manifest.task in ("image-classification", "anomaly-score"):
+        if manifest.task in IMAGE_TASKS:
             return [await run_in_threadpool(decode_upload, body)]  # decoding is CPU work: off the event loop
         data = _json(body)
         texts = data.get("texts") if isinstance(data, dict) and "texts" in data else [
