@@ -53,7 +53,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             raise EdgeSDKError(f"--preprocess is not valid JSON: {exc}") from None
     options: dict[str, Any] = {k: v for k, v in {
         "name": args.name, "version": args.version, "quantize": args.quantize, "smoothing": args.smoothing,
-        "threshold": args.threshold,
+        "threshold": args.threshold, "normal": args.normal, "coreset_ratio": args.coreset_ratio,
+        "feature_layers": [n.strip() for n in args.feature_layers.split(",") if n.strip()] if args.feature_layers
+        else None,
     }.items() if v is not None}  # unset: the SDK's defaults
     options.update(archive=not args.directory, method=args.method, calibration_samples=args.calibration_samples,
                    budget=None if args.budget < 0 else args.budget)
@@ -95,7 +97,9 @@ class _Progress:
             self.stage = ""
 
 
-def _labels_arg(value: str) -> Any:
+def _labels_arg(value: str | None) -> Any:
+    if value is None:
+        return None
     return value if Path(value).is_file() else [v.strip() for v in value.split(",") if v.strip()]
 
 
@@ -295,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="the .onnx file")
     p.add_argument("-o", "--output", required=True, help="package path to write")
     p.add_argument("--task", required=True, choices=CONVERT_TASKS)
-    p.add_argument("--labels", required=True, help="labels.txt path or comma-separated labels")
+    p.add_argument("--labels", help="labels.txt path or comma-separated labels (anomaly-detection: default ok,defect)")
     p.add_argument("--preprocess", help="image preprocessing as JSON or a JSON file path")
     p.add_argument("--tokenizer", help="tokenizer.json of a text model")
     p.add_argument("--max-length", type=int, default=128, help="text truncation length")
@@ -314,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-smoothing", action="store_true", help="keep the fp32 graph as is before quantizing")
     p.add_argument("--threshold", type=float,
                    help="anomaly-score: score at and above which an input is a fault (default: fitted on --validation)")
+    p.add_argument("--normal", help="anomaly-detection: folder of good images the memory bank is built from "
+                                    "(also the default --calibration)")
+    p.add_argument("--coreset-ratio", type=float,
+                   help="anomaly-detection: share of the good images' patch features the memory bank keeps (0.05)")
+    p.add_argument("--feature-layers", help="anomaly-detection: comma-separated backbone tensors to read patches "
+                                            "from (default: the stage outputs at strides 16 and 32)")
     p.add_argument("--prune", help='magnitude | activation | 2:4, or JSON such as '
                                    '\'{"method": "structured", "ratio": 0.3}\' or \'{"method": "structured", "budget": 1.0}\'')
     p.add_argument("--json", action="store_true")

@@ -247,6 +247,65 @@ def write_anomaly_folder(root: Path, per_class: int = 6, size: int = 32) -> Path
     return root
 
 
+def backbone_model(size: int = 64, classes: int = 3, seed: int = 0) -> onnx.ModelProto:
+    """A small random-weight CNN classifier with residual stages at strides 16 and 32 (the default
+    PatchCore feature maps): stem s2 -> s4 -> s8 -> s16 (+ residual block) -> s32 (+ residual block) -> head."""
+    rng = np.random.default_rng(seed)
+    widths = {"c1": (8, 3), "c2": (8, 8), "c3": (16, 8), "c4": (16, 16), "r4a": (16, 16), "r4b": (16, 16),
+              "c5": (24, 16), "r5a": (24, 24), "r5b": (24, 24)}
+    inits = [_init(rng, f"w_{k}", (o, i, 3, 3), (2.0 / (9 * i)) ** 0.5) for k, (o, i) in widths.items()]
+    inits += [_init(rng, "fc", (classes, 24)), _init(rng, "fcb", (classes,), 0.1)]
+    nodes = []
+    x = "image"
+    for k, stride in (("c1", 2), ("c2", 2), ("c3", 2), ("c4", 2)):
+        nodes += [helper.make_node("Conv", [x, f"w_{k}"], [f"{k}_out"], pads=[1, 1, 1, 1], strides=[stride] * 2,
+                                   name=k),
+                  helper.make_node("Relu", [f"{k}_out"], [f"{k}_act"], name=f"{k}_relu")]
+        x = f"{k}_act"
+    for stage, prev, down in (("r4", x, None), ("r5", "stage4", "c5")):
+        if down:
+            nodes += [helper.make_node("Conv", [prev, f"w_{down}"], [f"{down}_out"], pads=[1, 1, 1, 1],
+                                       strides=[2, 2], name=down),
+                      helper.make_node("Relu", [f"{down}_out"], [f"{down}_act"], name=f"{down}_relu")]
+            prev = f"{down}_act"
+        nodes += [helper.make_node("Conv", [prev, f"w_{stage}a"], [f"{stage}a"], pads=[1, 1, 1, 1], name=f"{stage}a"),
+                  helper.make_node("Relu", [f"{stage}a"], [f"{stage}a_act"], name=f"{stage}a_relu"),
+                  helper.make_node("Conv", [f"{stage}a_act", f"w_{stage}b"], [f"{stage}b"], pads=[1, 1, 1, 1],
+                                   name=f"{stage}b"),
+                  helper.make_node("Add", [prev, f"{stage}b"], [f"stage{stage[1]}"], name=f"{stage}_add")]
+    nodes += [helper.make_node("GlobalAveragePool", ["stage5"], ["pool"], name="pool"),
+              helper.make_node("Flatten", ["pool"], ["flat"], name="flatten"),
+              helper.make_node("Gemm", ["flat", "fc", "fcb"], ["logits"], transB=1, name="head")]
+    return _classifier(nodes, "backbone", size, classes, inits)
+
+
+def write_parts(root: Path, good: int = 24, per_class: int = 8, size: int = 64, seed: int = 3) -> Path:
+    """``good/``: textured grey parts (smooth noise under uneven light); ``val/ok`` more of them and
+    ``val/defect`` the same kind of part with a drawn scratch or spot it was never fitted on."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+
+    def part() -> np.ndarray:
+        noise = cv2.GaussianBlur(rng.normal(0, 1, (size, size)).astype(np.float32), (0, 0), 2.0)
+        ramp = np.linspace(-12, 12, size, dtype=np.float32)[None, :] * rng.uniform(-1, 1)
+        grey = 120 + 14 * noise / (noise.std() + 1e-6) + ramp
+        return np.repeat(grey[:, :, None], 3, axis=2)
+
+    for folder, count, defect in (("good", good, False), ("val/ok", per_class, False), ("val/defect", per_class, True)):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            img = part()
+            if defect:
+                a, b = rng.integers(size // 8, size - size // 8, 2), rng.integers(size // 8, size - size // 8, 2)
+                if i % 2:
+                    cv2.line(img, (int(a[0]), int(a[1])), (int(b[0]), int(b[1])), (235, 235, 235), 2)
+                else:
+                    cv2.circle(img, (int(a[0]), int(a[1])), size // 10, (25, 25, 25), -1)
+            cv2.imwrite(str(root / folder / f"{i}.png"), np.clip(img, 0, 255).astype(np.uint8))
+    return root
+
+
 # --- knowledge base: a bag-of-words embedding model and past incidents ---------------------------
 
 DIM = 8

@@ -151,7 +151,7 @@ def test_other_tasks_keep_their_rules(tmp_path: Path, text_onnx: Path, tokenizer
     with pytest.raises(ConversionError, match="knowledge_base, pooling and normalize are for task 'text-embedding'"):
         convert(text_onnx, tmp_path / "x.edgepkg", task="text-classification", labels=builders.TEXT_LABELS,
                 tokenizer=tokenizer_file, knowledge_base=tmp_path / "incidents.csv")
-    with pytest.raises(ConversionError, match="expected one of image-classification, text-classification, anomaly-score, "
+    with pytest.raises(ConversionError, match="expected one of image-classification, text-classification, anomaly-score, anomaly-detection, "
                                               "text-embedding"):
         convert(text_onnx, tmp_path / "x.edgepkg", task="detection", labels=["a"])
     assert Package.open(build_kb(tmp_path / "kb").path).manifest.task == "text-embedding"
