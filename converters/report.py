@@ -112,8 +112,9 @@ def anomaly_lines(report: dict[str, Any]) -> list[str]:
              f"memory bank: {report['memory_bank']:,} of {report['patches']:,} patch features ({report['feature_dim']} "
              f"dims, coreset ratio {report['coreset_ratio']}) from {report['bank_images']} good images, "
              f"fitted in {report['fit_seconds']:.1f} s",
-             f"threshold {report['threshold']:.4g}: {report['threshold_rule']}; typical good score "
-             f"{report['normal_score']:.4g}"]
+             f"threshold {report['threshold']:.4g}: {report['threshold_rule']}"
+             + (f"; typical good score {report['normal_score']:.4g}" if report.get("normal_score") is not None else "")]
+    lines.extend(f"anomaly note: {n}" for n in report.get("notes", []))
     v = report.get("validation")
     if v:
         auroc = f"AUROC {v['auroc']:.4f}, " if "auroc" in v else ""

@@ -6,7 +6,8 @@ Expects the models built by ``demo.build_image_model`` and ``demo.build_text_mod
 Each model becomes an fp32 package and an int8 one (calibrated on the demo's
 calibration split). Prints, per model, a short table (sample, true label,
 predicted label, score, backend, latency) and the accuracy and median latency
-of fp32 and int8 over the whole held-out set. Then ``demo.production`` streams a
+of fp32 and int8 over the whole held-out set. ``demo.anomaly`` fits a defect detector on the good
+surfaces alone and compares it with the supervised classifier. Then ``demo.production`` streams a
 camera line through the int8 defect model and fuses reports and camera frames into
 one diagnosis per asset, with similar past incidents from a knowledge base.
 """
@@ -120,6 +121,9 @@ def run(build: Path) -> None:
     """Convert both demo models, run their held-out samples, then the production-line scenario."""
     packages = _convert(build, build / "packages")
     _run(packages, _image_heldout(build / "image"))
+    from demo import anomaly
+
+    anomaly.run(build, build / "packages")
     _run(packages, _text_heldout(build / "text"))
     from demo import production
 

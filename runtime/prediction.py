@@ -136,6 +136,7 @@ def anomaly_predictions(
         is_fault = bool(value >= spec.threshold)
         extra: dict[str, Any] = {"anomaly_score": float(value), "threshold": spec.threshold}
         if spec.normal_score is not None:
+            extra["normal_score"] = spec.normal_score
             extra["normalized_score"] = float((value - spec.normal_score) / (spec.threshold - spec.normal_score))
         if maps is not None:
             extra["anomaly_map"] = np.asarray(maps[i], dtype=np.float32)

@@ -77,9 +77,25 @@ class AnnotatedFrameSink:
         os.replace(tmp, self.folder / name)  # readers never see half a file
 
 
+def heat_map(image: np.ndarray, prediction: Prediction, alpha: float = 0.45) -> np.ndarray:
+    """``image`` with the prediction's anomaly map over it (a copy; ``image`` itself when there is no map):
+    transparent at a typical good part's score, full colour at the threshold and above."""
+    amap = prediction.extra.get("anomaly_map")
+    if amap is None or image.ndim != 3:
+        return image
+    threshold = float(prediction.extra.get("threshold", np.max(amap)))
+    low = float(prediction.extra.get("normal_score", np.min(amap)))
+    level = np.clip((np.asarray(amap, np.float32) - low) / max(threshold - low, 1e-6), 0.0, 1.0)
+    level = cv2.resize(level, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
+    colour = cv2.applyColorMap((level * 255).astype(np.uint8), cv2.COLORMAP_JET).astype(np.float32)
+    weight = (alpha * level)[:, :, None]
+    return (image.astype(np.float32) * (1 - weight) + colour * weight).astype(np.uint8)
+
+
 def annotate(image: np.ndarray, prediction: Prediction) -> np.ndarray:
-    """A copy of ``image`` with ``label score`` in a banner, red when the prediction is over its threshold."""
-    out = image.copy()
+    """A copy of ``image`` with ``label score`` in a banner, red when the prediction is over its threshold,
+    and the anomaly map drawn over it when the model gives one."""
+    out = heat_map(image, prediction).copy()
     text = f"{prediction.label} {prediction.score:.2f}"
     roi = prediction.extra.get("roi")
     if roi:

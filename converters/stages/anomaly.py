@@ -96,7 +96,7 @@ def fit_anomaly_model(proto: onnx.ModelProto, manifest: Manifest, encoder: Any, 
     coreset_s = time.perf_counter() - t0
     model = ir.name_nodes(patchcore.head_graph(patches, layers, bank_in[chosen]))
     held_scores = _run(model, encoder, held)
-    normal_score = float(np.median(held_scores))
+    typical = float(np.median(held_scores))
     labels = manifest.postprocess.labels
     samples: list[Sample] = read_samples(manifest.task, validation, labels, labelled=True)
     report: dict[str, Any] = {
@@ -106,8 +106,8 @@ def fit_anomaly_model(proto: onnx.ModelProto, manifest: Manifest, encoder: Any, 
         "grid": [patchcore.grid_layer(layers).height, patchcore.grid_layer(layers).width],
         "good_images": len(images), "bank_images": len(fit), "held_out_images": len(held),
         "patches": int(len(bank_in)), "memory_bank": int(count), "feature_dim": int(bank_in.shape[1]),
-        "coreset_ratio": opts.coreset_ratio, "coreset_seconds": coreset_s, "normal_score": normal_score,
-        "held_out_scores": {"median": normal_score, "max": float(held_scores.max())},
+        "coreset_ratio": opts.coreset_ratio, "coreset_seconds": coreset_s, "normal_score": typical,
+        "held_out_scores": {"median": typical, "max": float(held_scores.max())},
     }
     scores = _run(model, encoder, [s.item for s in samples]) if samples else np.zeros(0, np.float32)
     defect = np.array([s.label == labels[1] for s in samples], dtype=bool)
@@ -120,9 +120,11 @@ def fit_anomaly_model(proto: onnx.ModelProto, manifest: Manifest, encoder: Any, 
         threshold = float(np.quantile(held_scores, QUANTILE))
         rule = (f"{QUANTILE:.0%} quantile of the scores of {len(held)} held-out good images "
                 "(no validation data: pass validation= with ok/ and defect/ images to fit it on defects)")
-    if not threshold > normal_score:
-        threshold = float(np.nextafter(np.float32(max(threshold, normal_score)), np.float32(np.inf)))
     report.update(threshold=threshold, threshold_rule=rule)
+    normal_score: float | None = typical
+    if not threshold > typical:  # a given (or degenerate) threshold at or below a good part's score
+        report["normal_score"] = normal_score = None
+        report["notes"] = ["the threshold is not above the typical good score: predictions carry no normalised score"]
     if samples:
         report["validation"] = evaluate_scores(scores, defect, threshold)
     report["fit_seconds"] = time.perf_counter() - start

@@ -27,6 +27,7 @@ from runtime.frame import Frame
 from runtime.fusion import Diagnosis, Fuser, FusionRule
 from runtime.manifest import ImagePreprocess, Manifest
 from runtime.prediction import Prediction
+from runtime.sinks import heat_map
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +257,7 @@ class Daemon:
         if self.diagnoser is None:
             return Outcome(self.predict(self.pick_model("image", model), [image])[0], None, None)
         prediction, diagnosis = self.diagnoser.observe(asset, "image", image, model=model, source=source)
-        return Outcome(prediction, diagnosis, self._maybe_event(diagnosis, image))
+        return Outcome(prediction, diagnosis, self._maybe_event(diagnosis, image, prediction))
 
     def record(self, asset: str, prediction: Prediction, *, kind: str, source: str, model: str,
                timestamp: float | None = None, ref: Any = None, image: np.ndarray | None = None) -> Outcome:
@@ -266,9 +267,10 @@ class Daemon:
             return Outcome(prediction, None, None)
         diagnosis = self.diagnoser.add(asset, prediction, kind=kind, source=source, timestamp=timestamp, ref=ref,
                                        model=model)
-        return Outcome(prediction, diagnosis, self._maybe_event(diagnosis, image))
+        return Outcome(prediction, diagnosis, self._maybe_event(diagnosis, image, prediction))
 
-    def _maybe_event(self, d: Diagnosis, image: np.ndarray | None) -> int | None:
+    def _maybe_event(self, d: Diagnosis, image: np.ndarray | None, prediction: Prediction | None = None
+                     ) -> int | None:
         rules = self.config.events
         if not rules.matches(d.fault, d.is_fault, d.confidence) or self.store is None or self._stop.is_set():
             return None
@@ -280,7 +282,8 @@ class Daemon:
             self._last_event[key] = now
         snapshot = None
         if rules.snapshots and image is not None:
-            ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, SNAPSHOT_QUALITY])
+            shown = heat_map(image, prediction) if prediction is not None else image  # where it looks anomalous
+            ok, data = cv2.imencode(".jpg", shown, [cv2.IMWRITE_JPEG_QUALITY, SNAPSHOT_QUALITY])
             snapshot = data.tobytes() if ok else None
         event = self.store.add(d.asset_id, d.fault, d.confidence, d.to_dict(), snapshot=snapshot, timestamp=d.timestamp)
         self.metrics.count_event(d.fault)

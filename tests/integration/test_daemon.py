@@ -411,3 +411,50 @@ def test_a_fusion_rule_keyed_by_configured_names_serves_diagnoses(tmp_path: Path
         assert client.diagnose_image("fan-2", png("green"))["diagnosis"]["fault"] == "none"
     finally:
         daemon.kill()
+
+
+def test_an_anomaly_model_serves_its_map_on_the_sdk_api_and_kserve(tmp_path: Path, image_package: Path,
+                                                                   text_package: Path) -> None:
+    """A package fitted on good parts only: /v1 predictions carry the decision, the normalised score and
+    the anomaly map; KServe infer returns the map as the second output, equal to the SDK's."""
+    import tritonclient.http as httpclient
+
+    parts = builders.write_parts(tmp_path / "parts", size=64)
+    report = edge_sdk.convert(builders.backbone_model(size=64), tmp_path / "parts.edgepkg", task="anomaly-detection",
+                              normal=parts / "good", validation=parts / "val", coreset_ratio=0.25,
+                              preprocess={"resize": [64, 64], "mean": [127] * 3, "std": [64] * 3})
+    config = write_config(tmp_path, port=free_port(),
+                          models={"colors": image_package, "words": text_package, "parts": Path(report.package)},
+                          extra='[fusion.models.parts]\nmap = {ok = "none", defect = "leak"}\n')
+    daemon = DaemonProcess(config, int(config.read_text().split("port = ")[1].split()[0])).start()
+    try:
+        defect = (parts / "val" / "defect" / "3.png").read_bytes()  # a drawn scratch: far above the threshold
+        request = urllib.request.Request(f"{daemon.url}/v1/models/parts/predict", data=defect, method="POST")
+        request.add_header("Authorization", f"Bearer {TOKEN}")
+        request.add_header("Content-Type", "image/png")
+        with urllib.request.urlopen(request, timeout=10) as r:
+            served = json.loads(r.read())["predictions"][0]
+        with edge_sdk.load(report.package, backend="onnxruntime-cpu") as model:
+            local = model.predict(defect)
+            feeds = model.pipeline.encode([defect])
+        assert served["label"] == local.label and served["score"] == pytest.approx(local.score, rel=1e-4)
+        extra = served["extra"]
+        assert extra["threshold"] == pytest.approx(local.extra["threshold"])
+        assert extra["normalized_score"] == pytest.approx(local.extra["normalized_score"], rel=1e-4, abs=1e-4)
+        np.testing.assert_allclose(np.array(extra["anomaly_map"]), local.extra["anomaly_map"], rtol=1e-3, atol=1e-4)
+        client = httpclient.InferenceServerClient(url=daemon.url.removeprefix("http://"))
+        tensor = httpclient.InferInput("image", list(feeds["image"].shape), "FP32")
+        tensor.set_data_from_numpy(feeds["image"], binary_data=True)
+        result = client.infer("parts", [tensor], headers={"Authorization": f"Bearer {TOKEN}"})
+        assert result.as_numpy("anomaly_score").shape == (1,) and result.as_numpy("anomaly_map").shape == (1, 8, 8)
+        np.testing.assert_allclose(result.as_numpy("anomaly_map")[0], local.extra["anomaly_map"], rtol=1e-5, atol=1e-6)
+        assert local.label == "defect"
+        client_ = Client(daemon.url, TOKEN)
+        diagnosis = client_.diagnose_image("press-1", defect, model="parts")
+        assert diagnosis["prediction"]["label"] == "defect"  # fusion takes the decision like any evidence
+        assert diagnosis["diagnosis"]["fault"] == "leak" and diagnosis["event"] is not None
+        snapshot = cv2.imdecode(np.frombuffer(client_.snapshot(diagnosis["event"]), np.uint8), cv2.IMREAD_COLOR)
+        raw = cv2.imdecode(np.frombuffer(defect, np.uint8), cv2.IMREAD_COLOR)
+        assert snapshot.shape == raw.shape and np.abs(snapshot.astype(int) - raw).mean() > 5  # the heat map drawn
+    finally:
+        daemon.kill()

@@ -17,6 +17,7 @@ from converters.qdq import FLOAT_SCOPE
 from edge_sdk.cli import main
 from edge_sdk.errors import ConversionError
 from runtime.package import Package
+from runtime.sinks import AnnotatedFrameSink
 from tests import builders
 
 SIZE = 96
@@ -187,3 +188,19 @@ def test_cli_builds_it_from_a_folder_of_good_images(tmp_path: Path, parts: Path,
     assert "patches from c3_act (stride 8, 16 ch), stage4 (stride 16, 16 ch) (given)" in text
     report = Package.open(out).manifest.reports["anomaly"]
     assert report["coreset_ratio"] == 0.2 and report["grid"] == [12, 12]
+
+
+def test_a_stream_of_frames_gets_maps_with_every_prediction(fitted: edge_sdk.ConversionReport, parts: Path,
+                                                             tmp_path: Path) -> None:
+    with edge_sdk.load(fitted.package) as model:
+        direct = {Path(p).name: model.predict(p) for p in _images(parts / "val" / "defect")}
+    streamed = list(edge_sdk.stream(str(parts / "val" / "defect"), fitted.package,
+                                    batching={"max_batch": 4, "max_wait_ms": 2},
+                                    sinks=[AnnotatedFrameSink(tmp_path / "frames")]))
+    assert len(streamed) == len(direct)
+    for r in streamed:
+        expected = direct[r.frame.name]
+        assert r.prediction.label == expected.label
+        np.testing.assert_allclose(r.prediction.extra["anomaly_map"], expected.extra["anomaly_map"], rtol=1e-4,
+                                   atol=1e-5)
+    assert len(list((tmp_path / "frames").glob("*.jpg"))) == len(direct)  # annotated, heat map included

@@ -58,3 +58,19 @@ def test_annotated_frames_are_written_every_nth(tmp_path: Path) -> None:
     assert image.shape == (48, 64, 3) and not np.all(image == 90)  # the banner was drawn
     with pytest.raises(SinkError, match="every is 0"):
         AnnotatedFrameSink(tmp_path / "x", every=0)
+
+
+def test_an_anomaly_map_is_drawn_where_the_part_looks_anomalous(tmp_path: Path) -> None:
+    amap = np.full((8, 8), 0.9, np.float32)
+    amap[2:6, 5:8] = 1.6  # hot on the right: above the threshold
+    extra = {"anomaly_map": amap, "threshold": 1.2, "normal_score": 0.9, "anomaly_score": 1.6}
+    hot = Prediction(label="defect", score=1.6, scores=MappingProxyType({"ok": 0.0, "defect": 1.0}),
+                     backend="onnxruntime-cpu", timings=Timings(1.0, 2.0, 0.5), model="parts", over_threshold=True,
+                     extra=MappingProxyType(extra))
+    image = np.full((64, 64, 3), 90, np.uint8)
+    AnnotatedFrameSink(tmp_path).__call__(hot, Frame(image, "cam0", 0, time.time()))
+    drawn = cv2.imread(str(tmp_path / "cam0-00000000.jpg")).astype(np.int32)
+    change = np.abs(drawn - 90).sum(axis=2)
+    assert change[24:40, 44:60].mean() > 60  # the hot region is coloured
+    assert change[40:64, 0:24].mean() < 10  # a typical-score region stays as it was
+    assert np.array_equal(image, np.full((64, 64, 3), 90, np.uint8))  # the frame itself is not touched
