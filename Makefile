@@ -42,6 +42,7 @@ bench: $(VENV)/.demo-deps $(VENV)/.test-deps $(VENV)/.bench-deps
 	$(BIN)/python -m bench.pipeline --out build/bench/pipeline.json
 	$(BIN)/python -m bench.daemon --out build/bench/daemon.json
 	$(BIN)/python -m bench.graph_ir --out build/bench/graph_ir.json
+	$(BIN)/python -m bench.anomaly --out build/bench/anomaly.json
 
 clean:
 	rm -rf $(BUILD) $(VENV)

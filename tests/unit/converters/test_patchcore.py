@@ -89,6 +89,8 @@ def test_fitted_on_good_parts_it_ranks_unseen_defects_above_them(fitted: edge_sd
     assert report["memory_bank"] == round(0.1 * report["patches"]) and report["patches"] == report["bank_images"] * 36
     assert report["held_out_images"] >= 1 and report["bank_images"] + report["held_out_images"] == 24
     assert any(line.startswith("anomaly validation (fp32): AUROC") for line in fitted.lines())
+    assert report["latency_ms"]["fp32"] > 0 and sum(report["validation"]["histogram"]["ok"]) == 8
+    assert sum(report["validation"]["histogram"]["defect"]) == 8
 
 
 def test_the_package_is_one_graph_plain_onnxruntime_runs(fitted: edge_sdk.ConversionReport, parts: Path) -> None:
