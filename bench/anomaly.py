@@ -20,7 +20,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -231,7 +231,8 @@ def print_table(results: dict[str, Any]) -> None:
           f"images, {results['test_images']} held-out test images; latency on onnxruntime CPU, 2 threads ==")
     print(f"{'model':<30}{'AUROC':>8}{'F1':>7}{'b1 ms':>8}{'b8 ms':>8}{'b1 x clf':>10}{'b8 x clf':>10}"
           f"{'fit s':>8}  size")
-    fmt: Callable[[Any, str], str] = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    def fmt(value: Any, spec: str) -> str:
+        return format(value, spec) if value is not None else format("-", spec.rstrip("f").split(".")[0])
     for r in results["rows"]:
         print(f"{r['model']:<30}{r['auroc']:>8.4f}{fmt(r.get('f1'), '>7.3f')}{r['b1_ms']:>8.2f}{r['b8_ms']:>8.2f}"
               f"{r['b1_x_classifier']:>10.2f}{r['b8_x_classifier']:>10.2f}{fmt(r.get('fit_s'), '>8.1f')}  "

@@ -81,6 +81,10 @@ def fit_anomaly_model(proto: onnx.ModelProto, manifest: Manifest, encoder: Any, 
     size = tuple(pre.resize) if getattr(pre, "resize", None) else None  # type: ignore[union-attr]
     if size is None:
         raise ConversionError("anomaly detection needs a fixed input size: preprocess resize=[H, W]")
+    layout = getattr(pre, "layout", "nchw")
+    if layout != "nchw":
+        raise ConversionError(f"anomaly detection reads NCHW feature maps; preprocess layout is {layout!r}",
+                              hint='give the backbone an NCHW input: preprocess layout "nchw"')
     images = _good_images(opts.normal)
     held = images[HOLDOUT - 1::HOLDOUT] or images[-1:]
     fit = [p for p in images if p not in set(held)]
