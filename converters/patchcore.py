@@ -158,7 +158,7 @@ def grid_layer(layers: Sequence[FeatureLayer]) -> FeatureLayer:
 
 
 def patch_graph(model: onnx.ModelProto, layers: Sequence[FeatureLayer],
-                weights: Sequence[float] | None = None) -> onnx.ModelProto:
+                weights: Sequence[float] | None = None, neighbourhood: int = 3) -> onnx.ModelProto:
     """The backbone with one output, ``patch_features`` [batch, patches, C]: each layer's map averaged
     over 3x3 neighbourhoods, scaled by its weight (``layer_weights``: every layer counts alike in a
     distance), brought onto the grid of ``grid_layer`` and concatenated (the classifier head and
@@ -169,8 +169,9 @@ def patch_graph(model: onnx.ModelProto, layers: Sequence[FeatureLayer],
     pooled = []
     for k, layer in enumerate(layers):
         p = f"{s}pool{k}"
-        nodes.append(helper.make_node("AveragePool", [layer.name], [p], name=p, kernel_shape=[3, 3],
-                                      strides=[1, 1], pads=[1, 1, 1, 1], count_include_pad=1))
+        half = neighbourhood // 2
+        nodes.append(helper.make_node("AveragePool", [layer.name], [p], name=p, kernel_shape=[neighbourhood] * 2,
+                                      strides=[1, 1], pads=[half] * 4, count_include_pad=1))
         if weights is not None and weights[k] != 1.0:
             w, scaled = f"{s}weight{k}", f"{s}scaled{k}"
             nodes += [_const(w, np.array(weights[k], np.float32)),
