@@ -267,6 +267,9 @@ def verify_package(path: Path, build: Path, samples: int, threads: int | None, m
     m = package.manifest
     heldout = (image_heldout(build / "image", samples) if m.task in IMAGE_TASKS
                else text_heldout(build / "text", samples))
+    if m.postprocess.kind == "anomaly":  # good / defect: every defect class is the fault label
+        good, fault = m.postprocess.labels
+        heldout = Heldout(heldout.items, [good if t == "ok" else fault for t in heldout.truths])
     labels = sorted(set(heldout.truths))
     print(f"  task {m.task}, {len(heldout.items)} held-out samples covering {len(labels)} labels ({', '.join(labels)})")
 

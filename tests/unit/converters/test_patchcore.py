@@ -14,6 +14,7 @@ import pytest
 import edge_sdk
 from converters import patchcore
 from converters.qdq import FLOAT_SCOPE
+from converters.trt_rules import check_trt_qdq
 from edge_sdk.cli import main
 from edge_sdk.errors import ConversionError
 from runtime.package import Package
@@ -148,6 +149,8 @@ def test_int8_quantizes_the_backbone_and_keeps_the_memory_bank_float(tmp_path: P
         assert all(writers[n.input[1]].op_type == "DequantizeLinear" for n in convs if n.name not in kept_float)
         bank = {i.name: i for i in model.graph.initializer}[f"{patchcore.SCOPE}bank_t_x_minus2"]
         assert bank.data_type == onnx.TensorProto.FLOAT
+        if graph == "s8s8":
+            assert check_trt_qdq(model) == []  # TensorRT's explicit-quantization rules hold with the float head
     # fidelity by the exact reference: the maps follow fp32 closely; AUROC per graph is reported (on this
     # random-weight toy the margins are thin; EfficientNet-Lite0 keeps it within 0.5 pt: bench/anomaly.py)
     fp32, int8 = report.anomaly["auroc_fp32"], report.anomaly["auroc_int8"]
@@ -206,3 +209,22 @@ def test_a_stream_of_frames_gets_maps_with_every_prediction(fitted: edge_sdk.Con
         np.testing.assert_allclose(r.prediction.extra["anomaly_map"], expected.extra["anomaly_map"], rtol=1e-4,
                                    atol=1e-5)
     assert len(list((tmp_path / "frames").glob("*.jpg"))) == len(direct)  # annotated, heat map included
+
+
+def test_an_engine_built_for_the_package_serves_score_and_map(trt_standin: object, fitted: edge_sdk.ConversionReport,
+                                                               parts: Path) -> None:
+    """Through the real `engine build` path, engine cache, TensorRT runner (two named outputs) and parity,
+    against the tensorrt / cuda-python API stand-ins (tests/standin; not a GPU)."""
+    from converters.device_build import build_for_device
+
+    _, _, plan = build_for_device(fitted.package)
+    assert (plan.spec.graph, plan.spec.precision) == ("fp32", "fp16")
+    items = _images(parts / "val" / "defect")[:3] + _images(parts / "val" / "ok")[:2]
+    with edge_sdk.load(fitted.package) as model:
+        assert model.backend == "tensorrt" and model.info["parity"] is not None
+        on_engine = model.predict_batch(items)
+    with edge_sdk.load(fitted.package, backend="onnxruntime-cpu") as model:
+        on_cpu = model.predict_batch(items)
+    for a, b in zip(on_engine, on_cpu):
+        assert a.extra["anomaly_map"].shape == b.extra["anomaly_map"].shape == (12, 12)
+        assert a.score == pytest.approx(b.score, rel=1e-2) and a.label == b.label
