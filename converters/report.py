@@ -123,7 +123,7 @@ def anomaly_lines(report: dict[str, Any]) -> list[str]:
     for graph, value in (report.get("auroc_int8") or {}).items():
         lines.append(f"anomaly validation ({graph}, exact reference): AUROC {value:.4f}")
     if report.get("latency_ms"):
-        lines.append("anomaly latency per image (this CPU, one at a time): "
+        lines.append("anomaly latency per image (this CPU, onnxruntime, one at a time): "
                      + ", ".join(f"{k} {v:.2f} ms" for k, v in report["latency_ms"].items()))
     return lines
 
