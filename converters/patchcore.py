@@ -81,8 +81,17 @@ def _fixed(model: onnx.ModelProto, size: tuple[int, int]) -> onnx.ModelProto:
     return out
 
 
+def _stride(size: tuple[int, int], h: int, w: int) -> int | None:
+    """The power-of-two stride of an [h, w] grid over a ``size`` input (strided convolutions round up:
+    a 260 input gives 130, 65, 33, 17, 9), or None when the grid is not such a downsampling."""
+    if not (0 < h < size[0] and 0 < w <= size[1]):
+        return None
+    stride = 2 ** round(math.log2(size[0] / h))
+    return stride if -(-size[0] // stride) == h and -(-size[1] // stride) == w else None
+
+
 def _maps(model: onnx.ModelProto, size: tuple[int, int]) -> tuple[ir.Graph, list[FeatureLayer]]:
-    """Every 4-D float tensor whose grid divides the input evenly, with its stride, in graph order."""
+    """Every 4-D float tensor on a power-of-two downsampled grid of the input, with its stride, in graph order."""
     g = ir.Graph(_fixed(model, size))
     found: list[FeatureLayer] = []
     for node in g.nodes:
@@ -91,8 +100,9 @@ def _maps(model: onnx.ModelProto, size: tuple[int, int]) -> tuple[ir.Graph, list
             if shape is None or len(shape) != 4 or None in shape or out in g.constants:
                 continue
             _, c, h, w = (int(d) for d in shape)  # type: ignore[arg-type]
-            if h and w and size[0] % h == 0 and size[1] % w == 0 and size[0] // h == size[1] // w and h < size[0]:
-                found.append(FeatureLayer(out, size[0] // h, c, h, w))
+            stride = _stride(size, h, w)
+            if stride is not None and stride > 1:
+                found.append(FeatureLayer(out, stride, c, h, w))
     return g, found
 
 
@@ -177,12 +187,16 @@ def patch_graph(model: onnx.ModelProto, layers: Sequence[FeatureLayer],
             nodes += [_const(w, np.array(weights[k], np.float32)),
                       helper.make_node("Mul", [p, w], [scaled], name=scaled)]
             p = scaled
-        if layer.stride > grid.stride:
-            factor = layer.stride // grid.stride
-            scales, up = f"{s}scales{k}", f"{s}up{k}"
-            nodes.append(_const(scales, np.array([1, 1, factor, factor], np.float32)))
-            nodes.append(helper.make_node("Resize", [p, "", scales], [up], name=up, mode="linear",
-                                          coordinate_transformation_mode="half_pixel"))
+        if layer.stride > grid.stride:  # onto the finest grid: sizes, since strided grids round up (9 -> 17)
+            sizes, up = f"{s}sizes{k}", f"{s}up{k}"
+            nodes += [helper.make_node("Shape", [layer.name], [f"{s}shape{k}"], name=f"{s}shape{k}"),
+                      _const(f"{s}first{k}", np.array([0], np.int64)),
+                      helper.make_node("Gather", [f"{s}shape{k}", f"{s}first{k}"], [f"{s}batch{k}"],
+                                       name=f"{s}batch{k}", axis=0),
+                      _const(f"{s}grid{k}", np.array([layer.channels, grid.height, grid.width], np.int64)),
+                      helper.make_node("Concat", [f"{s}batch{k}", f"{s}grid{k}"], [sizes], name=sizes, axis=0),
+                      helper.make_node("Resize", [p, "", "", sizes], [up], name=up, mode="linear",
+                                       coordinate_transformation_mode="half_pixel")]
             p = up
         pooled.append(p)
     channels = sum(m.channels for m in layers)

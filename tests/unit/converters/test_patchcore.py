@@ -228,3 +228,18 @@ def test_an_engine_built_for_the_package_serves_score_and_map(trt_standin: objec
     for a, b in zip(on_engine, on_cpu):
         assert a.extra["anomaly_map"].shape == b.extra["anomaly_map"].shape == (12, 12)
         assert a.score == pytest.approx(b.score, rel=1e-2) and a.label == b.label
+
+
+def test_an_input_that_strided_convolutions_round_up_still_gets_aligned_patches(tmp_path: Path) -> None:
+    """100 px: the stride-16 grid is 7x7 and the stride-32 one 4x4 (not 6.25 and 3.125), as with
+    EfficientNet-Lite2's 260; the coarse map is resized onto the fine grid by size, not by a factor."""
+    parts = builders.write_parts(tmp_path / "parts", good=12, per_class=4, size=100)
+    layers = patchcore.feature_layers(builders.backbone_model(size=100), (100, 100))
+    assert [(m.stride, m.height) for m in layers] == [(16, 7), (32, 4)]
+    report = edge_sdk.convert(builders.backbone_model(size=100), tmp_path / "p.edgepkg", task="anomaly-detection",
+                              normal=parts / "good", validation=parts / "val", coreset_ratio=0.5,
+                              preprocess={"resize": [100, 100], "mean": [127] * 3, "std": [64] * 3})
+    assert report.anomaly is not None and report.anomaly["grid"] == [7, 7]
+    with edge_sdk.load(report.package) as model:
+        p = model.predict(_images(parts / "val" / "defect")[0])
+    assert p.extra["anomaly_map"].shape == (14, 14)
