@@ -16,7 +16,7 @@ from converters import patchcore
 from converters.qdq import FLOAT_SCOPE
 from converters.trt_rules import check_trt_qdq
 from edge_sdk.cli import main
-from edge_sdk.errors import ConversionError
+from edge_sdk.errors import ConversionError, EdgeSDKError
 from runtime.package import Package
 from runtime.sinks import AnnotatedFrameSink
 from tests import builders
@@ -180,6 +180,11 @@ def test_bad_requests_get_clear_errors(tmp_path: Path, parts: Path, backbone: Pa
     (empty / "one.png").write_bytes((parts / "good" / "0.png").read_bytes())
     with pytest.raises(ConversionError, match="holds 1 image; expected at least 2"):
         convert(task="anomaly-detection", normal=empty)
+    (empty / "two.png").write_bytes(b"\x89PNG\r\n\x1a\n but the rest is not")
+    with pytest.raises(EdgeSDKError, match="two.png' could not be decoded"):
+        convert(task="anomaly-detection", normal=empty)
+    with pytest.raises(ConversionError, match="image folder .*nope' does not exist"):
+        convert(task="anomaly-detection", normal=tmp_path / "nope")
 
 
 def test_cli_builds_it_from_a_folder_of_good_images(tmp_path: Path, parts: Path, backbone: Path,
