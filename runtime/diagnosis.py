@@ -19,6 +19,7 @@ import os
 import time
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
+from runtime.assets import check_asset_id
 from runtime.closing import Closing
 from edge_sdk.errors import PipelineError
 from runtime.frame import Frame
@@ -169,6 +170,7 @@ class Diagnoser(Closing):
             ref: str | int | None = None, similar: Sequence[Any] | None = None, model: str | None = None) -> Diagnosis:
         """Add one prediction made elsewhere (e.g. by a stream) as evidence about ``asset_id``; ``model`` is
         the name the model that made it is served under (default: its package's name)."""
+        check_asset_id(asset_id)
         key = self.rule_key(model) if model is not None else prediction.model
         evidence = Evidence(asset_id=asset_id, prediction=prediction, kind=kind, source=source, ref=ref, model=key,
                             timestamp=time.time() if timestamp is None else timestamp)

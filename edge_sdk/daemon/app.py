@@ -32,6 +32,7 @@ from edge_sdk.daemon.kserve import BadRequest, decode_request, encode_response, 
 from edge_sdk.daemon.models import UnknownModelError
 from edge_sdk.daemon.uploads import decode_upload
 from edge_sdk.errors import DaemonError, EdgeSDKError, InputMismatchError, PipelineError
+from runtime.assets import check_asset_id
 from runtime.manifest import IMAGE_TASKS
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,14 @@ async def read_json(request: Request, limit: int) -> Any:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
+
+
+def _asset(value: str) -> str:
+    """A valid asset id (runtime.assets), or 400 naming what was sent and what is allowed."""
+    try:
+        return check_asset_id(value)
+    except PipelineError as exc:
+        raise BadRequest(exc.message, exc.hint) from None
 
 
 def _status(exc: EdgeSDKError) -> int:
@@ -150,11 +159,13 @@ class Api:
             if not isinstance(data, dict) or not isinstance(data.get("asset"), str) or not data["asset"].strip() \
                     or not isinstance(data.get("text"), str) or not data["text"].strip():
                 raise BadRequest('expected a JSON body {"asset": "pump-7", "text": "..."}')
-            outcome = await run_in_threadpool(self.daemon.diagnose_text, data["asset"], data["text"], model)
+            asset = _asset(data["asset"])
+            outcome = await run_in_threadpool(self.daemon.diagnose_text, asset, data["text"], model)
         else:
-            asset = request.query_params.get("asset", "").strip()
-            if not asset:
+            asset = request.query_params.get("asset", "")
+            if not asset.strip():
                 raise BadRequest("an image upload needs ?asset=ASSET_ID", hint="POST /v1/diagnose?asset=pump-7")
+            asset = _asset(asset)
             body = await read_body(request, self.limit)
             outcome = await run_in_threadpool(lambda: self.daemon.diagnose_image(asset, decode_upload(body), model))
         return JSONResponse(outcome.to_dict())

@@ -68,7 +68,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from edge_sdk.errors import DaemonError
+from edge_sdk.errors import DaemonError, PipelineError
+from runtime.assets import ASSET_ID_RULE, check_asset_id
 from runtime.batching import Batching
 
 if sys.version_info >= (3, 11):
@@ -116,6 +117,14 @@ def _num(lo: float, strict: bool = False) -> Callable[[Any], bool]:
 
 def _str(v: Any) -> bool:
     return isinstance(v, str)
+
+
+def _asset_id(v: Any) -> bool:
+    try:
+        check_asset_id(v)
+    except PipelineError:
+        return False
+    return True
 
 
 def _nonempty(v: Any) -> bool:
@@ -341,14 +350,14 @@ def _sources(data: Mapping[str, Any], models: Mapping[str, ModelConfig]) -> dict
         if model not in models:
             raise _fail(f"{where}.model", model, f"one of the configured models {sorted(models)}")
         rois = _get(t, "rois", where, {}, lambda v: isinstance(v, Mapping), "a table of region = [x, y, w, h]")
-        assets = _get(t, "assets", where, {}, lambda v: isinstance(v, Mapping) and all(map(_nonempty, v.values())),
-                      "a table of region = asset id")
+        assets = _get(t, "assets", where, {}, lambda v: isinstance(v, Mapping) and all(map(_asset_id, v.values())),
+                      f"a table of region = asset id ({ASSET_ID_RULE})")
         stray = sorted(set(assets) - set(rois))
         if stray:
             raise ConfigError(f"{where}.assets names region(s) {stray} that {where}.rois does not declare")
         out[str(name)] = SourceConfig(
             name=str(name), uri=uri if isinstance(uri, int) else str(uri), model=model,
-            asset=_get(t, "asset", where, str(name), _nonempty, "an asset id"),
+            asset=_get(t, "asset", where, str(name), _asset_id, ASSET_ID_RULE),
             policy=_get(t, "policy", where, "all", lambda v: v in ("all", "latest"), '"all" or "latest"'),
             max_fps=_get(t, "max_fps", where, None, _num(0, strict=True), "frames per second > 0"),
             rois=dict(rois), assets=dict(assets),

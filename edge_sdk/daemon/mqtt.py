@@ -7,7 +7,9 @@ Topics (``prefix`` and ``device_id`` from ``[mqtt]``)::
                                           the Last Will is "offline"
 
 ``{asset}`` is the asset id made topic-safe: ``%`` -> ``%25``, ``/`` -> ``%2F``, ``+`` -> ``%2B``,
-``#`` -> ``%23``, NUL -> ``%00``; everything else is kept. ``urllib.parse.unquote`` gives the
+``#`` -> ``%23``, and control characters and Unicode non-characters (which the daemon refuses as
+asset ids, see ``runtime.assets``, but an older store may hold) percent-encoded as UTF-8, since a
+broker drops the client over them; everything else is kept. ``urllib.parse.unquote`` gives the
 asset id back. Subscribe to ``{prefix}/+/events/#`` for every device's events.
 
 An event message is UTF-8 JSON::
@@ -54,12 +56,23 @@ __all__ = ["MqttPublisher", "PublisherState", "event_topic", "status_topic", "to
 log = logging.getLogger(__name__)
 _paho = logging.getLogger(f"{__name__}.paho")
 
-_UNSAFE = {"%": "%25", "/": "%2F", "+": "%2B", "#": "%23", "\0": "%00"}
+_UNSAFE = {"%": "%25", "/": "%2F", "+": "%2B", "#": "%23"}
+
+
+def _encoded(char: str) -> str:
+    """``char`` percent-encoded (UTF-8), when it may not stand in an MQTT topic as it is."""
+    code = ord(char)
+    if char in _UNSAFE:
+        return _UNSAFE[char]
+    if code < 0x20 or 0x7F <= code <= 0x9F or 0xFDD0 <= code <= 0xFDEF or (code & 0xFFFE) == 0xFFFE \
+            or 0xD800 <= code <= 0xDFFF:  # controls and non-characters: MQTT 4.7.3 / 1.5.4; brokers drop the client
+        return "".join(f"%{b:02X}" for b in char.encode("utf-8", "surrogatepass"))
+    return char
 
 
 def topic_safe(asset_id: str) -> str:
     """``asset_id`` as one topic level (module docstring); reversed by ``urllib.parse.unquote``."""
-    return "".join(_UNSAFE.get(char, char) for char in asset_id)
+    return "".join(_encoded(char) for char in asset_id)
 
 
 def event_topic(prefix: str, device_id: str, asset_id: str) -> str:

@@ -458,3 +458,43 @@ def test_an_anomaly_model_serves_its_map_on_the_sdk_api_and_kserve(tmp_path: Pat
         assert snapshot.shape == raw.shape and np.abs(snapshot.astype(int) - raw).mean() > 5  # the heat map drawn
     finally:
         daemon.kill()
+
+
+def test_hostile_asset_ids_are_refused_and_an_old_outbox_row_cannot_stall_mqtt(
+        tmp_path: Path, image_package: Path, text_package: Path, broker: Mosquitto) -> None:
+    """A newline, NEL, a non-character or 20 KB as an asset id is refused with 400 (it used to become an
+    MQTT topic level that made mosquitto drop the client on every publish, so no later event was ever
+    delivered). A row stored with such an id before (an older daemon) is published with the character
+    percent-encoded, and the events after it arrive too."""
+    from edge_sdk.daemon.events import EventStore
+    from edge_sdk.daemon.mqtt import topic_safe
+    from urllib.parse import unquote
+
+    hostile = "press\n4\u0085\uffff"
+    with EventStore(tmp_path / "state") as store:  # what an older version left in the outbox
+        old = store.add(hostile, "overheating", 0.9, {"fault": "overheating"}).id
+    config = write_config(tmp_path, port=free_port(), models={"colors": image_package, "words": text_package},
+                          broker_port=broker.port)
+    subscriber = Subscriber(broker.port, "plant/jet-1/events/#")
+    daemon = DaemonProcess(config, int(config.read_text().split("port = ")[1].split()[0])).start()
+    try:
+        client = Client(daemon.url, TOKEN)
+        for asset in ("pump\n7", "pump\u00857", "pump\uffff", "x" * 20_000, " pump-7", "pump%0A7"):
+            with pytest.raises(DaemonRequestError) as info:
+                client.diagnose_text(asset, "the pump is hot")
+            assert info.value.status == 400 and "is not a valid asset id" in str(info.value)
+        request = urllib.request.Request(f"{daemon.url}/v1/diagnose?asset=pump%0A7", data=png("red"), method="POST")
+        request.add_header("Authorization", f"Bearer {TOKEN}")
+        request.add_header("Content-Type", "image/png")
+        with pytest.raises(urllib.error.HTTPError) as http_error:
+            urllib.request.urlopen(request, timeout=10)
+        assert http_error.value.code == 400
+        new = client.diagnose_text("Presse Nr. 4 (links)", "the pump is hot")["event"]
+        messages = subscriber.wait(2)
+        by_id = {m[1]["id"]: m[0] for m in messages}
+        assert by_id[old] == "plant/jet-1/events/" + topic_safe(hostile) == "plant/jet-1/events/press%0A4%C2%85%EF%BF%BF"
+        assert unquote(by_id[old].rsplit("/", 1)[1]) == hostile
+        assert by_id[new] == "plant/jet-1/events/Presse Nr. 4 (links)"
+    finally:
+        subscriber.close()
+        daemon.kill()

@@ -84,6 +84,9 @@ cooldown_s = 5
     ("[mqtt]\nhost = 'b'\nprefix = 'a/#'\n", "without # or +"),
     ("[fusion]\nfaults = ['none', 'leak']\n[fusion.models.defects]\nmap = { scratch = 'crack' }\n", "map.scratch"),
     ("[storage]\nmax_mb = -1\n", ""),
+    ("[sources.cam0]\nuri = 'x.mp4'\nmodel = 'defects'\nasset = \"press\\n4\"\n", r"sources.cam0.asset is 'press\\n4'"),
+    ("[sources.cam0]\nuri = 'x.mp4'\nmodel = 'defects'\nrois = { l = [0, 0, 1, 1] }\nassets = { l = 'a\\u0085' }\n",
+     "sources.cam0.assets"),
 ])
 def test_bad_values_name_their_key(tmp_path: Path, extra: str, match: str) -> None:
     text = BASE + extra if "[storage]" not in extra else BASE.replace('[storage]\ndir = "state"\n', extra)

@@ -286,6 +286,10 @@ def test_asset_ids_are_made_topic_safe_and_reversible(broker: Mosquitto, store: 
     odd = "line/1#a+b%2F c\u00e9"
     assert topic_safe(odd) == "line%2F1%23a%2Bb%252F c\u00e9" and unquote(topic_safe(odd)) == odd
     assert event_topic("plant/a", "line1", "x/y") == "plant/a/line1/events/x%2Fy"
+    for hostile in ("a\nb", "a\x7f", "a\u0085", "a\ufdd0", "a\uffff", "a\U0010fffe", "\0"):  # MQTT forbids them
+        safe = topic_safe(hostile)
+        assert unquote(safe) == hostile and safe.isprintable() and safe.isascii() or safe[0] == "a" and \
+            all(c.isprintable() for c in safe)
     sub = Subscriber(broker.port)
     publisher = MqttPublisher(_config(broker), store, **FAST).start()
     try:
