@@ -217,7 +217,7 @@ def patch_graph(model: onnx.ModelProto, layers: Sequence[FeatureLayer],
 
 
 def layer_weights(features: np.ndarray, layers: Sequence[FeatureLayer]) -> list[float]:
-    """Per layer, ``1 / sqrt(mean ||f||^2)`` of its slice of unweighted patch features [..., C]: scaled so,
+    """Per layer, ``1 / sqrt(mean ||f||^2)`` of its slice of unweighted patch features [..., C]: scaled so
     every layer's patch vectors have unit mean square norm, and a wide layer cannot drown a narrow one
     in the distance (PatchCore pools every layer to one width for the same reason)."""
     flat = np.asarray(features, dtype=np.float64).reshape(-1, features.shape[-1])
