@@ -297,7 +297,15 @@ def create_app(daemon: Daemon) -> Starlette:
 
     routes = [Route(path, guarded(handler, getattr(api, handler)), methods=[method])
               for method, path, handler, _ in ROUTES]
-    return Starlette(routes=routes)
+
+    async def no_route(request: Request, exc: Exception) -> Response:
+        """Unknown paths and methods answer JSON like every other error (KServe clients parse the body)."""
+        status = int(getattr(exc, "status_code", 404))
+        what = "no such route" if status == 404 else f"method {request.method} is not allowed on this route"
+        return error(status, f"{what}: {request.method} {request.url.path}",
+                     hint="GET /openapi.json lists the routes")
+
+    return Starlette(routes=routes, exception_handlers={404: no_route, 405: no_route})
 
 
 async def _answer(request: Request, handler: Handler, token: bytes, public: bool) -> Response:

@@ -498,3 +498,16 @@ def test_hostile_asset_ids_are_refused_and_an_old_outbox_row_cannot_stall_mqtt(
     finally:
         subscriber.close()
         daemon.kill()
+
+
+def test_unknown_routes_and_methods_answer_json_errors(served: DaemonProcess) -> None:
+    """Plain-text 404s made the stock tritonclient report a parse error instead of the answer."""
+    for method, path, status in (("GET", "/v2/nope", 404), ("POST", "/v2/health/ready", 405),
+                                 ("GET", "/v2/models/colors/versions/1/stats", 404)):
+        request = urllib.request.Request(served.url + path, data=b"{}" if method == "POST" else None, method=method)
+        request.add_header("Authorization", f"Bearer {TOKEN}")
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=10)
+        assert info.value.code == status and info.value.headers["content-type"] == "application/json"
+        body = json.loads(info.value.read())
+        assert path in body["error"] and body["hint"] == "GET /openapi.json lists the routes"
