@@ -17,6 +17,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import time
 from typing import Any, Awaitable, Callable
 
@@ -225,11 +226,16 @@ def _json(body: bytes) -> Any:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
 
 
+INT64_MAX = 2 ** 63 - 1  # event ids are SQLite integers
+
+
 def _int_param(value: str | None, what: str, default: int | None, lo: int, hi: int | None) -> Any:
+    """An ASCII decimal ``lo <= n <= hi`` (``hi`` at most SQLite's int64 maximum), else 400 naming it."""
     if value is None:
         return default
-    if not value.isdigit() or int(value) < lo or (hi is not None and int(value) > hi):
-        raise BadRequest(f"{what} is {value!r}; expected an integer >= {lo}" + (f" and <= {hi}" if hi else ""))
+    top = INT64_MAX if hi is None else hi
+    if not (value.isascii() and value.isdigit()) or len(value) > 19 or not lo <= int(value) <= top:
+        raise BadRequest(f"{what} is {value[:40]!r}; expected an integer >= {lo} and <= {top}")
     return int(value)
 
 
@@ -237,9 +243,12 @@ def _float_param(value: str | None, what: str) -> float | None:
     if value is None:
         return None
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
-        raise BadRequest(f"{what} is {value!r}; expected a UNIX timestamp in seconds") from None
+        number = math.nan
+    if not math.isfinite(number):
+        raise BadRequest(f"{what} is {value[:40]!r}; expected a UNIX timestamp in seconds")
+    return number
 
 
 def _event(event: Any) -> dict[str, Any]:

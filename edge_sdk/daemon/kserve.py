@@ -67,7 +67,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
     if header_length is None:
         head, tail = body, b""
     else:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
             raise BadRequest(f"Inference-Header-Content-Length is {header_length!r}; expected the JSON header's "
                              f"length, at most the body's {len(body)} bytes")
         head, tail = body[: int(header_length)], body[int(header_length):]

@@ -511,3 +511,26 @@ def test_unknown_routes_and_methods_answer_json_errors(served: DaemonProcess) ->
         assert info.value.code == status and info.value.headers["content-type"] == "application/json"
         body = json.loads(info.value.read())
         assert path in body["error"] and body["hint"] == "GET /openapi.json lists the routes"
+
+
+def test_odd_numbers_in_paths_queries_and_headers_get_400_not_500(served: DaemonProcess) -> None:
+    def status(method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> int:
+        request = urllib.request.Request(served.url + path, data=body, method=method)
+        request.add_header("Authorization", f"Bearer {TOKEN}")
+        for k, v in (headers or {}).items():
+            request.add_header(k, v)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as exc:
+            assert exc.headers["content-type"] == "application/json"
+            return exc.code
+
+    assert status("GET", "/v1/events/%C2%B2") == 400  # a superscript two is a digit to str.isdigit
+    assert status("GET", f"/v1/events/{2 ** 70}") == 400  # beyond SQLite's int64
+    assert status("GET", f"/v1/events/{2 ** 63 - 1}") == 404
+    assert status("GET", "/v1/events?limit=%C2%B2") == 400
+    assert status("GET", f"/v1/events?before={2 ** 70}") == 400
+    assert status("GET", "/v1/events?since=nan") == 400
+    assert status("POST", "/v2/models/colors/infer", b"{}" + b"\0" * 8,
+                  {"Inference-Header-Content-Length": "\u00b2"}) == 400
