@@ -60,6 +60,7 @@ fix. Unknown keys are errors too, so a typo never silently falls back to a defau
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -76,6 +77,8 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10 on JetPack 6
     import tomli as tomllib
+
+log = logging.getLogger(__name__)
 
 _SECTIONS = ("server", "models", "knowledge_base", "sources", "pipeline", "fusion", "events", "storage", "mqtt")
 
@@ -274,7 +277,8 @@ def _path(value: str, base: Path) -> Path:
 
 
 def _secret(table: Mapping[str, Any], key: str, where: str, base: Path) -> str:
-    """``key`` inline, or ``key_file``: a file holding it (first line, stripped)."""
+    """``key`` inline, or ``key_file``: a file holding it alone (surrounding whitespace stripped; a second
+    line is refused, since clients could never send it); a file others may read is warned about."""
     inline = _get(table, key, where, "", _str, "a string")
     file = _get(table, f"{key}_file", where, "", _str, "a file path")
     if inline and file:
@@ -282,11 +286,23 @@ def _secret(table: Mapping[str, Any], key: str, where: str, base: Path) -> str:
     if file:
         path = _path(file, base)
         try:
-            return path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"{where}.{key}_file {file!r} cannot be read: {exc.strerror}",
+            value = path.read_text(encoding="utf-8").strip()
+            mode = path.stat().st_mode
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(f"{where}.{key}_file {file!r} cannot be read: {reason}",
                               hint="check the path and that the daemon's user may read it") from None
-    return str(inline)
+        if mode & 0o004:
+            log.warning("%s.%s_file %s is readable by every user (mode %o); chmod 600 it", where, key, path,
+                        mode & 0o777)
+        where_key = f"{where}.{key}_file {file!r}"
+    else:
+        value, where_key = str(inline), f"{where}.{key}"
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        lines = len(value.splitlines())
+        raise ConfigError(f"{where_key} holds {lines} lines or control characters; expected the {key} alone, "
+                          "on one line", hint="write only the secret, e.g. `openssl rand -hex 32`")
+    return value
 
 
 def _server(data: Mapping[str, Any], base: Path) -> ServerConfig:

@@ -22,6 +22,17 @@ from edge_sdk.daemon.config import DaemonConfig
 log = logging.getLogger(__name__)
 
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def bind_warning(host: str) -> str | None:
+    """What to tell the operator when the daemon listens beyond this machine: it speaks plain HTTP."""
+    if host in LOOPBACK or host.startswith("127."):
+        return None
+    return (f"serving plain HTTP on {host}: the bearer token and every upload cross the network unencrypted; "
+            "bind 127.0.0.1 and put a TLS reverse proxy (nginx, caddy) in front, or keep the network closed")
+
+
 def serve(config_path: str | os.PathLike[str], *, log_level: str = "info") -> int:
     import uvicorn
 
@@ -30,6 +41,9 @@ def serve(config_path: str | os.PathLike[str], *, log_level: str = "info") -> in
     from edge_sdk.daemon.service import SystemdNotifier
 
     config = DaemonConfig.load(Path(config_path))
+    warning = bind_warning(config.server.host)
+    if warning:
+        log.warning("%s", warning)
     notifier = SystemdNotifier()
     daemon = Daemon(config)
     notifier.status("loading models")

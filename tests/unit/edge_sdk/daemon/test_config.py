@@ -109,3 +109,30 @@ def test_file_errors(tmp_path: Path) -> None:
         load(tmp_path, "[server\n")
     with pytest.raises(ConfigError, match=r"no \[models.NAME\] table"):
         load(tmp_path, f'[server]\ntoken = "{TOKEN}"\n')
+
+
+def test_a_token_file_with_a_second_line_is_refused_and_a_world_readable_one_warned_about(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """It used to start and report ready, then reject every client (the token held the newline)."""
+    text = BASE.replace(f'token = "{TOKEN}"', 'token_file = "token"')
+    (tmp_path / "token").write_text(TOKEN + "\nsecond line\n")
+    with pytest.raises(ConfigError, match="server.token_file 'token' holds 2 lines or control characters"):
+        load(tmp_path, text)
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    (tmp_path / "token").chmod(0o644)
+    with caplog.at_level("WARNING", logger="edge_sdk.daemon.config"):
+        assert load(tmp_path, text).server.token == TOKEN
+    assert "is readable by every user (mode 644); chmod 600 it" in caplog.text
+    (tmp_path / "token").chmod(0o600)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="edge_sdk.daemon.config"):
+        load(tmp_path, text)
+    assert "readable by every user" not in caplog.text
+
+
+def test_listening_beyond_loopback_is_warned_about() -> None:
+    from edge_sdk.daemon.server import bind_warning
+
+    assert bind_warning("127.0.0.1") is None and bind_warning("::1") is None and bind_warning("127.0.0.2") is None
+    assert "serving plain HTTP on 0.0.0.0" in (bind_warning("0.0.0.0") or "")
+    assert "TLS reverse proxy" in (bind_warning("10.1.2.3") or "")
