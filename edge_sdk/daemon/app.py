@@ -15,7 +15,6 @@ with a 4xx status that says whose fault it was.
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import math
 import time
@@ -29,7 +28,8 @@ from starlette.routing import Route
 
 from edge_sdk import __version__
 from edge_sdk.daemon.core import Daemon
-from edge_sdk.daemon.kserve import BadRequest, decode_request, encode_response, model_metadata, split_body
+from edge_sdk.daemon.kserve import (BadRequest, decode_request, encode_response, model_metadata, parse_json,
+                                    split_body)
 from edge_sdk.daemon.models import UnknownModelError
 from edge_sdk.daemon.uploads import decode_upload
 from edge_sdk.errors import DaemonError, EdgeSDKError, InputMismatchError, PipelineError
@@ -63,11 +63,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 async def read_json(request: Request, limit: int) -> Any:
-    body = await read_body(request, limit)
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    return parse_json(await read_body(request, limit))
 
 
 def _asset(value: str) -> str:
@@ -137,7 +133,7 @@ class Api:
         body = await read_body(request, self.limit)
         if manifest.task in IMAGE_TASKS:
             return [await run_in_threadpool(decode_upload, body)]  # decoding is CPU work: off the event loop
-        data = _json(body)
+        data = parse_json(body)
         texts = data.get("texts") if isinstance(data, dict) and "texts" in data else [
             data.get("text") if isinstance(data, dict) else None]
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
@@ -204,7 +200,7 @@ class Api:
     async def reload(self, request: Request) -> Response:
         name = request.path_params["name"]
         body = await read_body(request, self.limit)
-        data = _json(body) if body.strip() else {}
+        data = parse_json(body) if body.strip() else {}
         package = data.get("package") if isinstance(data, dict) else None
         if package is not None and not isinstance(package, str):
             raise BadRequest(f"package is {package!r}; expected a path on the device")
@@ -217,13 +213,6 @@ class Api:
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi_document())
-
-
-def _json(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
 
 
 INT64_MAX = 2 ** 63 - 1  # event ids are SQLite integers

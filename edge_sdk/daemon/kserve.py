@@ -62,6 +62,17 @@ class InferRequest:
     id: Any
 
 
+def parse_json(data: bytes) -> Any:
+    """A request body as JSON, or 400: not JSON, not UTF-8, or nested too deep for the parser."""
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("request body nests JSON arrays or objects too deeply",
+                         hint="send tensors flat, with their shape") from None
+
+
 def split_body(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
     """The JSON header and the binary tail of a (possibly binary-extension) request body."""
     if header_length is None:
@@ -71,10 +82,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
             raise BadRequest(f"Inference-Header-Content-Length is {header_length!r}; expected the JSON header's "
                              f"length, at most the body's {len(body)} bytes")
         head, tail = body[: int(header_length)], body[int(header_length):]
-    try:
-        return json.loads(head), tail
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    return parse_json(head), tail
 
 
 def decode_request(body: Any, specs: Sequence[TensorSpec], binary: bytes = b"") -> InferRequest:

@@ -534,3 +534,24 @@ def test_odd_numbers_in_paths_queries_and_headers_get_400_not_500(served: Daemon
     assert status("GET", "/v1/events?since=nan") == 400
     assert status("POST", "/v2/models/colors/infer", b"{}" + b"\0" * 8,
                   {"Inference-Header-Content-Length": "\u00b2"}) == 400
+
+
+def test_deeply_nested_json_and_overflowing_shapes_get_400(served: DaemonProcess) -> None:
+    def status(path: str, body: bytes) -> int:
+        request = urllib.request.Request(served.url + path, data=body, method="POST")
+        request.add_header("Authorization", f"Bearer {TOKEN}")
+        request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as exc:
+            assert "error" in json.loads(exc.read())
+            return exc.code
+
+    nested = b"[" * 100_000 + b"]" * 100_000
+    assert status("/v2/models/colors/infer", nested) == 400
+    assert status("/v1/diagnose", nested) == 400
+    huge = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [2 ** 40, 2 ** 40, 2 ** 40], "data": [0.0]}]}
+    assert status("/v2/models/colors/infer", json.dumps(huge).encode()) == 400
+    negative = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 3], "data": [0.0]}]}
+    assert status("/v2/models/colors/infer", json.dumps(negative).encode()) == 400
