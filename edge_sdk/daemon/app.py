@@ -22,7 +22,7 @@ from typing import Any, Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
@@ -320,6 +320,9 @@ async def _answer(request: Request, handler: Handler, token: bytes, public: bool
         if status >= 500:
             log.error("%s %s failed: %s", request.method, request.url.path, exc.message)
         return error(status, exc.message, exc.hint)
+    except ClientDisconnect:  # the client went away mid-body: nothing to answer, nothing broken
+        log.info("%s %s: the client disconnected before sending the whole body", request.method, request.url.path)
+        return error(400, "the client disconnected before sending the whole body")
     except Exception:  # our bug: logged with its traceback, answered without internals
         log.exception("%s %s failed", request.method, request.url.path)
         return error(500, "internal error; the daemon's log has the details")

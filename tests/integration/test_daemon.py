@@ -555,3 +555,20 @@ def test_deeply_nested_json_and_overflowing_shapes_get_400(served: DaemonProcess
     assert status("/v2/models/colors/infer", json.dumps(huge).encode()) == 400
     negative = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 3], "data": [0.0]}]}
     assert status("/v2/models/colors/infer", json.dumps(negative).encode()) == 400
+
+
+def test_a_client_leaving_mid_body_is_not_logged_as_a_failure(served: DaemonProcess) -> None:
+    import socket
+
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", served.port), timeout=5) as sock:
+            sock.sendall(b"POST /v1/models/colors/predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                         + TOKEN.encode() + b"\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
+                         + b"\x89PNG" * 100)
+    deadline = time.monotonic() + 5
+    while "disconnected before sending the whole body" not in served.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    text = served.log.read_text()
+    assert "disconnected before sending the whole body" in text
+    assert "Traceback" not in text and "ERROR" not in text
+    assert Client(served.url, TOKEN).diagnose_image("pump-7", png("red"))["prediction"]["label"] == "red"
