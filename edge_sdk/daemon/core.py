@@ -35,6 +35,9 @@ RETENTION_EVERY_S = 600.0
 SNAPSHOT_QUALITY = 85
 
 
+COOLDOWN_KEYS = 10_000  # (asset, fault) pairs remembered for the cooldown before the expired ones are dropped
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What one input produced: its prediction, the asset's diagnosis and the stored event id."""
@@ -279,6 +282,9 @@ class Daemon:
             now = time.monotonic()
             if now - self._last_event.get(key, -1e18) < rules.cooldown_s:
                 return None
+            if len(self._last_event) >= COOLDOWN_KEYS:  # only keys still cooling down matter; then the newest
+                live = sorted((t, k) for k, t in self._last_event.items() if now - t < rules.cooldown_s)
+                self._last_event = {k: t for t, k in live[len(live) - COOLDOWN_KEYS // 2:]}
             self._last_event[key] = now
         snapshot = None
         if rules.snapshots and image is not None:

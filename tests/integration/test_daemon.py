@@ -572,3 +572,23 @@ def test_a_client_leaving_mid_body_is_not_logged_as_a_failure(served: DaemonProc
     assert "disconnected before sending the whole body" in text
     assert "Traceback" not in text and "ERROR" not in text
     assert Client(served.url, TOKEN).diagnose_image("pump-7", png("red"))["prediction"]["label"] == "red"
+
+
+def test_the_cooldown_memory_stays_bounded(tmp_path: Path, image_package: Path, text_package: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """One (asset, fault) entry per event used to be kept forever; now at most COOLDOWN_KEYS, the newest."""
+    from edge_sdk.daemon import core
+    from edge_sdk.daemon.config import DaemonConfig
+
+    monkeypatch.setattr(core, "COOLDOWN_KEYS", 8)
+    config = write_config(tmp_path, port=free_port(), models={"colors": image_package, "words": text_package})
+    config.write_text(config.read_text().replace("cooldown_s = 0", "cooldown_s = 3600"))
+    daemon = core.Daemon(DaemonConfig.load(config))
+    daemon.start()
+    try:
+        events = [daemon.diagnose_text(f"pump-{i}", "the pump is hot").event_id for i in range(30)]
+        assert all(e is not None for e in events)  # every asset's first event is stored
+        assert len(daemon._last_event) <= 8 and ("pump-29", "overheating") in daemon._last_event
+        assert daemon.diagnose_text("pump-29", "the pump is hot").event_id is None  # still cooling down
+    finally:
+        daemon.stop()
