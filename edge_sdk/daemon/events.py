@@ -20,7 +20,8 @@ back the last commits, and with them the AUTOINCREMENT counter: an event already
 over MQTT could vanish and its id be reused. Events are rare (a cooldown per asset and fault),
 so one fsync per commit costs little; devices on a factory floor do lose power.
 
-Retention (:meth:`EventStore.enforce_retention`, called periodically by the daemon) deletes
+Retention (:meth:`EventStore.enforce_retention`, called periodically by the daemon, and by
+:meth:`EventStore.add` as soon as the events outgrow ``max_bytes``) deletes
 events older than ``max_age_s``, then the oldest events until the tracked size (payload bytes
 plus snapshot bytes, column ``size``) is at most ``max_bytes``; the images go after the
 commit (a crash in between leaves orphans that the next open removes). SQLite's own overhead
@@ -135,6 +136,7 @@ class EventStore(Closing):
             self._db = _open_db(self.directory / "events.db")
             self._reconcile()
             self._outbox_rows: int = self._db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+            self._bytes: int = self._db.execute("SELECT coalesce(sum(size), 0) FROM events").fetchone()[0]
         except sqlite3.DatabaseError as exc:
             self._db.close()
             os.close(self._lock_fd)
@@ -160,9 +162,12 @@ class EventStore(Closing):
             with self._lock:
                 event = self._insert(asset_id, fault, float(confidence), when, body, name, snapshot_size)
                 committed = True
+                self._bytes += event.size
         finally:
             if name is not None and not committed:
                 (self._snapshots / name).unlink(missing_ok=True)
+        if self.max_bytes is not None and self._bytes > self.max_bytes:
+            self.enforce_retention()  # on write: the size bound holds between the daemon's periodic runs
         return event
 
     def _insert(self, asset_id: str, fault: str, confidence: float, when: float, body: str, name: str | None,
@@ -283,6 +288,7 @@ class EventStore(Closing):
             if cut is not None:
                 names += self._column("SELECT snapshot FROM events WHERE id <= ? AND snapshot IS NOT NULL", cut)
                 deleted += self._db.execute("DELETE FROM events WHERE id <= ?", (cut,)).rowcount
+            self._bytes = self._db.execute("SELECT coalesce(sum(size), 0) FROM events").fetchone()[0]
         for name in names:  # after the commit: a crash before this leaves orphans for reconcile
             (self._snapshots / name).unlink(missing_ok=True)
         if deleted:
