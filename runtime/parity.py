@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 
-from edge_sdk.errors import InferenceError, PackageIntegrityError
+from edge_sdk.errors import InferenceError, PackageError, PackageIntegrityError
+from runtime.manifest import Manifest
 from runtime.package import Package
 from runtime.runners.base import Runner
 
@@ -33,6 +35,31 @@ class Parity:
         return self.max_abs_diff <= self.tolerance
 
 
+def check_outputs(manifest: Manifest, outputs: Mapping[str, np.ndarray]) -> None:
+    """What the graph really outputs agrees with what the manifest says it means: one score per label
+    for classes, one score (and a [batch, h, w] map) per input for anomaly models. A package whose
+    manifest was rewritten to match its golden vectors but not its graph is refused here."""
+    post = manifest.postprocess
+    if post.kind == "embedding" or post.output not in outputs:
+        return
+    out = np.asarray(outputs[post.output])
+    batch = out.shape[0] if out.ndim else 0
+    if post.kind == "classes" and (out.ndim != 2 or out.shape[1] != len(post.labels)):
+        raise PackageError(f"package {manifest.name}: output {post.output!r} has shape {list(out.shape)} but the "
+                           f"manifest has {len(post.labels)} labels; expected [batch, {len(post.labels)}]",
+                           hint="re-convert the model with labels matching its outputs")
+    if post.kind == "anomaly":
+        if not (out.ndim == 1 or (out.ndim == 2 and out.shape[1] == 1)):
+            raise PackageError(f"package {manifest.name}: anomaly output {post.output!r} has shape {list(out.shape)}; "
+                               "expected one score per input", hint="re-convert the model")
+        if post.map_output:
+            amap = outputs.get(post.map_output)
+            shape = [] if amap is None else list(np.asarray(amap).shape)
+            if len(shape) != 3 or shape[0] != batch:
+                raise PackageError(f"package {manifest.name}: anomaly map {post.map_output!r} has shape {shape}; "
+                                   "expected [batch, h, w]", hint="re-convert the model")
+
+
 def check_parity(package: Package, runner: Runner, graph: str, precision: str | None = None,
                  tolerance: float | None = None) -> Parity:
     """Run the golden feeds on ``runner`` and compare with the stored outputs of ``graph``; raise on mismatch.
@@ -47,6 +74,7 @@ def check_parity(package: Package, runner: Runner, graph: str, precision: str | 
     if not inputs or not expected:
         raise PackageIntegrityError(f"package {package.manifest.name} has no golden vectors for its {graph} graph")
     got = runner.infer(inputs)
+    check_outputs(package.manifest, got)
     worst = 0.0
     for name, ref in expected.items():
         if name not in got or got[name].shape != ref.shape:

@@ -592,3 +592,27 @@ def test_the_cooldown_memory_stays_bounded(tmp_path: Path, image_package: Path, 
         assert daemon.diagnose_text("pump-29", "the pump is hot").event_id is None  # still cooling down
     finally:
         daemon.stop()
+
+
+def test_a_package_whose_labels_do_not_match_its_graph_is_refused_and_the_old_one_serves(
+        served: DaemonProcess, tmp_path: Path) -> None:
+    """A self-consistent package (hashes recomputed) whose manifest lists one label more than the graph
+    outputs used to be swapped in with 200 and then answer every predict with 500."""
+    from dataclasses import replace
+
+    from runtime.package import write_package
+
+    client = Client(served.url, TOKEN)
+    before = {m["name"]: m for m in client.models()}["colors"]
+    package = Package.open(before["package"])
+    m = package.manifest
+    lying = replace(m, version="6-labels", postprocess=replace(m.postprocess, labels=(*m.postprocess.labels, "purple")))
+    target = tmp_path / "lying.edgepkg"
+    write_package(lying, {name: package.read_bytes(name) for name in m.files}, target)
+    with pytest.raises(edge_sdk.errors.EdgeSDKError, match="manifest has 4 labels; expected \\[batch, 4\\]"):
+        edge_sdk.load(target, backend="onnxruntime-cpu")
+    with pytest.raises(DaemonRequestError, match="was not swapped") as info:
+        client.reload("colors", str(target))
+    assert info.value.status == 409 and "4 labels" in str(info.value)
+    after = {m["name"]: m for m in client.models()}["colors"]
+    assert after["version"] == before["version"] and client.predict("colors", png("red"))["label"] == "red"
