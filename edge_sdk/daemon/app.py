@@ -104,19 +104,28 @@ class Api:
     async def server(self, request: Request) -> Response:
         return JSONResponse({"name": "edge-sdk", "version": __version__, "extensions": []})
 
-    async def model(self, request: Request) -> Response:
+    def _served(self, request: Request) -> tuple[str, Any]:
+        """The model the path names, with its version when the path has one (KServe's versioned routes)."""
         name = request.path_params["name"]
         pipeline = self.daemon.registry.current(name)
+        version = request.path_params.get("version")
+        if version is not None and version != pipeline.manifest.version:
+            raise BadRequest(f"model {name!r} version {version!r} is not served (serving version "
+                             f"{pipeline.manifest.version!r})", hint=f"use /v2/models/{name}/... for the served one",
+                             status=404)
+        return name, pipeline
+
+    async def model(self, request: Request) -> Response:
+        name, pipeline = self._served(request)
         return JSONResponse(model_metadata(name, pipeline.manifest, pipeline.backend))
 
     async def model_ready(self, request: Request) -> Response:
-        name = request.path_params["name"]
-        self.daemon.registry.current(name)
+        name, _ = self._served(request)
         return JSONResponse({"name": name, "ready": self.daemon.ready})
 
     async def infer(self, request: Request) -> Response:
-        name = request.path_params["name"]
-        manifest = self.daemon.registry.current(name).manifest
+        name, pipeline = self._served(request)
+        manifest = pipeline.manifest
         header, tail = split_body(await read_body(request, self.limit),
                                   request.headers.get("inference-header-content-length"))
         infer = decode_request(header, manifest.inputs, tail)
@@ -252,6 +261,9 @@ ROUTES: list[tuple[str, str, str, str]] = [  # (method, path, handler, summary)
     ("GET", "/v2/models/{name}", "model", "Model metadata: inputs, outputs, platform (KServe v2)."),
     ("GET", "/v2/models/{name}/ready", "model_ready", "Model readiness (KServe v2)."),
     ("POST", "/v2/models/{name}/infer", "infer", "Run the graph on JSON tensors (KServe v2)."),
+    ("GET", "/v2/models/{name}/versions/{version}", "model", "Model metadata of the served version (KServe v2)."),
+    ("GET", "/v2/models/{name}/versions/{version}/ready", "model_ready", "Readiness of the served version."),
+    ("POST", "/v2/models/{name}/versions/{version}/infer", "infer", "Run the served version (KServe v2)."),
     ("GET", "/v1/models", "models", "Served models with backend, precision and package."),
     ("POST", "/v1/models/{name}/predict", "predict", "Predict an image (body: JPEG/PNG bytes) or texts (JSON)."),
     ("POST", "/v1/models/{name}/reload", "reload", "Hot swap to a package (JSON {package}); the old one serves on failure."),

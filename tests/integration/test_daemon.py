@@ -616,3 +616,22 @@ def test_a_package_whose_labels_do_not_match_its_graph_is_refused_and_the_old_on
     assert info.value.status == 409 and "4 labels" in str(info.value)
     after = {m["name"]: m for m in client.models()}["colors"]
     assert after["version"] == before["version"] and client.predict("colors", png("red"))["label"] == "red"
+
+
+def test_versioned_kserve_routes_serve_the_served_version_only(served: DaemonProcess, image_package: Path) -> None:
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    client = httpclient.InferenceServerClient(url=served.url.removeprefix("http://"))
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    package = Package.open(image_package)
+    version = package.manifest.version
+    feeds, _ = package.golden("fp32")
+    tensor = httpclient.InferInput("image", list(feeds["image"].shape), "FP32")
+    tensor.set_data_from_numpy(feeds["image"])
+    assert client.is_model_ready("colors", model_version=version, headers=headers)
+    assert client.get_model_metadata("colors", model_version=version, headers=headers)["name"] == "colors"
+    result = client.infer("colors", [tensor], model_version=version, headers=headers)
+    assert result.as_numpy(package.manifest.outputs[0].name).shape[0] == feeds["image"].shape[0]
+    with pytest.raises(InferenceServerException, match="version '99' is not served"):
+        client.infer("colors", [tensor], model_version="99", headers=headers)
