@@ -18,6 +18,7 @@ import hmac
 import logging
 import math
 import time
+import zlib
 from typing import Any, Awaitable, Callable
 
 from starlette.applications import Starlette
@@ -59,7 +60,27 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise BadRequest(f"request body is over the {limit}-byte limit", status=413)
         chunks.append(chunk)
-    return b"".join(chunks)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding != "gzip":
+        raise BadRequest(f"Content-Encoding {encoding[:40]!r} is not supported; expected gzip or none", status=415)
+    return _gunzip(body, limit)
+
+
+def _gunzip(body: bytes, limit: int) -> bytes:
+    """A gzip body inflated to at most ``limit`` bytes (a small bomb cannot grow past the body limit)."""
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise BadRequest(f"the gzip request body is corrupt: {exc}") from None
+    if len(data) > limit or inflater.unconsumed_tail:
+        raise BadRequest(f"the gzip request body inflates past the {limit}-byte limit", status=413)
+    if not inflater.eof:
+        raise BadRequest("the gzip request body is truncated")
+    return data
 
 
 async def read_json(request: Request, limit: int) -> Any:

@@ -635,3 +635,26 @@ def test_versioned_kserve_routes_serve_the_served_version_only(served: DaemonPro
     assert result.as_numpy(package.manifest.outputs[0].name).shape[0] == feeds["image"].shape[0]
     with pytest.raises(InferenceServerException, match="version '99' is not served"):
         client.infer("colors", [tensor], model_version="99", headers=headers)
+
+
+def test_gzip_request_bodies_are_inflated_within_the_body_limit(served: DaemonProcess) -> None:
+    import gzip
+
+    def post(path: str, body: bytes, encoding: str, content_type: str = "image/png") -> tuple[int, dict]:
+        request = urllib.request.Request(served.url + path, data=body, method="POST")
+        request.add_header("Authorization", f"Bearer {TOKEN}")
+        request.add_header("Content-Type", content_type)
+        request.add_header("Content-Encoding", encoding)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    status, body = post("/v1/models/colors/predict", gzip.compress(png("red")), "gzip")
+    assert status == 200 and body["predictions"][0]["label"] == "red"
+    bomb = gzip.compress(b"\0" * (8 << 20))  # 8 MB of zeros in ~8 KB; the body limit is 1 MB
+    status, body = post("/v1/models/colors/predict", bomb, "gzip")
+    assert status == 413 and "inflates past" in body["error"]
+    assert post("/v1/models/colors/predict", gzip.compress(png("red"))[:-9], "gzip")[0] == 400
+    assert post("/v1/models/colors/predict", png("red"), "br")[0] == 415
