@@ -20,8 +20,8 @@ import time
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from runtime.assets import check_asset_id
-from runtime.closing import Closing
 from edge_sdk.errors import PipelineError
+from runtime.closing import Closing
 from runtime.frame import Frame
 from runtime.fusion import Diagnosis, Evidence, Fuser, FusionRule
 from runtime.manifest import ImagePreprocess, Manifest

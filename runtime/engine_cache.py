@@ -27,8 +27,8 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from runtime.files import write_atomic
 from edge_sdk.errors import DeviceError, PackageError
+from runtime.files import write_atomic
 from runtime.engine_spec import EngineSpec
 from runtime.package import Package, sha256_bytes
 

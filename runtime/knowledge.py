@@ -20,8 +20,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from runtime.closing import Closing
 from edge_sdk.errors import InferenceError, PackageError, PipelineError
+from runtime.closing import Closing
 from runtime.manifest import Manifest, TextPreprocess
 from runtime.package import Package
 from runtime.pipeline import Pipeline

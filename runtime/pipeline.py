@@ -15,8 +15,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from runtime.closing import Closing
 from edge_sdk.errors import PackageError, PipelineError
+from runtime.closing import Closing
 from runtime.manifest import ImagePreprocess, Manifest, TextPreprocess
 from runtime.package import Package
 from runtime.prediction import (Prediction, Timings, anomaly_predictions, anomaly_scores, class_scores,

@@ -61,9 +61,9 @@ class Prediction:
 
 
 def _plain(value: Any) -> Any:
-    """A JSON-ready copy: arrays (an anomaly map) become nested lists rounded to 5 significant digits."""
+    """A JSON-ready copy: arrays (an anomaly map) become nested lists rounded to 5 decimals."""
     if isinstance(value, np.ndarray):
-        return np.vectorize(lambda v: float(f"{v:.5g}"), otypes=[float])(value).tolist() if value.size else []
+        return np.asarray(value, dtype=np.float64).round(5).tolist()
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -26,8 +26,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from runtime.closing import Closing
 from edge_sdk.errors import EdgeSDKError, PipelineError
+from runtime.closing import Closing
 from runtime.batching import END, Batching, next_batch
 from runtime.frame import Frame, Source, SourceState
 from runtime.manifest import ImagePreprocess

@@ -54,8 +54,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from runtime.closing import Closing
 from edge_sdk.errors import DaemonError
+from runtime.closing import Closing
 
 __all__ = ["Event", "EventStore", "OutboxItem"]
 

@@ -27,9 +27,9 @@ import weakref
 from pathlib import Path
 from typing import IO, Sequence
 
-from runtime.closing import Closing
 from edge_sdk.deploy.transport import DeployError, Progress, RunResult, Target, copy_from
 from edge_sdk.errors import InternalError
+from runtime.closing import Closing
 
 __all__ = ["SshTransport"]
 

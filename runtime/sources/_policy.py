@@ -8,8 +8,8 @@ import threading
 import time
 from dataclasses import replace
 
-from runtime.closing import Releasing
 from edge_sdk.errors import SourceError
+from runtime.closing import Releasing
 from runtime.frame import Frame, Source, SourceState
 from runtime.sources._spec import check_positive
 
