@@ -16,8 +16,7 @@ every core), a ``[fusion]`` rule mapping both label sets onto one vocabulary (``
 with ``cooldown_s = 3600`` so that at most one event (and one JPEG snapshot) per asset and fault is
 written in the whole run: event writes do not dominate, but the event rules still run on every
 request. Storage under a temporary directory, token from a file, no ``[mqtt]`` (no broker, so no
-publisher thread), no ``[sources]``. uvicorn's defaults otherwise (h11 or httptools, whichever is
-installed: the table says which).
+publisher thread), no ``[sources]``; the ``[server]`` limits at their defaults (max_in_flight 16).
 
 Rows, per model, ``--requests`` each (300; 60 with ``--quick``):
 
@@ -30,7 +29,15 @@ Rows, per model, ``--requests`` each (300; 60 with ``--quick``):
 3. **HTTP GET /v2/health/live**: the transport's floor (no auth, no model, no thread hop);
 4. **HTTP predict c1**: ``POST /v1/models/{name}/predict``, sequential;
 5. **HTTP diagnose c1**: ``POST /v1/diagnose?asset=`` (image bytes) or JSON ``{asset, text}``, sequential;
-6. **HTTP diagnose c4**: the same from 4 client threads.
+6. **HTTP diagnose c4, c8, c32**: the same from 4, 8 and 32 client threads. The daemon bounds the work
+   in flight per model (``server.max_in_flight``, default 16): beyond it a request is answered 503 with
+   ``Retry-After`` at once. "503 %" is the share of requests so refused (not retried: the figure is the
+   push-back itself); req/s and latencies count the answered ones.
+
+Then **peak memory under large uploads**: ``UPLOAD_CLIENTS`` (8) clients each send a smooth 16-bit
+PNG of 3000x4000 pixels (a few MB on the wire, ~72 MB to decode) to the image model at once, twice;
+the daemon's peak RSS (``VmHWM``) before and after is reported with the bytes one decode needs, and
+the answers by status (413/503 where the daemon's decode bounds refuse).
 
 The machine is shared and noisy, so the rows are interleaved: ``--rounds`` rounds (3), each running
 every row for its share of the requests, after a wait (at most 5 s) for the other processes to go
@@ -95,7 +102,9 @@ ASSETS = {"image": "press-4", "text": "pump-7"}
 COOLDOWN_S = 3600
 ROUNDS = 3
 WARMUP = 5  # untimed calls before every chunk
-CONCURRENCY = 4
+CLIENTS = (4, 8, 32)  # client threads of the concurrent diagnose rows
+UPLOAD_CLIENTS = 8  # concurrent large uploads in the memory section
+UPLOAD_SIZE = (3000, 4000)  # height, width of the 16-bit PNG sent (a legal upload that decodes large)
 # Other processes share the cores: a chunk starts once they keep < QUIET_CORES busy (waiting at most
 # QUIET_WAIT_S). The wait (0.3 s at least) also lets a thread pool that still spins go idle first.
 # A chunk during which they kept > NOISY_CORES busy is measured again (ATTEMPTS in all; the quietest kept).
@@ -291,6 +300,7 @@ class Row:
     client_cpu_s: float = 0.0
     others_core_s: float = 0.0
     errors: int = 0
+    refused: int = 0  # of the errors: 503 (server.max_in_flight reached)
     first_error: str | None = None
     retries: int = 0
 
@@ -308,7 +318,9 @@ class Row:
         common = sorted(set(base.labels) & set(self.labels))
         return {
             "kind": self.kind, "row": self.name, "concurrency": self.concurrency, "ok": len(lat),
-            "errors": self.errors, "first_error": self.first_error, "wall_s": self.wall_s, "retries": self.retries,
+            "errors": self.errors, "refused_503": self.refused,
+            "refused_pct": 100.0 * self.refused / (len(lat) + self.errors) if len(lat) + self.errors else None,
+            "first_error": self.first_error, "wall_s": self.wall_s, "retries": self.retries,
             "req_per_s": rps, "req_per_s_by_round": self.round_rps,
             "x_in_process": rps / base.rps if rps and base.rps else None,
             "p50_ms": p50, "p90_ms": float(np.percentile(lat, 90)) if len(lat) else None,
@@ -387,6 +399,7 @@ def run_chunk(row: Row, inputs: list[Any], first: int, count: int) -> None:
     row.daemon_cpu_s += chunk.daemon_cpu_s
     row.others_core_s += chunk.others_cores * chunk.wall_s
     row.errors += len(chunk.errors)
+    row.refused += sum(" -> 503:" in e for e in chunk.errors)
     row.first_error = row.first_error or next(iter(chunk.errors), None)
     row.round_rps.append(len(chunk.results) / chunk.wall_s)
     for i, ms, label, pipeline_ms in chunk.results:
@@ -477,7 +490,7 @@ def bench_kind(kind: str, package: Path, inputs: list[Any], daemon: DaemonProces
                 Row(kind, "HTTP GET /v2/health/live", 1, calls["live"], pid),
                 Row(kind, "HTTP predict", 1, calls["predict"], pid),
                 Row(kind, "HTTP diagnose", 1, calls["diagnose"], pid),
-                Row(kind, "HTTP diagnose", CONCURRENCY, calls["diagnose"], pid)]
+                *(Row(kind, "HTTP diagnose", c, calls["diagnose"], pid) for c in CLIENTS)]
         per_round = [args.requests // args.rounds + (r < args.requests % args.rounds) for r in range(args.rounds)]
         for r, count in enumerate(per_round):
             first = sum(per_round[:r])
@@ -498,26 +511,91 @@ def print_table(kind: str, result: dict[str, Any], meta: dict[str, Any]) -> None
           f"{meta['requests']} requests per row in {len(result['rounds'])} interleaved rounds, cycling "
           f"{result['inputs']} held-out inputs ==")
     print(f"{'row':<28}{'conc':>5}{'req/s':>8}{'x base':>8}{'p50 ms':>8}{'p99 ms':>8}{'+p50 ms':>9}"
-          f"{'pipeline':>9}{'outside':>8}{'daemon CPU':>11}{'client CPU':>11}{'others':>7}{'agree':>7}{'retry':>6}  errors")
+          f"{'pipeline':>9}{'outside':>8}{'daemon CPU':>11}{'client CPU':>11}{'others':>7}{'agree':>7}{'retry':>6}"
+          f"{'503':>6}  errors")
     print(f"{'':<28}{'':>5}{'':>8}{'':>8}{'':>8}{'':>8}{'':>9}{'p50 ms':>9}{'p50 ms':>8}{'ms/req':>11}{'ms/req':>11}"
-          f"{'cores':>7}{'%':>7}")
+          f"{'cores':>7}{'%':>7}{'':>6}{'%':>6}")
     for s in result["rows"]:
         print(f"{s['row']:<28}{s['concurrency']:>5}{_fmt(s['req_per_s'], '.1f'):>8}{_fmt(s['x_in_process'], '.2f'):>8}"
               f"{_fmt(s['p50_ms'], '.2f'):>8}{_fmt(s['p99_ms'], '.2f'):>8}{_fmt(s['overhead_p50_ms'], '+.2f'):>9}"
               f"{_fmt(s['pipeline_p50_ms'], '.2f'):>9}{_fmt(s['outside_pipeline_p50_ms'], '.2f'):>8}"
               f"{_fmt(s['daemon_cpu_ms_per_req'], '.2f'):>11}"
               f"{_fmt(s['client_cpu_ms_per_req'], '.2f'):>11}{_fmt(s['others_cores'], '.2f'):>7}"
-              f"{_fmt(s['agree_pct'], '.1f'):>7}{s['retries']:>6}  {s['errors'] or ''} {s['first_error'] or ''}")
+              f"{_fmt(s['agree_pct'], '.1f'):>7}{s['retries']:>6}{_fmt(s['refused_pct'], '.1f'):>6}  "
+              f"{s['errors'] or ''} {s['first_error'] or '' if s['errors'] != s['refused_503'] else ''}")
+
+
+def vm_kib(pid: int | None, key: str) -> int | None:
+    """``VmHWM``/``VmRSS`` of ``pid`` in KiB, from /proc."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def upload_memory(daemon: DaemonProcess, token: str) -> dict[str, Any]:
+    """Peak RSS of the daemon while UPLOAD_CLIENTS clients send a large legal image at once (two waves)."""
+    import cv2
+
+    h, w = UPLOAD_SIZE
+    ramp = (np.linspace(0, 65535, w, dtype=np.float64)[None, :] * np.linspace(0.2, 1, h)[:, None]).astype(np.uint16)
+    ok, data = cv2.imencode(".png", np.dstack([ramp, ramp[::-1], ramp[:, ::-1]]))
+    body = data.tobytes()
+    pid = daemon.proc.pid if daemon.proc else None
+    before_hwm, before_rss = vm_kib(pid, "VmHWM"), vm_kib(pid, "VmRSS")
+    statuses: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def send() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=120)
+        try:
+            conn.request("POST", f"/v1/models/{IMAGE}/predict", body=body,
+                         headers={"Authorization": f"Bearer {token}", "Content-Type": "image/png"})
+            status = str(conn.getresponse().status)
+        except OSError as exc:
+            status = type(exc).__name__
+        finally:
+            conn.close()
+        with lock:
+            statuses[status] = statuses.get(status, 0) + 1
+
+    started = time.perf_counter()
+    for _ in range(2):
+        threads = [threading.Thread(target=send) for _ in range(UPLOAD_CLIENTS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    after_hwm = vm_kib(pid, "VmHWM")
+    decode_mb = h * w * (3 * 2 + 3) / 2 ** 20  # 16-bit working buffer + the 8-bit BGR image
+    log(f"uploads: {UPLOAD_CLIENTS} x 2 of {len(body) / 2 ** 20:.1f} MB -> {statuses}; peak RSS "
+        f"{(before_hwm or 0) / 1024:.0f} -> {(after_hwm or 0) / 1024:.0f} MB")
+    return {"clients": UPLOAD_CLIENTS, "waves": 2, "image": f"{w}x{h} 16-bit RGB PNG", "body_mb": len(body) / 2 ** 20,
+            "decode_mb_each": decode_mb, "statuses": statuses, "wall_s": time.perf_counter() - started,
+            "rss_before_mb": (before_rss or 0) / 1024, "peak_rss_before_mb": (before_hwm or 0) / 1024,
+            "peak_rss_after_mb": (after_hwm or 0) / 1024,
+            "peak_growth_in_decodes": ((after_hwm or 0) - (before_hwm or 0)) / 1024 / decode_mb}
+
+
+def print_uploads(u: dict[str, Any]) -> None:
+    print(f"
+== peak memory: {u['clients']} clients x {u['waves']} waves, each a {u['image']} "
+          f"({u['body_mb']:.1f} MB body, ~{u['decode_mb_each']:.0f} MB to decode) ==")
+    print(f"answers {u['statuses']}; daemon RSS {u['rss_before_mb']:.0f} MB before, peak {u['peak_rss_before_mb']:.0f}"
+          f" -> {u['peak_rss_after_mb']:.0f} MB: growth = {u['peak_growth_in_decodes']:.1f} decodes' worth "
+          f"({u['clients']} would be unbounded)")
 
 
 def http_stack() -> str:
-    """What uvicorn's defaults ("auto") pick in this environment, which the daemon inherits."""
+    """The daemon's HTTP stack: uvicorn with h11 under edge_sdk.daemon.limits' guards."""
     import starlette
     import uvicorn
 
-    impl = "httptools" if importlib.util.find_spec("httptools") else "h11"
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
-    return f"uvicorn {uvicorn.__version__} ({impl}, {loop}), starlette {starlette.__version__}"
+    return f"uvicorn {uvicorn.__version__} (h11 + timeouts/connection guard, {loop}), starlette {starlette.__version__}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -570,6 +648,9 @@ def main(argv: list[str] | None = None) -> int:
                 results["models"][kind] = result
                 print_table(kind, result, meta)
             results["events_written"] = len(Http(daemon.port, token).call("GET", "/v1/events?limit=1000")["events"])
+            if "image" in kinds:
+                results["uploads"] = upload_memory(daemon, token)
+                print_uploads(results["uploads"])
         finally:
             if engine is not None:
                 engine.stop()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -58,6 +58,9 @@ class Options:
     normal: str | os.PathLike[str] | None = None
     coreset_ratio: float = 0.05
     feature_layers: Sequence[str] | None = None
+    # sign the package: a private key file (edge-sdk keys generate) or a runtime.signing.SigningKey;
+    # parse_options reads the file before any work starts
+    sign: Any = None
 
 
 def parse_options(options: Mapping[str, Any]) -> Options:
@@ -92,6 +95,11 @@ def parse_options(options: Mapping[str, Any]) -> Options:
     CalibrationMethod.parse(opts.method)
     if opts.prune is not None:
         parse_prune(opts.prune)
+    if opts.sign is not None:
+        from runtime.signing import SigningKey, load_signing_key
+
+        if not isinstance(opts.sign, SigningKey):
+            opts = replace(opts, sign=load_signing_key(opts.sign, extra="convert"))
     return opts
 
 

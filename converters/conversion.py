@@ -67,7 +67,8 @@ def convert(
     minmax), ``budget`` (allowed accuracy drop in points), ``calibration_samples`` and
     ``smoothing`` (transformer migration strength, None to skip); ``prune`` (see
     ``converters.stages.prune``);
-    ``name``, ``version``, ``archive``, ``golden_samples``, ``output_name``, ``threads``.
+    ``name``, ``version``, ``archive``, ``golden_samples``, ``output_name``, ``threads``;
+    ``sign`` (an ed25519 private key file: the package is written signed, see ``runtime.signing``).
     ``task="anomaly-detection"`` builds a PatchCore-class anomaly model onto ``model`` (any CNN) from
     ``normal`` (a folder of good images; also the default calibration data), with ``coreset_ratio``
     and ``feature_layers`` (see ``converters.patchcore``); ``labels`` default to ["ok", "defect"].
@@ -120,7 +121,7 @@ def convert(
         if fp32.evaluation:
             anomaly = {**anomaly, "latency_ms": {"fp32": fp32.evaluation.median_latency_ms}}
         manifest = replace(manifest, reports={**manifest.reports, "anomaly": anomaly})
-    package = write_package(manifest, files, output, archive=opts.archive)
+    package = write_package(manifest, files, output, archive=opts.archive, sign=opts.sign)
     log.info("wrote %s", package.path)
     return ConversionReport(
         package=str(package.path), name=manifest.name, task=task, precision=manifest.precision,

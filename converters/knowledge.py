@@ -185,7 +185,7 @@ def _write(model: ModelSource, output: str | os.PathLike[str], tokenizer: str | 
         notes.append(f"knowledge base: {kb['count']} incidents, dimension {kb['dim']}, "
                      f"{len(kb['faults'])} faults ({', '.join(kb['faults'][:8])})")
     manifest = replace(manifest, knowledge_base=kb, reports={"conversion": {"precision": "fp32", "notes": notes}})
-    package = write_package(manifest, files, output, archive=opts.archive)
+    package = write_package(manifest, files, output, archive=opts.archive, sign=opts.sign)
     log.info("wrote %s", package.path)
     return package, len(next(iter(golden_in.values()))), notes
 

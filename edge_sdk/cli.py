@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from edge_sdk._cli_kb import add_kb_parser
+from edge_sdk._cli_keys import add_keys_parser
 from edge_sdk.errors import BackendUnavailableError, EdgeSDKError
 from runtime.manifest import CONVERT_TASKS
 
@@ -61,6 +62,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                    budget=None if args.budget < 0 else args.budget)
     if args.no_smoothing:
         options["smoothing"] = None
+    if args.sign:
+        from runtime.signing import load_signing_key
+
+        options["sign"] = load_signing_key(args.sign, extra="convert")  # a bad key fails before the conversion
     if args.prune:
         try:
             options["prune"] = json.loads(args.prune) if args.prune.lstrip().startswith("{") else args.prune
@@ -71,10 +76,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer, max_length=args.max_length, calibration=args.calibration,
         validation=args.validation, progress=None if args.json else _Progress(), **options,
     )
+    signer = options["sign"].key_id if args.sign else None
     if args.json:
-        _print_json(report.to_dict())
+        _print_json({**report.to_dict(), "signer": signer})
     else:
-        print("\n".join(report.lines()))
+        print("\n".join(report.lines() + ([f"signed by key {signer}"] if signer else [])))
     return 0
 
 
@@ -105,15 +111,19 @@ def _labels_arg(value: str | None) -> Any:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from runtime.package import Package
+    from runtime.signing import load_public_key
 
-    package = Package.open(args.package)
+    trusted = [load_public_key(k) for k in args.trusted_key]
+    package = Package.open(args.package, trusted_keys=trusted)
     summary = {**package.manifest.summary(), "path": str(package.path), "verified": True,
+               "signer": package.signer, "signed": package.signatures is not None,
                "reports": dict(package.manifest.reports)}
     if args.json:
         _print_json(summary)
         return 0
     print(f"{summary['name']} {summary['version']}  ({summary['task']}, {summary['precision']})  verified")
     print(f"path: {summary['path']}")
+    print(f"signature: {_signature_line(package, bool(trusted))}")
     print(f"labels: {', '.join(summary['labels'])}")
     for kind in ("inputs", "outputs"):
         for t in summary[kind]:
@@ -135,6 +145,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.device:
         _print_device_choice(package)
     return 0
+
+
+def _signature_line(package: Any, trusted: bool) -> str:
+    if package.signer:
+        return f"signed by key {package.signer}" + (" (trusted)" if trusted else "")
+    if package.signatures is not None:
+        return "signed, but not checked here (pip install 'edge-sdk[serve]' to check it)"
+    return "unsigned"
 
 
 def _print_device_choice(package: Any) -> None:
@@ -326,12 +344,16 @@ def build_parser() -> argparse.ArgumentParser:
                                             "from (default: the stage outputs at strides 16 and 32)")
     p.add_argument("--prune", help='magnitude | activation | 2:4, or JSON such as '
                                    '\'{"method": "structured", "ratio": 0.3}\' or \'{"method": "structured", "budget": 1.0}\'')
+    p.add_argument("--sign", metavar="KEY", help="sign the package with this ed25519 private key file "
+                                                 "(edge-sdk keys generate)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("inspect", help="verify a package and show what it holds")
     p.add_argument("package")
     p.add_argument("--device", action="store_true", help="also show which backend would serve it here, and why")
+    p.add_argument("--trusted-key", action="append", default=[], metavar="PUB",
+                   help="also require a signature by this public key (repeatable), as a device that trusts it does")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_inspect)
 
@@ -361,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_calib_cache)
 
     add_kb_parser(sub)
+    add_keys_parser(sub)
 
     p = sub.add_parser("run", help="predict images or texts with a package")
     p.add_argument("package")

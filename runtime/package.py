@@ -8,6 +8,11 @@ a tampered, truncated or unsafe package is refused with a clear error.
 Writes are atomic: a package is staged next to its destination and renamed
 into place, so a crash never leaves a half-written package behind, and an
 existing package is replaced only once the new one is complete.
+
+A package may also hold ``signatures.json``, ed25519 signatures over the exact
+bytes of ``manifest.json`` (see :mod:`runtime.signing`). It is the one file the
+manifest does not list (it cannot hash its own signature); ``Package.open``
+checks it against the manifest bytes it verified the hashes with.
 """
 
 from __future__ import annotations
@@ -24,12 +29,15 @@ import zipfile
 import zlib
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from edge_sdk.errors import PackageError, PackageIntegrityError
 from runtime.manifest import FileEntry, Manifest
+from runtime.signing import (
+    MAX_SIGNATURES_BYTES, SIGNATURES, PublicKey, SigningKey, check_signatures, signatures_document,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,27 +71,36 @@ def check_member_name(name: str) -> str:
 
 
 class Package:
-    """A verified model package. Open with :meth:`Package.open`."""
+    """A verified model package. Open with :meth:`Package.open`.
 
-    def __init__(self, path: Path, manifest: Manifest, archive: bool) -> None:
+    ``manifest_bytes`` are the exact bytes the hashes were checked against, ``signatures`` the
+    package's ``signatures.json`` (None: unsigned) and ``signer`` the id of the key whose signature
+    verified (None: unsigned, or not checked).
+    """
+
+    def __init__(self, path: Path, manifest: Manifest, archive: bool, manifest_bytes: bytes = b"",
+                 signatures: bytes | None = None, signer: str | None = None) -> None:
         self.path = path
         self.manifest = manifest
         self.is_archive = archive
+        self.manifest_bytes = manifest_bytes
+        self.signatures = signatures
+        self.signer = signer
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> Package:
-        """Open and fully verify the package at ``path`` (a directory or an archive)."""
-        p = Path(path)
-        if p.is_dir():
-            manifest = _verify_directory(p)
-            archive = False
-        elif p.is_file():
-            manifest = _verify_archive(p)
-            archive = True
-        else:
-            raise PackageError(f"package {str(p)!r} does not exist", hint="check the path, or run edge-sdk convert first")
-        log.info("package %s verified: %s %s (%d files)", p, manifest.name, manifest.version, len(manifest.files))
-        return cls(p, manifest, archive)
+    def open(cls, path: str | os.PathLike[str], trusted_keys: Sequence[PublicKey] | None = None) -> Package:
+        """Open and fully verify the package at ``path`` (a directory or an archive).
+
+        With ``trusted_keys`` it must also be signed by one of them; without, a signature that is
+        present must still verify (see :mod:`runtime.signing`).
+        """
+        package = open_hashed(path)
+        package.signer = check_signatures(package.manifest_bytes, package.signatures, trusted_keys, package.path)
+        m = package.manifest
+        signed = (f"signed by {package.signer}" if package.signer
+                  else "unsigned" if package.signatures is None else "signature not checked")
+        log.info("package %s verified: %s %s (%d files), %s", package.path, m.name, m.version, len(m.files), signed)
+        return package
 
     def read_bytes(self, name: str) -> bytes:
         """Read one listed file and check it against its sha256 again (it may have changed since open)."""
@@ -114,6 +131,19 @@ class Package:
         return inputs, outputs
 
 
+def open_hashed(path: str | os.PathLike[str]) -> Package:
+    """Open the package at ``path`` verifying its schema and every hash, but not its signatures (its
+    ``signer`` is None): for signing it. Everything else opens packages with :meth:`Package.open`."""
+    p = Path(path)
+    if p.is_dir():
+        manifest, raw, signatures = _verify_directory(p)
+    elif p.is_file():
+        manifest, raw, signatures = _verify_archive(p)
+    else:
+        raise PackageError(f"package {str(p)!r} does not exist", hint="check the path, or run edge-sdk convert first")
+    return Package(p, manifest, p.is_file(), raw, signatures)
+
+
 def _parse_manifest(data: bytes, where: Path) -> Manifest:
     try:
         raw = json.loads(data.decode("utf-8"))
@@ -122,6 +152,9 @@ def _parse_manifest(data: bytes, where: Path) -> Manifest:
     manifest = Manifest.from_dict(raw)
     for name in manifest.files:
         check_member_name(name)
+    if SIGNATURES in manifest.files:
+        raise PackageIntegrityError(f"manifest of {where} lists {SIGNATURES!r}, the name reserved for the package's "
+                                    "signatures", hint="rebuild it with edge-sdk convert")
     for named in (manifest.model, manifest.golden, *manifest.graphs.values()):
         if named and named not in manifest.files:
             raise PackageIntegrityError(f"manifest of {where} names {named!r} but does not list it in 'files'")
@@ -151,11 +184,12 @@ def _hash_stream(stream: Any, limit: int) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-def _verify_directory(root: Path) -> Manifest:
+def _verify_directory(root: Path) -> tuple[Manifest, bytes, bytes | None]:
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
         raise PackageError(f"{root} has no manifest.json; it is not an edge-sdk package")
-    manifest = _parse_manifest(manifest_path.read_bytes(), root)
+    raw = manifest_path.read_bytes()
+    manifest = _parse_manifest(raw, root)
     for name, entry in manifest.files.items():
         path = root / name
         if path.is_symlink() or not path.is_file():
@@ -163,7 +197,17 @@ def _verify_directory(root: Path) -> Manifest:
         with path.open("rb") as f:
             size, digest = _hash_stream(f, entry.size)
         _check_entry(name, entry, size, digest, root)
-    return manifest
+    return manifest, raw, _directory_signatures(root)
+
+
+def _directory_signatures(root: Path) -> bytes | None:
+    path = root / SIGNATURES
+    if not path.exists() and not path.is_symlink():
+        return None
+    if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_SIGNATURES_BYTES:
+        raise PackageIntegrityError(f"{SIGNATURES} in {root} is not a regular file of at most {MAX_SIGNATURES_BYTES} "
+                                    "bytes", hint="remove it and sign the package again")
+    return path.read_bytes()
 
 
 def _open_zip(path: Path) -> zipfile.ZipFile:
@@ -187,14 +231,20 @@ def _archive_members(zf: zipfile.ZipFile, where: Path) -> dict[str, zipfile.ZipI
     return members
 
 
-def _verify_archive(path: Path) -> Manifest:
+def _verify_archive(path: Path) -> tuple[Manifest, bytes, bytes | None]:
     with _open_zip(path) as zf:
         members = _archive_members(zf, path)
         if MANIFEST not in members or members[MANIFEST].file_size > _MAX_MANIFEST_BYTES:
             raise PackageError(f"{path} has no usable manifest.json; it is not an edge-sdk package")
+        signatures = None
         try:
-            manifest = _parse_manifest(zf.read(MANIFEST), path)
-            extra = sorted(set(members) - set(manifest.files) - {MANIFEST})
+            raw = zf.read(MANIFEST)
+            manifest = _parse_manifest(raw, path)
+            if SIGNATURES in members:
+                if members[SIGNATURES].file_size > MAX_SIGNATURES_BYTES:
+                    raise PackageIntegrityError(f"{SIGNATURES} in {path} is larger than {MAX_SIGNATURES_BYTES} bytes")
+                signatures = zf.read(SIGNATURES)
+            extra = sorted(set(members) - set(manifest.files) - {MANIFEST, SIGNATURES})
             if extra:
                 raise PackageIntegrityError(f"package archive {path} holds files the manifest does not list: {extra}")
             for name, entry in manifest.files.items():
@@ -205,7 +255,7 @@ def _verify_archive(path: Path) -> Manifest:
                 _check_entry(name, entry, size, digest, path)
         except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
             raise PackageIntegrityError(f"package archive {path} is damaged ({exc})", hint="copy it again or re-convert") from None
-    return manifest
+    return manifest, raw, signatures
 
 
 def extract_package(archive: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Package:
@@ -213,11 +263,12 @@ def extract_package(archive: str | os.PathLike[str], dest: str | os.PathLike[str
     src, out = Path(archive), Path(dest)
     if out.exists():
         raise PackageError(f"extraction target {out} already exists", hint="choose a new directory")
-    manifest = Package.open(src).manifest
+    package = Package.open(src)
+    manifest = package.manifest
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         with _open_zip(src) as zf:
-            for name in [*manifest.files, MANIFEST]:
+            for name in [*manifest.files, MANIFEST, *([SIGNATURES] if package.signatures is not None else [])]:
                 target = staging / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(check_member_name(name)) as f, target.open("wb") as g:
@@ -252,9 +303,11 @@ def golden_bytes(
 
 
 def write_package(
-    manifest: Manifest, files: Mapping[str, bytes], out: str | os.PathLike[str], *, archive: bool = True
+    manifest: Manifest, files: Mapping[str, bytes], out: str | os.PathLike[str], *, archive: bool = True,
+    sign: SigningKey | None = None,
 ) -> Package:
-    """Write ``files`` with ``manifest`` (its ``files`` table is filled in here) to ``out`` atomically.
+    """Write ``files`` with ``manifest`` (its ``files`` table is filled in here) to ``out`` atomically,
+    signed with ``sign`` when given (the signature is part of the same atomic write).
 
     ``out`` may already hold a package, which is replaced; any other existing
     path is refused rather than overwritten.
@@ -262,23 +315,26 @@ def write_package(
     dest = Path(out)
     _refuse_clobber(dest)
     entries = {check_member_name(n): FileEntry(sha256_bytes(d), len(d)) for n, d in files.items()}
-    if MANIFEST in entries:
-        raise PackageError("a package file may not be named manifest.json")
+    if MANIFEST in entries or SIGNATURES in entries:
+        raise PackageError(f"a package file may not be named {MANIFEST} or {SIGNATURES}")
     manifest = replace(manifest, files=entries)
     Manifest.from_dict(manifest.to_dict())  # validate the exact document we write
     manifest_bytes = json.dumps(manifest.to_dict(), indent=2, sort_keys=True).encode("utf-8")
+    head = [(MANIFEST, manifest_bytes)]
+    if sign is not None:
+        head.append((SIGNATURES, signatures_document(manifest_bytes, sign)))
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         if archive:
             staged = staging / "package.zip"
             with zipfile.ZipFile(staged, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
-                for name, data in [(MANIFEST, manifest_bytes), *sorted(files.items())]:
+                for name, data in [*head, *sorted(files.items())]:
                     zf.writestr(_fixed_time_info(name), data)
             _fsync(staged)
         else:
             staged = staging / "package"
-            for name, data in [(MANIFEST, manifest_bytes), *files.items()]:
+            for name, data in [*head, *files.items()]:
                 target = staged / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(data)
@@ -287,6 +343,37 @@ def write_package(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return Package.open(dest)
+
+
+def replace_signatures(package: Package, signatures: bytes) -> None:
+    """Replace ``package``'s ``signatures.json`` atomically: a directory gets the file renamed into place,
+    an archive is rewritten next to itself with every other member unchanged and renamed over the old."""
+    if not package.is_archive:
+        staged = package.path / f".{SIGNATURES}.{os.getpid()}"
+        staged.write_bytes(signatures)
+        _fsync(staged)
+        os.replace(staged, package.path / SIGNATURES)
+        return
+    staged = package.path.with_name(f".{package.path.name}.{os.getpid()}.signing")
+    try:
+        with _open_zip(package.path) as src, zipfile.ZipFile(staged, "w", compresslevel=1) as dst:
+            for info in src.infolist():
+                if info.filename == SIGNATURES:
+                    continue
+                copy = zipfile.ZipInfo(info.filename, date_time=info.date_time)
+                copy.compress_type, copy.external_attr = info.compress_type, info.external_attr
+                if info.is_dir():
+                    dst.writestr(copy, b"")
+                    continue
+                big = info.file_size > zipfile.ZIP64_LIMIT
+                with src.open(info) as f, dst.open(copy, "w", force_zip64=big) as g:
+                    shutil.copyfileobj(f, g, _CHUNK)
+                if info.filename == MANIFEST:  # signatures right after the manifest, as write_package puts them
+                    dst.writestr(_fixed_time_info(SIGNATURES), signatures)
+        _fsync(staged)
+        os.replace(staged, package.path)
+    finally:
+        staged.unlink(missing_ok=True)
 
 
 def _fixed_time_info(name: str) -> zipfile.ZipInfo:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from edge_sdk.errors import InferenceError, PackageError, PackageIntegrityError
-from runtime.manifest import Manifest
+from runtime.manifest import ImagePreprocess, Manifest, TextPreprocess
 from runtime.package import Package
 from runtime.runners.base import Runner
 
@@ -33,6 +33,39 @@ class Parity:
     @property
     def ok(self) -> bool:
         return self.max_abs_diff <= self.tolerance
+
+
+def check_inputs(manifest: Manifest) -> None:
+    """The manifest's inputs are what its preprocessing produces: an image model takes one tensor of the
+    preprocessed size, channels, layout and dtype; a text model takes token tensors the tokenizer step
+    names. (That the graph itself takes these inputs is each runner's check, e.g. onnxruntime's session.)"""
+    pre, where = manifest.preprocess, f"package {manifest.name}"
+    hint = "re-convert the model; the manifest's inputs and preprocess must describe the same tensors"
+    if isinstance(pre, ImagePreprocess):
+        if len(manifest.inputs) != 1:
+            raise PackageError(f"{where}: an image model has one input; the manifest lists "
+                               f"{[i.name for i in manifest.inputs]}", hint=hint)
+        spec = manifest.inputs[0]
+        h, w = pre.output_hw
+        want: tuple[Any, ...] = (pre.channels, h, w) if pre.layout == "nchw" else (h, w, pre.channels)
+        dims = tuple(spec.shape[1:])
+        if len(spec.shape) != 4 or any(isinstance(d, int) and d != e for d, e in zip(dims, want)):
+            expected = ["batch", *want]
+            raise PackageError(f"{where}: input {spec.name!r} has shape {list(spec.shape)} but the preprocessing "
+                               f"({pre.layout}, {pre.color}, {h}x{w}) makes {expected}", hint=hint)
+        if spec.dtype != pre.dtype:
+            raise PackageError(f"{where}: input {spec.name!r} is {spec.dtype} but the preprocessing makes {pre.dtype}",
+                               hint=hint)
+    elif isinstance(pre, TextPreprocess):
+        made = {n for n in (pre.input_ids, pre.attention_mask, pre.token_type_ids) if n}
+        names = {i.name for i in manifest.inputs}
+        if pre.input_ids not in names or not names <= made:
+            raise PackageError(f"{where}: inputs {sorted(names)} are not the tokenizer's tensors {sorted(made)} "
+                               f"(input_ids {pre.input_ids!r} among them)", hint=hint)
+        for spec in manifest.inputs:
+            if spec.dtype not in ("int64", "int32") or len(spec.shape) != 2:
+                raise PackageError(f"{where}: token input {spec.name!r} is {spec.dtype} {list(spec.shape)}; expected "
+                                   "int64 or int32 [batch, sequence]", hint=hint)
 
 
 def check_outputs(manifest: Manifest, outputs: Mapping[str, np.ndarray]) -> None:

@@ -17,7 +17,7 @@ from edge_sdk.errors import BackendUnavailableError, EdgeSDKError
 from runtime.backends import BACKENDS, Factory, Probe, Served
 from runtime.engine_spec import ENGINE_PRECISIONS
 from runtime.package import Package
-from runtime.parity import Parity, check_parity
+from runtime.parity import Parity, check_inputs, check_parity
 from runtime.runners.base import Runner
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ def select_runner(
     """
     if precision not in PRECISIONS:
         raise BackendUnavailableError(f"precision is {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    check_inputs(package.manifest)  # a manifest at odds with its own preprocessing fits no backend
     skipped: list[Skipped] = []
     for name in parse_policy(backend, registry):
         probe, factory = registry[name]

@@ -8,21 +8,29 @@
 * ``/metrics`` (Prometheus) and ``/openapi.json``.
 
 Every endpoint except the two health checks requires ``Authorization: Bearer <token>``.
-Request bodies are limited to ``server.max_body_mb``; errors are JSON ``{"error", "hint"}``
-with a 4xx status that says whose fault it was.
+Request bodies are limited to ``server.max_body_mb`` and must arrive within
+``server.body_timeout_s`` (408); errors are JSON ``{"error", "hint"}`` with a 4xx status that says
+whose fault it was. Work is bounded: at most ``server.max_in_flight`` requests per model are read,
+queued or running, beyond that 503 with ``Retry-After`` (edge_sdk.daemon.limits). After SIGTERM new
+requests get 503, and those still running ``server.shutdown_grace_s`` later are answered 503 too
+(their computation is abandoned), so a client always learns to retry elsewhere.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hmac
 import logging
 import math
 import time
 import zlib
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, TypeVar
+
+import anyio
+import anyio.to_thread
 
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -31,6 +39,7 @@ from edge_sdk import __version__
 from edge_sdk.daemon.core import Daemon
 from edge_sdk.daemon.kserve import (BadRequest, decode_request, encode_response, model_metadata, parse_json,
                                     split_body)
+from edge_sdk.daemon.limits import Admission, Busy
 from edge_sdk.daemon.models import UnknownModelError
 from edge_sdk.daemon.uploads import decode_upload
 from edge_sdk.errors import DaemonError, EdgeSDKError, InputMismatchError, PipelineError
@@ -42,24 +51,38 @@ log = logging.getLogger(__name__)
 PUBLIC = ("/v2/health/live", "/v2/health/ready")
 MAX_EVENTS_PAGE = 1000
 Handler = Callable[[Request], Awaitable[Response]]
+T = TypeVar("T")
 
 
-def error(status: int, message: str, hint: str | None = None) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+def error(status: int, message: str, hint: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     return JSONResponse({"error": message, **({"hint": hint} if hint else {})}, status_code=status, headers=headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def offload(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``func(*args, **kwargs)`` on a worker thread; a cancelled request stops waiting for it (the thread
+    finishes alone)."""
+    return await anyio.to_thread.run_sync(functools.partial(func, *args, **kwargs), abandon_on_cancel=True)
+
+
+async def read_body(request: Request, limit: int, timeout_s: float = 60.0) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BadRequest(f"request body of {declared} bytes is over the {limit}-byte limit",
                          hint="raise server.max_body_mb, or send a smaller image", status=413)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BadRequest(f"request body is over the {limit}-byte limit", status=413)
-        chunks.append(chunk)
+    try:
+        with anyio.fail_after(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise BadRequest(f"request body is over the {limit}-byte limit", status=413)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BadRequest(f"the request body did not arrive within {timeout_s:g} s ({size} bytes came)",
+                         hint="send the body at once, or raise server.body_timeout_s for slow links",
+                         status=408) from None
     body = b"".join(chunks)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("", "identity"):
@@ -81,10 +104,6 @@ def _gunzip(body: bytes, limit: int) -> bytes:
     if not inflater.eof:
         raise BadRequest("the gzip request body is truncated")
     return data
-
-
-async def read_json(request: Request, limit: int) -> Any:
-    return parse_json(await read_body(request, limit))
 
 
 def _asset(value: str) -> str:
@@ -112,14 +131,61 @@ class Api:
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
-        self.limit = daemon.config.server.max_body_bytes
+        server = daemon.config.server
+        self.limit = server.max_body_bytes
+        self.body_timeout_s = server.body_timeout_s
+        self.admission = Admission(server.max_in_flight)
+        self.grace_s = server.shutdown_grace_s
+        self.stopping = False
+        self._running: set[asyncio.Task[Any]] = set()
+        self._cut: set[asyncio.Task[Any]] = set()
+
+    async def body(self, request: Request) -> bytes:
+        return await read_body(request, self.limit, self.body_timeout_s)
+
+    def begin_shutdown(self, loop: asyncio.AbstractEventLoop) -> None:
+        """From SIGTERM: refuse new requests now, cut those still running after the grace (both 503)."""
+        def start() -> None:
+            if not self.stopping:
+                self.stopping = True
+                loop.call_later(self.grace_s, self._cut_off)
+        loop.call_soon_threadsafe(start)
+
+    def _cut_off(self) -> None:
+        for task in list(self._running):
+            self._cut.add(task)
+            task.cancel()
+
+    async def guard(self, request: Request, answer: Callable[[], Awaitable[Response]]) -> Response:
+        """``answer()``, unless the daemon is shutting down; 503 when the grace runs out under it."""
+        if self.stopping and request.url.path not in PUBLIC:
+            return error(503, "the daemon is shutting down", hint="retry on another device or after its restart",
+                         headers={"Retry-After": "5", "Connection": "close"})
+        task = asyncio.current_task()
+        assert task is not None
+        self._running.add(task)
+        try:
+            return await answer()
+        except asyncio.CancelledError:
+            if task not in self._cut:
+                raise
+            if hasattr(task, "uncancel"):  # Python >= 3.11: the cancellation is handled here
+                task.uncancel()
+            log.warning("%s %s was still running %.0f s after SIGTERM (server.shutdown_grace_s): answered 503",
+                        request.method, request.url.path, self.grace_s)
+            return error(503, f"the daemon shut down before this request finished (grace {self.grace_s:g} s)",
+                         hint="retry on another device or after its restart", headers={"Retry-After": "5",
+                                                                                          "Connection": "close"})
+        finally:
+            self._running.discard(task)
+            self._cut.discard(task)
 
     # KServe v2 ---------------------------------------------------------------------------
     async def live(self, request: Request) -> Response:
         return JSONResponse({"live": True})
 
     async def ready(self, request: Request) -> Response:
-        ok = self.daemon.ready
+        ok = self.daemon.ready and not self.stopping  # a draining daemon takes no new work
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     async def server(self, request: Request) -> Response:
@@ -146,11 +212,11 @@ class Api:
 
     async def infer(self, request: Request) -> Response:
         name, pipeline = self._served(request)
-        manifest = pipeline.manifest
-        header, tail = split_body(await read_body(request, self.limit),
-                                  request.headers.get("inference-header-content-length"))
-        infer = decode_request(header, manifest.inputs, tail)
-        result, served = await run_in_threadpool(self.daemon.infer, name, infer.feeds)
+        with self.admission.admit(name):
+            manifest = pipeline.manifest
+            header, tail = split_body(await self.body(request), request.headers.get("inference-header-content-length"))
+            infer = decode_request(header, manifest.inputs, tail)
+            result, served = await offload(self.daemon.infer, name, infer.feeds)
         body, head_length = encode_response(name, served.version, result, infer)
         if head_length is None:
             return Response(body, media_type="application/json")
@@ -160,9 +226,9 @@ class Api:
     # convenience ---------------------------------------------------------------------------
     async def _items(self, request: Request, name: str) -> list[Any]:
         manifest = self.daemon.registry.current(name).manifest
-        body = await read_body(request, self.limit)
+        body = await self.body(request)
         if manifest.task in IMAGE_TASKS:
-            return [await run_in_threadpool(decode_upload, body)]  # decoding is CPU work: off the event loop
+            return [await offload(decode_upload, body)]  # decoding is CPU work: off the event loop
         data = parse_json(body)
         texts = data.get("texts") if isinstance(data, dict) and "texts" in data else [
             data.get("text") if isinstance(data, dict) else None]
@@ -172,8 +238,10 @@ class Api:
 
     async def predict(self, request: Request) -> Response:
         name = request.path_params["name"]
-        items = await self._items(request, name)
-        predictions = await run_in_threadpool(self.daemon.predict, name, items)
+        self.daemon.registry.current(name)  # 404 before admission for a model not served
+        with self.admission.admit(name):
+            items = await self._items(request, name)
+            predictions = await offload(self.daemon.predict, name, items)
         return JSONResponse({"model": name, "predictions": [p.to_dict() for p in predictions]})
 
     async def diagnose(self, request: Request) -> Response:
@@ -181,20 +249,22 @@ class Api:
             raise DaemonError("diagnosis needs a [fusion] table in the configuration",
                               hint="declare the fault vocabulary and each model's label map under [fusion]")
         model = request.query_params.get("model")
-        if request.headers.get("content-type", "").startswith("application/json"):
-            data = await read_json(request, self.limit)
-            if not isinstance(data, dict) or not isinstance(data.get("asset"), str) or not data["asset"].strip() \
-                    or not isinstance(data.get("text"), str) or not data["text"].strip():
-                raise BadRequest('expected a JSON body {"asset": "pump-7", "text": "..."}')
-            asset = _asset(data["asset"])
-            outcome = await run_in_threadpool(self.daemon.diagnose_text, asset, data["text"], model)
-        else:
-            asset = request.query_params.get("asset", "")
-            if not asset.strip():
-                raise BadRequest("an image upload needs ?asset=ASSET_ID", hint="POST /v1/diagnose?asset=pump-7")
-            asset = _asset(asset)
-            body = await read_body(request, self.limit)
-            outcome = await run_in_threadpool(lambda: self.daemon.diagnose_image(asset, decode_upload(body), model))
+        text = request.headers.get("content-type", "").startswith("application/json")
+        with self.admission.admit(self.daemon.pick_model("text" if text else "image", model)):
+            if text:
+                data = parse_json(await self.body(request))
+                if not isinstance(data, dict) or not isinstance(data.get("asset"), str) or not data["asset"].strip() \
+                        or not isinstance(data.get("text"), str) or not data["text"].strip():
+                    raise BadRequest('expected a JSON body {"asset": "pump-7", "text": "..."}')
+                asset = _asset(data["asset"])
+                outcome = await offload(self.daemon.diagnose_text, asset, data["text"], model)
+            else:
+                asset = request.query_params.get("asset", "")
+                if not asset.strip():
+                    raise BadRequest("an image upload needs ?asset=ASSET_ID", hint="POST /v1/diagnose?asset=pump-7")
+                asset = _asset(asset)
+                body = await self.body(request)
+                outcome = await offload(lambda: self.daemon.diagnose_image(asset, decode_upload(body), model))
         return JSONResponse(outcome.to_dict())
 
     async def events(self, request: Request) -> Response:
@@ -202,21 +272,21 @@ class Api:
         limit = _int_param(q.get("limit"), "limit", 100, 1, MAX_EVENTS_PAGE)
         before = _int_param(q.get("before"), "before", None, 1, None)
         since = _float_param(q.get("since"), "since")
-        events = await run_in_threadpool(self.daemon.store.list, asset_id=q.get("asset"), fault=q.get("fault"),
+        events = await offload(self.daemon.store.list, asset_id=q.get("asset"), fault=q.get("fault"),
                                          since=since, before_id=before, limit=limit)
         rows = [_event(e) for e in events]
         return JSONResponse({"events": rows, "next": rows[-1]["id"] if len(rows) == limit else None})
 
     async def event(self, request: Request) -> Response:
         event_id = _int_param(request.path_params["id"], "event id", None, 1, None)
-        event = await run_in_threadpool(self.daemon.store.get, event_id)
+        event = await offload(self.daemon.store.get, event_id)
         if event is None:
             return error(404, f"event {event_id} does not exist (it may have been removed by retention)")
         return JSONResponse(_event(event))
 
     async def snapshot(self, request: Request) -> Response:
         event_id = _int_param(request.path_params["id"], "event id", None, 1, None)
-        path = await run_in_threadpool(self.daemon.store.snapshot_path, event_id)
+        path = await offload(self.daemon.store.snapshot_path, event_id)
         if path is None:
             return error(404, f"event {event_id} has no snapshot")
         return FileResponse(path, media_type="image/jpeg")
@@ -229,12 +299,12 @@ class Api:
 
     async def reload(self, request: Request) -> Response:
         name = request.path_params["name"]
-        body = await read_body(request, self.limit)
+        body = await self.body(request)
         data = parse_json(body) if body.strip() else {}
         package = data.get("package") if isinstance(data, dict) else None
         if package is not None and not isinstance(package, str):
             raise BadRequest(f"package is {package!r}; expected a path on the device")
-        info = await run_in_threadpool(self.daemon.swap, name, package)
+        info = await offload(self.daemon.swap, name, package)
         return JSONResponse(info)
 
     async def metrics(self, request: Request) -> Response:
@@ -318,7 +388,7 @@ def create_app(daemon: Daemon) -> Starlette:
     def guarded(name: str, handler: Handler) -> Handler:
         async def endpoint(request: Request) -> Response:
             started = time.perf_counter()
-            response = await _answer(request, handler, token, request.url.path in PUBLIC)
+            response = await api.guard(request, lambda: _answer(request, handler, token, request.url.path in PUBLIC))
             daemon.metrics.count_request(name, response.status_code)
             log.debug("%s %s -> %d in %.1f ms", request.method, request.url.path, response.status_code,
                       (time.perf_counter() - started) * 1e3)
@@ -336,7 +406,9 @@ def create_app(daemon: Daemon) -> Starlette:
         return error(status, f"{what}: {request.method} {request.url.path}",
                      hint="GET /openapi.json lists the routes")
 
-    return Starlette(routes=routes, exception_handlers={404: no_route, 405: no_route})
+    app = Starlette(routes=routes, exception_handlers={404: no_route, 405: no_route})
+    app.state.api = api  # edge_sdk.daemon.server calls api.begin_shutdown on SIGTERM
+    return app
 
 
 async def _answer(request: Request, handler: Handler, token: bytes, public: bool) -> Response:
@@ -348,6 +420,8 @@ async def _answer(request: Request, handler: Handler, token: bytes, public: bool
                          hint="send Authorization: Bearer <token> (server.token or server.token_file)")
     try:
         return await handler(request)
+    except Busy as exc:
+        return error(503, exc.message, exc.hint, headers={"Retry-After": str(exc.retry_after_s)})
     except EdgeSDKError as exc:
         status = _status(exc)
         if status >= 500:

@@ -8,6 +8,13 @@ fix. Unknown keys are errors too, so a typo never silently falls back to a defau
     port = 8080
     token_file = "/etc/edge-sdk/token"   # or token = "..."; required
     max_body_mb = 16
+    header_timeout_s = 10          # request line + headers, from connect (or keep-alive wake-up)
+    body_timeout_s = 60            # the whole body, from the end of the headers: 408 past it
+    idle_timeout_s = 5             # keep-alive between requests
+    max_connections = 512          # beyond it the oldest idle connection is closed
+    max_in_flight = 16             # per model; beyond it 503 + Retry-After at once
+    shutdown_grace_s = 10          # after SIGTERM; requests still running then get 503
+    model_dirs = []                # where reloads may take packages from, besides each model's directory
 
     [models.defects]
     package = "/opt/edge-sdk/defects.edgepkg"
@@ -56,6 +63,9 @@ fix. Unknown keys are errors too, so a typo never silently falls back to a defau
     username = ""
     password_file = ""
     keepalive_s = 30
+
+    [trust]                        # serve only packages signed by one of these keys (see runtime.signing)
+    keys = ["/etc/edge-sdk/keys/line1.pub"]
 """
 
 from __future__ import annotations
@@ -69,9 +79,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from edge_sdk.errors import DaemonError, PipelineError
+from edge_sdk.errors import DaemonError, EdgeSDKError, PipelineError
 from runtime.assets import ASSET_ID_RULE, check_asset_id
 from runtime.batching import Batching
+from runtime.signing import PublicKey, load_public_key
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -80,7 +91,8 @@ else:  # pragma: no cover - Python 3.10 on JetPack 6
 
 log = logging.getLogger(__name__)
 
-_SECTIONS = ("server", "models", "knowledge_base", "sources", "pipeline", "fusion", "events", "storage", "mqtt")
+_SECTIONS = ("server", "models", "knowledge_base", "sources", "pipeline", "fusion", "events", "storage", "mqtt",
+             "trust")
 
 
 class ConfigError(DaemonError):
@@ -140,6 +152,13 @@ class ServerConfig:
     port: int = 8080
     token: str = field(default="", repr=False)  # never logged
     max_body_mb: float = 16.0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    idle_timeout_s: float = 5.0
+    max_connections: int = 512
+    max_in_flight: int = 16
+    shutdown_grace_s: float = 10.0
+    model_dirs: tuple[Path, ...] = ()
 
     @property
     def max_body_bytes(self) -> int:
@@ -222,6 +241,13 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class TrustConfig:
+    """The public keys a package must be signed by (none: signatures are optional, but checked when present)."""
+
+    keys: tuple[PublicKey, ...] = ()
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     server: ServerConfig
     models: Mapping[str, ModelConfig]
@@ -233,6 +259,7 @@ class DaemonConfig:
     events: EventRules = EventRules()
     mqtt: MqttConfig | None = None
     path: Path | None = None
+    trust: TrustConfig = TrustConfig()
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> DaemonConfig:
@@ -268,6 +295,7 @@ class DaemonConfig:
             server=_server(data, base), models=models, storage=_storage(data, base),
             sources=_sources(data, models), knowledge_base=_knowledge(data, base), pipeline=_pipeline(data),
             fusion=fusion, events=_events(data), mqtt=_mqtt(data, base), path=path,
+            trust=_trust(data, base),
         )
 
 
@@ -306,16 +334,26 @@ def _secret(table: Mapping[str, Any], key: str, where: str, base: Path) -> str:
 
 
 def _server(data: Mapping[str, Any], base: Path) -> ServerConfig:
-    t = _table(data, "server", ("host", "port", "token", "token_file", "max_body_mb"), "server")
+    t = _table(data, "server", ("host", "port", "token", "token_file", "max_body_mb", "header_timeout_s",
+                                "body_timeout_s", "idle_timeout_s", "max_connections", "max_in_flight",
+                                "shutdown_grace_s", "model_dirs"), "server")
     token = _secret(t, "token", "server", base)
     if len(token) < 16:
         raise ConfigError("server token is missing or shorter than 16 characters",
                           hint="set server.token_file to a file with a long random token "
                                "(e.g. `openssl rand -hex 32 > /etc/edge-sdk/token`)")
+    dirs = _get(t, "model_dirs", "server", [], lambda v: isinstance(v, list) and all(_nonempty(d) for d in v),
+                "a list of directory paths")
+    seconds = {key: float(_get(t, key, "server", default, _num(0, strict=True), "seconds > 0"))
+               for key, default in (("header_timeout_s", 10.0), ("body_timeout_s", 60.0), ("idle_timeout_s", 5.0),
+                                    ("shutdown_grace_s", 10.0))}
     return ServerConfig(host=_get(t, "host", "server", "127.0.0.1", _nonempty, "a host name or address"),
                         port=_get(t, "port", "server", 8080, _int(0, 65535), "a port number 0-65535"),
                         token=token,
-                        max_body_mb=_get(t, "max_body_mb", "server", 16.0, _num(0, strict=True), "megabytes > 0"))
+                        max_body_mb=_get(t, "max_body_mb", "server", 16.0, _num(0, strict=True), "megabytes > 0"),
+                        max_connections=_get(t, "max_connections", "server", 512, _int(1), "an int >= 1"),
+                        max_in_flight=_get(t, "max_in_flight", "server", 16, _int(1), "an int >= 1"),
+                        model_dirs=tuple(_path(d, base) for d in dirs), **seconds)
 
 
 def _models(data: Mapping[str, Any], base: Path) -> dict[str, ModelConfig]:
@@ -423,3 +461,28 @@ def _mqtt(data: Mapping[str, Any], base: Path) -> MqttConfig | None:
                       username=_get(t, "username", "mqtt", "", _str, "a string"),
                       password=_secret(t, "password", "mqtt", base),
                       keepalive_s=_get(t, "keepalive_s", "mqtt", 30, _int(5, 3600), "seconds 5-3600"))
+
+
+def _trust(data: Mapping[str, Any], base: Path) -> TrustConfig:
+    """``[trust] keys``: public key files, each read and checked now, so a bad key stops the start."""
+    if "trust" not in data:
+        return TrustConfig()
+    t = _table(data, "trust", ("keys",), "trust")
+    files = _get(t, "keys", "trust", None, lambda v: isinstance(v, list) and all(map(_nonempty, v)),
+                 "a list of public key file paths")
+    if not files:
+        raise ConfigError(f"trust.keys is {files!r}; expected at least one public key file",
+                          hint='add keys = ["/etc/edge-sdk/keys/line1.pub"], or remove [trust] to serve unsigned '
+                               "packages")
+    keys: dict[str, PublicKey] = {}
+    for i, file in enumerate(files):
+        where = f"trust.keys[{i}] {file!r}"
+        try:
+            key = load_public_key(_path(file, base), extra="serve")
+        except EdgeSDKError as exc:  # unreadable, not an ed25519 PEM, or no cryptography: name the key
+            raise ConfigError(f"{where}: {exc.message}", hint=exc.hint) from None
+        if key.key_id in keys:
+            raise ConfigError(f"{where} is key {key.key_id} again (also {keys[key.key_id].source})",
+                              hint="list each key once")
+        keys[key.key_id] = key
+    return TrustConfig(tuple(keys.values()))

@@ -77,7 +77,7 @@ class Daemon:
         from edge_sdk.daemon.metrics import Metrics
 
         self.config = config
-        self.registry = ModelRegistry(config.models)
+        self.registry = ModelRegistry(config.models, config.trust.keys)
         self.metrics = Metrics()
         self.rule = FusionRule.from_dict(config.fusion) if config.fusion is not None else None
         self.diagnoser: Diagnoser | None = None
@@ -105,8 +105,10 @@ class Daemon:
             self._publish_model_metrics(name)
         if self.config.knowledge_base is not None:
             from runtime.knowledge import KnowledgeBase
+            from runtime.package import Package
 
-            self.knowledge = KnowledgeBase.from_package(self.config.knowledge_base.package)
+            verified = Package.open(self.config.knowledge_base.package, trusted_keys=self.config.trust.keys)
+            self.knowledge = KnowledgeBase.from_package(verified)
         if self.rule is not None:  # checks every model against the rule: one that does not fit stops the start
             kb = self.config.knowledge_base
             self.diagnoser = Diagnoser(self.rule, _Served(self), knowledge=self.knowledge,

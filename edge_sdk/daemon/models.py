@@ -1,10 +1,11 @@
 """The daemon's loaded models, swappable while serving.
 
 A request takes a *lease* on a model's current pipeline; a hot swap loads and verifies the
-new package first (hashes, then the golden-vector parity check on the selected backend),
-then replaces the pipeline atomically. The old pipeline is closed only after its last lease
-is returned, so requests in flight finish on the model they started with. A package that
-fails any check leaves the old model serving and the failure is recorded.
+new package first (hashes, its signature when the daemon trusts keys, then the golden-vector
+parity check on the selected backend), then replaces the pipeline atomically. The old pipeline
+is closed only after its last lease is returned, so requests in flight finish on the model they
+started with. A package that fails any check leaves the old model serving and the failure is
+recorded.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from edge_sdk.daemon.config import ModelConfig
 from edge_sdk.errors import DaemonError, EdgeSDKError
+from runtime.package import Package
 from runtime.pipeline import Pipeline
+from runtime.signing import PublicKey
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +45,9 @@ class _Slot:
     idle: threading.Condition = field(default_factory=lambda: threading.Condition(threading.Lock()))
 
 
-def _load(config: ModelConfig, package: Path) -> Pipeline:
-    pipeline = Pipeline.from_package(package, config.backend, threads=config.threads, precision=config.precision)
+def _load(config: ModelConfig, package: Path, trusted_keys: Sequence[PublicKey] = ()) -> Pipeline:
+    verified = Package.open(package, trusted_keys=trusted_keys)  # with keys: unsigned or untrusted is refused
+    pipeline = Pipeline.from_package(verified, config.backend, threads=config.threads, precision=config.precision)
     if pipeline.manifest.name != config.name:
         log.info("model %s serves package %s (manifest name %r)", config.name, package, pipeline.manifest.name)
     return pipeline
@@ -52,8 +56,9 @@ def _load(config: ModelConfig, package: Path) -> Pipeline:
 class ModelRegistry:
     """Models by configured name, each behind a lease so it can be swapped under load."""
 
-    def __init__(self, configs: Mapping[str, ModelConfig]) -> None:
+    def __init__(self, configs: Mapping[str, ModelConfig], trusted_keys: Sequence[PublicKey] = ()) -> None:
         self.configs = dict(configs)
+        self.trusted_keys = tuple(trusted_keys)  # every load and swap must be signed by one of them
         self._slots: dict[str, _Slot] = {}
         self._lock = threading.Lock()
         self._swap_lock = threading.Lock()  # one swap at a time
@@ -62,7 +67,7 @@ class ModelRegistry:
         """Load every configured model; a model that cannot load stops the start with its reason."""
         for name, config in self.configs.items():
             try:
-                pipeline = _load(config, config.package)
+                pipeline = _load(config, config.package, self.trusted_keys)
             except EdgeSDKError as exc:
                 self.close()
                 raise DaemonError(f"model {name!r} ({config.package}) cannot be served: {exc.message}",
@@ -104,7 +109,8 @@ class ModelRegistry:
         return {"name": name, "package": str(slot.package), "model": m.name, "version": m.version, "task": m.task,
                 "backend": p.backend, "precision": p.selection.precision_label, "labels": list(m.postprocess.labels),
                 "skipped_backends": [{"backend": s.backend, "reason": s.reason} for s in p.skipped],
-                "loaded_at": slot.loaded_at, "swaps": slot.swaps, "last_swap_error": slot.last_swap_error}
+                "loaded_at": slot.loaded_at, "swaps": slot.swaps, "last_swap_error": slot.last_swap_error,
+                "signer": p.package.signer if p.package is not None else None}
 
     def swap(self, name: str, package: str | os.PathLike[str] | None = None,
              check: Callable[[Pipeline], None] | None = None) -> dict[str, Any]:
@@ -116,7 +122,7 @@ class ModelRegistry:
             old = self._slot(name)
             path = Path(package) if package is not None else self.configs[name].package
             try:
-                new = _load(self.configs[name], path)
+                new = _load(self.configs[name], path, self.trusted_keys)
                 if check is not None:
                     try:
                         check(new)

@@ -3,8 +3,12 @@
 Order on start: load the configuration (errors name the key), start the daemon (models
 verified, store opened, MQTT and sources started), then listen; systemd is told READY only
 then, and the watchdog is pinged while the daemon is healthy. On SIGTERM/SIGINT uvicorn stops
-accepting requests and finishes those in flight; then the streams drain, their events are
-stored, and the MQTT outbox is flushed before the process exits.
+accepting requests and finishes those in flight (new ones get 503; those still running after
+``server.shutdown_grace_s`` get 503 too); then the streams drain, their events are stored, and the
+MQTT outbox is flushed before the process exits.
+
+Connections are guarded (edge_sdk.daemon.limits): header, body and keep-alive timeouts, at most
+``server.max_connections`` open, repeated log lines suppressed, the open-files limit raised.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from edge_sdk.daemon.config import DaemonConfig
+from edge_sdk.daemon.limits import http_protocol, install_repeat_filter, raise_open_files_limit
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +49,24 @@ def serve(config_path: str | os.PathLike[str], *, log_level: str = "info") -> in
     warning = bind_warning(config.server.host)
     if warning:
         log.warning("%s", warning)
+    limits = raise_open_files_limit()
+    if limits is not None and limits[0] < 4 * config.server.max_connections:
+        log.warning("the open-files limit is %d, close to server.max_connections = %d: raise LimitNOFILE",
+                    limits[0], config.server.max_connections)
     notifier = SystemdNotifier()
     daemon = Daemon(config)
     notifier.status("loading models")
     try:
         daemon.start()
-        server = _Server(uvicorn.Config(create_app(daemon), host=config.server.host, port=config.server.port,
-                                        log_level=log_level, access_log=False, lifespan="off",
-                                        timeout_graceful_shutdown=10))
+        s = config.server
+        app = create_app(daemon)
+        server = _Server(uvicorn.Config(app, host=s.host, port=s.port, log_level=log_level, access_log=False,
+                                        lifespan="off", http=http_protocol(s.header_timeout_s, s.max_connections),
+                                        timeout_keep_alive=s.idle_timeout_s,  # type: ignore[arg-type]
+                                        # the app answers 503 at the grace; uvicorn's own cut comes after
+                                        timeout_graceful_shutdown=int(s.shutdown_grace_s) + 3),
+                         on_exit=app.state.api.begin_shutdown)
+        install_repeat_filter("uvicorn", "uvicorn.error")  # after uvicorn.Config set up its loggers
         stop_watchdog = threading.Event()
         threading.Thread(target=_notify_when_up, args=(server, daemon, notifier, stop_watchdog),
                          name="edge-sdk-watchdog", daemon=True).start()
@@ -70,6 +85,17 @@ def _server_class() -> type:
         """uvicorn's server, but SIGTERM/SIGINT only stop it: uvicorn re-raises the captured signal
         after shutting down, which would kill the process before the daemon drains and flushes."""
 
+        on_exit: Any = None
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.on_exit is not None and not self.should_exit:
+                import asyncio
+                try:
+                    self.on_exit(asyncio.get_running_loop())
+                except RuntimeError:  # no loop (not serving yet): nothing to cut
+                    pass
+            super().handle_exit(sig, frame)
+
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
             if threading.current_thread() is not threading.main_thread():
@@ -85,8 +111,10 @@ def _server_class() -> type:
     return Server
 
 
-def _Server(config: Any) -> Any:  # noqa: N802 - a factory standing in for the class
-    return _server_class()(config)
+def _Server(config: Any, on_exit: Any = None) -> Any:  # noqa: N802 - a factory standing in for the class
+    server = _server_class()(config)
+    server.on_exit = on_exit  # called with the event loop on SIGTERM/SIGINT
+    return server
 
 
 def _notify_when_up(server: object, daemon: object, notifier: object, stop: threading.Event) -> None:

@@ -131,7 +131,9 @@ def render_unit(
               "StartLimitIntervalSec=0", "", "[Service]", "Type=notify", "NotifyAccess=main",
               f"ExecStart={' '.join(_quote(word) for word in (exec_text, 'serve', '--config', config_text))}",
               "Restart=always", "RestartSec=2", f"TimeoutStartSec={start_timeout_s}",
-              f"TimeoutStopSec={stop_timeout_s}", "KillSignal=SIGTERM"]
+              f"TimeoutStopSec={stop_timeout_s}", "KillSignal=SIGTERM",
+              "# Sockets, model files and the event store: room above server.max_connections.",
+              "LimitNOFILE=65536"]
     if watchdog_s is not None:
         lines.append(f"WatchdogSec={watchdog_s}")
     lines += _system_lines(user) if not user_mode else ["NoNewPrivileges=yes"]

@@ -9,9 +9,13 @@ Layout under the deployment root (e.g. ``/opt/edge-sdk``)::
     previous -> versions/<h>    what ``rollback`` returns to
 
 The package hash is the sha256 of its ``manifest.json``, which lists every file's sha256, so it
-names the whole content. Each step prints one JSON object on stdout; errors are one line on
-stderr and exit status 1. Links are switched by renaming a new link over the old one, which
-is atomic: a reader sees the old version or the new one, never neither.
+names the whole content. Its ``signatures.json`` (signatures over those manifest bytes; not part
+of the hash) is uploaded as one more object and named by ``install --signature``; when the device
+trusts keys (``--trusted-key``, or the daemon configuration's ``[trust]`` given as ``--config``),
+``install`` refuses a package that is unsigned or not signed by one of them. Each step prints one
+JSON object on stdout; errors are one line on stderr and exit status 1. Links are switched by
+renaming a new link over the old one, which is atomic: a reader sees the old version or the new
+one, never neither.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from edge_sdk.deploy.transport import DeployError
+from runtime.signing import SIGNATURES, PublicKey
 
 HASH_LEN = 64
 
@@ -96,10 +101,13 @@ def _commit_object(layout: Layout, digest: str) -> None:
     os.replace(partial, final)
 
 
-def _assemble(layout: Layout, package: str) -> Path:
-    """``versions/<package>/`` from the objects, complete or not at all."""
+def _assemble(layout: Layout, package: str, signature: str | None = None) -> Path:
+    """``versions/<package>/`` from the objects, complete or not at all; with ``signature`` (the object
+    holding its signatures.json) placed in it, replacing an earlier one."""
     target = layout.version(package)
     if target.is_dir():
+        if signature is not None:
+            _place_signatures(layout, target, signature)
         return target
     manifest_bytes = layout.object(package).read_bytes()
     files = json.loads(manifest_bytes).get("files", {})
@@ -110,7 +118,7 @@ def _assemble(layout: Layout, package: str) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     for rel, entry in files.items():
-        if Path(rel).is_absolute() or ".." in Path(rel).parts or rel == "manifest.json":
+        if Path(rel).is_absolute() or ".." in Path(rel).parts or rel in ("manifest.json", SIGNATURES):
             raise DeployError(f"package {package[:12]} lists an unsafe path {rel!r}")
         dest = staging / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -119,8 +127,16 @@ def _assemble(layout: Layout, package: str) -> Path:
         except OSError:
             shutil.copyfile(layout.object(entry["sha256"]), dest)
     (staging / "manifest.json").write_bytes(manifest_bytes)
+    if signature is not None:
+        _place_signatures(layout, staging, signature)
     os.replace(staging, target)
     return target
+
+
+def _place_signatures(layout: Layout, directory: Path, signature: str) -> None:
+    tmp = directory / f".{SIGNATURES}.{os.getpid()}"
+    shutil.copyfile(layout.object(signature), tmp)
+    os.replace(tmp, directory / SIGNATURES)
 
 
 def profile() -> tuple[str, str]:
@@ -132,8 +148,10 @@ def profile() -> tuple[str, str]:
 
 
 def install(root: str, package: str, objects: Sequence[str], *, backend: str = "auto",
-            allow_engine_build: bool = False, expect_profile: str | None = None) -> dict[str, Any]:
-    """Verify the uploaded objects, assemble the version, and preflight it on this device."""
+            allow_engine_build: bool = False, expect_profile: str | None = None, signature: str | None = None,
+            trusted_keys: Sequence[PublicKey] = ()) -> dict[str, Any]:
+    """Verify the uploaded objects, assemble the version, and preflight it on this device; with
+    ``trusted_keys`` it must be signed by one of them (its signatures.json is the object ``signature``)."""
     from runtime.package import Package
     from runtime.select import select_runner
 
@@ -142,16 +160,16 @@ def install(root: str, package: str, objects: Sequence[str], *, backend: str = "
     if expect_profile and expect_profile != here:
         raise DeployError(f"this device is a {here!r}; the inventory expects {expect_profile!r}",
                           hint="fix the inventory's profile, or deploy a package meant for this device")
-    for digest in [package, *objects]:
+    for digest in [package, *objects, *([signature] if signature else [])]:
         _commit_object(layout, digest)
-    path = _assemble(layout, package)
-    pkg = Package.open(path)  # verifies every hash and the schema version on the device
+    path = _assemble(layout, package, signature)
+    pkg = Package.open(path, trusted_keys=trusted_keys)  # every hash, the schema version, the signature
     built = _engine_build(pkg, allow_engine_build)
     selection = select_runner(pkg, backend, verify=True)
     try:
         parity = selection.parity
         return {"package": package, "name": pkg.manifest.name, "version": pkg.manifest.version, "profile": here,
-                "fingerprint": fingerprint,
+                "fingerprint": fingerprint, "signer": pkg.signer,
                 "backend": selection.backend, "graph": selection.graph, "engine": built,
                 "skipped": [{"backend": s.backend, "reason": s.reason} for s in selection.skipped],
                 "parity": None if parity is None else {"max_abs_diff": parity.max_abs_diff,
@@ -226,6 +244,18 @@ def status(root: str, config: str | None = None) -> dict[str, Any]:
     return out
 
 
+def trusted_keys(files: Sequence[str], config: str | None) -> tuple[PublicKey, ...]:
+    """The keys ``install`` requires: ``files``, plus the daemon configuration's ``[trust]`` keys."""
+    from runtime.signing import load_public_key
+
+    keys = {k.key_id: k for k in (load_public_key(f) for f in files)}
+    if config:
+        from edge_sdk.daemon.config import DaemonConfig
+
+        keys.update({k.key_id: k for k in DaemonConfig.load(config).trust.keys})
+    return tuple(keys.values())
+
+
 def _daemon(config: str) -> tuple[str, str]:
     from edge_sdk.daemon.config import DaemonConfig
 
@@ -274,6 +304,10 @@ def add_device_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     s.add_argument("--backend", default="auto")
     s.add_argument("--allow-engine-build", action="store_true")
     s.add_argument("--expect-profile")
+    s.add_argument("--signature", help="the uploaded object holding the package's signatures.json")
+    s.add_argument("--trusted-key", action="append", default=[], metavar="PUB",
+                   help="refuse the package unless it is signed by this public key (repeatable)")
+    s.add_argument("--config", help="the daemon's configuration: its [trust] keys are required too")
     s.add_argument("objects", nargs="*")
     s = steps.add_parser("activate", help="switch current to an installed version")
     s.add_argument("--root", required=True)
@@ -296,7 +330,8 @@ def _cmd_device(args: argparse.Namespace) -> int:
         result = have(args.root, args.digests)
     elif step == "install":
         result = install(args.root, args.package, args.objects, backend=args.backend,
-                         allow_engine_build=args.allow_engine_build, expect_profile=args.expect_profile)
+                         allow_engine_build=args.allow_engine_build, expect_profile=args.expect_profile,
+                         signature=args.signature, trusted_keys=trusted_keys(args.trusted_key, args.config))
     elif step == "activate":
         result = activate(args.root, args.package)
     elif step == "rollback":

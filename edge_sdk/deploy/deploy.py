@@ -41,6 +41,7 @@ class LocalPackage:
     name: str
     version: str
     objects: dict[str, Path]  # sha256 -> staged file (manifest.json included)
+    signature: str | None = None  # sha256 of its signatures.json (also in objects), when signed
 
     @classmethod
     def open(cls, path: str | Path, staging: Path) -> LocalPackage:
@@ -53,7 +54,11 @@ class LocalPackage:
             if entry.sha256 not in objects:
                 objects[entry.sha256] = staging / entry.sha256
                 objects[entry.sha256].write_bytes(package.read_bytes(name))
-        return cls(package.path, digest, package.manifest.name, package.manifest.version, objects)
+        signature = None
+        if package.signatures is not None:  # not listed in the manifest: shipped as one more object
+            signature = sha256_bytes(package.signatures)
+            objects.setdefault(signature, staging / signature).write_bytes(package.signatures)
+        return cls(package.path, digest, package.manifest.name, package.manifest.version, objects, signature)
 
     @property
     def size(self) -> int:
@@ -151,6 +156,8 @@ def deploy_one(transport: Transport, package: LocalPackage, options: Options, re
         args = ["--root", root, "--package", package.digest, "--backend", options.backend]
         args += ["--allow-engine-build"] if options.allow_engine_build else []
         args += ["--expect-profile", options.profile] if options.profile else []
+        args += ["--signature", package.signature] if package.signature else []
+        args += ["--config", options.config] if options.config else []  # its [trust] keys are checked
         details["preflight"] = device_step(transport, "install", *args, *package.objects, timeout=options.timeout)
         step = "activate"
         details["activate"] = device_step(transport, "activate", "--root", root, "--package", package.digest)

@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from edge_sdk.errors import BackendUnavailableError, InferenceError
+from edge_sdk.errors import BackendUnavailableError, InferenceError, PackageError
 from runtime.manifest import TensorSpec
 from runtime.runners.base import Feeds, Runner
 
@@ -98,6 +98,7 @@ class OnnxRuntimeRunner(Runner):
                 f"onnxruntime fell back from {self.providers[0]} to {used[0]}",
                 hint="the provider's libraries are missing on this machine",
             )
+        check_graph_inputs(self._session.get_inputs(), self.inputs)
 
     def _infer_impl(self, feeds: Feeds) -> dict[str, np.ndarray]:
         names = [o.name for o in self.outputs]
@@ -109,3 +110,27 @@ class OnnxRuntimeRunner(Runner):
 
     def _deactivate_impl(self) -> None:
         self._session = None
+
+
+ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": "tensor(int64)",
+             "int32": "tensor(int32)", "int8": "tensor(int8)", "uint8": "tensor(uint8)", "bool": "tensor(bool)"}
+
+
+def check_graph_inputs(graph: Sequence[Any], declared: Sequence[TensorSpec]) -> None:
+    """The session's inputs (``InferenceSession.get_inputs()``) are the declared ones: names, types, ranks
+    and fixed sizes. A package whose manifest describes another graph is refused before it serves."""
+    hint = "re-convert the model; the manifest's inputs must describe its graph"
+    have = {i.name: i for i in graph}
+    if set(have) != {d.name for d in declared}:
+        raise PackageError(f"the graph's inputs are {sorted(have)} but the manifest declares "
+                           f"{sorted(d.name for d in declared)}", hint=hint)
+    for spec in declared:
+        node = have[spec.name]
+        if node.type != ORT_TYPES.get(spec.dtype):
+            raise PackageError(f"graph input {spec.name!r} is {node.type} but the manifest declares {spec.dtype}",
+                               hint=hint)
+        shape = list(node.shape)
+        if len(shape) != len(spec.shape) or any(
+                isinstance(g, int) and isinstance(m, int) and g != m for g, m in zip(shape, spec.shape)):
+            raise PackageError(f"graph input {spec.name!r} has shape {shape} but the manifest declares "
+                               f"{list(spec.shape)}", hint=hint)

@@ -620,6 +620,31 @@ def test_a_package_whose_labels_do_not_match_its_graph_is_refused_and_the_old_on
     assert after["version"] == before["version"] and client.predict("colors", png("red"))["label"] == "red"
 
 
+def test_a_package_whose_inputs_do_not_match_its_preprocessing_or_graph_is_refused(
+        served: DaemonProcess, tmp_path: Path) -> None:
+    """Self-consistent packages (hashes recomputed) whose manifest resizes to another size than the graph
+    takes, or names an input the graph does not have, are refused on reload; the old model serves."""
+    from dataclasses import replace
+
+    from runtime.package import write_package
+
+    client = Client(served.url, TOKEN)
+    before = {m["name"]: m for m in client.models()}["colors"]
+    package = Package.open(before["package"])
+    m = package.manifest
+    resized = replace(m, version="resized", preprocess=replace(m.preprocess, resize=(16, 16)))
+    renamed = replace(m, version="renamed", inputs=(replace(m.inputs[0], name="pixels"),))
+    for lying, why in ((resized, "the preprocessing (nchw, rgb, 16x16) makes"),
+                       (renamed, "the manifest declares ['pixels']")):
+        target = tmp_path / f"{lying.version}.edgepkg"
+        write_package(lying, {name: package.read_bytes(name) for name in m.files}, target)
+        with pytest.raises(DaemonRequestError, match="was not swapped") as info:
+            client.reload("colors", str(target))
+        assert info.value.status == 409 and why in str(info.value)
+    after = {m["name"]: m for m in client.models()}["colors"]
+    assert after["version"] == before["version"] and client.predict("colors", png("red"))["label"] == "red"
+
+
 def test_versioned_kserve_routes_serve_the_served_version_only(served: DaemonProcess, image_package: Path) -> None:
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException

@@ -94,6 +94,21 @@ def test_bad_values_name_their_key(tmp_path: Path, extra: str, match: str) -> No
         load(tmp_path, text)
 
 
+def test_server_limits_have_defaults_and_are_checked(tmp_path: Path) -> None:
+    s = load(tmp_path, BASE).server
+    assert (s.header_timeout_s, s.body_timeout_s, s.idle_timeout_s, s.shutdown_grace_s) == (10, 60, 5, 10)
+    assert (s.max_connections, s.max_in_flight, s.model_dirs) == (512, 16, ())
+    text = BASE.replace("[server]\n", "[server]\nmax_in_flight = 4\nmodel_dirs = ['pkgs', '/opt/x']\n")
+    s = load(tmp_path, text).server
+    assert s.max_in_flight == 4 and s.model_dirs == (tmp_path / "pkgs", Path("/opt/x"))
+    for line, match in (("max_in_flight = 0", "server.max_in_flight is 0; expected an int >= 1"),
+                        ("header_timeout_s = -1", "server.header_timeout_s is -1; expected seconds > 0"),
+                        ("shutdown_grace_s = 'long'", "server.shutdown_grace_s is 'long'"),
+                        ("model_dirs = 'pkgs'", "server.model_dirs is 'pkgs'; expected a list of directory paths")):
+        with pytest.raises(ConfigError, match=match):
+            load(tmp_path, BASE.replace("[server]\n", f"[server]\n{line}\n"))
+
+
 def test_token_is_required_and_long(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="token is missing or shorter than 16") as info:
         load(tmp_path, BASE.replace(TOKEN, "short"))

@@ -54,7 +54,7 @@ def test_system_unit() -> None:
                        "KillSignal": "SIGTERM", "User": "edge", "SupplementaryGroups": "video",
                        "StateDirectory": "edge-sdk", "NoNewPrivileges": "yes", "ProtectSystem": "full",
                        "WantedBy": "multi-user.target", "After": "network-online.target",
-                       "StartLimitIntervalSec": "0"}.items():
+                       "StartLimitIntervalSec": "0", "LimitNOFILE": "65536"}.items():
         assert d[key] == [value], key
     assert '"EDGE_SDK_CACHE=%C/edge-sdk"' in d["Environment"] and '"PYTHONUNBUFFERED=1"' in d["Environment"]
     assert "PrivateDevices" not in d and "MemoryDenyWriteExecute" not in d  # cameras, GPU nodes, CUDA JIT
