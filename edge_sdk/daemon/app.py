@@ -40,7 +40,7 @@ from edge_sdk.daemon.core import Daemon
 from edge_sdk.daemon.kserve import (BadRequest, decode_request, encode_response, model_metadata, parse_json,
                                     split_body)
 from edge_sdk.daemon.limits import Admission, Busy
-from edge_sdk.daemon.models import UnknownModelError
+from edge_sdk.daemon.models import PackageNotAllowed, UnknownModelError
 from edge_sdk.daemon.uploads import decode_upload
 from edge_sdk.errors import DaemonError, EdgeSDKError, InputMismatchError, PipelineError
 from runtime.assets import check_asset_id
@@ -119,6 +119,8 @@ def _status(exc: EdgeSDKError) -> int:
         return exc.status
     if isinstance(exc, UnknownModelError):
         return 404
+    if isinstance(exc, PackageNotAllowed):
+        return 403
     if isinstance(exc, (InputMismatchError, PipelineError)):
         return 422
     if isinstance(exc, DaemonError):

@@ -77,7 +77,8 @@ class Daemon:
         from edge_sdk.daemon.metrics import Metrics
 
         self.config = config
-        self.registry = ModelRegistry(config.models, config.trust.keys)
+        self.registry = ModelRegistry(config.models, config.trust.keys, model_dirs=config.server.model_dirs,
+                                      state_dir=config.storage.dir)
         self.metrics = Metrics()
         self.rule = FusionRule.from_dict(config.fusion) if config.fusion is not None else None
         self.diagnoser: Diagnoser | None = None

@@ -6,10 +6,17 @@ parity check on the selected backend), then replaces the pipeline atomically. Th
 is closed only after its last lease is returned, so requests in flight finish on the model they
 started with. A package that fails any check leaves the old model serving and the failure is
 recorded.
+
+A reload takes a package only from the directories models are served from (each configured
+package's own directory, and ``server.model_dirs``). A reload to an explicit path is remembered in
+the storage directory (``active-models.json``) and served again after a restart, as long as the
+configuration still names the same package for that model; a remembered package that no longer
+loads is logged and the configured one serves.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -21,6 +28,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from edge_sdk.daemon.config import ModelConfig
 from edge_sdk.errors import DaemonError, EdgeSDKError
+from runtime.files import write_atomic
 from runtime.package import Package
 from runtime.pipeline import Pipeline
 from runtime.signing import PublicKey
@@ -32,6 +40,13 @@ DRAIN_TIMEOUT_S = 30.0
 
 class UnknownModelError(DaemonError):
     """A request named a model the daemon does not serve."""
+
+
+class PackageNotAllowed(DaemonError):
+    """A reload named a package outside the directories models are served from (HTTP 403)."""
+
+
+ACTIVE_FILE = "active-models.json"
 
 
 @dataclass
@@ -56,24 +71,80 @@ def _load(config: ModelConfig, package: Path, trusted_keys: Sequence[PublicKey] 
 class ModelRegistry:
     """Models by configured name, each behind a lease so it can be swapped under load."""
 
-    def __init__(self, configs: Mapping[str, ModelConfig], trusted_keys: Sequence[PublicKey] = ()) -> None:
+    def __init__(self, configs: Mapping[str, ModelConfig], trusted_keys: Sequence[PublicKey] = (), *,
+                 model_dirs: Sequence[Path] = (), state_dir: Path | None = None) -> None:
         self.configs = dict(configs)
         self.trusted_keys = tuple(trusted_keys)  # every load and swap must be signed by one of them
+        dirs = [c.package.absolute().parent for c in self.configs.values()] + [Path(d) for d in model_dirs]
+        self.model_dirs = tuple(dict.fromkeys(Path(os.path.realpath(d)) for d in dirs))
+        self._active = state_dir / ACTIVE_FILE if state_dir is not None else None
         self._slots: dict[str, _Slot] = {}
         self._lock = threading.Lock()
         self._swap_lock = threading.Lock()  # one swap at a time
 
+    def allowed(self, package: Path) -> Path:
+        """``package`` if it lies in a directory models are served from, else PackageNotAllowed."""
+        if not package.is_absolute():
+            raise PackageNotAllowed(f"package {str(package)!r} is a relative path; expected an absolute path on "
+                                    "the device")
+        real = Path(os.path.realpath(package))
+        if not any(real == d or real.is_relative_to(d) for d in self.model_dirs):
+            raise PackageNotAllowed(f"package {package} is outside the directories models are served from "
+                                    f"({', '.join(map(str, self.model_dirs))})",
+                                    hint="put it beside the configured package, or add its directory to "
+                                         "server.model_dirs")
+        return package
+
+    def _remembered(self) -> dict[str, Any]:
+        if self._active is None or not self._active.exists():
+            return {}
+        try:
+            data = json.loads(self._active.read_text(encoding="utf-8"))
+            return {k: v for k, v in data.get("models", {}).items() if isinstance(v, dict)}
+        except (OSError, ValueError, AttributeError) as exc:
+            log.warning("%s is unreadable (%s); serving the configured packages", self._active, exc)
+            return {}
+
+    def _remember(self, name: str, package: Path | None, version: str) -> None:
+        """Keep the explicit reload (or forget it: ``None``) for the next start."""
+        if self._active is None:
+            return
+        models = self._remembered()
+        if package is None:
+            models.pop(name, None)
+        else:
+            models[name] = {"package": str(package), "version": version,
+                            "configured": str(self.configs[name].package)}
+        try:
+            write_atomic(self._active, json.dumps({"models": models}, indent=1).encode())
+        except OSError as exc:
+            log.warning("model %s: could not remember the reload in %s (%s): a restart serves the configured "
+                        "package", name, self._active, exc)
+
     def load_all(self) -> None:
-        """Load every configured model; a model that cannot load stops the start with its reason."""
+        """Load every configured model (or the package a reload made it serve); a model that cannot load
+        stops the start with its reason."""
+        remembered = self._remembered()
         for name, config in self.configs.items():
+            pipeline, path = None, config.package
+            entry = remembered.get(name)
+            if entry and entry.get("configured") == str(config.package) and entry.get("package"):
+                try:
+                    path = self.allowed(Path(entry["package"]))
+                    pipeline = _load(config, path, self.trusted_keys)
+                    log.info("model %s: serving %s, the package it was reloaded to (%s)", name, path, self._active)
+                except EdgeSDKError as exc:
+                    log.warning("model %s: the package it was reloaded to (%s) no longer loads (%s); serving the "
+                                "configured %s", name, entry["package"], exc.message, config.package)
+                    pipeline, path = None, config.package
             try:
-                pipeline = _load(config, config.package, self.trusted_keys)
+                pipeline = pipeline or _load(config, config.package, self.trusted_keys)
             except EdgeSDKError as exc:
                 self.close()
                 raise DaemonError(f"model {name!r} ({config.package}) cannot be served: {exc.message}",
                                   hint=exc.hint) from None
-            self._slots[name] = _Slot(pipeline, config.package, time.time())
-            log.info("model %s: %s on %s (%s)", name, config.package, pipeline.backend, pipeline.selection.precision)
+            self._slots[name] = _Slot(pipeline, path, time.time())
+            log.info("model %s: %s on %s (%s)", name, path, pipeline.backend, pipeline.selection.precision)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -120,7 +191,11 @@ class ModelRegistry:
         """
         with self._swap_lock:
             old = self._slot(name)
-            path = Path(package) if package is not None else self.configs[name].package
+            try:
+                path = self.allowed(Path(package)) if package is not None else self.configs[name].package
+            except PackageNotAllowed as exc:
+                log.warning("hot swap of %s refused: %s", name, exc.message)
+                raise
             try:
                 new = _load(self.configs[name], path, self.trusted_keys)
                 if check is not None:
@@ -139,6 +214,7 @@ class ModelRegistry:
             with self._lock:
                 self._slots[name] = slot
             log.info("model %s swapped to %s (%s on %s)", name, path, new.manifest.version, new.backend)
+            self._remember(name, path if package is not None else None, new.manifest.version)
             threading.Thread(target=self._retire, args=(name, old), daemon=True, name=f"retire-{name}").start()
             return self.info(name)
 

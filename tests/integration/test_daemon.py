@@ -316,6 +316,60 @@ def test_hot_swap_keeps_serving_through_a_corrupted_package(served: DaemonProces
     assert client.predict("colors", png("green"))["label"] == "green"
 
 
+def test_reloads_take_packages_only_from_the_model_directories(served: DaemonProcess, tmp_path: Path,
+                                                               tmp_path_factory: pytest.TempPathFactory) -> None:
+    """An authenticated client could load a package from any directory on the device; now only from the
+    configured packages' directories (and below: deploy's versions/) and server.model_dirs."""
+    import shutil
+
+    client = Client(served.url, TOKEN)
+    before = {m["name"]: m for m in client.models()}["colors"]
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    outside = Path(shutil.copy(before["package"], elsewhere / "colors.edgepkg"))
+    link = tmp_path / "looks-inside.edgepkg"  # a link in the model directory to a package outside it
+    link.symlink_to(outside)
+    for path, status, why in ((str(outside), 403, "outside the directories models are served from"),
+                              (str(link), 403, "outside the directories models are served from"),
+                              ("colors.edgepkg", 403, "relative path")):
+        with pytest.raises(DaemonRequestError) as info:
+            client.reload("colors", path)
+        assert info.value.status == status and why in str(info.value), str(info.value)
+    assert "hot swap of colors refused" in served.log.read_text()
+    after = {m["name"]: m for m in client.models()}["colors"]
+    assert after["package"] == before["package"] and after["swaps"] == 0
+
+
+def test_a_reload_to_an_explicit_package_is_served_again_after_a_restart(
+        tmp_path: Path, image_package: Path, image_onnx: Path, image_folder: Path) -> None:
+    port = free_port()
+    config = write_config(tmp_path, port=port, models={"colors": image_package})
+    daemon = DaemonProcess(config, port).start()
+    try:
+        client = Client(daemon.url, TOKEN)
+        v2 = tmp_path / "colors-v2.edgepkg"
+        edge_sdk.convert(image_onnx, v2, task="image-classification", labels=builders.COLOR_LABELS, name="colors",
+                         version="2", preprocess=builders.preprocess_dict(), validation=image_folder)
+        assert client.reload("colors", str(v2))["version"] == "2"
+        assert daemon.terminate() == 0
+        daemon.start()
+        served = {m["name"]: m for m in client.models()}["colors"]
+        assert served["version"] == "2" and served["package"] == str(v2)
+        assert client.predict("colors", png("red"))["label"] == "red"
+        client.reload("colors")  # back to the configured package: that is what a restart serves now
+        assert daemon.terminate() == 0
+        daemon.start()
+        assert {m["name"]: m for m in client.models()}["colors"]["package"] == str(image_package)
+        # a remembered package that has gone: logged, and the configured one serves
+        client.reload("colors", str(v2))
+        assert daemon.terminate() == 0
+        v2.unlink()
+        daemon.start()
+        assert {m["name"]: m for m in client.models()}["colors"]["package"] == str(image_package)
+        assert "no longer loads" in daemon.log.read_text()
+    finally:
+        daemon.kill()
+
+
 def test_sigterm_drains_and_exits_cleanly(served: DaemonProcess) -> None:
     Client(served.url, TOKEN).diagnose_text("pump-1", "the pump is hot")
     assert served.terminate() == 0
