@@ -115,14 +115,18 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     trusted = [load_public_key(k) for k in args.trusted_key]
     package = Package.open(args.package, trusted_keys=trusted)
-    summary = {**package.manifest.summary(), "path": str(package.path), "verified": True,
-               "signer": package.signer, "signed": package.signatures is not None,
+    serves, serve_line = (None, "not checked (--no-load)") if args.no_load else _serves(package)
+    summary = {**package.manifest.summary(), "path": str(package.path), "hashes_ok": True, "serves": serves,
+               "serve_check": serve_line, "signer": package.signer, "signed": package.signatures is not None,
                "reports": dict(package.manifest.reports)}
+    code = 1 if serves is False else 0
     if args.json:
         _print_json(summary)
-        return 0
-    print(f"{summary['name']} {summary['version']}  ({summary['task']}, {summary['precision']})  verified")
+        return code
+    verdict = {True: "verified", False: "CANNOT SERVE", None: "hashes ok"}[serves]
+    print(f"{summary['name']} {summary['version']}  ({summary['task']}, {summary['precision']})  {verdict}")
     print(f"path: {summary['path']}")
+    print(f"serves: {serve_line}")
     print(f"signature: {_signature_line(package, bool(trusted))}")
     print(f"labels: {', '.join(summary['labels'])}")
     for kind in ("inputs", "outputs"):
@@ -144,7 +148,21 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print("\n".join(int8_lines(summary["reports"]["int8"])))
     if args.device:
         _print_device_choice(package)
-    return 0
+    return code
+
+
+def _serves(package: Any) -> tuple[bool | None, str]:
+    """Whether the package can serve: its manifest against its preprocessing and graph, then the golden
+    vectors through onnxruntime (what every device can run). Hashes alone do not say it can."""
+    from runtime.pipeline import Pipeline
+
+    try:
+        with Pipeline.from_package(package, "onnxruntime-cpu") as pipeline:
+            parity = pipeline.selection.parity
+            detail = f", golden vectors within {parity.max_abs_diff:.1e}" if parity is not None else ""
+            return True, f"yes, on onnxruntime-cpu ({pipeline.selection.precision_label}{detail})"
+    except EdgeSDKError as exc:
+        return False, f"no: {exc.message}"
 
 
 def _signature_line(package: Any, trusted: bool) -> str:
@@ -349,8 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("inspect", help="verify a package and show what it holds")
+    p = sub.add_parser("inspect", help="verify a package (hashes, signature, that it serves) and show what it holds")
     p.add_argument("package")
+    p.add_argument("--no-load", action="store_true",
+                   help="check hashes and signature only; do not load the graph and run its golden vectors")
     p.add_argument("--device", action="store_true", help="also show which backend would serve it here, and why")
     p.add_argument("--trusted-key", action="append", default=[], metavar="PUB",
                    help="also require a signature by this public key (repeatable), as a device that trusts it does")

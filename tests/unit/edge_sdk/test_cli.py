@@ -117,6 +117,30 @@ def test_calibration_cache_needs_an_int8_package(image_package: Path, capsys: py
     assert code == 1 and "has no scales.json" in err
 
 
+def test_inspect_says_verified_only_for_a_package_that_serves(image_package: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A self-consistent package whose manifest lists a label more than the graph outputs has good hashes,
+    but cannot serve: inspect must not call it verified."""
+    from dataclasses import replace
+
+    from runtime.package import Package, write_package
+
+    code, out, _ = _cli(capsys, "inspect", str(image_package))
+    assert code == 0 and "verified" in out and "serves: yes, on onnxruntime-cpu (fp32" in out
+    package = Package.open(image_package)
+    m = package.manifest
+    lying = tmp_path / "lying.edgepkg"
+    write_package(replace(m, postprocess=replace(m.postprocess, labels=(*m.postprocess.labels, "purple"))),
+                  {name: package.read_bytes(name) for name in m.files}, lying)
+    code, out, _ = _cli(capsys, "inspect", str(lying))
+    assert code == 1 and out.splitlines()[0].endswith("CANNOT SERVE")
+    assert "serves: no:" in out and "manifest has 4 labels" in out
+    code, out, _ = _cli(capsys, "inspect", str(lying), "--no-load")
+    assert code == 0 and out.splitlines()[0].endswith("hashes ok") and "serves: not checked" in out
+    code, out, _ = _cli(capsys, "inspect", str(lying), "--json")
+    assert code == 1 and json.loads(out)["serves"] is False
+
+
 def test_inspect_path_imports_no_onnx() -> None:
     code = "import sys, converters.report, converters.calibration.scales; print('onnx' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
