@@ -581,8 +581,7 @@ def upload_memory(daemon: DaemonProcess, token: str) -> dict[str, Any]:
 
 
 def print_uploads(u: dict[str, Any]) -> None:
-    print(f"
-== peak memory: {u['clients']} clients x {u['waves']} waves, each a {u['image']} "
+    print(f"\n== peak memory: {u['clients']} clients x {u['waves']} waves, each a {u['image']} "
           f"({u['body_mb']:.1f} MB body, ~{u['decode_mb_each']:.0f} MB to decode) ==")
     print(f"answers {u['statuses']}; daemon RSS {u['rss_before_mb']:.0f} MB before, peak {u['peak_rss_before_mb']:.0f}"
           f" -> {u['peak_rss_after_mb']:.0f} MB: growth = {u['peak_growth_in_decodes']:.1f} decodes' worth "
