@@ -14,10 +14,13 @@ Usage::
     b.stop()      # terminate and wait: clients see the connection drop
     b.start()     # again, same port
     b.restart()   # stop() + start()
+    b.signal(signal.SIGSTOP)  # freeze it: connections stay open and nothing is answered
 
 ``persistent=True`` keeps sessions and queued messages across restarts (mosquitto saves them
 on SIGTERM), so a subscriber with ``clean_session=False`` misses nothing while the broker is
-down. ``allow_anonymous=False`` with no password file refuses every client.
+down. ``allow_anonymous=False`` with no password file refuses every client. ``config`` adds
+mosquitto.conf lines, e.g. ``("max_packet_size 4096",)``: mosquitto then drops a client that sends
+a bigger packet.
 CI installs the broker with ``apt-get install mosquitto`` (see .ci/run).
 """
 
@@ -27,6 +30,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 
@@ -54,7 +58,8 @@ def require_mosquitto() -> str:
 class Mosquitto:
     """One mosquitto process with its config, log and (optional) persistence under ``directory``."""
 
-    def __init__(self, directory: Path, *, persistent: bool = False, allow_anonymous: bool = True) -> None:
+    def __init__(self, directory: Path, *, persistent: bool = False, allow_anonymous: bool = True,
+                 config: Sequence[str] = ()) -> None:
         self.directory = Path(directory)
         self.port = free_port()
         self.log = self.directory / "mosquitto.log"
@@ -67,6 +72,7 @@ class Mosquitto:
             lines.append(f"persistence_location {self.directory}/")
         if os.geteuid() == 0:  # as root mosquitto would switch to user "mosquitto" and lose access here
             lines.append("user root")
+        lines += config
         self._config.write_text("\n".join(lines) + "\n")
 
     def start(self, timeout: float = 5.0) -> Mosquitto:
@@ -81,6 +87,12 @@ class Mosquitto:
         """Terminate the broker (SIGTERM: persistence is saved) and wait for it to exit."""
         stop_process(self._process)
         self._process = None
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the running broker (SIGSTOP / SIGCONT / SIGKILL)."""
+        if self._process is None:
+            raise RuntimeError("the broker is not running")
+        self._process.send_signal(signum)
 
     def restart(self) -> Mosquitto:
         self.stop()

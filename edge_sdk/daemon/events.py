@@ -33,6 +33,17 @@ retention removed its stored copy. The outbox is bounded (``max_outbox`` rows, o
 with a warning and counted in :attr:`EventStore.outbox_dropped`) so that a broker that never
 comes back cannot fill the disk.
 
+Dead letters. A message the broker will not take (it drops the connection on every publish of
+it, or answers with a failure reason code) would stall the in-order outbox forever. The
+publisher counts such failed attempts per row (column ``attempts``, so a restart does not reset
+them) and then moves the row, with the reason and its topic, to the table ``dead_letters``
+(:meth:`EventStore.outbox_dead_letter`; read with :meth:`EventStore.dead_letters`), bounded to
+``max_dead_letters`` rows, oldest dropped.
+
+Schema versions (``PRAGMA user_version``): 1 had no ``outbox.attempts`` and no ``dead_letters``;
+opening such a store adds both in one transaction, every stored row kept (attempts 0). A store
+of a newer version than this code knows is refused.
+
 Threads: one connection (``check_same_thread=False``) behind one lock; every method holds the
 lock for one short statement or transaction, and image files are written outside it.
 """
@@ -57,11 +68,11 @@ from typing import Any, Iterator
 from edge_sdk.errors import DaemonError
 from runtime.closing import Closing
 
-__all__ = ["Event", "EventStore", "OutboxItem"]
+__all__ = ["DeadLetter", "Event", "EventStore", "OutboxItem"]
 
 log = logging.getLogger(__name__)
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 _TMP = ".tmp-"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -83,9 +94,21 @@ CREATE TABLE IF NOT EXISTS outbox (
     seq      INTEGER PRIMARY KEY AUTOINCREMENT,
     event_id INTEGER NOT NULL,
     asset_id TEXT NOT NULL,
-    payload  TEXT NOT NULL                           -- the MQTT message, JSON
+    payload  TEXT NOT NULL,                          -- the MQTT message, JSON
+    attempts INTEGER NOT NULL DEFAULT 0              -- publishes the broker did not take (version 2)
+);
+CREATE TABLE IF NOT EXISTS dead_letters (            -- version 2
+    seq       INTEGER PRIMARY KEY,                   -- its outbox seq
+    event_id  INTEGER NOT NULL,
+    asset_id  TEXT NOT NULL,
+    topic     TEXT NOT NULL,
+    payload   TEXT NOT NULL,                         -- the MQTT message, JSON
+    reason    TEXT NOT NULL,
+    attempts  INTEGER NOT NULL,
+    failed_at REAL NOT NULL                          -- Unix time it was moved here
 );
 """
+_DEAD_COLUMNS = "seq, event_id, asset_id, topic, payload, reason, attempts, failed_at"
 _COLUMNS = "id, asset_id, fault, confidence, timestamp, payload, snapshot, size"
 
 
@@ -116,18 +139,42 @@ class OutboxItem:
     event_id: int
     asset_id: str
     payload_json: str
+    attempts: int = 0  # earlier publishes of it that the broker did not take
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """An outbox message the broker would not take, set aside so that the later ones are delivered."""
+
+    seq: int  # its outbox seq: increasing, never reused
+    event_id: int
+    asset_id: str
+    topic: str
+    payload_json: str
+    reason: str
+    attempts: int
+    failed_at: float  # Unix time
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready data; ``message`` is the MQTT message that was not delivered."""
+        return {"seq": self.seq, "event_id": self.event_id, "asset_id": self.asset_id, "topic": self.topic,
+                "reason": self.reason, "attempts": self.attempts, "failed_at": self.failed_at,
+                "message": json.loads(self.payload_json)}
 
 
 class EventStore(Closing):
     """Events in ``directory/events.db`` with images in ``directory/snapshots`` (module docstring)."""
 
     def __init__(self, directory: str | os.PathLike[str], *, max_age_s: float | None = None,
-                 max_bytes: int | None = None, max_outbox: int = 100_000) -> None:
+                 max_bytes: int | None = None, max_outbox: int = 100_000, max_dead_letters: int = 1000) -> None:
         _check_limits(max_age_s, max_bytes, max_outbox)
+        if not (isinstance(max_dead_letters, int) and max_dead_letters >= 1):
+            raise DaemonError(f"max_dead_letters is {max_dead_letters!r}; expected an int >= 1")
         self.directory = Path(directory)
         self.max_age_s = max_age_s
         self.max_bytes = max_bytes
         self.max_outbox = max_outbox
+        self.max_dead_letters = max_dead_letters
         self.outbox_dropped = 0  # messages dropped by the outbox bound since this store was opened
         self._snapshots = self.directory / "snapshots"
         self._lock = threading.Lock()
@@ -136,6 +183,7 @@ class EventStore(Closing):
             self._db = _open_db(self.directory / "events.db")
             self._reconcile()
             self._outbox_rows: int = self._db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+            self._dead_rows: int = self._db.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
             self._bytes: int = self._db.execute("SELECT coalesce(sum(size), 0) FROM events").fetchone()[0]
         except sqlite3.DatabaseError as exc:
             self._db.close()
@@ -316,7 +364,7 @@ class EventStore(Closing):
     def outbox_pending(self, limit: int = 100, *, after_seq: int = 0) -> builtins.list[OutboxItem]:
         """Undelivered messages in insertion order (``seq`` > ``after_seq``)."""
         with self._lock:
-            rows = self._db.execute("SELECT seq, event_id, asset_id, payload FROM outbox WHERE seq > ?"
+            rows = self._db.execute("SELECT seq, event_id, asset_id, payload, attempts FROM outbox WHERE seq > ?"
                                     " ORDER BY seq LIMIT ?", (after_seq, limit)).fetchall()
         return [OutboxItem(*row) for row in rows]
 
@@ -333,6 +381,52 @@ class EventStore(Closing):
     def outbox_size(self) -> int:
         with self._lock:
             return self._outbox_rows
+
+    def outbox_attempt(self, seq: int) -> int:
+        """Count one publish of ``seq`` that the broker did not take; returns its count so far
+        (0: no such row, e.g. it was delivered meanwhile)."""
+        with self._lock, self._transaction():
+            self._db.execute("UPDATE outbox SET attempts = attempts + 1 WHERE seq = ?", (seq,))
+            row = self._db.execute("SELECT attempts FROM outbox WHERE seq = ?", (seq,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def outbox_dead_letter(self, seq: int, topic: str, reason: str, now: float | None = None) -> DeadLetter | None:
+        """Move ``seq`` from the outbox to the dead letters (one transaction), the oldest dead letters
+        beyond ``max_dead_letters`` dropped; None when there is no such outbox row."""
+        when = time.time() if now is None else float(now)
+        with self._lock:
+            with self._transaction():
+                row = self._db.execute("SELECT seq, event_id, asset_id, payload, attempts FROM outbox WHERE seq = ?",
+                                       (seq,)).fetchone()
+                if row is None:
+                    return None
+                letter = DeadLetter(row[0], row[1], row[2], topic, row[3], reason, row[4], when)
+                self._db.execute(f"INSERT OR REPLACE INTO dead_letters ({_DEAD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                 (letter.seq, letter.event_id, letter.asset_id, topic, letter.payload_json, reason,
+                                  letter.attempts, when))
+                self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+                dropped = self._db.execute(
+                    "DELETE FROM dead_letters WHERE seq NOT IN (SELECT seq FROM dead_letters ORDER BY seq DESC LIMIT ?)",
+                    (self.max_dead_letters,)).rowcount
+            self._outbox_rows -= 1
+            self._dead_rows = self._dead_rows + 1 - dropped
+        if dropped:
+            log.warning("dead-letter table full (%d messages); dropped the %d oldest", self.max_dead_letters, dropped)
+        return letter
+
+    def dead_letters(self, limit: int = 100, *, before_seq: int | None = None) -> builtins.list[DeadLetter]:
+        """Dead letters newest first; page with ``before_seq`` = the last seq of the previous page."""
+        if not (isinstance(limit, int) and 1 <= limit <= 10_000):
+            raise DaemonError(f"limit is {limit!r}; expected an int 1-10000", hint="page with before_seq")
+        condition, args = ("WHERE seq < ?", (before_seq,)) if before_seq is not None else ("", ())
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_DEAD_COLUMNS} FROM dead_letters {condition} ORDER BY seq DESC LIMIT ?",
+                                    (*args, limit)).fetchall()
+        return [DeadLetter(*row) for row in rows]
+
+    def dead_letter_count(self) -> int:
+        with self._lock:
+            return self._dead_rows
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -416,7 +510,7 @@ def _open_db(path: Path) -> sqlite3.Connection:
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA foreign_keys=ON")  # no table uses them today; on so a future one is enforced
         db.executescript(_SCHEMA)
-        db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+        _migrate(db, path, version)
     except sqlite3.DatabaseError as exc:
         db.close()
         raise DaemonError(f"event store {str(path)!r} cannot be opened: {exc}", hint=hint) from None
@@ -424,6 +518,25 @@ def _open_db(path: Path) -> sqlite3.Connection:
         db.close()
         raise
     return db
+
+
+def _migrate(db: sqlite3.Connection, path: Path, version: int) -> None:
+    """Bring a store of an older schema ``version`` up to ``_SCHEMA_VERSION`` in one transaction
+    (``_SCHEMA`` has just created the tables that were missing, with every column)."""
+    if version == _SCHEMA_VERSION:
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
+        if "attempts" not in columns:  # version 1
+            db.execute("ALTER TABLE outbox ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
+        db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    if version:
+        log.info("event store %s: schema version %d upgraded to %d, every row kept", path, version, _SCHEMA_VERSION)
 
 
 def _corrupt_hint(path: Path) -> str:
