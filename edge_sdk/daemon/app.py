@@ -293,6 +293,15 @@ class Api:
             return error(404, f"event {event_id} has no snapshot")
         return FileResponse(path, media_type="image/jpeg")
 
+    async def dead_letters(self, request: Request) -> Response:
+        q = request.query_params
+        limit = _int_param(q.get("limit"), "limit", 100, 1, MAX_EVENTS_PAGE)
+        before = _int_param(q.get("before"), "before", None, 1, None)
+        letters = await offload(self.daemon.store.dead_letters, limit, before_seq=before)
+        rows = [d.to_dict() for d in letters]
+        return JSONResponse({"count": await offload(self.daemon.store.dead_letter_count), "dead_letters": rows,
+                             "next": rows[-1]["seq"] if len(rows) == limit else None})
+
     async def sources(self, request: Request) -> Response:
         return JSONResponse({"sources": self.daemon.sources()})
 
@@ -365,6 +374,7 @@ ROUTES: list[tuple[str, str, str, str]] = [  # (method, path, handler, summary)
     ("GET", "/v1/events/{id}", "event", "One event."),
     ("GET", "/v1/events/{id}/snapshot", "snapshot", "The event's snapshot image (JPEG)."),
     ("GET", "/v1/sources", "sources", "Sources' state: frames, drops, reconnects, errors."),
+    ("GET", "/v1/dead-letters", "dead_letters", "MQTT messages the broker rejected, with the reason (?limit, before)."),
     ("GET", "/metrics", "metrics", "Prometheus metrics."),
     ("GET", "/openapi.json", "openapi", "This document."),
 ]

@@ -176,7 +176,7 @@ class Daemon:
                 self.metrics.update_telemetry(t)
             if self.publisher is not None:
                 state = self.publisher.state
-                self.metrics.set_outbox(self.store.outbox_size(), state.connected)
+                self.metrics.set_outbox(self.store.outbox_size(), state.connected, state.dead_letters)
             for model, (stream, _) in list(self._streams.items()):
                 self.metrics.update_stream(model, stream.stats())
             if time.monotonic() - last_retention > RETENTION_EVERY_S:

@@ -118,7 +118,7 @@ class Metrics:
         self._sources: dict[str, _SourceRow] = {}
         self._streams: dict[str, _StreamRow] = {}
         self._telemetry: Telemetry | None = None
-        self._mqtt: tuple[int, bool] | None = None
+        self._mqtt: tuple[int, bool, int] | None = None
         self._providers: dict[str, SourcesProvider] = {}
         self._failing: set[str] = set()
         self._model_labels: dict[str, tuple[str, str, str, str]] = {}
@@ -167,10 +167,10 @@ class Metrics:
             _log.debug("model %s: backend %s skipped: %s", name, skipped_backend, reason)
             self._fallbacks.labels(name, skipped_backend).inc()
 
-    def set_outbox(self, size: int, connected: bool) -> None:
-        """The MQTT outbox; both gauges appear only once this was called (no MQTT, no series)."""
+    def set_outbox(self, size: int, connected: bool, dead_letters: int = 0) -> None:
+        """The MQTT outbox; the gauges appear only once this was called (no MQTT, no series)."""
         with self._lock:
-            self._mqtt = (size, connected)
+            self._mqtt = (size, connected, dead_letters)
 
     # -- snapshots of values owned elsewhere ----------------------------------------------------
     def update_sources(self, states: Iterable[SourceState]) -> None:
@@ -295,8 +295,10 @@ class _SnapshotCollector(Collector):
     def _mqtt(self) -> Iterator[Metric]:
         if self._m._mqtt is None:
             return
-        size, connected = self._m._mqtt
+        size, connected, dead = self._m._mqtt
         yield GaugeMetricFamily("edge_sdk_mqtt_outbox_size", "Events waiting in the MQTT outbox.", value=size)
+        yield GaugeMetricFamily("edge_sdk_mqtt_dead_letters", "Messages the broker refused, kept with the reason "
+                                "(GET /v1/dead-letters).", value=dead)
         yield GaugeMetricFamily("edge_sdk_mqtt_connected", "1 while connected to the MQTT broker.",
                                 value=1.0 if connected else 0.0)
 

@@ -370,6 +370,30 @@ def test_a_reload_to_an_explicit_package_is_served_again_after_a_restart(
         daemon.kill()
 
 
+def test_dead_letters_are_listed_over_http(tmp_path: Path, image_package: Path) -> None:
+    """What the broker refused (tests/integration/test_mqtt_dead_letter.py makes mosquitto refuse one) is
+    kept in the store with its reason; the operator reads it from the daemon."""
+    from edge_sdk.daemon.events import EventStore
+
+    port = free_port()
+    config = write_config(tmp_path, port=port, models={"colors": image_package})
+    with EventStore(tmp_path / "state") as store:
+        event = store.add("press-4", "red", 0.9, {"fault": "overheating"})
+        [item] = store.outbox_pending(10)
+        store.outbox_dead_letter(item.seq, "plant/jet-1/events/press-4", "the broker dropped the connection on 3 "
+                                 "publish attempts")
+    daemon = DaemonProcess(config, port).start()
+    try:
+        status, body, _ = call(daemon, "GET", "/v1/dead-letters")
+        assert status == 200 and body["count"] == 1 and body["next"] is None
+        [letter] = body["dead_letters"]
+        assert letter["event_id"] == event.id and letter["topic"] == "plant/jet-1/events/press-4"
+        assert letter["reason"].startswith("the broker dropped the connection") and letter["attempts"] >= 0
+        assert call(daemon, "GET", "/v1/dead-letters?limit=0")[0] == 400
+    finally:
+        daemon.kill()
+
+
 def test_sigterm_drains_and_exits_cleanly(served: DaemonProcess) -> None:
     Client(served.url, TOKEN).diagnose_text("pump-1", "the pump is hot")
     assert served.terminate() == 0

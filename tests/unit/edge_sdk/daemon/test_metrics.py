@@ -90,9 +90,10 @@ def test_requests_events_and_outbox() -> None:
     assert value(s, "edge_sdk_events_total", fault="bearing") == 2
     assert value(s, "edge_sdk_events_total", fault="leak") == 1
     assert value(s, "edge_sdk_mqtt_outbox_size") == 17 and value(s, "edge_sdk_mqtt_connected") == 0
-    m.set_outbox(0, connected=True)
+    m.set_outbox(0, connected=True, dead_letters=2)
     s = scrape(m)
     assert value(s, "edge_sdk_mqtt_outbox_size") == 0 and value(s, "edge_sdk_mqtt_connected") == 1
+    assert value(s, "edge_sdk_mqtt_dead_letters") == 2
 
 
 def test_model_info_and_fallbacks_follow_reloads() -> None:
