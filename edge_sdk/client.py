@@ -59,13 +59,15 @@ class Client:
         self.url, self._token, self.timeout = url.rstrip("/"), token, timeout
 
     def _request(self, method: str, path: str, *, body: bytes | None = None, content_type: str | None = None,
-                 query: dict[str, Any] | None = None, raw: bool = False) -> Any:
+                 query: dict[str, Any] | None = None, raw: bool = False, headers: dict[str, str] | None = None) -> Any:
         params = {k: v for k, v in (query or {}).items() if v is not None}
         url = self.url + path + ("?" + urllib.parse.urlencode(params) if params else "")
         request = urllib.request.Request(url, data=body, method=method)
         request.add_header("Authorization", f"Bearer {self._token}")
         if content_type:
             request.add_header("Content-Type", content_type)
+        for key, value in (headers or {}).items():
+            request.add_header(key, value)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 data = response.read()
@@ -112,13 +114,18 @@ class Client:
         path = f"/v1/models/{urllib.parse.quote(model)}/predict"
         return list(self._json("POST", path, {"texts": texts})["predictions"])
 
-    def diagnose_text(self, asset: str, text: str, model: str | None = None) -> dict[str, Any]:
-        return dict(self._json("POST", "/v1/diagnose", {"asset": asset, "text": text}, query={"model": model}))
+    def diagnose_text(self, asset: str, text: str, model: str | None = None, *,
+                      idempotency_key: str | None = None) -> dict[str, Any]:
+        """``idempotency_key`` (e.g. a UUID kept with the report): a retry with the same key gets the first
+        answer back instead of a second event, even across a daemon restart."""
+        return dict(self._json("POST", "/v1/diagnose", {"asset": asset, "text": text}, query={"model": model},
+                               headers=_idempotency(idempotency_key)))
 
-    def diagnose_image(self, asset: str, image: Any, model: str | None = None) -> dict[str, Any]:
+    def diagnose_image(self, asset: str, image: Any, model: str | None = None, *,
+                       idempotency_key: str | None = None) -> dict[str, Any]:
         data, kind = _image_bytes(image)
         return dict(self._request("POST", "/v1/diagnose", body=data, content_type=kind,
-                                  query={"asset": asset, "model": model}))
+                                  query={"asset": asset, "model": model}, headers=_idempotency(idempotency_key)))
 
     def events(self, *, asset: str | None = None, fault: str | None = None, since: float | None = None,
                before: int | None = None, limit: int = 100) -> list[dict[str, Any]]:
@@ -141,3 +148,7 @@ class Client:
 
     def metrics(self) -> str:
         return bytes(self._request("GET", "/metrics", raw=True)).decode()
+
+
+def _idempotency(key: str | None) -> dict[str, str]:
+    return {} if key is None else {"Idempotency-Key": key}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import hmac
 import logging
 import math
@@ -140,6 +141,7 @@ class Api:
         self.grace_s = server.shutdown_grace_s
         self.stopping = False
         self._running: set[asyncio.Task[Any]] = set()
+        self._keys_in_use: set[str] = set()  # Idempotency-Keys of diagnoses being answered now
         self._cut: set[asyncio.Task[Any]] = set()
 
     async def body(self, request: Request) -> bytes:
@@ -251,23 +253,53 @@ class Api:
             raise DaemonError("diagnosis needs a [fusion] table in the configuration",
                               hint="declare the fault vocabulary and each model's label map under [fusion]")
         model = request.query_params.get("model")
-        text = request.headers.get("content-type", "").startswith("application/json")
+        content_type = request.headers.get("content-type", "")
+        text = content_type.startswith("application/json")
+        key = _idempotency_key(request.headers.get("idempotency-key"))
         with self.admission.admit(self.daemon.pick_model("text" if text else "image", model)):
-            if text:
-                data = parse_json(await self.body(request))
-                if not isinstance(data, dict) or not isinstance(data.get("asset"), str) or not data["asset"].strip() \
-                        or not isinstance(data.get("text"), str) or not data["text"].strip():
-                    raise BadRequest('expected a JSON body {"asset": "pump-7", "text": "..."}')
-                asset = _asset(data["asset"])
-                outcome = await offload(self.daemon.diagnose_text, asset, data["text"], model)
-            else:
-                asset = request.query_params.get("asset", "")
-                if not asset.strip():
-                    raise BadRequest("an image upload needs ?asset=ASSET_ID", hint="POST /v1/diagnose?asset=pump-7")
-                asset = _asset(asset)
-                body = await self.body(request)
-                outcome = await offload(lambda: self.daemon.diagnose_image(asset, decode_upload(body), model))
+            body = await self.body(request)
+            reply = None
+            if key is not None:
+                fingerprint = hashlib.sha256(b"\0".join(
+                    (request.url.path.encode(), request.url.query.encode(), content_type.encode(), body))).hexdigest()
+                replayed = await self._replay(key, fingerprint)
+                if replayed is not None:
+                    return replayed
+                if key in self._keys_in_use:
+                    raise BadRequest(f"a request with Idempotency-Key {key!r} is still being answered",
+                                     hint="wait for its answer, then retry with the same key", status=409)
+                reply = (key, fingerprint)
+                self._keys_in_use.add(key)
+            try:
+                if text:
+                    data = parse_json(body)
+                    if not isinstance(data, dict) or not isinstance(data.get("asset"), str) \
+                            or not data["asset"].strip() or not isinstance(data.get("text"), str) \
+                            or not data["text"].strip():
+                        raise BadRequest('expected a JSON body {"asset": "pump-7", "text": "..."}')
+                    asset = _asset(data["asset"])
+                    outcome = await offload(self.daemon.diagnose_text, asset, data["text"], model, reply)
+                else:
+                    asset = request.query_params.get("asset", "")
+                    if not asset.strip():
+                        raise BadRequest("an image upload needs ?asset=ASSET_ID", hint="POST /v1/diagnose?asset=pump-7")
+                    asset = _asset(asset)
+                    outcome = await offload(lambda: self.daemon.diagnose_image(asset, decode_upload(body), model,
+                                                                               reply=reply))
+            finally:
+                if key is not None:
+                    self._keys_in_use.discard(key)
         return JSONResponse(outcome.to_dict())
+
+    async def _replay(self, key: str, fingerprint: str) -> Response | None:
+        """The answer kept for ``key`` (a retry), 422 when the key answered another request, None if new."""
+        kept = await offload(self.daemon.store.reply, key)
+        if kept is None:
+            return None
+        if kept[0] != fingerprint:
+            raise BadRequest(f"Idempotency-Key {key!r} was used for another request (other body, asset or model)",
+                             hint="use a new key for each distinct request", status=422)
+        return Response(kept[1], media_type="application/json", headers={"Idempotent-Replayed": "true"})
 
     async def events(self, request: Request) -> Response:
         q = request.query_params
@@ -337,6 +369,16 @@ def _int_param(value: str | None, what: str, default: int | None, lo: int, hi: i
     if not (value.isascii() and value.isdigit()) or len(value) > 19 or not lo <= int(value) <= top:
         raise BadRequest(f"{what} is {value[:40]!r}; expected an integer >= {lo} and <= {top}")
     return int(value)
+
+
+def _idempotency_key(value: str | None) -> str | None:
+    """The client's ``Idempotency-Key``: 1-255 visible ASCII characters (a UUID is typical), else 400."""
+    if value is None:
+        return None
+    if not (1 <= len(value) <= 255 and value.isascii() and value.isprintable() and " " not in value):
+        raise BadRequest(f"Idempotency-Key {value[:40]!r} is not valid; expected 1-255 visible ASCII characters",
+                         hint="send a fresh UUID per request, and the same one when retrying it")
+    return value
 
 
 def _float_param(value: str | None, what: str) -> float | None:

@@ -10,11 +10,12 @@ queued for MQTT in one transaction. ``stop()`` drains the streams, then flushes 
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import cv2
 import numpy as np
@@ -252,18 +253,33 @@ class Daemon:
     def pick_model(self, kind: str, model: str | None) -> str:
         return pick_model(_Served(self), kind, model)
 
-    def diagnose_text(self, asset: str, text: str, model: str | None = None) -> Outcome:
+    def diagnose_text(self, asset: str, text: str, model: str | None = None,
+                      reply: tuple[str, str] | None = None) -> Outcome:
+        """``reply`` = (Idempotency-Key, request fingerprint): the answer is kept for a retry (Api.diagnose)."""
         if self.diagnoser is None:
             return Outcome(self.predict(self.pick_model("text", model), [text])[0], None, None)
         prediction, diagnosis = self.diagnoser.observe(asset, "text", text, model=model, source="report")
-        return Outcome(prediction, diagnosis, self._maybe_event(diagnosis, None))
+        return self._answered(prediction, diagnosis, None, reply)
 
     def diagnose_image(self, asset: str, image: np.ndarray, model: str | None = None,
-                       source: str = "upload") -> Outcome:
+                       source: str = "upload", reply: tuple[str, str] | None = None) -> Outcome:
         if self.diagnoser is None:
             return Outcome(self.predict(self.pick_model("image", model), [image])[0], None, None)
         prediction, diagnosis = self.diagnoser.observe(asset, "image", image, model=model, source=source)
-        return Outcome(prediction, diagnosis, self._maybe_event(diagnosis, image, prediction))
+        return self._answered(prediction, diagnosis, image, reply)
+
+    def _answered(self, prediction: Prediction, diagnosis: Diagnosis, image: np.ndarray | None,
+                  reply: tuple[str, str] | None) -> Outcome:
+        """The outcome, its event stored when the rules call for one; with ``reply`` the answer is kept with
+        the event (one transaction) or, when there is none, on its own."""
+        def answer(event_id: int | None) -> str:
+            return json.dumps(Outcome(prediction, diagnosis, event_id).to_dict())
+
+        keep = (reply[0], reply[1], answer) if reply is not None else None
+        outcome = Outcome(prediction, diagnosis, self._maybe_event(diagnosis, image, prediction, keep))
+        if reply is not None and outcome.event_id is None and self.store is not None:
+            self.store.keep_reply(reply[0], reply[1], answer(None))
+        return outcome
 
     def record(self, asset: str, prediction: Prediction, *, kind: str, source: str, model: str,
                timestamp: float | None = None, ref: Any = None, image: np.ndarray | None = None) -> Outcome:
@@ -275,8 +291,8 @@ class Daemon:
                                        model=model)
         return Outcome(prediction, diagnosis, self._maybe_event(diagnosis, image, prediction))
 
-    def _maybe_event(self, d: Diagnosis, image: np.ndarray | None, prediction: Prediction | None = None
-                     ) -> int | None:
+    def _maybe_event(self, d: Diagnosis, image: np.ndarray | None, prediction: Prediction | None = None,
+                     reply: tuple[str, str, Callable[[int], str]] | None = None) -> int | None:
         rules = self.config.events
         if not rules.matches(d.fault, d.is_fault, d.confidence) or self.store is None or self._stop.is_set():
             return None
@@ -294,7 +310,8 @@ class Daemon:
             shown = heat_map(image, prediction) if prediction is not None else image  # where it looks anomalous
             ok, data = cv2.imencode(".jpg", shown, [cv2.IMWRITE_JPEG_QUALITY, SNAPSHOT_QUALITY])
             snapshot = data.tobytes() if ok else None
-        event = self.store.add(d.asset_id, d.fault, d.confidence, d.to_dict(), snapshot=snapshot, timestamp=d.timestamp)
+        event = self.store.add(d.asset_id, d.fault, d.confidence, d.to_dict(), snapshot=snapshot, timestamp=d.timestamp,
+                               reply=reply)
         self.metrics.count_event(d.fault)
         if self.publisher is not None:
             self.publisher.notify()

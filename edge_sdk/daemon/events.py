@@ -63,7 +63,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from edge_sdk.errors import DaemonError
 from runtime.closing import Closing
@@ -107,7 +107,15 @@ CREATE TABLE IF NOT EXISTS dead_letters (            -- version 2
     attempts  INTEGER NOT NULL,
     failed_at REAL NOT NULL                          -- Unix time it was moved here
 );
+CREATE TABLE IF NOT EXISTS replies (                 -- answers by Idempotency-Key, so a retry repeats them
+    key         TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,                       -- sha256 of the request it answered
+    body        TEXT NOT NULL,                       -- the answer, JSON
+    created     REAL NOT NULL
+);
 """
+#: How long an answer is kept for a client's retry with the same Idempotency-Key.
+REPLY_TTL_S = 24 * 3600.0
 _DEAD_COLUMNS = "seq, event_id, asset_id, topic, payload, reason, attempts, failed_at"
 _COLUMNS = "id, asset_id, fault, confidence, timestamp, payload, snapshot, size"
 
@@ -199,8 +207,11 @@ class EventStore(Closing):
     # -- writing --------------------------------------------------------------------------------
 
     def add(self, asset_id: str, fault: str, confidence: float, payload: dict[str, Any],
-            snapshot: bytes | None = None, timestamp: float | None = None) -> Event:
-        """Store one event (and its image) and queue its MQTT message, atomically."""
+            snapshot: bytes | None = None, timestamp: float | None = None,
+            reply: tuple[str, str, Callable[[int], str]] | None = None) -> Event:
+        """Store one event (and its image) and queue its MQTT message, atomically; with ``reply``
+        ``(key, fingerprint, answer(event id))`` the request's answer is kept in the same transaction, so a
+        retry after a crash finds it rather than adding the event again."""
         _check_event(asset_id, fault, confidence, timestamp)
         body = _dumps(payload, f"the payload of an event for asset {asset_id!r}")
         when = time.time() if timestamp is None else float(timestamp)
@@ -208,7 +219,7 @@ class EventStore(Closing):
         committed = False
         try:
             with self._lock:
-                event = self._insert(asset_id, fault, float(confidence), when, body, name, snapshot_size)
+                event = self._insert(asset_id, fault, float(confidence), when, body, name, snapshot_size, reply)
                 committed = True
                 self._bytes += event.size
         finally:
@@ -219,7 +230,7 @@ class EventStore(Closing):
         return event
 
     def _insert(self, asset_id: str, fault: str, confidence: float, when: float, body: str, name: str | None,
-                snapshot_size: int) -> Event:
+                snapshot_size: int, reply: tuple[str, str, Callable[[int], str]] | None = None) -> Event:
         size = len(body.encode("utf-8")) + snapshot_size
         with self._transaction():
             cursor = self._db.execute(
@@ -230,6 +241,10 @@ class EventStore(Closing):
                           None if name is None else self._snapshots / name, size)
             self._db.execute("INSERT INTO outbox (event_id, asset_id, payload) VALUES (?, ?, ?)",
                              (event.id, asset_id, _dumps(event.to_dict(), "an MQTT message")))
+            if reply is not None:
+                key, fingerprint, answer = reply
+                self._db.execute("INSERT INTO replies (key, fingerprint, body, created) VALUES (?, ?, ?, ?)",
+                                 (key, fingerprint, answer(event.id), time.time()))
             dropped = self._trim_outbox()
         self._outbox_rows += 1 - dropped
         if dropped:
@@ -320,6 +335,20 @@ class EventStore(Closing):
         return Event(event_id, asset_id, fault, confidence, timestamp, json.loads(payload),
                      None if snapshot is None else self._snapshots / snapshot, size)
 
+    def keep_reply(self, key: str, fingerprint: str, body: str) -> None:
+        """Keep the answer to a request with an Idempotency-Key that stored no event."""
+        with self._lock, self._transaction():
+            self._db.execute("INSERT OR IGNORE INTO replies (key, fingerprint, body, created) VALUES (?, ?, ?, ?)",
+                             (key, fingerprint, body, time.time()))
+
+    def reply(self, key: str, now: float | None = None) -> tuple[str, str] | None:
+        """``(fingerprint, answer)`` kept for ``key`` within REPLY_TTL_S, or None."""
+        cutoff = (time.time() if now is None else now) - REPLY_TTL_S
+        with self._lock:
+            row = self._db.execute("SELECT fingerprint, body FROM replies WHERE key = ? AND created >= ?",
+                                   (key, cutoff)).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
+
     # -- retention ------------------------------------------------------------------------------
 
     def enforce_retention(self, now: float | None = None) -> int:
@@ -337,6 +366,8 @@ class EventStore(Closing):
                 names += self._column("SELECT snapshot FROM events WHERE id <= ? AND snapshot IS NOT NULL", cut)
                 deleted += self._db.execute("DELETE FROM events WHERE id <= ?", (cut,)).rowcount
             self._bytes = self._db.execute("SELECT coalesce(sum(size), 0) FROM events").fetchone()[0]
+            self._db.execute("DELETE FROM replies WHERE created < ?", ((time.time() if now is None else now)
+                                                                         - REPLY_TTL_S,))
         for name in names:  # after the commit: a crash before this leaves orphans for reconcile
             (self._snapshots / name).unlink(missing_ok=True)
         if deleted:

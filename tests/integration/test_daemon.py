@@ -394,6 +394,30 @@ def test_dead_letters_are_listed_over_http(tmp_path: Path, image_package: Path) 
         daemon.kill()
 
 
+def test_a_retry_with_the_same_idempotency_key_repeats_the_answer_even_after_kill_9(served: DaemonProcess) -> None:
+    """A client retrying after a crash (its answer lost) used to add a second event."""
+    client = Client(served.url, TOKEN)
+    first = client.diagnose_image("press-9", png("red"), idempotency_key="1b9d6bcd-bbfd-4b2d-9b5d-ab8dfbbd4bed")
+    assert first["event"] is not None
+    served.kill()  # the daemon dies; the client never heard (say) and retries once it is back
+    served.start()
+    again = client.diagnose_image("press-9", png("red"), idempotency_key="1b9d6bcd-bbfd-4b2d-9b5d-ab8dfbbd4bed")
+    assert again == first
+    assert [e["id"] for e in client.events(asset="press-9")] == [first["event"]]
+    status, _, _ = call(served, "POST", "/v1/diagnose?asset=press-9", png("red"), "image/png",
+                        headers={"Idempotency-Key": "1b9d6bcd-bbfd-4b2d-9b5d-ab8dfbbd4bed"})
+    assert status == 200
+    # no event (a green part): the answer is kept too, and replayed
+    calm = client.diagnose_text("pump-7", "the pump runs fine", idempotency_key="calm-1")
+    assert client.diagnose_text("pump-7", "the pump runs fine", idempotency_key="calm-1") == calm
+    # the key of another request, and keys that are not keys
+    for body, key, code, why in ((b'{"asset": "pump-7", "text": "oil leak"}', "calm-1", 422, "used for another"),
+                                 (b'{"asset": "pump-7", "text": "oil leak"}', "bad key", 400, "visible ASCII"),
+                                 (b'{"asset": "pump-7", "text": "oil leak"}', "x" * 256, 400, "visible ASCII")):
+        status, answer, _ = call(served, "POST", "/v1/diagnose", body, headers={"Idempotency-Key": key})
+        assert status == code and why in answer["error"], answer
+
+
 def test_sigterm_drains_and_exits_cleanly(served: DaemonProcess) -> None:
     Client(served.url, TOKEN).diagnose_text("pump-1", "the pump is hot")
     assert served.terminate() == 0
