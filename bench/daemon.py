@@ -34,10 +34,13 @@ Rows, per model, ``--requests`` each (300; 60 with ``--quick``):
    ``Retry-After`` at once. "503 %" is the share of requests so refused (not retried: the figure is the
    push-back itself); req/s and latencies count the answered ones.
 
-Then **peak memory under large uploads**: ``UPLOAD_CLIENTS`` (8) clients each send a smooth 16-bit
-PNG of 3000x4000 pixels (a few MB on the wire, ~72 MB to decode) to the image model at once, twice;
-the daemon's peak RSS (``VmHWM``) before and after is reported with the bytes one decode needs, and
-the answers by status (413/503 where the daemon's decode bounds refuse).
+Then **peak memory under large uploads**: ``UPLOAD_CLIENTS`` (16) clients each send a 16-bit RGB
+PNG of 3000x4000 pixels (a grid on black: 0.6 MB on the wire, ~100 MB to decode) to the image model
+at once, twice;
+the daemon's peak RSS (``VmHWM``) growth is reported in MB and in "decodes" (what one decode alone
+grows a fresh process by), against the baseline: a fresh process decoding the same 16 at once with
+OpenCV and no bound;
+and the answers by status (413/503 where the daemon's decode bounds refuse).
 
 The machine is shared and noisy, so the rows are interleaved: ``--rounds`` rounds (3), each running
 every row for its share of the requests, after a wait (at most 5 s) for the other processes to go
@@ -103,7 +106,7 @@ COOLDOWN_S = 3600
 ROUNDS = 3
 WARMUP = 5  # untimed calls before every chunk
 CLIENTS = (4, 8, 32)  # client threads of the concurrent diagnose rows
-UPLOAD_CLIENTS = 8  # concurrent large uploads in the memory section
+UPLOAD_CLIENTS = 16  # concurrent large uploads in the memory section
 UPLOAD_SIZE = (3000, 4000)  # height, width of the 16-bit PNG sent (a legal upload that decodes large)
 # Other processes share the cores: a chunk starts once they keep < QUIET_CORES busy (waiting at most
 # QUIET_WAIT_S). The wait (0.3 s at least) also lets a thread pool that still spins go idle first.
@@ -541,8 +544,9 @@ def upload_memory(daemon: DaemonProcess, token: str) -> dict[str, Any]:
     import cv2
 
     h, w = UPLOAD_SIZE
-    ramp = (np.linspace(0, 65535, w, dtype=np.float64)[None, :] * np.linspace(0.2, 1, h)[:, None]).astype(np.uint16)
-    ok, data = cv2.imencode(".png", np.dstack([ramp, ramp[::-1], ramp[:, ::-1]]))
+    image = np.zeros((h, w, 3), np.uint16)  # a grid on black: a small file that decodes large
+    image[::97], image[:, ::89, 1] = 65535, 30000
+    ok, data = cv2.imencode(".png", image)
     body = data.tobytes()
     pid = daemon.proc.pid if daemon.proc else None
     before_hwm, before_rss = vm_kib(pid, "VmHWM"), vm_kib(pid, "VmRSS")
@@ -570,22 +574,53 @@ def upload_memory(daemon: DaemonProcess, token: str) -> dict[str, Any]:
         for t in threads:
             t.join()
     after_hwm = vm_kib(pid, "VmHWM")
-    decode_mb = h * w * (3 * 2 + 3) / 2 ** 20  # 16-bit working buffer + the 8-bit BGR image
+    one, unbounded = unbounded_growth_mb(body, 1), unbounded_growth_mb(body, UPLOAD_CLIENTS)
     log(f"uploads: {UPLOAD_CLIENTS} x 2 of {len(body) / 2 ** 20:.1f} MB -> {statuses}; peak RSS "
         f"{(before_hwm or 0) / 1024:.0f} -> {(after_hwm or 0) / 1024:.0f} MB")
+    growth = ((after_hwm or 0) - (before_hwm or 0)) / 1024
     return {"clients": UPLOAD_CLIENTS, "waves": 2, "image": f"{w}x{h} 16-bit RGB PNG", "body_mb": len(body) / 2 ** 20,
-            "decode_mb_each": decode_mb, "statuses": statuses, "wall_s": time.perf_counter() - started,
+            "statuses": statuses, "wall_s": time.perf_counter() - started,
             "rss_before_mb": (before_rss or 0) / 1024, "peak_rss_before_mb": (before_hwm or 0) / 1024,
-            "peak_rss_after_mb": (after_hwm or 0) / 1024,
-            "peak_growth_in_decodes": ((after_hwm or 0) - (before_hwm or 0)) / 1024 / decode_mb}
+            "peak_rss_after_mb": (after_hwm or 0) / 1024, "daemon_growth_mb": growth,
+            "one_decode_mb": one, "unbounded_growth_mb": unbounded,
+            "daemon_growth_in_decodes": growth / one if one else None,
+            "unbounded_growth_in_decodes": unbounded / one if one else None,
+            "x_unbounded": growth / unbounded if unbounded else None}
+
+
+UNBOUNDED = """
+import sys, threading, cv2, numpy as np
+def hwm():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+data = np.frombuffer(sys.stdin.buffer.read(), np.uint8)
+clients = int(sys.argv[1])
+before, start = hwm(), threading.Barrier(clients)
+def decode():
+    start.wait()
+    cv2.imdecode(data, cv2.IMREAD_COLOR)
+threads = [threading.Thread(target=decode) for _ in range(clients)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print((hwm() - before) / 1024)
+"""
+
+
+def unbounded_growth_mb(body: bytes, clients: int) -> float:
+    """The baseline: peak RSS growth of a fresh process decoding ``clients`` copies at once with OpenCV
+    and no bound (what the daemon did before its decode budget)."""
+    out = subprocess.run([sys.executable, "-c", UNBOUNDED, str(clients)], input=body, capture_output=True,
+                         check=True, timeout=300)
+    return float(out.stdout.decode().strip())
 
 
 def print_uploads(u: dict[str, Any]) -> None:
     print(f"\n== peak memory: {u['clients']} clients x {u['waves']} waves, each a {u['image']} "
-          f"({u['body_mb']:.1f} MB body, ~{u['decode_mb_each']:.0f} MB to decode) ==")
+          f"({u['body_mb']:.1f} MB body; one decode alone grows a fresh process by {u['one_decode_mb']:.0f} MB) ==")
     print(f"answers {u['statuses']}; daemon RSS {u['rss_before_mb']:.0f} MB before, peak {u['peak_rss_before_mb']:.0f}"
-          f" -> {u['peak_rss_after_mb']:.0f} MB: growth = {u['peak_growth_in_decodes']:.1f} decodes' worth "
-          f"({u['clients']} would be unbounded)")
+          f" -> {u['peak_rss_after_mb']:.0f} MB: +{u['daemon_growth_mb']:.0f} MB = "
+          f"{_fmt(u['daemon_growth_in_decodes'], '.1f')} decodes; baseline (OpenCV, {u['clients']} at once, no "
+          f"bound): +{u['unbounded_growth_mb']:.0f} MB = {_fmt(u['unbounded_growth_in_decodes'], '.1f')} decodes; "
+          f"daemon/baseline {_fmt(u['x_unbounded'], '.2f')}x")
 
 
 def http_stack() -> str:
