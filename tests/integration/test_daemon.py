@@ -418,6 +418,37 @@ def test_a_retry_with_the_same_idempotency_key_repeats_the_answer_even_after_kil
         assert status == code and why in answer["error"], answer
 
 
+def test_an_event_the_broker_refuses_is_dead_lettered_and_later_events_are_delivered(
+        tmp_path: Path, image_package: Path, text_package: Path) -> None:
+    """mosquitto drops the publisher for a packet over its max_packet_size; in-order delivery used to stop
+    at that event forever. Here the image event carries two pieces of evidence (~0.95 KB on the wire), the text
+    ones one (~0.7 KB)."""
+    require_mosquitto()
+    with Mosquitto(tmp_path / "strict", config=["max_packet_size 820"]) as strict:
+        port = free_port()
+        config = write_config(tmp_path, port=port, models={"colors": image_package, "words": text_package},
+                              broker_port=strict.port)
+        daemon = DaemonProcess(config, port).start()
+        subscriber = Subscriber(strict.port, "plant/jet-1/events/#")
+        try:
+            client = Client(daemon.url, TOKEN)
+            first = client.diagnose_text("pump-7", "the pump is hot")["event"]
+            refused = client.diagnose_image("pump-7", png("red"))["event"]
+            later = client.diagnose_text("pump-8", "oil leak drip under the pump")["event"]
+            messages = subscriber.wait(2, timeout=60)
+            assert [m[1]["id"] for m in messages][:2] == [first, later]
+            deadline = time.monotonic() + 30
+            while call(daemon, "GET", "/v1/dead-letters")[1]["count"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            [letter] = call(daemon, "GET", "/v1/dead-letters")[1]["dead_letters"]
+            assert letter["event_id"] == refused and letter["topic"] == "plant/jet-1/events/pump-7"
+            assert "the broker dropped the connection" in letter["reason"]
+            assert refused not in {m[1]["id"] for m in subscriber.messages}
+        finally:
+            subscriber.close()
+            daemon.kill()
+
+
 def test_sigterm_drains_and_exits_cleanly(served: DaemonProcess) -> None:
     Client(served.url, TOKEN).diagnose_text("pump-1", "the pump is hot")
     assert served.terminate() == 0
