@@ -25,7 +25,7 @@ def _cmd_keys_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_sign(args: argparse.Namespace) -> int:
-    from runtime.signing import sign_package
+    from runtime.package import sign_package
 
     key_id = sign_package(args.package, args.key, replace=args.replace)
     print(f"signed {args.package} with key {key_id}")

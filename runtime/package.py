@@ -36,7 +36,8 @@ import numpy as np
 from edge_sdk.errors import PackageError, PackageIntegrityError
 from runtime.manifest import FileEntry, Manifest
 from runtime.signing import (
-    MAX_SIGNATURES_BYTES, SIGNATURES, PublicKey, SigningKey, check_signatures, signatures_document,
+    MAX_SIGNATURES_BYTES, SIGNATURES, PackageSignatureError, PublicKey, Signature, SigningKey, check_signatures,
+    load_signing_key, parse_signatures, signatures_document,
 )
 
 log = logging.getLogger(__name__)
@@ -412,3 +413,33 @@ def _fsync(path: Path) -> None:
     with path.open("rb") as f:
         os.fsync(f.fileno())
 
+
+def sign_package(path: str | os.PathLike[str], key: SigningKey | str | os.PathLike[str], *,
+                 replace: bool = False) -> str:
+    """Sign the package at ``path`` (a directory or an archive) in place with ``key`` (a
+    :class:`SigningKey` or a private key file); returns the key id.
+
+    The package's hashes are verified first, and the signature covers the exact manifest bytes that
+    were verified. Other keys' signatures are kept when they verify (a stale one is refused: pass
+    ``replace=True`` to drop every earlier signature instead).
+    """
+    signing = key if isinstance(key, SigningKey) else load_signing_key(key)
+    package = open_hashed(path)
+    keep: tuple[Signature, ...] = ()
+    if package.signatures is not None and not replace:
+        check_signatures(package.manifest_bytes, package.signatures, None, package.path)
+        keep = parse_signatures(package.signatures, package.path)
+    replace_signatures(package, signatures_document(package.manifest_bytes, signing, keep))
+    log.info("signed %s with key %s", package.path, signing.key_id)
+    return signing.key_id
+
+
+def verify_package(path: str | os.PathLike[str], trusted: Sequence[PublicKey]) -> str:
+    """Fully verify the package at ``path`` against ``trusted`` keys; the id of the trusted key that signed."""
+    if not trusted:
+        raise PackageSignatureError("no trusted keys given to verify the package against",
+                                    hint="pass the public key file(s) of the keys you trust")
+    signer = Package.open(path, trusted_keys=trusted).signer
+    if signer is None:  # pragma: no cover - check_signatures raises first
+        raise PackageSignatureError(f"package {path} is unsigned")
+    return signer

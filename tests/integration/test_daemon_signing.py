@@ -16,7 +16,8 @@ import pytest
 
 from edge_sdk.client import Client, DaemonRequestError
 from runtime.package import MANIFEST
-from runtime.signing import generate_key_pair, sign_package
+from runtime.package import sign_package
+from runtime.signing import generate_key_pair
 from tests import builders
 from tests.integration.test_daemon import TOKEN, DaemonProcess, png, write_config
 from tests.services import free_port

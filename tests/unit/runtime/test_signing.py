@@ -16,10 +16,10 @@ from typing import Callable
 import pytest
 
 from edge_sdk.errors import BackendUnavailableError, PackageError
-from runtime.package import MANIFEST, Package, extract_package, write_package
+from runtime.package import MANIFEST, Package, extract_package, sign_package, verify_package, write_package
 from runtime.signing import (
     SIGNATURES, PackageSignatureError, PublicKey, SigningKey, generate_key_pair, key_id, load_public_key,
-    load_signing_key, sign_package, verify_package,
+    load_signing_key,
 )
 from tests.unit.runtime.test_package import _files, _manifest
 
