@@ -11,7 +11,8 @@ import pytest
 from edge_sdk.deploy.agent import install, trusted_keys
 from edge_sdk.deploy.deploy import LocalPackage, Options, deploy
 from edge_sdk.deploy.transport import LocalTransport, parse_target
-from runtime.signing import SIGNATURES, PackageSignatureError, generate_key_pair, load_public_key, sign_package
+from runtime.package import sign_package
+from runtime.signing import SIGNATURES, PackageSignatureError, generate_key_pair, load_public_key
 
 
 def _upload(package: Path, root: Path, staging: Path) -> LocalPackage:
