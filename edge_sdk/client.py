@@ -31,6 +31,10 @@ class DaemonRequestError(DaemonError):
         self.status = status
 
 
+class DaemonUnreachable(DaemonError):
+    """Nothing listens at the daemon's address (connection refused): it is not running."""
+
+
 def _image_bytes(image: Any) -> tuple[bytes, str]:
     if isinstance(image, (str, os.PathLike)):
         data = Path(image).read_bytes()
@@ -80,8 +84,9 @@ class Client:
                 message, hint = payload.decode(errors="replace") or exc.reason, None
             raise DaemonRequestError(f"{method} {path} failed with {exc.code}: {message}", hint, exc.code) from None
         except urllib.error.URLError as exc:
-            raise DaemonError(f"cannot reach the daemon at {self.url}: {exc.reason}",
-                              hint="is `edge-sdk serve` running, and is the address right?") from None
+            kind = DaemonUnreachable if isinstance(exc.reason, ConnectionRefusedError) else DaemonError
+            raise kind(f"cannot reach the daemon at {self.url}: {exc.reason}",
+                       hint="is `edge-sdk serve` running, and is the address right?") from None
         return data if raw else json.loads(data)
 
     def _json(self, method: str, path: str, data: Any, **kwargs: Any) -> Any:

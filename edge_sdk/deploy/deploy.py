@@ -4,7 +4,8 @@ Per device: ``have`` (what it already holds) -> upload the missing files, conten
 ``objects/<sha>.partial`` (an interrupted upload continues where it stopped) -> ``install``
 (the device verifies every hash, assembles ``versions/<package-hash>/`` and preflights it: its
 profile, the backend it would select, the golden-vector parity check, an engine build if allowed)
--> ``activate`` (atomic ``current`` switch) -> ``reload`` the daemon and wait until it is ready.
+-> ``activate`` (atomic ``current`` switch) -> ``reload`` the daemon and wait until it is ready
+-> ``prune`` (the versions beyond ``Options.keep`` and the files only they used are removed).
 A failure after ``activate`` switches back (``rollback``) and reloads again, so the previous
 version keeps serving. Devices run in parallel (bounded); ``canary`` devices go first and the
 rest only follow if every canary succeeded.
@@ -14,15 +15,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
+import socket
 import tempfile
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-from edge_sdk.deploy.transport import DeployError, Transport
+from edge_sdk.deploy.agent import NOT_THIS_DEPLOYMENT
+from edge_sdk.deploy.transport import DeployError, DiskFullError, Transport
 from edge_sdk.errors import EdgeSDKError
 from runtime.package import Package, sha256_bytes
 
@@ -80,6 +86,7 @@ class Options:
     allow_engine_build: bool = False
     profile: str | None = None  # expected device profile (inventory)
     timeout: float = 600.0
+    keep: int | None = 3  # the device keeps current, previous and the newest `keep` versions (None: all)
 
 
 @dataclass(frozen=True)
@@ -94,16 +101,26 @@ class DeviceResult:
     seconds: float = 0.0
     rolled_back: bool = False
     details: dict[str, Any] = field(default_factory=dict)
+    hint: str | None = None  # what to do about a failure (a changed host key, a missing edge-sdk, ...)
 
     def to_dict(self) -> dict[str, Any]:
         return {"target": self.target, "ok": self.ok, "step": self.step, "message": self.message,
                 "version": self.version, "backend": self.backend, "uploaded_bytes": self.uploaded_bytes,
-                "seconds": round(self.seconds, 2), "rolled_back": self.rolled_back, "details": self.details}
+                "seconds": round(self.seconds, 2), "rolled_back": self.rolled_back, "hint": self.hint,
+                "details": self.details}
 
 
 def device_step(transport: Transport, step: str, *args: str, timeout: float = 600.0) -> dict[str, Any]:
     """Run ``edge-sdk device <step> ...`` on the device and return its JSON answer."""
     result = transport.run(["edge-sdk", "device", step, *args], timeout=timeout)
+    if result.returncode == 127 or (result.returncode != 0 and re.search(r"edge.sdk\S*: (command )?not found|"
+                                                                         r"No module named .?edge_sdk",
+                                                                         result.stderr)):
+        raise DeployError(f"edge-sdk is not installed where the device looks for it "
+                          f"({(result.stderr.strip().splitlines() or ['exit status 127'])[-1][:200]})",
+                          hint="install it on the device (pip install 'edge-sdk[serve]' in the device's "
+                               "environment), then pass --edge-sdk /path/to/edge-sdk or set edge_sdk in the "
+                               "inventory if it is not on the ssh session's PATH")
     if result.returncode != 0:
         message = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
         raise DeployError(f"{step} on the device: {message.removeprefix('edge-sdk: error: ')}")
@@ -114,14 +131,25 @@ def device_step(transport: Transport, step: str, *args: str, timeout: float = 60
                           hint="is the device's edge-sdk the same version as this one?") from None
 
 
-def _upload(transport: Transport, package: LocalPackage, report: Report) -> int:
-    root = transport.target.path
-    answer = device_step(transport, "have", "--root", root, *package.objects)
-    missing = [d for d in package.objects if d not in set(answer["have"])]
-    partial = {k: int(v) for k, v in answer.get("partial", {}).items()}
-    total = sum(package.objects[d].stat().st_size - partial.get(d, 0) for d in missing)
+def _upload(transport: Transport, package: LocalPackage, report: Report, keep: int | None = None) -> int:
+    """Send what the device lacks (a file it found damaged again), refusing when its disk has too little
+    space; with ``keep``, versions beyond that retention are removed first when space is short."""
+    target, root = transport.target.display, transport.target.path
+    missing, partial, total, answer = _plan(transport, package)
+    if answer.get("free") is not None and total > answer["free"] and keep is not None:
+        report(target, f"{_mb(total)} to send, {_mb(answer['free'])} free: removing the versions beyond "
+                       f"current, previous and the newest {keep}")
+        device_step(transport, "prune", "--root", root, "--keep", str(keep))
+        missing, partial, total, answer = _plan(transport, package)
+    free = answer.get("free")
+    if free is not None and total > free:
+        lower = "a lower --keep" + (f" (now {keep})" if keep is not None else "")
+        raise DeployError(f"the upload needs {_mb(total)} but the device has {_mb(free)} free at {root}",
+                          hint=f"deploy with {lower} to remove more old versions first, or free space on the device")
+    if answer.get("damaged"):
+        report(target, f"sending {len(answer['damaged'])} file(s) again: damaged on the device")
     if partial:
-        report(transport.target.display, f"resuming {len(partial)} partial upload(s)")
+        report(target, f"resuming {len(partial)} partial upload(s)")
     sent, last = 0, [0.0]
     for digest in missing:
         before = partial.get(digest, 0)
@@ -131,65 +159,158 @@ def _upload(transport: Transport, package: LocalPackage, report: Report) -> int:
             now = time.monotonic()
             if now - last[0] >= PROGRESS_EVERY_S:  # a line every few seconds, not one per chunk
                 last[0] = now
-                report(transport.target.display, f"uploading {_mb(base + done - start)}/{_mb(total)}")
+                report(target, f"uploading {_mb(base + done - start)}/{_mb(total)}")
 
-        transport.upload(package.objects[digest], f"{root}/objects/{digest}.partial", progress=progress)
+        try:
+            transport.upload(package.objects[digest], f"{root}/objects/{digest}.partial", progress=progress)
+        except DiskFullError:  # the transport removed the partial file
+            free = _plan(transport, package)[3].get("free")
+            raise DeployError(f"the device's disk is full ({'?' if free is None else _mb(free)} free at {root}) "
+                              f"after {_mb(sent)} of {_mb(total)} were sent",
+                              hint="free space on the device, or deploy with a lower --keep") from None
         sent += size - before
-    report(transport.target.display, f"uploaded {_mb(sent)} ({len(package.objects) - len(missing)} of "
-                                     f"{len(package.objects)} files already there)")
+    report(target, f"uploaded {_mb(sent)} ({len(package.objects) - len(missing)} of "
+                   f"{len(package.objects)} files already there)")
     return sent
+
+
+def _plan(transport: Transport, package: LocalPackage) -> tuple[list[str], dict[str, int], int, dict[str, Any]]:
+    """What the device lacks, how far its partial uploads got, the bytes left to send, and its answer."""
+    answer = device_step(transport, "have", "--root", transport.target.path, *package.objects)
+    held = set(answer["have"])
+    missing = [d for d in package.objects if d not in held]
+    partial = {k: int(v) for k, v in answer.get("partial", {}).items()}
+    total = sum(package.objects[d].stat().st_size - partial.get(d, 0) for d in missing)
+    return missing, partial, total, answer
+
+
+def prune_device(transport: Transport, keep: int | None, report: Report) -> dict[str, Any]:
+    """The device's retention after a successful deployment: current, previous and the newest ``keep``
+    versions stay (None: all stay, nothing is asked). A failure is reported, not raised: the deployment
+    itself succeeded."""
+    if keep is None:
+        return {}
+    try:
+        done = device_step(transport, "prune", "--root", transport.target.path, "--keep", str(keep))
+    except DeployError as exc:
+        report(transport.target.display, f"could not remove old versions: {exc.message}")
+        return {"error": exc.message}
+    if done.get("removed") or done.get("objects_removed") or done.get("partials_removed"):
+        report(transport.target.display, f"removed {len(done.get('removed', []))} old version(s), "
+                                         f"{_mb(int(done.get('freed') or 0))} freed")
+    return done
 
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+OWNER = f"{socket.gethostname()}:{os.getpid()}"  # who holds a device's deploy lock
+
+
+@contextmanager
+def device_lock(transport: Transport) -> Iterator[None]:
+    """The device's deploy lock for this process, given back at the end (a dead one expires on the device)."""
+    device_step(transport, "lock", "--root", transport.target.path, "--owner", OWNER)
+    try:
+        yield
+    finally:
+        try:
+            device_step(transport, "lock", "--root", transport.target.path, "--owner", OWNER, "--release")
+        except EdgeSDKError as exc:
+            log.warning("%s: could not release the deploy lock: %s", transport.target.display, exc.message)
+
+
 def deploy_one(transport: Transport, package: LocalPackage, options: Options, report: Report) -> DeviceResult:
     """Deploy to one device; never raises for a device problem (the result says what failed)."""
-    target, root, started = transport.target.display, transport.target.path, time.monotonic()
-    step, sent, activated, details = "connect", 0, False, {}
+    step = "connect"
     try:
-        step = "upload"
-        sent = _upload(transport, package, report)
+        with device_lock(transport):
+            step = "upload"
+            return _deploy_locked(transport, package, options, report)
+    except EdgeSDKError as exc:
+        report(transport.target.display, f"failed at {step}: {exc.message}")
+        return DeviceResult(transport.target.display, False, step, exc.message, hint=exc.hint)
+
+
+def _deploy_locked(transport: Transport, package: LocalPackage, options: Options, report: Report) -> DeviceResult:
+    target, root, started = transport.target.display, transport.target.path, time.monotonic()
+    step, sent, activated, details = "upload", 0, False, {}
+    try:
+        sent = _upload(transport, package, report, options.keep)
         step = "preflight"
         report(target, "verifying and preflighting on the device")
         args = ["--root", root, "--package", package.digest, "--backend", options.backend]
         args += ["--allow-engine-build"] if options.allow_engine_build else []
         args += ["--expect-profile", options.profile] if options.profile else []
         args += ["--signature", package.signature] if package.signature else []
-        args += ["--config", options.config] if options.config else []  # its [trust] keys are checked
+        # its [trust] keys, the precision it serves current with, and the --model names are checked
+        args += ["--config", options.config, *_model_args(options)] if options.config else []
         details["preflight"] = device_step(transport, "install", *args, *package.objects, timeout=options.timeout)
         step = "activate"
         details["activate"] = device_step(transport, "activate", "--root", root, "--package", package.digest)
         activated = True
+        note = ""
         if options.config:
             step = "reload"
             report(target, "reloading the daemon")
-            models = [a for m in options.models for a in ("--model", m)]
-            details["reload"] = device_step(transport, "reload", "--config", options.config, *models,
-                                            timeout=options.timeout)
+            details["reload"] = _reload(transport, options, package.digest)
+            if not details["reload"].get("running", True):
+                note = (f"installed; the daemon is not running: it will serve {package.name} {package.version} "
+                        "when it starts")
+                report(target, note)
+        details["prune"] = prune_device(transport, options.keep, report)  # retention: never fails the deploy
         report(target, f"ok: {package.name} {package.version} on {details['preflight']['backend']}")
-        return DeviceResult(target, True, "done", version=package.version, backend=details["preflight"]["backend"],
-                            uploaded_bytes=sent, seconds=time.monotonic() - started, details=details)
+        return DeviceResult(target, True, "done", note, version=package.version,
+                            backend=details["preflight"]["backend"], uploaded_bytes=sent,
+                            seconds=time.monotonic() - started, details=details)
     except EdgeSDKError as exc:
         result = DeviceResult(target, False, step, exc.message, uploaded_bytes=sent,
-                              seconds=time.monotonic() - started, details=details)
+                              seconds=time.monotonic() - started, details=details, hint=exc.hint)
         report(target, f"failed at {step}: {exc.message}")
         return _roll_back(transport, options, result, report) if activated else result
 
 
+def _model_args(options: Options) -> list[str]:
+    return [a for m in options.models for a in ("--model", m)]
+
+
+def _reload(transport: Transport, options: Options, expect: str | None) -> dict[str, Any]:
+    """The daemon's reload onto ``current`` (which must then be ``expect``); ``running: false`` when it is down."""
+    assert options.config is not None
+    check = ["--root", transport.target.path, "--expect", expect] if expect else []
+    return device_step(transport, "reload", "--config", options.config, *_model_args(options), *check,
+                       timeout=options.timeout)
+
+
+def _rollback_args(transport: Transport, options: Options) -> list[str]:
+    return ["--root", transport.target.path, "--backend", options.backend,
+            *(["--config", options.config] if options.config else [])]
+
+
 def _roll_back(transport: Transport, options: Options, result: DeviceResult, report: Report) -> DeviceResult:
+    """After a failed reload: back to the previous version, the refused one marked so that no later
+    rollback brings it back."""
     target = transport.target.display
     report(target, "rolling back to the previous version")
+    blame = [] if NOT_THIS_DEPLOYMENT in result.message else ["--refused", result.message[:300]]
     try:
-        back = device_step(transport, "rollback", "--root", transport.target.path)
-        if options.config:
-            device_step(transport, "reload", "--config", options.config,
-                        *[a for m in options.models for a in ("--model", m)], timeout=options.timeout)
+        back = device_step(transport, "rollback", *_rollback_args(transport, options), *blame, timeout=options.timeout)
     except DeployError as exc:
         return replace(result, message=f"{result.message}; the rollback failed too: {exc.message}")
-    report(target, "rolled back")
-    return replace(result, rolled_back=True, details={**result.details, "rollback": back})
+    details = {**result.details, "rollback": back}
+    current = back.get("current") or {}
+    label = f"{current.get('name')} {current.get('version')}"
+    if options.config:
+        try:
+            details["rollback_reload"] = _reload(transport, options, current.get("package"))
+        except DeployError as exc:
+            report(target, f"rolled back to {label}; the daemon's reload after it failed: {exc.message}")
+            return replace(result, rolled_back=True, details=details,
+                           message=f"{result.message}; rolled back to {label}, but the daemon's reload after the "
+                                   f"rollback failed: {exc.message}")
+    report(target, f"rolled back to {label}")
+    return replace(result, rolled_back=True, details=details, message=f"{result.message}; rolled back to {label}")
 
 
 Job = tuple[Transport, Options]
@@ -219,17 +340,46 @@ def deploy(package_path: str | Path, jobs: Sequence[Job], *, parallel: int = 4, 
 
 
 def rollback_all(jobs: Sequence[Job], *, parallel: int = 4) -> list[DeviceResult]:
+    """Every device back to its previous version, verified there first; where the daemon then refuses it,
+    switched forward again (the daemon kept serving the version it had)."""
     def one(job: Job) -> DeviceResult:
         t, options = job
         started = time.monotonic()
+        step = "connect"
         try:
-            back = device_step(t, "rollback", "--root", t.target.path)
-            if options.config:
-                device_step(t, "reload", "--config", options.config, timeout=options.timeout)
-            return DeviceResult(t.target.display, True, "rollback", seconds=time.monotonic() - started,
-                                details={"rollback": back})
+            with device_lock(t):
+                step = "rollback"
+                return locked(t, options, started)
         except DeployError as exc:
-            return DeviceResult(t.target.display, False, "rollback", exc.message, seconds=time.monotonic() - started)
+            return DeviceResult(t.target.display, False, step, exc.message, seconds=time.monotonic() - started,
+                                hint=exc.hint)
+
+    def locked(t: Transport, options: Options, started: float) -> DeviceResult:
+        step = "rollback"
+        try:
+            back = device_step(t, "rollback", *_rollback_args(t, options), timeout=options.timeout)
+            current = back.get("current") or {}
+            label = f"{current.get('name')} {current.get('version')} ({str(current.get('package'))[:12]})"
+            details: dict[str, Any] = {"rollback": back}
+            message = f"current: {label}"
+            if options.config:
+                step = "reload"
+                try:
+                    details["reload"] = _reload(t, options, current.get("package"))
+                except DeployError as exc:
+                    forward = device_step(t, "rollback", *_rollback_args(t, options), "--refused", exc.message[:300],
+                                          timeout=options.timeout)
+                    return DeviceResult(t.target.display, False, "reload",
+                                        f"the daemon refused {label}: {exc.message}; switched back to "
+                                        f"{(forward.get('current') or {}).get('version')}",
+                                        seconds=time.monotonic() - started, details={**details, "forward": forward})
+                if not details["reload"].get("running", True):
+                    message += "; the daemon is not running: it will serve this version when it starts"
+            return DeviceResult(t.target.display, True, "rollback", message, version=str(current.get("version") or ""),
+                                seconds=time.monotonic() - started, details=details)
+        except DeployError as exc:
+            return DeviceResult(t.target.display, False, step, exc.message, seconds=time.monotonic() - started,
+                                hint=exc.hint)
 
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         return list(pool.map(one, jobs))
@@ -242,7 +392,7 @@ def status_all(jobs: Sequence[Job], *, parallel: int = 4) -> list[dict[str, Any]
         try:
             return {"target": t.target.display, "ok": True, **device_step(t, "status", *args)}
         except DeployError as exc:
-            return {"target": t.target.display, "ok": False, "error": exc.message}
+            return {"target": t.target.display, "ok": False, "error": exc.message, "hint": exc.hint}
 
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         return list(pool.map(one, jobs))

@@ -27,7 +27,8 @@ import weakref
 from pathlib import Path
 from typing import IO, Sequence
 
-from edge_sdk.deploy.transport import DeployError, Progress, RunResult, Target, copy_from
+from edge_sdk.deploy.transport import (NO_SPACE, DeployError, DiskFullError, Progress, RunResult, Target,
+                                      copy_from)
 from edge_sdk.errors import InternalError
 from runtime.closing import Closing
 
@@ -197,8 +198,16 @@ class SshTransport(Closing):
     def _upload_error(self, local: Path, remote: str, what: str, stderr: str) -> DeployError:
         lines = [line.strip() for line in stderr.splitlines() if line.strip()]
         detail = f": {' / '.join(lines[-3:])}" if lines else ""
+        if any(phrase in stderr for phrase in NO_SPACE):
+            self._remove(remote)  # a partial that fills the disk would block every later deploy
+            return DiskFullError(f"uploading {local} to {remote} on {self.target.display} ran out of space{detail}")
         return DeployError(f"uploading {local} to {remote} on {self.target.display} failed ({what}){detail}",
                            hint=_connection_hint(stderr, self.target, self.known_hosts))
+
+    def _remove(self, remote: str) -> None:
+        result = self.run(["rm", "-f", "--", remote], timeout=60)
+        if result.returncode != 0:
+            log.warning("could not remove %s on %s: %s", remote, self.target.display, result.stderr.strip())
 
     # -- the end ---------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ command run through ``run``, so both transports exercise the same device code.
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -37,6 +38,13 @@ def copy_from(local: Path, offset: int, out: IO[bytes], progress: Progress | Non
 
 class DeployError(EdgeSDKError):
     """A deployment step failed on a target (the message names the target and the step)."""
+
+
+class DiskFullError(DeployError):
+    """An upload ran out of space on the device; the partial file it wrote was removed."""
+
+
+NO_SPACE = ("No space left on device", "Disk quota exceeded")  # how ENOSPC and EDQUOT read in a tool's stderr
 
 
 @dataclass(frozen=True)
@@ -95,7 +103,8 @@ class Transport(Protocol):
 
     def upload(self, local: Path, remote: str, *, progress: Progress | None = None) -> None:
         """Copy ``local`` to ``remote`` (an absolute path on the device). A partial ``remote``
-        from an interrupted upload is continued, not restarted."""
+        from an interrupted upload is continued, not restarted; one that ran out of space is removed
+        (:class:`DiskFullError`)."""
         ...
 
     def close(self) -> None: ...
@@ -131,6 +140,9 @@ class LocalTransport:
         try:
             self._append(local, Path(remote), progress)
         except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                Path(remote).unlink(missing_ok=True)  # a partial that fills the disk blocks every later deploy
+                raise DiskFullError(f"upload to {remote} failed: {exc.strerror}") from None
             raise DeployError(f"upload to {remote} failed: {exc.strerror or exc}",
                               hint="check that the target directory is writable") from None
 

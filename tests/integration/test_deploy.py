@@ -169,7 +169,7 @@ def test_cli_three_targets_one_unreachable(tmp_path: Path, versions: dict[str, P
     assert code == 1
     assert "2 of 3 devices succeeded; failed: " + dead in out.out
     assert current_version(a) == "1" and current_version(b) == "1"
-    assert f"[{dead}] failed at upload" in out.err
+    assert f"[{dead}] failed at connect" in out.err  # not "upload": it never got that far
     assert main(["deploy", "--status", "--to", str(a), "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status[0]["current"]["version"] == "1" and status[0]["previous"] is None
@@ -196,7 +196,7 @@ profile = "not-this-machine"
     assert main(["deploy", str(versions["2"]), "--to", str(blocked / "device"), "--to", str(a), "--canary", "1",
                  "--json"]) == 1
     results = json.loads(capsys.readouterr().out)  # the canary fails: the rest is not attempted
-    assert results[0]["step"] == "upload" and results[1]["step"] == "skipped" and current_version(a) == "1"
+    assert results[0]["step"] == "connect" and results[1]["step"] == "skipped" and current_version(a) == "1"
     assert main(["deploy", str(versions["2"]), "--to", str(a), "--canary", "1"]) == 0
     assert current_version(a) == "2"
     capsys.readouterr()
