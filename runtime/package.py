@@ -17,6 +17,7 @@ checks it against the manifest bytes it verified the hashes with.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -120,6 +121,32 @@ class Package:
         if len(data) != entry.size or sha256_bytes(data) != entry.sha256:
             raise PackageIntegrityError(f"package file {name!r} in {self.path} changed after it was verified")
         return data
+
+    def copy_file(self, name: str, dest: str | os.PathLike[str]) -> None:
+        """Write one listed file to ``dest`` a chunk at a time (memory stays flat for large models), checking
+        it against its sha256 again; ``dest`` is removed when it does not match."""
+        check_member_name(name)
+        entry = self.manifest.files.get(name)
+        if entry is None:
+            raise PackageError(f"package {self.path} has no file {name!r}", hint=f"listed files: {sorted(self.manifest.files)}")
+        h, size = hashlib.sha256(), 0
+        try:
+            with contextlib.ExitStack() as stack:
+                if self.is_archive:
+                    source = stack.enter_context(stack.enter_context(_open_zip(self.path)).open(name))
+                else:
+                    source = stack.enter_context((self.path / name).open("rb"))
+                out = stack.enter_context(open(dest, "wb"))
+                while chunk := source.read(_CHUNK):
+                    size += len(chunk)
+                    h.update(chunk)
+                    out.write(chunk)
+        except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
+            Path(dest).unlink(missing_ok=True)
+            raise PackageIntegrityError(f"package file {name!r} in {self.path} is damaged ({exc})") from None
+        if size != entry.size or h.hexdigest() != entry.sha256:
+            Path(dest).unlink(missing_ok=True)
+            raise PackageIntegrityError(f"package file {name!r} in {self.path} changed after it was verified")
 
     def golden(self, graph: str = "fp32") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """The golden feeds and the reference outputs of ``graph`` ("fp32" or an int8 variant)."""

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import tempfile
 import time
@@ -59,7 +60,7 @@ class LocalPackage:
         for name, entry in package.manifest.files.items():
             if entry.sha256 not in objects:
                 objects[entry.sha256] = staging / entry.sha256
-                objects[entry.sha256].write_bytes(package.read_bytes(name))
+                package.copy_file(name, objects[entry.sha256])  # streamed: a large model is not held in memory
         signature = None
         if package.signatures is not None:  # not listed in the manifest: shipped as one more object
             signature = sha256_bytes(package.signatures)
@@ -314,6 +315,23 @@ def _roll_back(transport: Transport, options: Options, result: DeviceResult, rep
 
 
 Job = tuple[Transport, Options]
+STAGING_PREFIX = "edge-sdk-deploy-"
+
+
+def _sweep_staging() -> None:
+    """Remove the staged copies of deploys that were killed (SIGKILL skips their clean-up): their pid
+    is in the directory name and no longer runs."""
+    for stale in Path(tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*-*"):
+        pid = stale.name[len(STAGING_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+            log.info("removed %s, left by a deploy that was killed", stale)
+        except PermissionError:  # another user's live process
+            pass
 
 
 def deploy(package_path: str | Path, jobs: Sequence[Job], *, parallel: int = 4, canary: int = 0,
@@ -323,7 +341,8 @@ def deploy(package_path: str | Path, jobs: Sequence[Job], *, parallel: int = 4, 
     say: Report = report or (lambda target, message: log.info("%s: %s", target, message))
     if parallel < 1 or canary < 0:
         raise DeployError(f"parallel is {parallel} and canary {canary}; expected parallel >= 1 and canary >= 0")
-    with tempfile.TemporaryDirectory(prefix="edge-sdk-deploy-") as staging:
+    _sweep_staging()
+    with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{os.getpid()}-") as staging:
         package = LocalPackage.open(package_path, Path(staging))
         say("workstation", f"{package.name} {package.version}: package {package.digest[:12]}, "
                            f"{len(package.objects)} files, {_mb(package.size)}")

@@ -22,6 +22,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import weakref
 from pathlib import Path
@@ -107,7 +108,7 @@ class SshTransport(Closing):
         cmd = [*self._ssh, "--", self._destination, command]
         log.debug("running %s", shlex.join(cmd))
         try:
-            done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+            done = subprocess.run(with_parent(cmd), stdin=subprocess.DEVNULL, capture_output=True, text=True,
                                   errors="replace", timeout=timeout)
         except subprocess.TimeoutExpired:
             return RunResult(124, "", f"timed out after {timeout:.0f} s")
@@ -160,7 +161,8 @@ class SshTransport(Closing):
                "--stats", "-e", _rsync_shell(self._ssh), str(local), f"{user}{host}:{remote}"]
         log.debug("running %s", shlex.join(cmd))
         with tempfile.TemporaryFile() as errors:
-            process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors)
+            process = subprocess.Popen(with_parent(cmd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                       stderr=errors)
             try:
                 output = _follow(process.stdout, offset, total, progress)
                 returncode = process.wait()
@@ -181,7 +183,8 @@ class SshTransport(Closing):
         cmd = [*self._ssh, "--", self._destination, f"cat >> {shlex.quote(remote)}"]
         log.debug("running %s (from byte %d)", shlex.join(cmd), offset)
         with tempfile.TemporaryFile() as errors:
-            process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors)
+            process = subprocess.Popen(with_parent(cmd), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                       stderr=errors)
             try:
                 _feed(local, offset, process.stdin, progress)
                 returncode = process.wait()
@@ -218,6 +221,16 @@ class SshTransport(Closing):
     def close(self) -> None:
         """End the shared connection and remove its control directory (safe to call twice)."""
         self._closer()
+
+
+def with_parent(cmd: list[str]) -> list[str]:
+    """``cmd`` run so that it dies with this process (Linux ``setpriv --pdeathsig KILL``, util-linux): a
+    deploy killed with SIGKILL leaves no rsync or ssh finishing in the background. (The shared
+    ControlMaster connection, which ssh detaches, ends by itself ControlPersist seconds later.)"""
+    return [_SETPRIV, "--pdeathsig", "KILL", "--", *cmd] if _SETPRIV else cmd
+
+
+_SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
 
 
 def _split_command(edge_sdk: str) -> list[str]:

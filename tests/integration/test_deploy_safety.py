@@ -210,3 +210,59 @@ def test_devices_a_failed_canary_kept_back_are_listed_as_skipped(
     row = next(line for line in out.splitlines() if line.startswith(str(tmp_path / "b")))
     assert "skipped" in row and "FAILED" not in row
     assert "0 of 2 devices succeeded; failed: " in out and "not attempted (a canary failed)" in out
+
+
+DRIVER = """
+import sys
+from edge_sdk.deploy.deploy import Options, deploy
+from edge_sdk.deploy.ssh import SshTransport
+from edge_sdk.deploy.transport import parse_target
+target, identity, known, edge, rsync, package = sys.argv[1:]
+t = SshTransport(parse_target(target), identity=identity, known_hosts=known, edge_sdk=edge, rsync=rsync)
+deploy(package, [(t, Options())])
+"""
+
+
+def test_a_deploy_killed_mid_upload_leaves_no_rsync_running_and_no_staged_copy(
+        tmp_path: Path, sshd: Sshd, versions: dict[str, Path]) -> None:
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from edge_sdk.deploy.deploy import STAGING_PREFIX, _sweep_staging
+
+    # a link of 1 KB/s, its output not read by the deploy (so that a dead reader cannot stop it by SIGPIPE):
+    # the upload is still running when the deploy dies, and would run on for many seconds
+    slow = tmp_path / "slow-rsync"
+    slow.write_text('#!/bin/sh\n[ "$1" = --version ] && exec rsync --version\nexec rsync --bwlimit=1 "$@" >/dev/null\n')
+    slow.chmod(0o755)
+    source = Package.open(versions["1"])
+    big = tmp_path / "big.edgepkg"  # 200 KB more to send: minutes at 1 KB/s
+    write_package(source.manifest, {**{n: source.read_bytes(n) for n in source.manifest.files},
+                                    "reports/blob.bin": os.urandom(200_000)}, big)
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, sshd.url(str(tmp_path / "device")), str(sshd.identity),
+                               str(sshd.known_hosts), DEVICE_EDGE_SDK, str(slow), str(big)])
+
+    def uploading() -> list[str]:
+        out = subprocess.run(["pgrep", "-f", "--", "--bwlimit=1"], capture_output=True, text=True).stdout
+        return out.split()
+
+    try:
+        deadline = time.monotonic() + 60
+        while not uploading():
+            assert driver.poll() is None and time.monotonic() < deadline, "the upload never started"
+            time.sleep(0.1)
+        staged = list(Path(tempfile.gettempdir()).glob(f"{STAGING_PREFIX}{driver.pid}-*"))
+        assert staged
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(10)
+        deadline = time.monotonic() + 1  # dies with it (pdeathsig), not when the link notices seconds later
+        while uploading() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not uploading(), "rsync kept running after the deploy was killed"
+        _sweep_staging()  # what the next deploy does first
+        assert not any(p.exists() for p in staged)
+    finally:
+        driver.kill()
