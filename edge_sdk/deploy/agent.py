@@ -307,12 +307,17 @@ def _check_served(layout: Layout, expect: str, served: Sequence[dict[str, Any]],
 
 
 LOCK = ".deploy.lock"
-LOCK_STALE_S = 3600.0  # a lock older than this was left by a deploy that died
+LOCK_STALE_S = 60.0  # a lock its holder has not renewed for this long was left by a deploy that died
+LOCK_RENEW_S = 15.0  # how often a deploy under way renews its lock
 
 
-def lock(root: str, owner: str, *, release: bool = False) -> dict[str, Any]:
-    """Take (or, with ``release``, give back) the device's deploy lock for ``owner``: one deploy or rollback
-    at a time, whichever workstation runs it; a lock older than LOCK_STALE_S is taken over."""
+def lock(root: str, owner: str, *, release: bool = False, take_over: str | None = None) -> dict[str, Any]:
+    """Take, renew (same ``owner``) or, with ``release``, give back the device's deploy lock: one deploy or
+    rollback at a time, whichever workstation runs it.
+
+    A lock its holder has not renewed for LOCK_STALE_S is taken over, and so is one held by ``take_over``
+    (the workstation found that holder dead). Otherwise the answer is ``{"held_by": ..., "renewed_s_ago": ...}``
+    and the caller decides."""
     path = Layout(root).root / LOCK
     held = _lock_holder(path)
     if release:
@@ -321,10 +326,9 @@ def lock(root: str, owner: str, *, release: bool = False) -> dict[str, Any]:
         return {"released": owner}
     make_dirs(path.parent)  # 0755 whatever the umask: a daemon running as another user reads inside
     age = time.time() - float(held.get("at", 0)) if held is not None else None
-    if held is not None and held.get("owner") != owner and age is not None and age < LOCK_STALE_S:
-        raise DeployError(f"another deploy ({held.get('owner')}) has held this device for {age:.0f} s",
-                          hint=f"wait for it to finish; if it died, remove {path} (it is ignored after "
-                               f"{LOCK_STALE_S / 60:.0f} minutes)")
+    if (held is not None and held.get("owner") not in (owner, take_over) and age is not None
+            and age < LOCK_STALE_S):
+        return {"held_by": held.get("owner"), "renewed_s_ago": round(age, 1), "path": str(path)}
     tmp = path.with_name(f"{LOCK}.{os.getpid()}")
     tmp.write_text(json.dumps({"owner": owner, "at": time.time()}))
     if held is None:
@@ -335,7 +339,7 @@ def lock(root: str, owner: str, *, release: bool = False) -> dict[str, Any]:
             return lock(root, owner)
         tmp.unlink(missing_ok=True)
     else:
-        os.replace(tmp, path)  # ours already, or stale
+        os.replace(tmp, path)  # ours already (renewed), or stale, or its holder died
     return {"locked": owner}
 
 
@@ -356,6 +360,7 @@ def add_device_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     s.add_argument("--root", required=True)
     s.add_argument("--owner", required=True)
     s.add_argument("--release", action="store_true")
+    s.add_argument("--take-over", metavar="OWNER", help="take the lock from OWNER, found dead by the caller")
     s = steps.add_parser("have", help="which objects this device holds")
     s.add_argument("--root", required=True)
     s.add_argument("digests", nargs="*")
@@ -399,7 +404,7 @@ def add_device_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
 def _cmd_device(args: argparse.Namespace) -> int:
     step = args.step
     if step == "lock":
-        result = lock(args.root, args.owner, release=args.release)
+        result = lock(args.root, args.owner, release=args.release, take_over=args.take_over)
     elif step == "have":
         result = have(args.root, args.digests)
     elif step == "prune":

@@ -20,6 +20,7 @@ import re
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from edge_sdk.deploy.agent import NOT_THIS_DEPLOYMENT
+from edge_sdk.deploy.agent import LOCK_RENEW_S, LOCK_STALE_S, NOT_THIS_DEPLOYMENT
 from edge_sdk.deploy.transport import DeployError, DiskFullError, Transport
 from edge_sdk.errors import EdgeSDKError
 from runtime.package import Package, sha256_bytes
@@ -209,17 +210,56 @@ def _mb(n: int) -> str:
 OWNER = f"{socket.gethostname()}:{os.getpid()}"  # who holds a device's deploy lock
 
 
+def _dead_here(owner: object) -> bool:
+    """Whether ``owner`` (``host:pid``) is a process of this machine that no longer runs."""
+    host, _, pid = str(owner).rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it runs as another user
+        return False
+    return False
+
+
 @contextmanager
 def device_lock(transport: Transport) -> Iterator[None]:
-    """The device's deploy lock for this process, given back at the end (a dead one expires on the device)."""
-    device_step(transport, "lock", "--root", transport.target.path, "--owner", OWNER)
+    """The device's deploy lock for this process, renewed every LOCK_RENEW_S while held and given back at
+    the end. A lock whose holder is a dead process of this machine is taken over at once; one its holder
+    stopped renewing (a workstation that died) after LOCK_STALE_S."""
+    root = transport.target.path
+    answer = device_step(transport, "lock", "--root", root, "--owner", OWNER)
+    if "held_by" in answer and _dead_here(answer["held_by"]):
+        answer = device_step(transport, "lock", "--root", root, "--owner", OWNER, "--take-over",
+                             str(answer["held_by"]))
+    if "held_by" in answer:
+        raise DeployError(f"another deploy ({answer['held_by']}) holds this device (renewed "
+                          f"{float(answer.get('renewed_s_ago', 0)):.0f} s ago)",
+                          hint=f"wait for it to finish; a deploy that died stops renewing its lock, which is "
+                               f"taken over {LOCK_STALE_S:.0f} s after its last renewal")
+    stop = threading.Event()
+    renewer = threading.Thread(target=_renew_lock, args=(transport, stop), daemon=True,
+                               name=f"edge-sdk-lock-{transport.target.display}")
+    renewer.start()
     try:
         yield
     finally:
+        stop.set()
+        renewer.join(LOCK_RENEW_S)
         try:
-            device_step(transport, "lock", "--root", transport.target.path, "--owner", OWNER, "--release")
+            device_step(transport, "lock", "--root", root, "--owner", OWNER, "--release")
         except EdgeSDKError as exc:
             log.warning("%s: could not release the deploy lock: %s", transport.target.display, exc.message)
+
+
+def _renew_lock(transport: Transport, stop: threading.Event) -> None:
+    while not stop.wait(LOCK_RENEW_S):
+        try:
+            device_step(transport, "lock", "--root", transport.target.path, "--owner", OWNER, timeout=LOCK_STALE_S / 2)
+        except EdgeSDKError as exc:  # the deploy's own steps will meet the same problem and report it
+            log.warning("%s: could not renew the deploy lock: %s", transport.target.display, exc.message)
 
 
 def deploy_one(transport: Transport, package: LocalPackage, options: Options, report: Report) -> DeviceResult:

@@ -178,7 +178,7 @@ def test_one_deploy_at_a_time_per_device_and_each_device_listed_once(
         tmp_path: Path, sshd: Sshd, versions: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     import time
 
-    from edge_sdk.deploy.agent import LOCK, lock
+    from edge_sdk.deploy.agent import LOCK, LOCK_STALE_S, lock
 
     root = tmp_path / "device"
     ssh = ["--to", sshd.url(str(root)), "--identity", str(sshd.identity), "--known-hosts", str(sshd.known_hosts),
@@ -188,10 +188,19 @@ def test_one_deploy_at_a_time_per_device_and_each_device_listed_once(
     [result] = json.loads(capsys.readouterr().out)
     assert result["step"] == "connect" and "another deploy (line2-laptop:4242)" in result["message"]
     assert not (root / "current").exists()
-    # a lock left by a deploy that died is taken over after an hour
-    (root / LOCK).write_text(json.dumps({"owner": "line2-laptop:4242", "at": time.time() - 7200}))
+    # a lock its holder stopped renewing (a workstation that died) is taken over
+    (root / LOCK).write_text(json.dumps({"owner": "line2-laptop:4242", "at": time.time() - LOCK_STALE_S - 1}))
     assert main(["deploy", str(versions["1"]), *ssh]) == 0 and current_version(root) == "1"
     assert not (root / LOCK).exists()  # given back
+    # a deploy of this workstation killed a moment ago (kill -9: nothing given back) is taken over at once
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock(str(root), f"{socket.gethostname()}:{int(dead.stdout)}")
+    assert main(["deploy", str(versions["2"]), *ssh]) == 0 and current_version(root) == "2"
+    assert not (root / LOCK).exists()
     capsys.readouterr()
     assert main(["deploy", str(versions["2"]), *ssh, "--to", sshd.url(str(root))]) == 1
     assert "is listed 2 times" in capsys.readouterr().err
@@ -266,3 +275,22 @@ def test_a_deploy_killed_mid_upload_leaves_no_rsync_running_and_no_staged_copy(
         assert not any(p.exists() for p in staged)
     finally:
         driver.kill()
+
+
+def test_a_deploy_under_way_renews_its_lock_so_it_is_never_taken_over(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from edge_sdk.deploy import deploy as deploy_module
+    from edge_sdk.deploy.agent import LOCK, lock
+    from edge_sdk.deploy.transport import LocalTransport, parse_target
+
+    monkeypatch.setattr(deploy_module, "LOCK_RENEW_S", 0.2)
+    root = tmp_path / "device"
+    with deploy_module.device_lock(LocalTransport(parse_target(str(root)))):
+        taken = json.loads((root / LOCK).read_text())["at"]
+        time.sleep(1.0)
+        renewed = json.loads((root / LOCK).read_text())["at"]
+        assert renewed > taken + 0.5
+        assert "held_by" in lock(str(root), "line2-laptop:4242")  # another workstation is refused meanwhile
+    assert not (root / LOCK).exists()
