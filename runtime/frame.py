@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 #: The states a source reports (``SourceState.status``).
-SOURCE_STATUSES = ("connecting", "open", "reconnecting", "ended", "failed", "released")
+SOURCE_STATUSES = ("connecting", "open", "stalled", "reconnecting", "ended", "failed", "released")
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class Frame:
 
     image: np.ndarray
     source_id: str
-    index: int  # 0, 1, 2... per source, counting frames delivered (not frames dropped)
+    index: int  # 0, 1, 2... per source, counting frames captured: a gap is frames dropped on the way
     timestamp: float  # time.time() when the frame was captured/read
     name: str = ""  # a file name for folder sources, "" otherwise
 
@@ -37,7 +37,8 @@ class SourceState:
     frames: int = 0  # frames delivered
     dropped: int = 0  # frames read but discarded (stale under the "latest" policy, or over max fps)
     reconnects: int = 0
-    last_error: str = ""
+    last_error: str = ""  # why the source last had to reconnect; cleared by the next frame
+    stalls: int = 0  # times no new frame (or only the same frame) came within the stall timeout
 
 
 @runtime_checkable

@@ -66,11 +66,15 @@ class ROI:
         return cls(str(name), *(int(v) for v in box))
 
     def crop(self, image: np.ndarray) -> np.ndarray:
+        """The region's pixels; a region that reaches outside the frame is refused, not clipped (a clipped
+        region would be squeezed into the model's input with another aspect ratio and scale)."""
         h, w = image.shape[:2]
-        if self.x >= w or self.y >= h:
-            raise PipelineError(f"region {self.name!r} starts at ({self.x}, {self.y}), outside the {w}x{h} frame",
-                                hint="declare regions inside the camera's resolution")
-        return image[self.y : min(self.y + self.h, h), self.x : min(self.x + self.w, w)]
+        if self.x + self.w > w or self.y + self.h > h:
+            raise PipelineError(f"region {self.name!r} [{self.x}, {self.y}, {self.w}, {self.h}] reaches "
+                                f"({self.x + self.w}, {self.y + self.h}), outside the {w}x{h} frame",
+                                hint="declare regions inside the camera's resolution (x + width <= frame width, "
+                                     "y + height <= frame height)")
+        return image[self.y : self.y + self.h, self.x : self.x + self.w]
 
 
 def parse_rois(rois: Mapping[str, Any] | None) -> dict[str, tuple[ROI, ...]]:
@@ -121,12 +125,39 @@ class StreamStats:
                 f"dropped {self.dropped}  batch {self.mean_batch:.1f}  errors {self.errors}")
 
 
+class _Credit:
+    """A frame of a "latest" source in flight: the source's reader takes its next frame (the newest one
+    then) once every item made from this frame has been inferred or has failed."""
+
+    def __init__(self, slots: threading.Semaphore, items: int) -> None:
+        self._slots, self._left, self._lock = slots, items, threading.Lock()
+
+    def done(self) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._slots.release()
+
+
 @dataclass
 class _Item:
     frame: Frame
     roi: str | None
     tensor: np.ndarray
     preprocess_ms: float
+    credit: _Credit | None = None
+
+
+def _live(source: Source) -> bool:
+    """Whether ``source`` (or the source it wraps) is a live camera or stream."""
+    while True:
+        if getattr(source, "live", False):
+            return True
+        inner = getattr(source, "inner", None)
+        if inner is None or inner is source:
+            return False
+        source = inner
 
 
 @dataclass
@@ -199,8 +230,11 @@ class Stream(Closing):
         self._runners, self._own_runners = self._make_runners(replicas, threads, verify)
         workers = preprocess_workers or max(1, len(self._runners))
         latest = any(getattr(s, "policy", "all") == "latest" for s in sources)
-        if queue_size is None:  # frames wait in these queues too: short for "latest", or it serves stale frames
-            queue_size = LATEST_QUEUE if latest else QUEUE
+        # "latest": one frame per runner in flight per source, so the newest frame is the next to reach the model
+        self._slots = {s.id: threading.Semaphore(len(self._runners)) for s in sources
+                       if getattr(s, "policy", "all") == "latest"}
+        if queue_size is None:  # frames wait in these queues too: short for live sources, or they serve stale frames
+            queue_size = LATEST_QUEUE if latest or any(_live(s) for s in sources) else QUEUE
         self._frames: queue.Queue[Any] = queue.Queue(queue_size)
         self._ready: queue.Queue[Any] = queue.Queue(queue_size)
         self._batches: queue.Queue[Any] = queue.Queue(len(self._runners) if latest else max(2, len(self._runners)))
@@ -326,8 +360,11 @@ class Stream(Closing):
         (log.warning if first else log.debug)("%s failed: %s", where, message)
 
     def _read(self, source: Source, done: _Countdown) -> None:
+        slots, regions = self._slots.get(source.id), len(self.rois.get(source.id) or (None,))
         try:
             while not self._abort.is_set():
+                if slots is not None and not self._acquire(slots):
+                    break
                 try:
                     frame = source.read()
                 except EdgeSDKError as exc:
@@ -337,17 +374,24 @@ class Stream(Closing):
                     break
                 with self._lock:
                     self._c.frames += 1
-                if not self._put(self._frames, frame):
+                if not self._put(self._frames, (frame, None if slots is None else _Credit(slots, regions))):
                     break
         finally:
             done.done()
 
+    def _acquire(self, slots: threading.Semaphore) -> bool:
+        while not self._abort.is_set():
+            if slots.acquire(timeout=_POLL_S):
+                return True
+        return False
+
     def _preprocess(self, done: _Countdown) -> None:
         try:
             while True:
-                frame = self._get(self._frames)
-                if frame is END or frame is None:
+                got = self._get(self._frames)
+                if got is END or got is None:
                     break
+                frame, credit = got
                 for roi in self.rois.get(frame.source_id) or (None,):
                     t0 = time.perf_counter()
                     try:
@@ -355,8 +399,11 @@ class Stream(Closing):
                         tensor = preprocess_image(image, self._spec)
                     except Exception as exc:
                         self._error(f"preprocess of {frame.source_id}#{frame.index}", exc)
+                        if credit is not None:
+                            credit.done()
                         continue
-                    item = _Item(frame, None if roi is None else roi.name, tensor, (time.perf_counter() - t0) * 1e3)
+                    item = _Item(frame, None if roi is None else roi.name, tensor, (time.perf_counter() - t0) * 1e3,
+                                 credit)
                     if not self._put(self._ready, item):
                         return
         finally:
@@ -389,6 +436,10 @@ class Stream(Closing):
                 except Exception as exc:
                     self._error(f"inference of a batch of {len(items)} on replica {index}", exc)
                     continue
+                finally:
+                    for it in items:
+                        if it.credit is not None:
+                            it.credit.done()
                 with self._lock:
                     self._c.batches += 1
                     self._per_replica[index] += 1

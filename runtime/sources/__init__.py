@@ -57,7 +57,8 @@ def open_source(
     existing folder (``watch`` applies to folders only); or an existing video file (``realtime``
     replays it at its recorded frame rate, as the camera delivered it). ``kwargs`` go
     to :class:`CaptureSource` (``live``, ``backoff_initial``, ``backoff_max``, ``max_reconnects``,
-    ``open_timeout``, ``read_timeout``) or :class:`FolderSource` (``poll_interval``).
+    ``open_timeout``, ``stall_timeout``, ``buffer``) or :class:`FolderSource` (``poll_interval``,
+    ``settle_timeout``).
     """
     check_policy(policy)
     check_positive("max_fps", max_fps, allow_none=True)

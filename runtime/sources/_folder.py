@@ -1,5 +1,5 @@
 """``FolderSource``: the images in a folder in name order, and with ``watch=True`` the ones that
-appear later (each read once its size has stopped changing)."""
+appear later (each read once its size has stopped changing, and read again while it is incomplete)."""
 
 from __future__ import annotations
 
@@ -31,8 +31,10 @@ class FolderSource(Reporting):
     polls every ``poll_interval`` seconds for names not seen yet, reads a new file once its size
     and modification time are the same on two polls in a row (so a file still being written is
     not read half-way), and runs until released; a name is read once while its file exists (deleted
-    and written again, it is read again). A file that cannot be decoded is skipped, logged,
-    and counted in ``state.dropped`` with its name in ``state.last_error``.
+    and written again, it is read again). A watched file that cannot be decoded yet (its writer
+    paused longer than a poll) is read again whenever it changes; one that stays undecodable, or
+    empty (0 bytes), for ``settle_timeout`` seconds is skipped. A skipped file is logged and counted
+    in ``state.dropped`` with its name in ``state.last_error``; it is read if it changes later.
     """
 
     def __init__(
@@ -42,6 +44,7 @@ class FolderSource(Reporting):
         source_id: str | None = None,
         watch: bool = False,
         poll_interval: float = 0.2,
+        settle_timeout: float = 5.0,
     ) -> None:
         self._folder = Path(folder)
         if not self._folder.is_dir():
@@ -49,14 +52,18 @@ class FolderSource(Reporting):
             raise SourceError(f"image folder {str(self._folder)!r} {what}",
                               hint="pass an existing folder of .jpg/.png/.bmp/.tif images")
         check_positive("poll_interval", poll_interval)
+        check_positive("settle_timeout", settle_timeout)
         self.id = source_id or default_id(Spec("folder", str(self._folder), str(self._folder)))
         self._watch = bool(watch)
         self._poll = float(poll_interval)
+        self._settle = float(settle_timeout)
         self._health = Health(self.id, "open")
         self._stop = threading.Event()
         self._seen: set[str] = set()
         self._ready: list[str] = []  # names ready to decode, last one first
         self._pending: dict[str, tuple[int, int]] = {}  # watch: name -> (size, mtime) at the last poll
+        self._waiting: dict[str, tuple[tuple[int, int], float]] = {}  # watch: incomplete -> (signature, since)
+        self._given_up: dict[str, tuple[int, int]] = {}  # watch: skipped -> its signature then
         self._scanned = False
         self._index = 0
 
@@ -65,7 +72,7 @@ class FolderSource(Reporting):
         while not self._stop.is_set():
             if self._ready:
                 name = self._ready.pop()
-                image = self._decode(name)
+                image = self._decode(name, final=not self._watch)
                 if image is not None:
                     return self._deliver(image, name)
                 continue
@@ -99,42 +106,86 @@ class FolderSource(Reporting):
             return
         if self._watch:
             self._seen &= present  # forget deleted files: memory stays bounded by the folder
+            self._retry_changed(present)
         names = sorted(present - self._seen)
         if first and not names:
             log.warning("source %s: no images (%s) in %s", self.id, "/".join(IMAGE_EXTENSIONS), self._folder)
         self._take(self._stable(names) if self._watch else names)
 
+    def _signature(self, name: str) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self._folder / name)
+        except OSError:
+            return None
+        return st.st_size, st.st_mtime_ns
+
+    def _retry_changed(self, present: set[str]) -> None:
+        """Skipped files that changed since are read again; deleted ones are forgotten."""
+        for name, signature in list(self._given_up.items()):
+            if name not in present:
+                del self._given_up[name]
+            elif self._signature(name) != signature:
+                del self._given_up[name]
+                self._seen.discard(name)
+
     def _stable(self, names: list[str]) -> list[str]:
-        """The names whose size and mtime are unchanged since the last poll (and not empty)."""
-        listed = set(names)
+        """The names whose size and mtime are unchanged since the last poll (and not empty, and not
+        unchanged since they last failed to decode); the ones that stay empty or undecodable for
+        ``settle_timeout`` are skipped."""
+        listed, now = set(names), time.monotonic()
         self._pending = {n: sig for n, sig in self._pending.items() if n in listed}
+        self._waiting = {n: w for n, w in self._waiting.items() if n in listed}
         stable = []
         for name in names:
-            try:
-                st = os.stat(self._folder / name)
-            except OSError:
+            signature = self._signature(name)
+            if signature is None:
                 continue
-            signature = (st.st_size, st.st_mtime_ns)
-            if st.st_size > 0 and self._pending.get(name) == signature:
-                stable.append(name)
-                del self._pending[name]
-            else:
+            waited = self._waiting.get(name)
+            if waited is not None and waited[0] == signature:  # still what could not be read
+                if now - waited[1] >= self._settle:
+                    del self._waiting[name]
+                    why = ("it is empty (0 bytes)" if signature[0] == 0 else "OpenCV cannot decode it") + \
+                          f" and has not changed for {self._settle:g} s"
+                    self._give_up(name, signature, why)
+                continue
+            if self._pending.get(name) != signature:
                 self._pending[name] = signature
+                continue
+            del self._pending[name]
+            if signature[0] == 0:
+                self._waiting[name] = (signature, now)
+                continue
+            self._waiting.pop(name, None)
+            stable.append(name)
         return stable
+
+    def _give_up(self, name: str, signature: tuple[int, int], why: str) -> None:
+        self._seen.add(name)
+        self._given_up[name] = signature
+        self._skip(name, why)
 
     def _take(self, names: list[str]) -> None:
         self._seen.update(names)
         self._ready = sorted(self._ready + names, reverse=True)
 
-    def _decode(self, name: str) -> np.ndarray | None:
+    def _decode(self, name: str, *, final: bool) -> np.ndarray | None:
+        """The image, or None: skipped when ``final``, else (watching) waiting until the file changes."""
+        signature = self._signature(name)
         try:
             data = np.fromfile(self._folder / name, dtype=np.uint8)
         except OSError as exc:
-            self._skip(name, f"cannot read it: {exc}")
-            return None
+            if final or signature is None:
+                self._skip(name, f"cannot read it: {exc}")
+                return None
+            data = np.zeros(0, np.uint8)
         image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
         if image is None:
-            self._skip(name, "OpenCV cannot decode it as an image")
+            if final or signature is None:
+                self._skip(name, "OpenCV cannot decode it as an image")
+            else:  # perhaps incomplete: its writer paused; read it again once it changes
+                self._seen.discard(name)
+                self._waiting[name] = (signature, time.monotonic())
+                log.debug("source %s: %s cannot be decoded yet; waiting for it to change", self.id, name)
         return image
 
     def _deliver(self, image: np.ndarray, name: str) -> Frame:

@@ -35,11 +35,11 @@ class Health:
             if last_error is not None:
                 self._state = replace(self._state, last_error=last_error)
 
-    def count(self, *, frames: int = 0, dropped: int = 0, reconnects: int = 0) -> None:
+    def count(self, *, frames: int = 0, dropped: int = 0, reconnects: int = 0, stalls: int = 0) -> None:
         with self._lock:
             s = self._state
             self._state = replace(s, frames=s.frames + frames, dropped=s.dropped + dropped,
-                                  reconnects=s.reconnects + reconnects)
+                                  reconnects=s.reconnects + reconnects, stalls=s.stalls + stalls)
 
     @property
     def status(self) -> str:
@@ -59,7 +59,7 @@ class Reporting(Releasing):
 
     @property
     def is_open(self) -> bool:
-        """True until the source has ended, failed or been released (also while reconnecting)."""
+        """True until the source has ended, failed or been released (also while stalled or reconnecting)."""
         return self._health.status not in TERMINAL
 
     @property

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from edge_sdk.errors import SourceError
 
@@ -31,7 +31,12 @@ ACCEPTED_FORMS = (
     "or an existing video file"
 )
 
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+# what follows the userinfo's "@": a host name, IPv4 or [IPv6], an optional port, then the end of the
+# authority (a path, a query, a fragment, a quote or whitespace in free text, or the end)
+_HOST_AFTER_AT = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::\d*)?(?=[/?#\s'\"]|$)")
+#: query parameters whose values never appear in an id or a log line
+SECRET_PARAMS = re.compile(r"pass|pwd|secret|token|auth|key|sig|credential", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -43,9 +48,53 @@ class Spec:
     display: str  # for logs and errors: credentials and query strings removed
 
 
+def split_userinfo(url: str) -> tuple[str, str | None, str]:
+    """``scheme://``, the userinfo (or None) and what follows its ``@``, read as a camera URL is written:
+    the password may hold a raw ``@``, ``/``, ``:`` or space, so the userinfo ends at the *last* ``@``
+    that a host follows (``rtsp://admin:p@ss/w rd@10.0.0.7:554/live`` -> ``admin:p@ss/w rd``). An ``@``
+    in a path (no ``:`` before it, a ``/`` before it) is not taken for one."""
+    found = _SCHEME.match(url)
+    if found is None:
+        return "", None, url
+    scheme, rest = found.group(), url[found.end():]
+    line_end = len(rest.split("\n", 1)[0])
+    for at in sorted((i for i in range(line_end) if rest[i] == "@"), reverse=True):
+        before = rest[:at]
+        if ("/" in before and ":" not in before) or not _HOST_AFTER_AT.match(rest, at + 1):
+            continue
+        return scheme, before, rest[at + 1:]
+    return scheme, None, rest
+
+
 def redact(text: str) -> str:
-    """``text`` with any ``user:password@`` of a URL in it removed."""
-    return _USERINFO.sub(r"\g<scheme>", text)
+    """``text`` with the ``user:password@`` of every URL in it removed (see :func:`split_userinfo`)."""
+    out, pos = [], 0
+    for found in _SCHEME.finditer(text):
+        if found.start() < pos:
+            continue  # inside a userinfo already removed
+        scheme, userinfo, rest = split_userinfo(text[found.start():])
+        if userinfo is None:
+            continue
+        out.append(text[pos:found.start()] + scheme)
+        pos = len(text) - len(rest)
+    return "".join(out) + text[pos:]
+
+
+def opencv_url(url: str) -> str:
+    """``url`` as FFmpeg must be given it: user and password percent-encoded (FFmpeg decodes them), so a
+    raw ``@``, ``/`` or space in a password neither breaks the URL nor sends the password as a host name."""
+    scheme, userinfo, rest = split_userinfo(url)
+    if userinfo is None:
+        return url
+    user, colon, password = userinfo.partition(":")
+    encode = lambda part: quote(unquote(part), safe="")  # noqa: E731  (already encoded: unchanged)
+    return f"{scheme}{encode(user)}{colon}{encode(password) if colon else ''}@{rest}"
+
+
+def _safe_query(query: str) -> str:
+    """A query string with the values of secret-looking parameters replaced by ``***``."""
+    pairs = [p.partition("=") for p in query.split("&") if p]
+    return "&".join(k + (f"={'***' if SECRET_PARAMS.search(k) else v}" if eq else "") for k, eq, v in pairs)
 
 
 def display(spec: object) -> str:

@@ -119,6 +119,11 @@ def test_region_errors_are_clear(pipeline: Pipeline) -> None:
     stream = Stream(pipeline, [ListSource("cam", [solid("red", 8)] * 2)], rois={"cam": {"far": [100, 100, 5, 5]}})
     stats = stream.run(timeout=30)
     assert stats.predictions == 0 and stats.errors == 2 and "outside the 8x8 frame" in stats.last_error
+    # one that reaches past the edge is refused too, not silently clipped (and squeezed into the model's input)
+    stream = Stream(pipeline, [ListSource("cam", [solid("red", 8)])], rois={"cam": {"edge": [4, 4, 8, 8]}})
+    stats = stream.run(timeout=30)
+    assert stats.predictions == 0 and "region 'edge' [4, 4, 8, 8] reaches (12, 12), outside the 8x8 frame" \
+        in stats.last_error
 
 
 def test_a_failing_sink_does_not_stop_the_pipeline(pipeline: Pipeline) -> None:
@@ -173,6 +178,52 @@ def test_backpressure_bounds_memory_under_a_slow_runner(pipeline: Pipeline) -> N
     stream.stop(drain=False)
     assert all(depth <= 4 for depth in depths.values())
     assert read_so_far < 60  # the source was held back, not read to the end into memory
+
+
+class Camera:
+    """A live source faster than the model: a new frame every ``period`` seconds, stamped when captured."""
+
+    live = True
+
+    def __init__(self, period: float) -> None:
+        self.id, self.period, self._released, self._next = "cam", period, threading.Event(), 0
+
+    def read(self) -> Frame | None:
+        if self._released.wait(self.period):
+            return None
+        frame = Frame(solid("red"), self.id, self._next, time.time())
+        self._next += 1
+        return frame
+
+    def release(self) -> None:
+        self._released.set()
+
+    @property
+    def is_open(self) -> bool:
+        return not self._released.is_set()
+
+    @property
+    def state(self) -> SourceState:
+        return SourceState(self.id, "open" if self.is_open else "released", frames=self._next)
+
+
+def test_latest_means_the_newest_frame_reaches_the_model_next(pipeline: Pipeline) -> None:
+    """A 200 fps camera and a 50 ms model: under "latest" a result is one inference old (plus at most one
+    frame period and the batching wait), not the several inferences frames used to queue inside the stream."""
+    from dataclasses import replace
+
+    from runtime.sources import PolicySource
+
+    slow = replace(pipeline.selection, runner=SlowRunner(pipeline.selection.runner, 0.05).activate())
+    slow_pipeline = Pipeline(pipeline.manifest, slow, pipeline._encode, pipeline.package)
+    latencies = []
+    for result in Stream(slow_pipeline, [PolicySource(Camera(0.005), policy="latest")],
+                         batching=Batching(max_batch=8, max_wait_ms=2)):
+        latencies.append(result.latency_ms)
+        if len(latencies) == 12:
+            break
+    p50 = float(np.median(latencies[2:]))
+    assert 50 <= p50 < 50 + 5 + 2 + 25, f"latest: p50 {p50:.0f} ms for a 50 ms model"
 
 
 def test_next_batch_honours_max_wait() -> None:

@@ -1,0 +1,206 @@
+"""Cameras as a line runs them, against a real RTSP server (GStreamer's gst-rtsp-server) on loopback:
+a hung server or a frozen picture is reported "stalled" within the stall timeout and recovered, a
+slow consumer never sees stale frames under "all", FFmpeg's failures get their real reason, and
+passwords with raw ``@``, ``/`` and spaces both work and never leak."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from edge_sdk.errors import SourceError
+from runtime.frame import Frame
+from runtime.sources import CaptureSource, open_source
+from tests.rtsp import RtspServer, require_rtsp
+from tests.services import free_port
+
+FAST: dict[str, Any] = {"backoff_initial": 0.1, "backoff_max": 0.5, "open_timeout": 3.0}
+
+
+def wait_for(condition: Callable[[], bool], timeout: float) -> float | None:
+    """Seconds until ``condition`` held, or None if it did not within ``timeout``."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            return None
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+class Reader:
+    """Reads a source in a thread, keeping each frame and its age when read."""
+
+    def __init__(self, source: CaptureSource, per_frame: float = 0.0) -> None:
+        self.source, self.per_frame = source, per_frame
+        self.frames: list[Frame] = []
+        self.ages: list[float] = []
+        self.error: Exception | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while (frame := self.source.read()) is not None:
+                self.ages.append(time.time() - frame.timestamp)
+                self.frames.append(frame)
+                time.sleep(self.per_frame)
+        except Exception as exc:  # handed to the test
+            self.error = exc
+
+    def stop(self) -> None:
+        self.source.release()
+        self.thread.join(5)
+        assert not self.thread.is_alive(), "read() did not return after release()"
+
+
+@pytest.fixture
+def rtsp(tmp_path: Path) -> Iterator[RtspServer]:
+    require_rtsp()
+    with RtspServer(tmp_path / "rtsp", fps=30) as server:
+        yield server
+
+
+def test_a_hung_server_is_reported_stalled_within_the_stall_timeout_and_recovers(rtsp: RtspServer) -> None:
+    source = CaptureSource(rtsp.url("/live"), stall_timeout=1.0, **FAST)
+    reader = Reader(source)
+    try:
+        assert wait_for(lambda: len(reader.frames) >= 10, 15) is not None
+        assert source.state.status == "open"
+        rtsp.freeze()  # the connection stays up, nothing comes: a pulled cable, a hung server
+        frozen_at = len(reader.frames)
+        detected = wait_for(lambda: source.state.status == "stalled", 5)
+        assert detected is not None and detected <= 1.0 + 0.5, f"stall seen after {detected} s"
+        assert "no new frame" in source.state.last_error and source.state.stalls >= 1
+        assert len(reader.frames) <= frozen_at + 15  # at most what was on the wire when it froze
+        stalled_at = len(reader.frames)
+        time.sleep(1.5)
+        assert len(reader.frames) == stalled_at  # nothing passed off as fresh while frozen
+        rtsp.thaw()
+        assert wait_for(lambda: len(reader.frames) >= frozen_at + 20, 20) is not None
+        state = source.state
+        assert state.status == "open" and state.last_error == "" and state.reconnects >= 1
+        assert max(reader.ages[-10:]) < 0.5  # the frames after recovery are live ones
+    finally:
+        rtsp.thaw()
+        reader.stop()
+    assert reader.error is None
+
+
+def test_the_same_frame_over_and_over_is_a_stall(rtsp: RtspServer) -> None:
+    source = CaptureSource(rtsp.url("/frozen"), stall_timeout=1.0, **FAST)
+    reader = Reader(source)
+    try:
+        assert wait_for(lambda: len(reader.frames) >= 1, 15) is not None
+        first = time.monotonic()
+        assert wait_for(lambda: source.state.stalls >= 1, 5) is not None
+        assert time.monotonic() - first <= 1.0 + 0.5
+        assert "the same frame" in source.state.last_error
+    finally:
+        reader.stop()
+    live = CaptureSource(rtsp.url("/live"), stall_timeout=1.0, **FAST)  # a moving picture is never one
+    reader = Reader(live)
+    try:
+        assert wait_for(lambda: len(reader.frames) >= 60, 20) is not None
+        assert live.state.stalls == 0 and live.state.status == "open"
+    finally:
+        reader.stop()
+
+
+def test_a_server_that_restarts_is_back_within_the_backoff(rtsp: RtspServer) -> None:
+    source = CaptureSource(rtsp.url("/live"), **FAST)
+    reader = Reader(source)
+    try:
+        assert wait_for(lambda: len(reader.frames) >= 5, 15) is not None
+        rtsp.stop()
+        assert wait_for(lambda: source.state.status in ("reconnecting", "stalled"), 5) is not None
+        assert wait_for(lambda: "connection refused" in source.state.last_error, 5) is not None
+        time.sleep(1.0)
+        rtsp.start()
+        back = len(reader.frames)
+        recovered = wait_for(lambda: len(reader.frames) > back, 15)
+        assert recovered is not None and recovered < 0.5 + 3.0  # backoff_max, then an RTSP open
+        assert wait_for(lambda: source.state.status == "open" and source.state.last_error == "", 2) is not None
+    finally:
+        reader.stop()
+
+
+def test_a_slow_consumer_under_all_gets_fresh_frames_and_counts_the_dropped(rtsp: RtspServer) -> None:
+    source = open_source(rtsp.url("/live"), policy="all", buffer=6, **FAST)
+    assert isinstance(source, CaptureSource)
+    reader = Reader(source, per_frame=0.1)  # 10 fps against a 30 fps camera
+    try:
+        assert wait_for(lambda: len(reader.frames) >= 30, 20) is not None
+    finally:
+        reader.stop()
+    ages = reader.ages[10:]
+    assert max(ages) < 6 / 30 + 0.1 + 0.3, f"frames up to {max(ages):.2f} s old"  # the buffer, one read, slack
+    assert source.state.dropped > 30
+    indices = [f.index for f in reader.frames]
+    assert indices == sorted(indices) and indices[-1] - indices[0] > len(indices)  # gaps: what was dropped
+
+
+def test_failures_say_why(rtsp: RtspServer, tmp_path: Path) -> None:
+    cases = {
+        rtsp.url("/no-such-stream"): "has no stream at /no-such-stream (404 Not Found)",
+        f"rtsp://127.0.0.1:{free_port()}/live": "connection refused by 127.0.0.1:",
+        "rtsp://camera-7.invalid/live": "cannot be resolved",
+    }
+    for url, reason in cases.items():
+        source = CaptureSource(url, max_reconnects=0, **FAST)
+        with pytest.raises(SourceError) as caught:
+            source.read()
+        assert reason in str(caught.value), str(caught.value)
+        assert reason in source.state.last_error
+
+
+def test_credentials_with_raw_at_slash_and_space_work_and_never_leak(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    require_rtsp()
+    password = "p@ss/w rd:7"
+    with RtspServer(tmp_path / "rtsp", fps=30, user="operator", password=password) as server:
+        host = f"127.0.0.1:{server.port}"
+        caplog.set_level(logging.DEBUG)
+        good = CaptureSource(f"rtsp://operator:{password}@{host}/live", **FAST)
+        reader = Reader(good)
+        try:
+            assert wait_for(lambda: len(reader.frames) >= 5, 15) is not None, good.state.last_error
+        finally:
+            reader.stop()
+        assert good.id == f"{host}/live"
+        wrong = CaptureSource(f"rtsp://operator:not-{password}@{host}/live", max_reconnects=0, **FAST)
+        with pytest.raises(SourceError) as caught:
+            wrong.read()
+        assert "refused the user name and password (401 Unauthorized)" in str(caught.value)
+        anonymous = CaptureSource(f"rtsp://{host}/live", max_reconnects=0, **FAST)
+        with pytest.raises(SourceError, match="needs a user name and password"):
+            anonymous.read()
+        seen = [good.id, repr(good), str(good.state), str(caught.value), wrong.id, repr(wrong), str(wrong.state),
+                caplog.text]
+        for secret in ("p@ss", "w rd", "ss/w", password):
+            assert not any(secret in text for text in seen), secret
+
+
+def test_an_open_that_hangs_is_abandoned_and_the_source_still_fails_cleanly(tmp_path: Path) -> None:
+    fifo = tmp_path / "camera.fifo"  # opening a FIFO with no writer blocks inside OpenCV, like a hung pipeline
+    os.mkfifo(fifo)
+    source = CaptureSource(fifo, live=True, open_timeout=0.2, backoff_initial=0.05, backoff_max=0.05)
+    try:
+        with pytest.raises(SourceError) as caught:
+            source.read()
+        message = str(caught.value)
+        assert "OpenCV calls hang" in message and "did not return within" in message
+        assert source.state.status == "failed"
+    finally:
+        source.release()
+        for _ in range(20):  # let the abandoned opens return (a writer comes and goes), so their threads end
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # no reader left
+                pass
+            time.sleep(0.05)
