@@ -21,19 +21,28 @@ from runtime.stream import Sink, Stream
 def open_sources(
     source: Any, *, policy: str = "all", max_fps: float | None = None, watch: bool = False, realtime: bool = False,
 ) -> list[Source]:
-    """One source spec, or a list of them, -> opened sources.
+    """One source spec, a list of them, or ``{name: spec}``, -> opened sources.
 
-    A ``Source`` object is used as it is, wrapped in a ``PolicySource`` when ``policy`` or
-    ``max_fps`` ask for it; ``watch`` and ``realtime`` choose how a spec is opened, so they are
-    refused for a ``Source`` object rather than ignored.
+    A spec string may name its source: ``"press-3=rtsp://nvr/live?channel=3"``. Unnamed specs get
+    readable ids (``cam0``, a URL's host and path, a folder's name), made unique where two would clash
+    (the URL's query, the folder's parents). A ``Source`` object is used as it is, wrapped in a
+    ``PolicySource`` when ``policy`` or ``max_fps`` ask for it; ``watch`` and ``realtime`` choose how a
+    spec is opened, so they are refused for a ``Source`` object rather than ignored.
     """
     from runtime.sources import PolicySource, open_source
+    from runtime.sources._spec import classify, split_name, unique_ids
 
-    specs = list(source) if isinstance(source, (list, tuple)) else [source]
-    if not specs:
+    if isinstance(source, Mapping):
+        entries: list[tuple[str | None, Any]] = [(str(name), spec) for name, spec in source.items()]
+    else:
+        specs = list(source) if isinstance(source, (list, tuple)) else [source]
+        entries = [split_name(spec) if isinstance(spec, str) else (None, spec) for spec in specs]
+    if not entries:
         raise PipelineError("no source given; expected a camera index, URL, GStreamer pipeline, video file or folder")
+    unnamed = [i for i, (name, spec) in enumerate(entries) if name is None and not isinstance(spec, Source)]
+    defaults = dict(zip(unnamed, unique_ids([classify(entries[i][1]) for i in unnamed])))
     opened: list[Source] = []
-    for spec in specs:
+    for i, (name, spec) in enumerate(entries):
         if isinstance(spec, Source):
             if watch or realtime:
                 raise PipelineError(f"watch/realtime apply when a source is opened from a spec; {spec.id!r} is "
@@ -41,7 +50,8 @@ def open_sources(
             opened.append(PolicySource(spec, policy=policy, max_fps=max_fps)
                           if policy != "all" or max_fps is not None else spec)
         else:
-            opened.append(open_source(spec, policy=policy, max_fps=max_fps, watch=watch, realtime=realtime))
+            opened.append(open_source(spec, source_id=name or defaults[i], policy=policy, max_fps=max_fps,
+                                      watch=watch, realtime=realtime))
     return opened
 
 
@@ -80,9 +90,10 @@ def stream(
 
     ``source``: a camera index, an RTSP/HTTP URL, a GStreamer pipeline, a video file
     (``realtime=True`` replays it at its recorded rate), an image folder (``watch=True`` waits
-    for new files), a ``Source`` object, or a list of them. ``policy`` is "all" (every frame; the
-    source waits when the model is slower) or "latest" (stale frames are dropped); ``max_fps``
-    caps the rate. ``batching`` gathers frames across sources into one inference; ``replicas``
+    for new files), a ``Source`` object, a list of them, or ``{name: spec}``; a spec string may be
+    named as ``"NAME=SPEC"``. ``policy`` is "all" (every frame of a file or folder; a live camera's
+    frames while the model keeps up, the oldest dropped beyond a short buffer) or "latest" (the newest
+    frame goes to the model next; stale ones are dropped); ``max_fps`` caps the rate. ``batching`` gathers frames across sources into one inference; ``replicas``
     runs that many runner copies in parallel (``threads`` split between them). ``rois`` is
     ``{source_id: {region: [x, y, w, h]}}``. ``queue_size``: frames held between stages (default 32,
     or 2 when a source is "latest", so that latest means the newest frame). Leaving the loop early stops the stream; a package

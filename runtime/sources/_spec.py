@@ -173,3 +173,44 @@ def check_positive(name: str, value: object, *, allow_none: bool = False, intege
         expected = "a positive integer" if integer else "a positive number"
         raise SourceError(f"{name}={value!r} is not valid; expected {expected}" + (" or None" if allow_none else ""),
                           hint=f"pass e.g. {name}={1 if integer else 0.5}" + (f" or {name}=None" if allow_none else ""))
+
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+
+def split_name(text: str) -> tuple[str | None, str]:
+    """``"NAME=SPEC"`` -> (NAME, SPEC); anything else -> (None, text). NAME is letters, digits, ``_ . -``
+    (so ``rtsp://nvr/?channel=2`` is no name), and an existing path is never split."""
+    name, eq, spec = text.partition("=")
+    if not eq or not spec or not _NAME.fullmatch(name) or Path(text).exists():
+        return None, text
+    return name, spec
+
+
+def unique_ids(specs: list[Spec]) -> list[str]:
+    """A default id per spec (:func:`default_id`), made unique where two would clash: a URL's query
+    is added (secret-looking values hidden), a path's parent folders, and as a last resort ``-2``, ``-3``."""
+    ids = [default_id(s) for s in specs]
+    for make in (_with_query, _with_parents):
+        clashing = {i for i in ids if ids.count(i) > 1}
+        ids = [make(spec, i) if i in clashing else i for spec, i in zip(specs, ids)]
+    seen: dict[str, int] = {}
+    out = []
+    for i in ids:
+        seen[i] = seen.get(i, 0) + 1
+        out.append(i if seen[i] == 1 else f"{i}-{seen[i]}")
+    return out
+
+
+def _with_query(spec: Spec, current: str) -> str:
+    if spec.kind != "url":
+        return current
+    query = urlsplit(redact(str(spec.target))).query
+    return f"{current}?{_safe_query(query)}" if query else current
+
+
+def _with_parents(spec: Spec, current: str) -> str:
+    if spec.kind not in ("folder", "file"):
+        return current
+    parts = Path(os.path.abspath(str(spec.target))).parts
+    return "/".join(parts[-3:]).lstrip("/") if len(parts) > 1 else current
