@@ -34,6 +34,9 @@ the target (their rate is the camera's, not the model's):
   with the Stream's default ``queue_size`` (2 with a latest source) and once with ``queue_size=32``
   (the default for "all" sources), which the stream honours: the cost of a long queue in latency.
 
+Last, the live RTSP rows of ``bench.cameras`` (a real RTSP camera faster than the model: capture-to-result
+latency p50/p99 under "latest" and "all", and how fast a frozen camera is reported "stalled").
+
 Figures: fps and latency are the stream's own ``StreamStats``, taken as the last result is
 delivered; a config's row is its fastest clean pair (other processes below NOISY_CORES), else its
 quietest, flagged "noisy". "x raw" divides fps by raw r1 at the same batch size (b8 with batching
@@ -59,7 +62,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from bench import cameras
 from bench._log import Log
+from bench.int8 import isa_info
 import edge_sdk
 from bench.prune import _fmt, _short, ensure_built
 from runtime.batching import Batching
@@ -512,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="rounds over the stream configs (default 2; 1 with --quick)")
     parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32")
     parser.add_argument("--live-fps", type=float, default=30.0, help="frame rate of the paced live configs")
+    parser.add_argument("--camera-fps", type=int, default=60, help="frame rate of the live RTSP camera (bench.cameras)")
     parser.add_argument("--quick", action="store_true", help="200 frames, 1 round")
     args = parser.parse_args(argv)
     frames = args.frames or (200 if args.quick else 600)
@@ -526,14 +532,16 @@ def main(argv: list[str] | None = None) -> int:
         tensors, serial = decode_and_preprocess(video, pipeline)
         log(f"{video.name}: {serial['frames']} frames decoded and preprocessed")
         raw, configs = measure(pipeline, video, tensors, args, cores)
+        live = cameras.measure(pipeline, 5.0 if args.quick else 10.0, args.camera_fps, 1 if args.quick else 3)
     result: dict[str, Any] = {
         "package": str(package), "precision": args.precision, "video": str(video), "frames": serial["frames"],
         "cores": cores, "rounds": args.rounds, "quick": args.quick, "max_batch": MAX_BATCH,
         "max_wait_ms": MAX_WAIT_MS, "raw": raw, "serial_ms_per_frame": serial,
         **ceiling(serial, raw["r1 b1"]),
-        "configs": [asdict(c) for c in configs], "target": target(configs, raw),
+        "configs": [asdict(c) for c in configs], "target": target(configs, raw), "live_rtsp": live,
     }
     print_table(result)
+    cameras.print_rows(live, isa_info()["label"])
     log.write(result, args.out)
     return 0
 

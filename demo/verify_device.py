@@ -212,6 +212,8 @@ def print_device() -> None:
     print(f"jetson: {info.jetson_module or 'no'}; gpu: {info.gpu_name or 'none'}")
     print(f"onnxruntime {info.onnxruntime_version}, providers {', '.join(info.onnxruntime_providers) or 'none'}; "
           f"numpy {np.__version__}")
+    print(f"opencv {info.opencv_version or 'missing'} from {info.opencv_location or '-'} "
+          f"(GStreamer pipelines: {'yes' if info.opencv_gstreamer else 'no'})")
 
 
 def describe_load(label: str, model: edge_sdk.Model) -> str:

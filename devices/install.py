@@ -64,11 +64,36 @@ def _major(version: str | None) -> int | None:
 
 def install_advice(info: DeviceInfo, env: PythonEnv) -> list[Advice]:
     """One line per thing the GPU path needs here: what is fine, what to run to fix the rest."""
+    opencv = _opencv(info)
     if info.gpu_name is None and not info.is_jetson:
-        return [Advice("gpu", True, "no NVIDIA GPU: the onnxruntime CPU backend serves every package")]
+        return [Advice("gpu", True, "no NVIDIA GPU: the onnxruntime CPU backend serves every package"),
+                *([opencv] if opencv else [])]
     advice = [_python(info, env), _tensorrt(info, env)]
     advice.append(_cuda_binding(info))
+    advice.append(opencv)
     return [a for a in advice if a is not None]
+
+
+JETSON_OPENCV = ("use JetPack's OpenCV, which has GStreamer: `pip uninstall -y opencv-python-headless opencv-python` "
+                 "in this environment, `sudo apt install nvidia-opencv` (or python3-opencv) and a venv made with "
+                 "--system-site-packages")
+
+
+def _opencv(info: DeviceInfo) -> Advice | None:
+    """Whether this OpenCV opens what the device's cameras need (on a Jetson: GStreamer pipelines)."""
+    if not info.modules_probed:
+        return None
+    if info.opencv_version is None:
+        return Advice("opencv", False, "OpenCV does not import: " + (JETSON_OPENCV if info.is_jetson else
+                      "pip install 'edge-sdk[opencv]'"))
+    where = f"OpenCV {info.opencv_version} from {info.opencv_location}"
+    if info.opencv_gstreamer:
+        return Advice("opencv", True, f"{where} opens GStreamer pipelines (CSI cameras: nvarguscamerasrc)")
+    if info.is_jetson:
+        return Advice("opencv", False, f"{where} cannot open GStreamer pipelines, so CSI cameras will not open "
+                      f"(a pip wheel replaced JetPack's OpenCV?): {JETSON_OPENCV}")
+    return Advice("opencv", True, f"{where}: cameras, video files and RTSP/HTTP streams (FFmpeg); "
+                  "no GStreamer pipelines")
 
 
 def _python(info: DeviceInfo, env: PythonEnv) -> Advice:

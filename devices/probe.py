@@ -77,6 +77,9 @@ class DeviceInfo:
     cuda_python_version: str | None = None
     onnxruntime_version: str | None = None
     onnxruntime_providers: tuple[str, ...] = ()
+    opencv_version: str | None = None
+    opencv_gstreamer: bool | None = None  # this OpenCV can open GStreamer pipelines (CSI cameras on Jetson)
+    opencv_location: str | None = None  # where cv2 was imported from: a pip wheel, or the system's (JetPack's)
     modules_probed: bool = False  # False: the four *_version fields above were not looked at
     inferred: tuple[str, ...] = field(default=())  # fields filled from a table, not measured
     probe_errors: tuple[str, ...] = field(default=())
@@ -153,6 +156,9 @@ class DeviceInfo:
             f"cuda-python: {show(self.cuda_python_version)}",
             f"onnxruntime: {show(self.onnxruntime_version)}",
             f"onnxruntime providers: {providers if self.modules_probed else 'not probed'}",
+            f"opencv: {show(self.opencv_version)}" + (
+                f" (GStreamer: {'yes' if self.opencv_gstreamer else 'no'}; {self.opencv_location})"
+                if self.opencv_version else ""),
         ]
 
 
@@ -383,6 +389,25 @@ def _probe_modules(problems: _Problems) -> tuple[dict[str, str | None], tuple[st
     return versions, providers
 
 
+def _probe_opencv(problems: _Problems) -> tuple[str | None, bool | None, str | None]:
+    """OpenCV's version, whether it was built with GStreamer, and where it was imported from."""
+    try:
+        import cv2
+    except ImportError:
+        return None, None, None
+    except Exception as exc:  # e.g. a system cv2 built for another numpy
+        problems.add("opencv", f"{type(exc).__name__}: {exc}")
+        return None, None, None
+    try:
+        build = cv2.getBuildInformation()
+    except Exception as exc:
+        problems.add("opencv", f"getBuildInformation: {type(exc).__name__}: {exc}")
+        build = ""
+    found = re.search(r"^\s*GStreamer:\s*(\S+)", build, re.MULTILINE)
+    return (str(getattr(cv2, "__version__", "unknown")), bool(found and found.group(1).upper() == "YES"),
+            os.path.dirname(str(getattr(cv2, "__file__", "") or "")) or None)
+
+
 def _checked_root(root: str | os.PathLike[str]) -> Path:
     path = Path(os.fspath(root))
     hint = "pass the directory that holds proc/, sys/ and etc/; the default '/' inspects this machine"
@@ -428,6 +453,7 @@ def detect(
     cuda = _read_cuda_version(base, problems)
 
     versions, providers = _probe_modules(problems) if probed else ({}, ())
+    opencv, gstreamer, opencv_at = _probe_opencv(problems) if probed else (None, None, None)
     return DeviceInfo(
         arch=arch,
         root=str(base),
@@ -450,6 +476,9 @@ def detect(
         cuda_python_version=versions.get("cuda-python"),
         onnxruntime_version=versions.get("onnxruntime"),
         onnxruntime_providers=providers,
+        opencv_version=opencv,
+        opencv_gstreamer=gstreamer,
+        opencv_location=opencv_at,
         modules_probed=probed,
         inferred=tuple(inferred),
         probe_errors=tuple(problems.items),

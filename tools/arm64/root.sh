@@ -18,7 +18,8 @@
 #    registration and arm64 ELF files then run transparently, also inside a
 #    chroot that has no qemu binary of its own.
 #  * debootstrap --arch=arm64 builds a minimal bookworm root with Debian's
-#    python3 (3.11), python3-venv and CA certificates (for PyPI).
+#    python3 (3.11), python3-venv, CA certificates (for PyPI) and python3-opencv (the system OpenCV
+#    with GStreamer that the device install keeps, as JetPack's is kept on a Jetson).
 #  * A marker file records a finished build; delete build/arm64-root (as root)
 #    or run `make verify-arm64-clean` to rebuild.
 #
@@ -35,7 +36,7 @@ SUITE=${ARM64_SUITE:-bookworm}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 MARKER="$ROOT/.edge-sdk-root"
 QEMU_DIR=${ARM64_QEMU_DIR:-build/arm64-qemu}
-PKGS="python3,python3-venv,python3-pip-whl,python3-setuptools-whl,ca-certificates"
+PKGS="python3,python3-venv,python3-pip-whl,python3-setuptools-whl,ca-certificates,python3-opencv"
 
 log() { printf '[arm64-root] %s\n' "$*" >&2; }
 

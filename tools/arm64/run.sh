@@ -90,8 +90,8 @@ if [ "$MODE" = binfmt ]; then
       ${cert:+PIP_CERT=$cert} "$@"
   }
   if [ ! -x "$STAGE/venv/bin/python" ]; then
-    log "creating the venv with Debian's python3 (arm64)"
-    guest max /usr/bin/python3 -m venv "$GUEST/venv"
+    log "creating the venv with Debian's python3 (arm64), seeing the system's OpenCV as on a Jetson"
+    guest max /usr/bin/python3 -m venv --system-site-packages "$GUEST/venv"
   fi
   t1=$SECONDS
   log "pip install $GUEST/src (the project, no extras; dependencies from its pyproject.toml)"

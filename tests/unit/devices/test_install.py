@@ -34,8 +34,34 @@ def test_jetpack_6_with_tensorrt_visible_and_the_wrong_cuda_python() -> None:
     assert lines["tensorrt"] == "ok: tensorrt: TensorRT 10.3.0 imports"
     assert lines["cuda-python"] == ("todo: cuda-python: cuda-python 13.0.1 needs a CUDA 13 driver; this device has "
                                     "CUDA 12.6.68: pip install 'cuda-python>=12,<13'")
-    fixed = _lines(dataclasses.replace(ready, cuda_python_version="12.6.2"), env)
-    assert all(line.startswith("ok: ") for line in fixed.values())
+    fixed = _lines(dataclasses.replace(ready, cuda_python_version="12.6.2", opencv_version="4.8.0",
+                                       opencv_gstreamer=True, opencv_location="/usr/lib/python3.10/dist-packages/cv2"),
+                   env)
+    assert all(line.startswith("ok: ") for line in fixed.values()), fixed
+
+
+def test_a_jetson_whose_opencv_cannot_open_gstreamer_is_told_to_keep_jetpacks() -> None:
+    wheel = dataclasses.replace(JP6, opencv_version="4.12.0", opencv_gstreamer=False,
+                                opencv_location="/home/line/edge-sdk/lib/python3.10/site-packages/cv2")
+    line = _lines(wheel, VENV)["opencv"]
+    assert line.startswith("todo: opencv: OpenCV 4.12.0 from /home/line/edge-sdk/") and "cannot open GStreamer" in line
+    assert "pip uninstall -y opencv-python-headless" in line and "--system-site-packages" in line
+    x86 = DeviceInfo(arch="x86_64", opencv_version="4.12.0", opencv_gstreamer=False, opencv_location="/x/cv2",
+                     modules_probed=True)
+    assert _lines(x86, VENV)["opencv"].startswith("ok: opencv: OpenCV 4.12.0 from /x/cv2: cameras, video files")
+
+
+def test_this_machine_says_whether_its_opencv_opens_gstreamer_pipelines() -> None:
+    import cv2
+
+    import devices
+
+    info = devices.detect()
+    built_with = "GStreamer:                   YES" in cv2.getBuildInformation() or \
+        any(line.strip().startswith("GStreamer:") and "YES" in line for line in cv2.getBuildInformation().splitlines())
+    assert info.opencv_version == cv2.__version__ and info.opencv_gstreamer is built_with
+    assert any(line.startswith(f"opencv: {cv2.__version__} (GStreamer: {'yes' if built_with else 'no'}")
+               for line in info.summary_lines())
 
 
 def test_no_cuda_binding_names_the_pin_for_this_cuda() -> None:
