@@ -63,14 +63,13 @@ def _major(version: str | None) -> int | None:
 
 
 def install_advice(info: DeviceInfo, env: PythonEnv) -> list[Advice]:
-    """One line per thing the GPU path needs here: what is fine, what to run to fix the rest."""
+    """One line per thing the GPU path (and the cameras' OpenCV) needs here: what is fine, what to run to fix
+    the rest."""
     opencv = _opencv(info)
     if info.gpu_name is None and not info.is_jetson:
         return [Advice("gpu", True, "no NVIDIA GPU: the onnxruntime CPU backend serves every package"),
                 *([opencv] if opencv else [])]
-    advice = [_python(info, env), _tensorrt(info, env)]
-    advice.append(_cuda_binding(info))
-    advice.append(opencv)
+    advice: list[Advice | None] = [_python(info, env), _tensorrt(info, env), _cuda_binding(info), opencv]
     return [a for a in advice if a is not None]
 
 
