@@ -31,13 +31,17 @@ GRACE_S = 1.0
 #: At most this many grabber threads may be stuck in OpenCV calls at once; then the source fails.
 MAX_STUCK = 3
 _WAKE_S = 0.1  # how often a waiting read() looks at the grabber
+RELEASE_JOIN_S = 2.0  # how long release() waits for the grabber's OpenCV call to return
 
 
 def quiet_opencv() -> None:
     """Leave failures to the source's own log lines: OpenCV's and FFmpeg's native warnings would
     repeat on every reconnect. A user's own ``OPENCV_LOG_LEVEL`` / ``OPENCV_FFMPEG_LOGLEVEL`` win."""
-    if "OPENCV_LOG_LEVEL" not in os.environ:
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    if "OPENCV_LOG_LEVEL" not in os.environ:  # cv2.utils.logging in recent builds, cv2.setLogLevel in older ones
+        set_level = getattr(getattr(getattr(cv2, "utils", None), "logging", None), "setLogLevel", None) \
+            or getattr(cv2, "setLogLevel", None)
+        if set_level is not None:
+            set_level(2)  # LOG_LEVEL_ERROR
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET: read when FFmpeg first opens
 
 
@@ -155,8 +159,13 @@ class CaptureSource(Reporting):
             self._buffer.clear()
             self._cond.notify_all()
             cap, self._cap = self._cap, None
+            grabber = self._grabber
         if cap is not None:
             cap.release()
+        if grabber is not None and grabber is not threading.current_thread():
+            # the grabber ends after its current OpenCV call (a frame period on a live camera); waiting for
+            # it keeps an interpreter exit from killing a thread inside OpenCV/GStreamer (an abort)
+            grabber.join(RELEASE_JOIN_S)
 
     def __repr__(self) -> str:
         return f"CaptureSource({self._spec.display!r}, id={self.id!r}, live={self._live})"
@@ -374,6 +383,10 @@ class CaptureSource(Reporting):
             cap.release()
         if not why and self._spec.kind == "url":
             why = why_not_open(str(self._spec.target), min(self._open_s, 3.0)) or ""
+        elif not why and self._spec.kind == "gstreamer":
+            head = str(self._spec.display).split("'")[1] if "'" in self._spec.display else "?"
+            why = (f"GStreamer could not start it: is every element installed (gst-inspect-1.0 {head}) and the "
+                   "camera free?")
         error = f"cannot open {self._spec.display}" + (f": {why}" if why else "")
         first = self._health.status not in ("reconnecting",) or self._health.snapshot().last_error != error
         self._health.set(status="reconnecting", last_error=error)

@@ -204,3 +204,64 @@ def test_an_open_that_hangs_is_abandoned_and_the_source_still_fails_cleanly(tmp_
             except OSError:  # no reader left
                 pass
             time.sleep(0.05)
+
+
+GST_SCRIPT = r"""
+import json, os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+from runtime.sources import open_source
+from edge_sdk.errors import SourceError
+url, pid = sys.argv[2], int(sys.argv[3])
+out = {}
+source = open_source("videotestsrc is-live=true ! video/x-raw,width=64,height=48,framerate=30/1 ! videoconvert "
+                     "! appsink")
+out["testsrc"] = [source.read().image.shape for _ in range(5)][-1]
+source.release()
+missing = open_source("nvarguscamerasrc ! video/x-raw(memory:NVMM) ! nvvidconv ! appsink", max_reconnects=0)
+try:
+    missing.read()
+except SourceError as exc:
+    out["missing"] = str(exc)
+camera = open_source(f"rtspsrc location={url} latency=0 ! rtpjpegdepay ! jpegdec ! videoconvert ! appsink",
+                     stall_timeout=1.0, backoff_initial=0.1, backoff_max=0.5)
+for _ in range(10):
+    camera.read()
+os.kill(pid, signal.SIGSTOP)
+start = time.monotonic()
+while camera.state.status != "stalled" and time.monotonic() - start < 10:
+    time.sleep(0.01)
+out["stalled_after_s"] = time.monotonic() - start
+os.kill(pid, signal.SIGCONT)
+start = time.monotonic()
+frames = [camera.read() for _ in range(10)]
+out["recovered_s"] = time.monotonic() - start
+out["state"] = [camera.state.status, camera.state.stalls, camera.state.last_error]
+camera.release()
+print(json.dumps(out))
+"""
+
+
+def test_gstreamer_pipelines_with_a_gstreamer_opencv(rtsp: RtspServer) -> None:
+    """Debian's python3-opencv (built with GStreamer, as JetPack's is), in the system Python with nothing else:
+    a pipeline reads frames, a missing element (no Argus here) fails with the reason and how to check, and an
+    rtspsrc pipeline whose server hangs is "stalled" within the stall timeout (the read blocks inside
+    GStreamer: the watchdog says so) and recovers when the server does."""
+    import json
+    import subprocess
+
+    from tests.rtsp import SYSTEM_PYTHON
+
+    check = subprocess.run([SYSTEM_PYTHON, "-c", "import cv2, re; assert re.search(r'GStreamer:\\s*YES', "
+                            "cv2.getBuildInformation())"], capture_output=True, text=True)
+    if check.returncode != 0:
+        pytest.skip("needs an OpenCV built with GStreamer in the system Python (apt-get install python3-opencv)")
+    assert rtsp._process is not None
+    done = subprocess.run([SYSTEM_PYTHON, "-c", GST_SCRIPT, str(Path(__file__).parents[2]), rtsp.url("/live"),
+                           str(rtsp._process.pid)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["testsrc"] == [48, 64, 3]
+    assert "cannot open GStreamer pipeline starting with 'nvarguscamerasrc'" in out["missing"]
+    assert "gst-inspect-1.0 nvarguscamerasrc" in out["missing"]
+    assert out["stalled_after_s"] <= 1.0 + 0.5
+    assert out["recovered_s"] < 5 and out["state"][0] == "open" and out["state"][1] >= 1 and out["state"][2] == ""
