@@ -115,9 +115,8 @@ class CaptureSource(Reporting):
         self._retries = 0  # reopen attempts since the last frame
         self._error: SourceError | None = None
         self._index = 0
-        if self._live:
-            quiet_opencv()
-        else:
+        quiet_opencv()
+        if not self._live:
             self._open_finite()
 
     @property

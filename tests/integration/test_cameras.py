@@ -265,3 +265,21 @@ def test_gstreamer_pipelines_with_a_gstreamer_opencv(rtsp: RtspServer) -> None:
     assert "gst-inspect-1.0 nvarguscamerasrc" in out["missing"]
     assert out["stalled_after_s"] <= 1.0 + 0.5
     assert out["recovered_s"] < 5 and out["state"][0] == "open" and out["state"][1] >= 1 and out["state"][2] == ""
+
+
+def test_reconnects_leave_one_log_line_each_not_native_warnings(rtsp: RtspServer) -> None:
+    """OpenCV's and FFmpeg's own warnings ("[rtsp @ 0x...] method DESCRIBE failed", "[ WARN:0@...]") would
+    repeat on every reconnect; only the source's own lines reach stderr."""
+    import subprocess
+    import sys
+
+    script = ("import logging, sys; logging.basicConfig(level=logging.WARNING); "
+              "from runtime.sources import CaptureSource; "
+              f"s = CaptureSource({rtsp.url('/no-such-stream')!r}, max_reconnects=3, backoff_initial=0.05, "
+              "backoff_max=0.05)\ntry:\n    s.read()\nexcept Exception as e:\n    print('failed:', e)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("OPENCV_")})
+    assert "failed:" in done.stdout and "404 Not Found" in done.stdout
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert not [line for line in lines if "@ 0x" in line or "WARN:" in line or "global " in line], done.stderr
+    assert 1 <= len([line for line in lines if "no-such-stream" in line]) <= 3, done.stderr  # not one per attempt
