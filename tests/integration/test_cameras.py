@@ -283,3 +283,33 @@ def test_reconnects_leave_one_log_line_each_not_native_warnings(rtsp: RtspServer
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert not [line for line in lines if "@ 0x" in line or "WARN:" in line or "global " in line], done.stderr
     assert 1 <= len([line for line in lines if "no-such-stream" in line]) <= 3, done.stderr  # not one per attempt
+
+
+def test_all_on_a_camera_faster_than_the_model_keeps_lag_bounded(rtsp: RtspServer, image_package: Path) -> None:
+    """The whole stream, a 30 fps camera and a model at ~10 fps: under "all" the lag used to grow without limit
+    (frames piled up in FFmpeg and the stream's queues) while the stats said ~3 s; now the source drops the
+    oldest beyond its buffer, the stream's queues are short for a live source, and latency counts from capture."""
+    from dataclasses import replace
+
+    from runtime.batching import Batching
+    from runtime.pipeline import Pipeline
+    from runtime.stream import Stream
+    from tests.unit.runtime.test_stream import SlowRunner
+
+    with Pipeline.from_package(image_package, "onnxruntime-cpu", threads=1) as pipeline:
+        slow = replace(pipeline.selection, runner=SlowRunner(pipeline.selection.runner, 0.1).activate())
+        slow_pipeline = Pipeline(pipeline.manifest, slow, pipeline._encode, pipeline.package)
+        source = open_source(rtsp.url("/live"), policy="all", buffer=6, **FAST)
+        latencies = []
+        started = time.monotonic()
+        stream = Stream(slow_pipeline, [source], batching=Batching(max_batch=1))
+        for result in stream:
+            latencies.append(result.latency_ms)
+            if time.monotonic() - started > 8:
+                break
+        stats = stream.stats()
+    late = latencies[len(latencies) // 2:]
+    bound_ms = (6 + 2 + 2 + 1) * 100 + 500  # the source's buffer and the stream's queues at 10 fps, and slack
+    assert max(late) < bound_ms, f"lag {max(late):.0f} ms"
+    assert late[-1] < late[0] + 500  # not growing
+    assert stats.sources[0].dropped > 50 and stats.latency_p99_ms < bound_ms
