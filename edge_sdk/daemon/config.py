@@ -191,6 +191,13 @@ class SourceConfig:
     rois: Mapping[str, Any] = field(default_factory=dict)
     assets: Mapping[str, str] = field(default_factory=dict)  # region -> asset
     watch: bool = False  # folders: keep waiting for new images
+    stall_timeout: float | None = None  # live sources: None = the source's default (3 s); 0 = never stalled
+
+    def source_options(self) -> dict[str, Any]:
+        """What ``open_source`` gets beyond the spec: the options set here (a folder refuses live-only ones)."""
+        if self.stall_timeout is None:
+            return {}
+        return {"stall_timeout": self.stall_timeout or None}
 
     def asset_of(self, roi: str | None) -> str:
         return self.assets.get(roi, self.asset) if roi else self.asset
@@ -396,7 +403,8 @@ def _sources(data: Mapping[str, Any], models: Mapping[str, ModelConfig]) -> dict
     out = {}
     for name, _ in table.items():
         where = f"sources.{name}"
-        t = _table(table, name, ("uri", "model", "asset", "policy", "max_fps", "rois", "assets", "watch"), where)
+        t = _table(table, name, ("uri", "model", "asset", "policy", "max_fps", "rois", "assets", "watch",
+                                     "stall_timeout"), where)
         uri = t.get("uri")
         if not (_nonempty(uri) or _int(0)(uri)):
             raise _fail(f"{where}.uri", uri, "a camera index, URL, GStreamer pipeline, video file or folder")
@@ -415,7 +423,9 @@ def _sources(data: Mapping[str, Any], models: Mapping[str, ModelConfig]) -> dict
             policy=_get(t, "policy", where, "all", lambda v: v in ("all", "latest"), '"all" or "latest"'),
             max_fps=_get(t, "max_fps", where, None, _num(0, strict=True), "frames per second > 0"),
             rois=dict(rois), assets=dict(assets),
-            watch=_get(t, "watch", where, False, lambda v: isinstance(v, bool), "true or false"))
+            watch=_get(t, "watch", where, False, lambda v: isinstance(v, bool), "true or false"),
+            stall_timeout=_get(t, "stall_timeout", where, None, _num(0),
+                               "seconds >= 0 (0: a camera triggered by the line, never stalled)"))
     return out
 
 

@@ -201,8 +201,8 @@ class Daemon:
         pipeline = self.registry.current(model)
         if not isinstance(pipeline.manifest.preprocess, ImagePreprocess):
             raise DaemonError(f"sources {[s.name for s in configs]} use model {model!r}, which is not an image model")
-        sources = [open_source(s.uri, source_id=s.name, policy=s.policy, max_fps=s.max_fps, watch=s.watch)
-                   for s in configs]
+        sources = [open_source(s.uri, source_id=s.name, policy=s.policy, max_fps=s.max_fps, watch=s.watch,
+                               **s.source_options()) for s in configs]
         p = self.config.pipeline
         stream = Stream(pipeline, sources, sinks=[self._frame_sink({s.name: s for s in configs}, model)],
                         batching=Batching(p.max_batch, p.max_wait_ms), replicas=p.replicas,

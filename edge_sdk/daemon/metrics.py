@@ -96,6 +96,7 @@ class _SourceRow:
     dropped: float
     reconnects: float
     up: bool
+    stalls: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,7 @@ class Metrics:
                     dropped=self._cumulative.set(("source_dropped", sid), state.dropped),
                     reconnects=self._cumulative.set(("source_reconnects", sid), state.reconnects),
                     up=state.status == "open",
+                    stalls=self._cumulative.set(("source_stalls", sid), state.stalls),
                 )
                 self._source_fps.add(sid, now, frames)
 
@@ -260,16 +262,20 @@ class _SnapshotCollector(Collector):
                                          labels=["source"])
         fps = GaugeMetricFamily("edge_sdk_source_fps", "Frames per second delivered, over the last window.",
                                 labels=["source"])
-        up = GaugeMetricFamily("edge_sdk_source_up", "1 while the source is open.", labels=["source"])
+        stalls = CounterMetricFamily("edge_sdk_source_stalls", "Times a live source delivered no new frame (or "
+                                     "only the same frame) within its stall timeout.", labels=["source"])
+        up = GaugeMetricFamily("edge_sdk_source_up", "1 while the source is open (0 while stalled or reconnecting).",
+                               labels=["source"])
         for sid, row in sorted(m._sources.items()):
             frames.add_metric([sid], row.frames)
+            stalls.add_metric([sid], row.stalls)
             dropped.add_metric([sid], row.dropped)
             reconnects.add_metric([sid], row.reconnects)
             up.add_metric([sid], 1.0 if row.up else 0.0)
             rate = m._source_fps.get(sid)
             if rate is not None:
                 fps.add_metric([sid], rate)
-        yield from (frames, dropped, reconnects, fps, up)
+        yield from (frames, dropped, reconnects, stalls, fps, up)
 
     def _streams(self) -> Iterator[Metric]:
         m = self._m

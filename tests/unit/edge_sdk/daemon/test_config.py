@@ -59,6 +59,10 @@ policy = "latest"
 max_fps = 5
 rois = { left = [0, 0, 320, 240], right = [320, 0, 320, 240] }
 assets = { left = "press-4-left" }
+[sources.trigger]
+uri = "rtsp://10.0.0.9/line2"
+model = "defects"
+stall_timeout = 0
 [fusion]
 faults = ["none", "surface_defect"]
 [fusion.models.defects]
@@ -70,6 +74,7 @@ cooldown_s = 5
     cam = config.sources["cam0"]
     assert cam.uri == 0 and cam.asset_of("left") == "press-4-left" and cam.asset_of("right") == "press-4"
     assert cam.asset_of(None) == "press-4"
+    assert cam.source_options() == {} and config.sources["trigger"].source_options() == {"stall_timeout": None}
     assert config.events.matches("surface_defect", True, 0.9) and not config.events.matches("leak", True, 0.9)
     assert not config.events.matches("surface_defect", True, 0.2)
 
@@ -85,6 +90,8 @@ cooldown_s = 5
     ("[fusion]\nfaults = ['none', 'leak']\n[fusion.models.defects]\nmap = { scratch = 'crack' }\n", "map.scratch"),
     ("[storage]\nmax_mb = -1\n", ""),
     ("[sources.cam0]\nuri = 'x.mp4'\nmodel = 'defects'\nasset = \"press\\n4\"\n", r"sources.cam0.asset is 'press\\n4'"),
+    ("[sources.cam0]\nuri = 'rtsp://c/x'\nmodel = 'defects'\nstall_timeout = -1\n",
+     r"sources.cam0.stall_timeout is -1; expected seconds >= 0"),
     ("[sources.cam0]\nuri = 'x.mp4'\nmodel = 'defects'\nrois = { l = [0, 0, 1, 1] }\nassets = { l = 'a\\u0085' }\n",
      "sources.cam0.assets"),
 ])

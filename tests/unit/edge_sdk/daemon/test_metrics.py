@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import replace
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -132,6 +133,10 @@ def test_source_counters_follow_cumulative_states_and_stay_monotonic() -> None:
     assert value(s, "edge_sdk_source_up", source="cam0") == 0
     assert value(s, "edge_sdk_source_fps", source="cam0") == pytest.approx(10.0)
     assert value(s, "edge_sdk_source_frames_total", source="cam1") == 0  # kept from its last snapshot
+    m.update_sources([replace(state("cam0", "stalled", frames=30, dropped=5, reconnects=1), stalls=2)])
+    s = scrape(m)
+    assert value(s, "edge_sdk_source_stalls_total", source="cam0") == 2 and value(s, "edge_sdk_source_up",
+                                                                                    source="cam0") == 0
 
     clock.now += 1.0
     m.update_sources([state("cam0", frames=4)])  # the source was re-created and counts from 0 again
@@ -241,7 +246,7 @@ def test_every_documented_family_is_exported() -> None:
         "edge_sdk_predictions": "counter", "edge_sdk_backend_fallbacks": "counter", "edge_sdk_model_info": "gauge",
         "edge_sdk_events": "counter", "edge_sdk_mqtt_outbox_size": "gauge", "edge_sdk_mqtt_connected": "gauge",
         "edge_sdk_source_frames": "counter", "edge_sdk_source_dropped": "counter",
-        "edge_sdk_source_reconnects": "counter", "edge_sdk_source_fps": "gauge", "edge_sdk_source_up": "gauge",
+        "edge_sdk_source_reconnects": "counter", "edge_sdk_source_stalls": "counter", "edge_sdk_source_fps": "gauge", "edge_sdk_source_up": "gauge",
         "edge_sdk_queue_depth": "gauge", "edge_sdk_stream_fps": "gauge", "edge_sdk_stream_errors": "counter",
         "edge_sdk_sink_failures": "counter", "edge_sdk_device_temperature_celsius": "gauge",
         "edge_sdk_device_power_milliwatts": "gauge", "edge_sdk_device_ram_used_bytes": "gauge",
