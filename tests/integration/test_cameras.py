@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import pytest
 
 from edge_sdk.errors import SourceError
@@ -313,3 +314,27 @@ def test_all_on_a_camera_faster_than_the_model_keeps_lag_bounded(rtsp: RtspServe
     assert max(late) < bound_ms, f"lag {max(late):.0f} ms"
     assert late[-1] < late[0] + 500  # not growing
     assert stats.sources[0].dropped > 50 and stats.latency_p99_ms < bound_ms
+
+
+def test_latest_on_a_real_camera_is_about_one_inference_old(rtsp: RtspServer, image_package: Path) -> None:
+    """A 30 fps RTSP camera and a 100 ms model under "latest": each result comes from about the newest frame
+    (one inference, plus up to a frame period of waiting for it), where frames used to wait in the stream's
+    queues for several inferences (p50 ~10x one inference)."""
+    from dataclasses import replace
+
+    from runtime.batching import Batching
+    from runtime.pipeline import Pipeline
+    from runtime.stream import Stream
+    from tests.unit.runtime.test_stream import SlowRunner
+
+    with Pipeline.from_package(image_package, "onnxruntime-cpu", threads=1) as pipeline:
+        slow = replace(pipeline.selection, runner=SlowRunner(pipeline.selection.runner, 0.1).activate())
+        slow_pipeline = Pipeline(pipeline.manifest, slow, pipeline._encode, pipeline.package)
+        source = open_source(rtsp.url("/live"), policy="latest", **FAST)
+        latencies = []
+        for result in Stream(slow_pipeline, [source], batching=Batching(max_batch=8, max_wait_ms=4)):
+            latencies.append(result.latency_ms)
+            if len(latencies) == 40:
+                break
+    p50 = float(np.median(latencies[10:]))
+    assert 100 <= p50 < 100 + 34 + 4 + 60, f"latest: p50 {p50:.0f} ms for a 100 ms model"
