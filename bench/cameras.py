@@ -6,7 +6,7 @@ Also run at the end of ``python -m bench.pipeline`` (its "live RTSP" rows).
 
 Camera: GStreamer's RTSP server (``tests.rtsp.RtspServer``, run by the system Python) on loopback,
 ``/live`` at ``--camera-fps`` (60) frames/s of 320x240 MJPEG: faster than the demo image model on
-these cores. Model: the demo image package (``bench.pipeline.package_for``), onnxruntime CPU, every
+these cores. Model: the demo image package (``bench.daemon.package_for``), onnxruntime CPU, every
 core's threads.
 
 Baseline, in the same run: the model alone, ``runner.infer`` on one preprocessed frame, one at a
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cameras", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("build/bench/cameras.json"))
     parser.add_argument("--build", type=Path, default=Path("build/demo"))
-    parser.add_argument("--work", type=Path, default=Path("build/bench/pipeline"))
+    parser.add_argument("--work", type=Path, default=Path("build/bench/daemon"))
     parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32")
     parser.add_argument("--camera-fps", type=int, default=60)
     parser.add_argument("--seconds", type=float)
@@ -174,13 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     from bench.int8 import isa_info
-    from bench.pipeline import package_for
+    from bench.daemon import package_for
     from bench.prune import ensure_built
     from runtime.pipeline import Pipeline
 
     ensure_built(args.build)
     args.work.mkdir(parents=True, exist_ok=True)
-    package = package_for(args.build / "image", args.precision, args.work)
+    package = package_for("image", args.build / "image", args.precision, args.work)
     with Pipeline.from_package(package, "onnxruntime-cpu", threads=os.cpu_count() or 1) as pipeline:
         result = measure(pipeline, args.seconds or (5.0 if args.quick else 10.0), args.camera_fps, args.repeat)
     isa = isa_info()["label"]
