@@ -180,31 +180,13 @@ def test_backpressure_bounds_memory_under_a_slow_runner(pipeline: Pipeline) -> N
     assert read_so_far < 60  # the source was held back, not read to the end into memory
 
 
-class Camera:
+class Camera(ListSource):
     """A live source faster than the model: a new frame every ``period`` seconds, stamped when captured."""
 
     live = True
 
     def __init__(self, period: float) -> None:
-        self.id, self.period, self._released, self._next = "cam", period, threading.Event(), 0
-
-    def read(self) -> Frame | None:
-        if self._released.wait(self.period):
-            return None
-        frame = Frame(solid("red"), self.id, self._next, time.time())
-        self._next += 1
-        return frame
-
-    def release(self) -> None:
-        self._released.set()
-
-    @property
-    def is_open(self) -> bool:
-        return not self._released.is_set()
-
-    @property
-    def state(self) -> SourceState:
-        return SourceState(self.id, "open" if self.is_open else "released", frames=self._next)
+        super().__init__("cam", [solid("red")] * 100_000, delay_s=period)
 
 
 def test_latest_means_the_newest_frame_reaches_the_model_next(pipeline: Pipeline) -> None:
