@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from edge_sdk._cli_deploy import _at_least
 from edge_sdk.errors import EdgeSDKError
 
 PROGRESS_EVERY_S = 0.5  # the progress line on a terminal
@@ -30,8 +31,35 @@ def add_stream_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-wait-ms", type=float, help="dynamic batching: wait to fill a batch (default 4)")
     g.add_argument("--rois", help='JSON file: {"source id": {"region": [x, y, w, h]}}')
     g.add_argument("--save", help="a .csv file for one row per prediction, or a folder for annotated frames")
-    g.add_argument("--limit", type=int, help="stop after this many predictions")
-    g.add_argument("--duration", type=float, help="stop after this many seconds")
+    g.add_argument("--limit", type=_at_least(1), help="stop after this many predictions (the CSV and folder "
+                                                        "sinks get exactly as many)")
+    g.add_argument("--duration", type=_seconds, help="stop after this many seconds, whether or not frames come")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
+    return value
+
+
+class _Limited:
+    """A sink that passes the first ``limit`` predictions on and drops the rest (results still in flight
+    when ``--limit`` stops the stream)."""
+
+    def __init__(self, sink: Any, limit: int) -> None:
+        self.sink, self.left, self.__name__ = sink, limit, getattr(sink, "__name__", type(sink).__name__)
+        self._lock = threading.Lock()
+
+    def __call__(self, prediction: Any, frame: Any) -> None:
+        with self._lock:
+            if self.left <= 0:
+                return
+            self.left -= 1
+        self.sink(prediction, frame)
 
 
 def _sinks(save: str | None) -> tuple[list[Any], list[Any]]:
@@ -63,11 +91,13 @@ def run_sources(args: argparse.Namespace) -> int:
     from runtime.batching import Batching
 
     sinks, closers = _sinks(args.save)
+    if args.limit:
+        sinks = [_Limited(sink, args.limit) for sink in sinks]
     batching = Batching(**{k: v for k, v in (("max_batch", args.batch), ("max_wait_ms", args.max_wait_ms))
                            if v is not None})
     interrupted = False
     try:
-        stream = open_stream([int(s) if s.isdigit() else s for s in args.source], args.package, backend=args.backend,
+        stream = open_stream([int(s) if s.isascii() and s.isdigit() else s for s in args.source], args.package, backend=args.backend,
                              precision=args.precision, threads=args.threads, policy=args.policy,
                              max_fps=args.max_fps, watch=args.watch, rois=_rois(args.rois), batching=batching,
                              replicas=args.replicas, sinks=sinks)

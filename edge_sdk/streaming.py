@@ -27,7 +27,8 @@ def open_sources(
     readable ids (``cam0``, a URL's host and path, a folder's name), made unique where two would clash
     (the URL's query, the folder's parents). A ``Source`` object is used as it is, wrapped in a
     ``PolicySource`` when ``policy`` or ``max_fps`` ask for it; ``watch`` and ``realtime`` choose how a
-    spec is opened, so they are refused for a ``Source`` object rather than ignored.
+    spec is opened, so they are refused for a ``Source`` object rather than ignored; ``watch`` applies
+    to the folders among several sources.
     """
     from runtime.sources import PolicySource, open_source
     from runtime.sources._spec import classify, split_name, unique_ids
@@ -39,6 +40,10 @@ def open_sources(
         entries = [split_name(spec) if isinstance(spec, str) else (None, spec) for spec in specs]
     if not entries:
         raise PipelineError("no source given; expected a camera index, URL, GStreamer pipeline, video file or folder")
+    kinds = {i: classify(spec).kind for i, (_, spec) in enumerate(entries) if not isinstance(spec, Source)}
+    if watch and kinds and "folder" not in kinds.values():
+        raise PipelineError("watch=True applies to image folders, and no source is one",
+                            hint="drop watch=True, or add a folder")
     unnamed = [i for i, (name, spec) in enumerate(entries) if name is None and not isinstance(spec, Source)]
     defaults = dict(zip(unnamed, unique_ids([classify(entries[i][1]) for i in unnamed])))
     opened: list[Source] = []
@@ -51,7 +56,7 @@ def open_sources(
                           if policy != "all" or max_fps is not None else spec)
         else:
             opened.append(open_source(spec, source_id=name or defaults[i], policy=policy, max_fps=max_fps,
-                                      watch=watch, realtime=realtime))
+                                      watch=watch and kinds[i] == "folder", realtime=realtime))
     return opened
 
 

@@ -61,10 +61,16 @@ class CaptureSource(Reporting):
     **Stalls.** No new frame within ``stall_timeout`` seconds (a pulled cable, a hung server: FFmpeg
     keeps the connection), or the very same frame for ``stall_timeout`` seconds (a frozen encoder, an
     NVR's still image of a lost camera) makes the status "stalled" and the source reconnects;
-    ``state.stalls`` counts them. A call inside OpenCV that does not return (``open_timeout`` for an
-    open, ``stall_timeout`` for a read, plus ``GRACE_S``) is abandoned to its thread and the source
-    reconnects with a new capture. ``stall_timeout=None`` turns stall detection off (a camera
-    triggered by the line, which may rightly deliver nothing for minutes).
+    ``state.stalls`` counts them; frames of the picture it froze on are not delivered, after a
+    reconnect either, until a different one comes. For URLs FFmpeg's own timeouts (``open_timeout``,
+    ``stall_timeout``) end a hung open or read. Other backends (GStreamer, V4L2) have none: a call
+    inside OpenCV that does not return (``open_timeout`` for an open, ``stall_timeout`` for a read,
+    plus ``GRACE_S``) is abandoned to its thread and the source reconnects with a new capture.
+    ``stall_timeout=None`` turns stall detection off (a camera triggered by the line, which may
+    rightly deliver nothing for minutes).
+
+    OpenCV runs one FFmpeg open at a time per process: a camera that accepts the connection and never
+    answers holds the others' (re)opens for up to its ``open_timeout`` (5 s) per attempt.
 
     *Finite* sources (a video file, or anything with ``live=False``) open at construction, are read at
     the consumer's pace, and end, status "ended", at the end of the file.
@@ -79,7 +85,7 @@ class CaptureSource(Reporting):
         backoff_initial: float = 0.5,
         backoff_max: float = 2.0,
         max_reconnects: int | None = None,
-        open_timeout: float = 10.0,
+        open_timeout: float = 5.0,
         stall_timeout: float | None = 3.0,
         buffer: int = BUFFER,
     ) -> None:
@@ -115,6 +121,7 @@ class CaptureSource(Reporting):
         self._retries = 0  # reopen attempts since the last frame
         self._error: SourceError | None = None
         self._index = 0
+        self._frozen: int | None = None  # the fingerprint of the picture a frozen camera repeats
         quiet_opencv()
         if not self._live:
             self._open_finite()
@@ -237,7 +244,9 @@ class CaptureSource(Reporting):
         if what == "read" and self._stall_s is not None and now >= deadline - GRACE_S \
                 and self._health.status == "open":
             self._stalled(f"no new frame for {self._stall_s:g} s")
-        if now < deadline:
+        if now < deadline or self._spec.kind == "url":
+            # FFmpeg's own interrupt callback ends its opens and reads at their timeouts; and OpenCV runs one
+            # FFmpeg open at a time per process, so time spent waiting for another camera's open is no hang
             return
         self._call = None
         self._stuck += 1
@@ -308,13 +317,21 @@ class CaptureSource(Reporting):
                 stamp = zlib.crc32(np.ascontiguousarray(image[::8, ::8]).data)
                 if stamp != last_print:
                     same_since, last_print = now, stamp
-                elif self._stall_s is not None and same_since is not None and now - same_since >= self._stall_s:
+                if stamp == self._frozen:  # the picture it froze on, again after a reconnect: still frozen
+                    if same_since is not None and now - same_since >= (self._stall_s or 0.0):
+                        self._lost("")
+                        cap.release()
+                        cap = None
+                    continue
+                if self._stall_s is not None and same_since is not None and now - same_since >= self._stall_s:
                     with self._cond:
                         self._stalled(f"the same frame for {now - same_since:.1f} s (a frozen camera or encoder)")
+                    self._frozen = stamp
                     self._lost("")
                     cap.release()
                     cap = None
                     continue
+                self._frozen = None
                 self._push(generation, image)
         except SourceError:
             pass  # failed: read() raises it

@@ -31,7 +31,8 @@ class FolderSource(Reporting):
     polls every ``poll_interval`` seconds for names not seen yet, reads a new file once its size
     and modification time are the same on two polls in a row (so a file still being written is
     not read half-way), and runs until released; a name is read once while its file exists (deleted
-    and written again, it is read again). A watched file that cannot be decoded yet (its writer
+    and written again, or replaced by a rename over it, it is read again; rewritten in place, it is
+    not: write a new file and rename it). A watched file that cannot be decoded yet (its writer
     paused longer than a poll) is read again whenever it changes; one that stays undecodable, or
     empty (0 bytes), for ``settle_timeout`` seconds is skipped. A skipped file is logged and counted
     in ``state.dropped`` with its name in ``state.last_error``; it is read if it changes later.
@@ -65,6 +66,8 @@ class FolderSource(Reporting):
         self._waiting: dict[str, tuple[tuple[int, int], float]] = {}  # watch: incomplete -> (signature, since)
         self._given_up: dict[str, tuple[int, int]] = {}  # watch: skipped -> its signature then
         self._scanned = False
+        self._listed: dict[str, int] = {}  # the last scan: name -> inode
+        self._inodes: dict[str, int] = {}  # watch: taken names -> the inode they had
         self._index = 0
 
     def read(self) -> Frame | None:
@@ -96,16 +99,21 @@ class FolderSource(Reporting):
     def _scan(self) -> None:
         first, self._scanned = not self._scanned, True
         try:
-            present = {e.name for e in os.scandir(self._folder)
-                       if e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file()}
+            listed = {e.name: e.inode() for e in os.scandir(self._folder)
+                      if e.name.lower().endswith(IMAGE_EXTENSIONS) and _is_file(e)}
         except OSError as exc:
             if not self._watch:
                 raise SourceError(f"cannot list image folder {str(self._folder)!r}: {exc}",
                                   hint="check that the folder exists and is readable") from exc
             self._note_error(f"cannot list {self._folder}: {exc}")
             return
+        present = set(listed)
+        self._listed = listed
         if self._watch:
             self._seen &= present  # forget deleted files: memory stays bounded by the folder
+            # a name published again by a rename over it (os.replace: a new inode) is a new image
+            self._inodes = {n: i for n, i in self._inodes.items() if n in present}
+            self._seen -= {n for n, i in self._inodes.items() if i != listed[n]}
             self._retry_changed(present)
         names = sorted(present - self._seen)
         if first and not names:
@@ -166,6 +174,7 @@ class FolderSource(Reporting):
 
     def _take(self, names: list[str]) -> None:
         self._seen.update(names)
+        self._inodes.update({n: self._listed[n] for n in names if n in self._listed})
         self._ready = sorted(self._ready + names, reverse=True)
 
     def _decode(self, name: str, *, final: bool) -> np.ndarray | None:
@@ -196,8 +205,17 @@ class FolderSource(Reporting):
 
     def _skip(self, name: str, why: str) -> None:
         self._health.count(dropped=1)
-        self._note_error(f"skipped {name}: {why}")
+        shown = name if name.isprintable() else repr(name)  # a newline in a name must not forge a log line
+        self._note_error(f"skipped {shown}: {why}")
 
     def _note_error(self, error: str) -> None:
         self._health.set(last_error=error)
         log.warning("source %s: %s", self.id, error)
+
+
+def _is_file(entry: os.DirEntry[str]) -> bool:
+    """A regular file (or a link to one); a link that loops or dangles is not, and does not stop the scan."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return False

@@ -34,9 +34,9 @@ ACCEPTED_FORMS = (
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 # what follows the userinfo's "@": a host name, IPv4 or [IPv6], an optional port, then the end of the
 # authority (a path, a query, a fragment, a quote or whitespace in free text, or the end)
-_HOST_AFTER_AT = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::\d*)?(?=[/?#\s'\"]|$)")
+_HOST_AFTER_AT = re.compile(r"(?:[^\s/?#@:\[\]'\"]+|\[[^\]\s/@]*\])(?::\d*)?(?=[/?#\s'\"]|$)")
 #: query parameters whose values never appear in an id or a log line
-SECRET_PARAMS = re.compile(r"pass|pwd|secret|token|auth|key|sig|credential", re.IGNORECASE)
+SECRET_PARAMS = re.compile(r"pass|pwd|pw|secret|token|auth|key|sig|credential|^p$|^s$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -48,16 +48,17 @@ class Spec:
     display: str  # for logs and errors: credentials and query strings removed
 
 
-def split_userinfo(url: str) -> tuple[str, str | None, str]:
+def split_userinfo(url: str, *, within_line: bool = False) -> tuple[str, str | None, str]:
     """``scheme://``, the userinfo (or None) and what follows its ``@``, read as a camera URL is written:
     the password may hold a raw ``@``, ``/``, ``:`` or space, so the userinfo ends at the *last* ``@``
     that a host follows (``rtsp://admin:p@ss/w rd@10.0.0.7:554/live`` -> ``admin:p@ss/w rd``). An ``@``
-    in a path (no ``:`` before it, a ``/`` before it) is not taken for one."""
+    in a path (no ``:`` before it, a ``/`` before it) is not taken for one. ``within_line``: for free
+    text, look no further than the end of the line."""
     found = _SCHEME.match(url)
     if found is None:
         return "", None, url
     scheme, rest = found.group(), url[found.end():]
-    line_end = len(rest.split("\n", 1)[0])
+    line_end = len(rest.split("\n", 1)[0]) if within_line else len(rest)
     for at in sorted((i for i in range(line_end) if rest[i] == "@"), reverse=True):
         before = rest[:at]
         if ("/" in before and ":" not in before) or not _HOST_AFTER_AT.match(rest, at + 1):
@@ -72,12 +73,18 @@ def redact(text: str) -> str:
     for found in _SCHEME.finditer(text):
         if found.start() < pos:
             continue  # inside a userinfo already removed
-        scheme, userinfo, rest = split_userinfo(text[found.start():])
+        scheme, userinfo, rest = split_userinfo(text[found.start():], within_line=True)
         if userinfo is None:
             continue
         out.append(text[pos:found.start()] + scheme)
         pos = len(text) - len(rest)
     return "".join(out) + text[pos:]
+
+
+def without_userinfo(url: str) -> str:
+    """A URL (one spec, all of it, control characters included) without its userinfo."""
+    scheme, userinfo, rest = split_userinfo(url)
+    return url if userinfo is None else scheme + rest
 
 
 def opencv_url(url: str) -> str:
@@ -101,7 +108,7 @@ def display(spec: object) -> str:
     """A spec as it may appear in logs and errors: URLs without credentials or query string."""
     text = os.fspath(spec) if isinstance(spec, os.PathLike) else str(spec)
     if "://" in text and GST_SEPARATOR not in text:
-        parts = urlsplit(redact(text))
+        parts = urlsplit(without_userinfo(text))
         return f"{parts.scheme}://{parts.netloc}{parts.path}"
     if GST_SEPARATOR in text:
         return f"GStreamer pipeline starting with {_gst_head(text)!r}"
@@ -119,10 +126,14 @@ def classify(spec: object, *, missing_ok: bool = False) -> Spec:
     if isinstance(spec, int):
         return _camera(spec)
     text = os.fspath(spec)
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return _camera(int(text))
     scheme = text.split("://", 1)[0].lower() if "://" in text else ""
     if scheme in URL_SCHEMES:
+        if any(ord(c) < 32 or ord(c) == 127 for c in text):
+            raise SourceError(f"source URL {display(text)!r} contains a control character (a newline or tab "
+                              "pasted into the configuration?)", hint="remove it; percent-encode it (%0A) if the "
+                                                                     "password really holds one")
         return Spec("url", text, display(text))
     if GST_SEPARATOR in text:
         return Spec("gstreamer", text, display(text))
@@ -144,7 +155,7 @@ def default_id(spec: Spec) -> str:
     if spec.kind == "camera":
         return f"cam{spec.target}" if isinstance(spec.target, int) else Path(str(spec.target)).name
     if spec.kind == "url":
-        parts = urlsplit(redact(str(spec.target)))
+        parts = urlsplit(without_userinfo(str(spec.target)))
         return f"{parts.netloc}{parts.path.rstrip('/')}" or parts.scheme
     if spec.kind == "gstreamer":
         return f"gst-{_gst_head(str(spec.target)).split()[0]}"
@@ -205,7 +216,7 @@ def unique_ids(specs: list[Spec]) -> list[str]:
 def _with_query(spec: Spec, current: str) -> str:
     if spec.kind != "url":
         return current
-    query = urlsplit(redact(str(spec.target))).query
+    query = urlsplit(without_userinfo(str(spec.target))).query
     return f"{current}?{_safe_query(query)}" if query else current
 
 

@@ -102,6 +102,9 @@ def test_the_same_frame_over_and_over_is_a_stall(rtsp: RtspServer) -> None:
         assert wait_for(lambda: source.state.stalls >= 1, 5) is not None
         assert time.monotonic() - first <= 1.0 + 0.5
         assert "the same frame" in source.state.last_error
+        held = len(reader.frames)
+        time.sleep(3.0)  # reconnects that find the same picture again: still stalled, nothing delivered
+        assert len(reader.frames) == held and source.state.status == "stalled"
     finally:
         reader.stop()
     live = CaptureSource(rtsp.url("/live"), stall_timeout=1.0, **FAST)  # a moving picture is never one
@@ -338,3 +341,32 @@ def test_latest_on_a_real_camera_is_about_one_inference_old(rtsp: RtspServer, im
                 break
     p50 = float(np.median(latencies[10:]))
     assert 100 <= p50 < 100 + 34 + 4 + 60, f"latest: p50 {p50:.0f} ms for a 100 ms model"
+
+
+def test_many_cameras_opened_at_once_all_come_up(rtsp: RtspServer) -> None:
+    """OpenCV runs one FFmpeg open at a time per process: eight cameras started together wait for each
+    other's opens. Waiting is no hang: none may be abandoned or failed, all are open soon."""
+    sources = [CaptureSource(rtsp.url("/live"), source_id=f"cam{i}", **FAST) for i in range(8)]
+    readers = [Reader(s) for s in sources]
+    try:
+        assert wait_for(lambda: all(len(r.frames) >= 3 for r in readers), 40) is not None, \
+            [s.state for s in sources]
+        assert all(s.state.status == "open" and r.error is None for s, r in zip(sources, readers))
+    finally:
+        for reader in readers:
+            reader.stop()
+
+
+def test_hosts_of_every_spelling_keep_the_password_out() -> None:
+    from runtime.sources._spec import classify, default_id, display
+
+    for url in ("rtsp://admin:hunter2@cam_1:554/live", "rtsp://admin:hunter2@[fe80::1%25eth0]/live",
+                "rtsp://admin:hunter2@[fe80::1%eth0]/live", "rtsp://admin:hun@ter2@cam~3/live"):
+        spec = classify(url)
+        source = CaptureSource(url, max_reconnects=0, open_timeout=0.5, backoff_initial=0.05)
+        texts = [display(url), default_id(spec), source.id, repr(source), str(source.state)]
+        assert not any("hunter2" in t or "admin" in t or "ter2" in t for t in texts), texts
+        source.release()
+    with pytest.raises(SourceError, match="contains a control character") as caught:
+        classify("rtsp://admin:p\nss@cam/live")
+    assert "pss" not in str(caught.value) and "admin" not in str(caught.value)

@@ -106,3 +106,18 @@ def test_log_lines_never_share_a_line_with_the_progress_line(image_package: Path
         if "WARNING" in line:  # what a terminal shows: the progress line erased, then the warning
             before = line.split("WARNING")[0]
             assert before == "" or before.endswith("\r\x1b[K"), repr(line)
+
+
+def test_limits_are_exact_and_bad_values_refused(image_package: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    images = folder(tmp_path / "many", 40)
+    log = tmp_path / "three.csv"
+    assert main(["run", str(image_package), "--source", str(images), "--limit", "3", "--save", str(log)]) == 0
+    assert len(list(csv.DictReader(log.open()))) == 3  # in-flight results past the limit are not written
+    for option, value in (("--limit", "0"), ("--limit", "-1"), ("--duration", "0"), ("--duration", "-1"),
+                          ("--duration", "inf")):
+        with pytest.raises(SystemExit):
+            main(["run", str(image_package), "--source", str(images), option, value])
+        assert "is not" in capsys.readouterr().err
+    assert main(["run", str(image_package), "--source", "\u00b2"]) == 1  # a digit Python cannot int(): no traceback
+    assert "does not exist or is not a form a source accepts" in capsys.readouterr().err

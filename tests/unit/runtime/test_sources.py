@@ -303,6 +303,22 @@ def test_a_writer_that_pauses_mid_file_loses_no_image_and_empty_files_are_report
     assert reader.frames[-1].name == "empty.png" and int(reader.frames[-1].image.max()) == 9
 
 
+def test_a_looping_symlink_does_not_blind_the_folder_and_a_rename_over_is_a_new_image(tmp_path: Path) -> None:
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    write_png(tmp_path / "a.png", 1)
+    assert [int(f.image.max()) for f in drain(FolderSource(tmp_path))] == [1]
+    src = FolderSource(tmp_path, watch=True, poll_interval=0.03)
+    reader = Reader(src)
+    assert wait_for(lambda: len(reader.frames) == 1)
+    for k in (2, 3):  # a camera PC publishing latest.png by os.replace, again and again
+        write_png(tmp_path / "tmp", k).replace(tmp_path / "latest.png")
+        assert wait_for(lambda: len(reader.frames) == k)
+    src.release()
+    reader.join()
+    assert [(f.name, int(f.image.max())) for f in reader.frames] == [("a.png", 1), ("latest.png", 2),
+                                                                    ("latest.png", 3)]
+
+
 def test_folder_errors(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match=r"image folder '.*missing' does not exist"):
         FolderSource(tmp_path / "missing")
