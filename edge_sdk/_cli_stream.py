@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -187,9 +188,19 @@ class _Progress:
 
 def _consume(stream: Any, args: argparse.Namespace) -> bool:
     """Print results until the stream ends, ``--limit`` results, ``--duration`` seconds (whether or not
-    frames come) or Ctrl-C; True when interrupted."""
-    count = 0
-    timer = threading.Timer(args.duration, stream.stop, kwargs={"drain": False}) if args.duration else None
+    frames come) or Ctrl-C; True when interrupted. While it runs, Ctrl-C only asks the stream to stop
+    (``Stream.interrupt``), so the stop and the summary happen outside the signal handler; a second
+    Ctrl-C interrupts as Python does."""
+    count, interrupted = 0, threading.Event()
+    timer = threading.Timer(args.duration, stream.interrupt) if args.duration else None
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        interrupted.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        stream.interrupt()
+
+    previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         with _Progress(stream) as progress:
             if timer is not None:
@@ -205,10 +216,13 @@ def _consume(stream: Any, args: argparse.Namespace) -> bool:
                     print(line, flush=True)
                 if args.limit and count >= args.limit:
                     break
-    except KeyboardInterrupt:
-        print("\ninterrupted; stopping", file=sys.stderr)
-        return True
+    except KeyboardInterrupt:  # the second Ctrl-C
+        interrupted.set()
     finally:
         if timer is not None:
             timer.cancel()
-    return False
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted.is_set():
+        print("\ninterrupted; stopping", file=sys.stderr)
+    return interrupted.is_set()

@@ -293,6 +293,11 @@ class Stream(Closing):
             self.close()
         return self.stats()
 
+    def interrupt(self) -> None:
+        """Stop without waiting for anything (safe from a signal handler or a timer): the stages drop
+        what they hold, an iteration ends, and ``close()`` (which the iteration calls) releases the rest."""
+        self._abort.set()
+
     def stop(self, drain: bool = True, timeout: float = 10.0) -> None:
         """Release the sources; with ``drain`` finish the frames already read, else drop them."""
         for source in self.sources:

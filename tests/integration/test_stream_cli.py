@@ -46,7 +46,11 @@ def test_ctrl_c_after_zero_frames_exits_non_zero_with_the_last_error(image_packa
     run = subprocess.Popen([sys.executable, "-m", "edge_sdk.cli", "run", str(image_package), "--source", url],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    time.sleep(4)  # imports, the model, a few refused connection attempts
+    assert run.stderr is not None
+    for line in run.stderr:  # streaming (the camera refusing), not still starting up
+        if "reconnecting" in line:
+            break
+    time.sleep(0.5)
     run.send_signal(signal.SIGINT)
     out, err = run.communicate(timeout=30)
     assert run.returncode == 1, err
