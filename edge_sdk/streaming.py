@@ -40,12 +40,13 @@ def open_sources(
         entries = [split_name(spec) if isinstance(spec, str) else (None, spec) for spec in specs]
     if not entries:
         raise PipelineError("no source given; expected a camera index, URL, GStreamer pipeline, video file or folder")
-    kinds = {i: classify(spec).kind for i, (_, spec) in enumerate(entries) if not isinstance(spec, Source)}
+    classified = {i: classify(spec) for i, (_, spec) in enumerate(entries) if not isinstance(spec, Source)}
+    kinds = {i: found.kind for i, found in classified.items()}
     if watch and kinds and "folder" not in kinds.values():
         raise PipelineError("watch=True applies to image folders, and no source is one",
                             hint="drop watch=True, or add a folder")
-    unnamed = [i for i, (name, spec) in enumerate(entries) if name is None and not isinstance(spec, Source)]
-    defaults = dict(zip(unnamed, unique_ids([classify(entries[i][1]) for i in unnamed])))
+    unnamed = [i for i in classified if entries[i][0] is None]
+    defaults = dict(zip(unnamed, unique_ids([classified[i] for i in unnamed])))
     opened: list[Source] = []
     for i, (name, spec) in enumerate(entries):
         if isinstance(spec, Source):
