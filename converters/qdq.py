@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 
 from converters import ir
+from converters.equalization import strip_bounds
 from converters.ir import Graph
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ def write_qdq(
     if not placement.nodes:
         out = ir.copy(model)
         return out
+    model = strip_bounds(model, ranges, set(placement.nodes))
     if variant is Variant.U8S7:
         full = _quantize(model, ranges, Variant.U8S8, placement, reduce_range=False)
         reduced = _quantize(model, ranges, Variant.U8S7, placement, reduce_range=True)

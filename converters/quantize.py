@@ -136,7 +136,7 @@ def prepare_int8(
         model, smoothed = smooth_model(model, batches, placement.nodes, smoothing, mask=mask)
         placement = plan_placement(model)
     elif equalization and placement.family == "cnn":
-        model, pairs, skipped = equalize(model)
+        model, pairs, skipped = equalize(model, batches)
     cal = calibrate(model, batches, placement, method, progress=progress, bias_correction=bias_correction,
                     mask=mask)
     return replace(cal, original=original, smoothed=tuple(smoothed), smoothing_alpha=smoothing if smoothed else None,

@@ -7,7 +7,10 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from converters.equalization import equalize, find_pairs
+import pytest
+
+from converters.equalization import BOUND, channel_maxima, equalize, find_clip_pairs, find_pairs, strip_bounds
+from converters.qdq import Placement, Variant, plan_placement, write_qdq
 from tests import builders
 
 
@@ -50,8 +53,83 @@ def test_relu_chain_is_equalized_without_changing_the_output() -> None:
     assert spread(_ranges(equalized, "w1")) < spread(_ranges(model, "w1")) / 10
 
 
-def test_relu6_and_residual_links_are_skipped_with_reasons() -> None:
+def test_relu6_and_residual_links_are_skipped_with_reasons_without_calibration_data() -> None:
     pairs, skipped = find_pairs(_chain("Clip"))
     assert pairs == [("dw", "pw")] and "Clip (ReLU6)" in skipped["a"]
+    assert [(p.a, p.b, p.hi) for p in find_clip_pairs(_chain("Clip"))] == [("a", "dw", 6.0)]
+    _, pairs, skipped = equalize(_chain("Clip"))
+    assert pairs == [("dw", "pw")] and "calibration data" in skipped["a"]
     pairs, skipped = find_pairs(builders.cnn_model())
     assert pairs == [("depthwise", "project")] and "residual" in skipped["stem"]
+
+
+def _relu6_chain() -> onnx.ModelProto:
+    """a -> ReLU6 -> depthwise -> ReLU6 -> pointwise, with channel ranges far apart."""
+    model = _chain("Clip")
+    rng = np.random.default_rng(3)
+    w1 = rng.normal(0, 1, (4, 3, 3, 3)) * np.array([0.005, 0.05, 0.15, 0.015])[:, None, None, None]
+    for init in model.graph.initializer:
+        if init.name in ("w1", "b1"):
+            init.CopyFrom(numpy_helper.from_array(
+                (w1 if init.name == "w1" else np.full(4, 0.01)).astype(np.float32), init.name))
+    nodes = list(model.graph.node)
+    nodes[2].output[0] = "d2"
+    nodes.insert(3, helper.make_node("Clip", ["d2", "lo", "hi"], ["c2"], name="act2"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+def _inputs(scale: float, n: int = 4) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(2)
+    return [{"x": (rng.normal(0, 1, (1, 3, 8, 8)) * scale).astype(np.float32)} for _ in range(n)]
+
+
+def test_relu6_pairs_are_equalized_from_calibration_data_keeping_the_function() -> None:
+    model, calib = _relu6_chain(), _inputs(1.0)
+    equalized, pairs, skipped = equalize(model, calib)
+    assert pairs == [("a", "dw"), ("dw", "pw")] and not skipped
+    # the same function, also far outside the calibration range where ReLU6 clips hard
+    for feeds in calib + _inputs(40.0):
+        np.testing.assert_allclose(_run(equalized, feeds["x"]), _run(model, feeds["x"]), rtol=1e-4, atol=1e-4)
+    clipped = [n for n in equalized.graph.node if n.name.startswith(BOUND)]
+    assert [n.op_type for n in clipped] == ["Relu", "Min", "Relu", "Min"]
+    before, after = (channel_maxima(m, calib, ["a1"])["a1"] for m in (model, equalized))
+    assert before.max() / before.min() > 20
+    np.testing.assert_allclose(after, after.max(), rtol=1e-5)  # before a depthwise conv: every channel at full range
+    assert after.max() == pytest.approx(before.max(), rel=1e-5)
+
+
+def test_int8_graphs_drop_the_bounds_only_where_the_quantizer_saturates_within_them() -> None:
+    from converters.reference import run_reference
+
+    from converters.calibration.methods import CalibrationMethod
+    from converters.quantize import calibrate
+
+    model, calib = _relu6_chain(), _inputs(1.0)
+    equalized, _, _ = equalize(model, calib)
+    placement = plan_placement(equalized)
+    cal = calibrate(equalized, calib, placement, CalibrationMethod.MINMAX, bias_correction=False)
+    ranges = {n: (r.lo, r.hi) for n, r in cal.affine.items()}
+    stripped = strip_bounds(equalized, ranges, {"a", "dw", "pw"})
+    assert not [n for n in stripped.graph.node if n.op_type == "Min"]
+    assert [n.op_type for n in stripped.graph.node] == ["Conv", "Relu", "Conv", "Relu", "Conv"]
+    for variant in (Variant.S8S8, Variant.U8S8):
+        ranges = {n: (r.lo, r.hi) for n, r in (cal.linear if variant is Variant.S8S8 else cal.affine).items()}
+        kept = _qdq_without_stripping(equalized, ranges, variant, placement)
+        written = write_qdq(equalized, ranges, variant, placement)
+        assert not [n for n in written.graph.node if n.op_type == "Min"]
+        for feeds in _inputs(1.0) + _inputs(40.0):  # the quantizer's saturation is the bound, even far out
+            np.testing.assert_allclose(run_reference(written, [feeds]), run_reference(kept, [feeds]), atol=1e-5)
+    # a bound read by a float layer, or one the int8 range would exceed, stays
+    ranges = {n: (r.lo, r.hi) for n, r in cal.affine.items()}
+    assert len([n for n in strip_bounds(equalized, ranges, {"a", "pw"}).graph.node if n.op_type == "Min"]) == 1
+    wide = {**ranges, "a1": (0.0, 1e6)}
+    assert len([n for n in strip_bounds(equalized, wide, {"a", "dw", "pw"}).graph.node if n.op_type == "Min"]) == 1
+
+
+def _qdq_without_stripping(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], variant: Variant,
+                           placement: Placement) -> onnx.ModelProto:
+    from converters import qdq
+
+    return qdq._quantize(model, ranges, variant, placement, reduce_range=False)
