@@ -74,7 +74,7 @@ def _clip_bounds(g: Graph, clip: onnx.NodeProto) -> tuple[float, float] | None:
     return float(attr(clip, "min", -np.inf)), float(attr(clip, "max", np.inf))
 
 
-def _consumer(g: Graph, a: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[str, list[onnx.NodeProto]]:
+def _consumer(g: Graph, a: onnx.NodeProto) -> tuple[str, list[onnx.NodeProto]]:
     """The tensor A's output reaches B through (after a single Relu or Clip), and its readers."""
     link = g.readers.get(a.output[0], [])
     if len(link) == 1 and link[0].op_type in ("Relu", "Clip") and a.output[0] not in g.outputs:
@@ -104,7 +104,7 @@ def _scan(model: onnx.ModelProto) -> tuple[list[tuple[str, str]], list[ClipPair]
     for a in g.nodes:
         if a.op_type != "Conv" or a.input[1] not in inits:
             continue
-        tensor, link = _consumer(g, a, inits)
+        tensor, link = _consumer(g, a)
         act = g.writers[tensor] if tensor != a.output[0] else None
         if len(link) != 1 or tensor in g.outputs:
             if any(n.op_type == "Conv" for n in link):
@@ -137,7 +137,7 @@ def equalize(
     g = Graph(out)
     for a_name, b_name in pairs:
         _rescale(g, g.by_key[a_name], g.by_key[b_name], 1.0 / _weight_balance(g, g.by_key[a_name], g.by_key[b_name]))
-    done = [(a, b) for a, b in pairs]
+    done = list(pairs)
     if clipped and batches:
         maxima = channel_maxima(out, batches, [p.tensor for p in clipped])
         for pair in clipped:
@@ -206,7 +206,7 @@ def _bound(model: onnx.ModelProto, clip: onnx.NodeProto, pair: ClipPair, gain: n
     relu = helper.make_node("Relu", [clip.input[0]], [f"{tag}/relu"], name=f"{tag}/Relu")
     low = helper.make_node("Min", [f"{tag}/relu", f"{tag}/hi"], [pair.tensor], name=f"{tag}/Min")
     nodes = list(model.graph.node)
-    at = next(i for i, n in enumerate(nodes) if n is clip or (n.name == clip.name and n.output[:] == clip.output[:]))
+    at = next(i for i, n in enumerate(nodes) if n.name == clip.name)  # names are unique (ir.name_nodes)
     nodes[at:at + 1] = [relu, low]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
@@ -244,7 +244,7 @@ def strip_bounds(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float
     if not rename:
         return model
     out = ir.copy(model)
-    drop = {o for o in rename.values()}
+    drop = set(rename.values())
     kept = [n for n in out.graph.node if not (n.op_type == "Min" and n.output[0] in drop)]
     for n in kept:
         n.output[:] = [rename.get(o, o) for o in n.output]
