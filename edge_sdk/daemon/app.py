@@ -6,8 +6,10 @@
   image or a text about an asset, list and fetch events and their snapshots, sources' state,
   models, hot swap.
 * ``/metrics`` (Prometheus) and ``/openapi.json``.
+* ``/`` and ``/console/...``: the web console (edge_sdk.daemon.console.routes), behind a login with the token.
 
-Every endpoint except the two health checks requires ``Authorization: Bearer <token>``.
+Every endpoint except the two health checks requires ``Authorization: Bearer <token>``, or the console's
+session cookie (a POST with the cookie also needs the session's CSRF token and a same-origin ``Origin``).
 Request bodies are limited to ``server.max_body_mb`` and must arrive within
 ``server.body_timeout_s`` (408); errors are JSON ``{"error", "hint"}`` with a 4xx status that says
 whose fault it was. Work is bounded: at most ``server.max_in_flight`` requests per model are read,
@@ -37,6 +39,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from edge_sdk import __version__
+from edge_sdk.daemon.console.routes import Console
 from edge_sdk.daemon.core import Daemon
 from edge_sdk.daemon.kserve import (BadRequest, decode_request, encode_response, model_metadata, parse_json,
                                     split_body)
@@ -50,6 +53,7 @@ from runtime.manifest import IMAGE_TASKS
 log = logging.getLogger(__name__)
 
 PUBLIC = ("/v2/health/live", "/v2/health/ready")
+AUTH_SCOPE = "edge_sdk.auth"  # how a request was admitted: "token" or "console" (its session cookie)
 MAX_EVENTS_PAGE = 1000
 Handler = Callable[[Request], Awaitable[Response]]
 T = TypeVar("T")
@@ -325,6 +329,14 @@ class Api:
             return error(404, f"event {event_id} has no snapshot")
         return FileResponse(path, media_type="image/jpeg")
 
+    async def acknowledge(self, request: Request) -> Response:
+        event_id = _int_param(request.path_params["id"], "event id", None, 1, None)
+        by = "console" if request.scope.get(AUTH_SCOPE) == "console" else "api"
+        event = await offload(self.daemon.store.acknowledge, event_id, by)
+        if event is None:
+            return error(404, f"event {event_id} does not exist (it may have been removed by retention)")
+        return JSONResponse(_event(event))
+
     async def dead_letters(self, request: Request) -> Response:
         q = request.query_params
         limit = _int_param(q.get("limit"), "limit", 100, 1, MAX_EVENTS_PAGE)
@@ -395,7 +407,8 @@ def _float_param(value: str | None, what: str) -> float | None:
 
 def _event(event: Any) -> dict[str, Any]:
     return {"id": event.id, "asset": event.asset_id, "fault": event.fault, "confidence": event.confidence,
-            "timestamp": event.timestamp, "snapshot": event.snapshot is not None, "diagnosis": event.payload}
+            "timestamp": event.timestamp, "snapshot": event.snapshot is not None, "diagnosis": event.payload,
+            "acknowledged_at": event.acknowledged_at, "acknowledged_by": event.acknowledged_by}
 
 
 ROUTES: list[tuple[str, str, str, str]] = [  # (method, path, handler, summary)
@@ -415,6 +428,7 @@ ROUTES: list[tuple[str, str, str, str]] = [  # (method, path, handler, summary)
     ("GET", "/v1/events", "events", "Stored events, newest first (?asset, fault, since, before, limit)."),
     ("GET", "/v1/events/{id}", "event", "One event."),
     ("GET", "/v1/events/{id}/snapshot", "snapshot", "The event's snapshot image (JPEG)."),
+    ("POST", "/v1/events/{id}/acknowledge", "acknowledge", "Acknowledge an event (the first acknowledgement is kept)."),
     ("GET", "/v1/sources", "sources", "Sources' state: frames, drops, reconnects, errors."),
     ("GET", "/v1/dead-letters", "dead_letters", "MQTT messages the broker rejected, with the reason (?limit, before)."),
     ("GET", "/metrics", "metrics", "Prometheus metrics."),
@@ -438,11 +452,30 @@ def create_app(daemon: Daemon) -> Starlette:
     """The ASGI app over a started (or starting) daemon."""
     api = Api(daemon)
     token = daemon.config.server.token.encode()
+    console = Console(daemon, daemon.config.server.token, _status)
+
+    def refuse(request: Request) -> Response | None:
+        """None when the bearer token (or else the console's session cookie) admits the request."""
+        if request.url.path in PUBLIC:
+            return None
+        auth = request.headers.get("authorization", "")
+        scheme, _, given = auth.partition(" ")
+        if auth and not (scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token)):
+            return error(401, "missing or wrong bearer token",
+                         hint="send Authorization: Bearer <token> (server.token or server.token_file)")
+        if auth:
+            request.scope[AUTH_SCOPE] = "token"
+            return None
+        denied = console.denial(request)
+        if denied is not None:
+            return error(*denied)
+        request.scope[AUTH_SCOPE] = "console"
+        return None
 
     def guarded(name: str, handler: Handler) -> Handler:
         async def endpoint(request: Request) -> Response:
             started = time.perf_counter()
-            response = await api.guard(request, lambda: _answer(request, handler, token, request.url.path in PUBLIC))
+            response = await api.guard(request, lambda: _answer(request, handler, refuse))
             daemon.metrics.count_request(name, response.status_code)
             log.debug("%s %s -> %d in %.1f ms", request.method, request.url.path, response.status_code,
                       (time.perf_counter() - started) * 1e3)
@@ -452,6 +485,7 @@ def create_app(daemon: Daemon) -> Starlette:
 
     routes = [Route(path, guarded(handler, getattr(api, handler)), methods=[method])
               for method, path, handler, _ in ROUTES]
+    routes += console.routes()
 
     async def no_route(request: Request, exc: Exception) -> Response:
         """Unknown paths and methods answer JSON like every other error (KServe clients parse the body)."""
@@ -465,13 +499,10 @@ def create_app(daemon: Daemon) -> Starlette:
     return app
 
 
-async def _answer(request: Request, handler: Handler, token: bytes, public: bool) -> Response:
-    if not public:
-        auth = request.headers.get("authorization", "")
-        scheme, _, given = auth.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
-            return error(401, "missing or wrong bearer token",
-                         hint="send Authorization: Bearer <token> (server.token or server.token_file)")
+async def _answer(request: Request, handler: Handler, refuse: Callable[[Request], Response | None]) -> Response:
+    refused = refuse(request)
+    if refused is not None:
+        return refused
     try:
         return await handler(request)
     except Busy as exc:

@@ -75,12 +75,14 @@ class Daemon:
     knowledge-base lookups are :class:`runtime.diagnosis.Diagnoser`'s, over the daemon's registry."""
 
     def __init__(self, config: DaemonConfig) -> None:
+        from edge_sdk.daemon.console.live import LiveFrames
         from edge_sdk.daemon.metrics import Metrics
 
         self.config = config
         self.registry = ModelRegistry(config.models, config.trust.keys, model_dirs=config.server.model_dirs,
                                       state_dir=config.storage.dir)
         self.metrics = Metrics()
+        self.live = LiveFrames({s.name: s.rois for s in config.sources.values() if s.rois})  # the console's view
         self.rule = FusionRule.from_dict(config.fusion) if config.fusion is not None else None
         self.diagnoser: Diagnoser | None = None
         self.knowledge: Any = None
@@ -228,6 +230,7 @@ class Daemon:
         def sink(prediction: Prediction, frame: Frame) -> None:
             self.metrics.observe_inference(model, prediction.backend,
                                            prediction.timings.inference_ms / 1e3 / prediction.batch_size)
+            self.live.observe(frame, prediction)
             source = sources[frame.source_id]
             roi = prediction.extra.get("roi")
             self.record(source.asset_of(roi), prediction, kind="image", source=frame.source_id, model=model,
@@ -333,6 +336,8 @@ class Daemon:
         out = []
         for model, (stream, _) in self._streams.items():
             for state in stream.stats().sources:
+                live = self.live.stats(state.source_id)
                 out.append({"source": state.source_id, "model": model, "status": state.status, "frames": state.frames,
-                            "dropped": state.dropped, "reconnects": state.reconnects, "last_error": state.last_error})
+                            "dropped": state.dropped, "reconnects": state.reconnects, "last_error": state.last_error,
+                            "fps": live["fps"], "latency_ms": live["latency_ms"]})
         return out

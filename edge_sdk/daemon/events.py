@@ -40,9 +40,14 @@ them) and then moves the row, with the reason and its topic, to the table ``dead
 (:meth:`EventStore.outbox_dead_letter`; read with :meth:`EventStore.dead_letters`), bounded to
 ``max_dead_letters`` rows, oldest dropped.
 
+Acknowledgements. An operator acknowledges an event (:meth:`EventStore.acknowledge`, from the web
+console or ``POST /v1/events/{id}/acknowledge``): its row gets ``acknowledged_at`` (Unix time) and
+``acknowledged_by`` (who, e.g. "console"); acknowledging again keeps the first acknowledgement.
+
 Schema versions (``PRAGMA user_version``): 1 had no ``outbox.attempts`` and no ``dead_letters``;
-opening such a store adds both in one transaction, every stored row kept (attempts 0). A store
-of a newer version than this code knows is refused.
+2 had no ``events.acknowledged_at`` / ``acknowledged_by``; opening an older store adds what it
+lacks in one transaction, every stored row kept (attempts 0, not acknowledged). A store of a newer
+version than this code knows is refused.
 
 Threads: one connection (``check_same_thread=False``) behind one lock; every method holds the
 lock for one short statement or transaction, and image files are written outside it.
@@ -72,7 +77,7 @@ __all__ = ["DeadLetter", "Event", "EventStore", "OutboxItem"]
 
 log = logging.getLogger(__name__)
 
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 _TMP = ".tmp-"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -84,7 +89,9 @@ CREATE TABLE IF NOT EXISTS events (
     payload       TEXT NOT NULL,                      -- the diagnosis, JSON
     snapshot      TEXT,                               -- file name under snapshots/
     snapshot_size INTEGER NOT NULL DEFAULT 0,
-    size          INTEGER NOT NULL                    -- payload bytes + snapshot_size
+    size          INTEGER NOT NULL,                   -- payload bytes + snapshot_size
+    acknowledged_at REAL,                             -- Unix time an operator acknowledged it (version 3)
+    acknowledged_by TEXT                              -- who acknowledged it (version 3)
 );
 CREATE INDEX IF NOT EXISTS events_timestamp ON events (timestamp);
 CREATE INDEX IF NOT EXISTS events_asset ON events (asset_id, id);
@@ -117,7 +124,7 @@ CREATE TABLE IF NOT EXISTS replies (                 -- answers by Idempotency-K
 #: How long an answer is kept for a client's retry with the same Idempotency-Key.
 REPLY_TTL_S = 24 * 3600.0
 _DEAD_COLUMNS = "seq, event_id, asset_id, topic, payload, reason, attempts, failed_at"
-_COLUMNS = "id, asset_id, fault, confidence, timestamp, payload, snapshot, size"
+_COLUMNS = "id, asset_id, fault, confidence, timestamp, payload, snapshot, size, acknowledged_at, acknowledged_by"
 
 
 @dataclass(frozen=True)
@@ -132,6 +139,8 @@ class Event:
     payload: dict[str, Any]
     snapshot: Path | None
     size: int
+    acknowledged_at: float | None = None  # Unix time; None: not acknowledged
+    acknowledged_by: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready data: the MQTT message body (see ``edge_sdk.daemon.mqtt``)."""
@@ -331,9 +340,19 @@ class EventStore(Closing):
         return None if event is None else event.snapshot
 
     def _event(self, row: tuple[Any, ...]) -> Event:
-        event_id, asset_id, fault, confidence, timestamp, payload, snapshot, size = row
+        event_id, asset_id, fault, confidence, timestamp, payload, snapshot, size, acked_at, acked_by = row
         return Event(event_id, asset_id, fault, confidence, timestamp, json.loads(payload),
-                     None if snapshot is None else self._snapshots / snapshot, size)
+                     None if snapshot is None else self._snapshots / snapshot, size, acked_at, acked_by)
+
+    def acknowledge(self, event_id: int, by: str, now: float | None = None) -> Event | None:
+        """Mark ``event_id`` acknowledged by ``by`` (the first acknowledgement is kept); None: no such event."""
+        if not (isinstance(by, str) and by.strip() and len(by) <= 200):
+            raise DaemonError(f"acknowledged by {by!r}; expected a non-empty name of at most 200 characters")
+        when = time.time() if now is None else float(now)
+        with self._lock, self._transaction():
+            self._db.execute("UPDATE events SET acknowledged_at = ?, acknowledged_by = ?"
+                             " WHERE id = ? AND acknowledged_at IS NULL", (when, by, event_id))
+        return self.get(event_id)
 
     def keep_reply(self, key: str, fingerprint: str, body: str) -> None:
         """Keep the answer to a request with an Idempotency-Key that stored no event."""
@@ -561,6 +580,10 @@ def _migrate(db: sqlite3.Connection, path: Path, version: int) -> None:
         columns = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
         if "attempts" not in columns:  # version 1
             db.execute("ALTER TABLE outbox ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
+        columns = {row[1] for row in db.execute("PRAGMA table_info(events)")}
+        for column, kind in (("acknowledged_at", "REAL"), ("acknowledged_by", "TEXT")):
+            if column not in columns:  # versions 1 and 2
+                db.execute(f"ALTER TABLE events ADD COLUMN {column} {kind}")
         db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
         db.execute("COMMIT")
     except BaseException:

@@ -250,7 +250,7 @@ def test_a_version_1_store_is_upgraded_on_open_and_keeps_its_rows(tmp_path: Path
         assert letter is not None and (letter.seq, letter.attempts, letter.failed_at) == (3, 1, 5.0)
         assert store.outbox_size() == 0 and store.outbox_dead_letter(3, "t", "again") is None
     db = sqlite3.connect(tmp_path / "events.db")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 3  # version 3 added acknowledgements
     db.close()
     with EventStore(tmp_path) as store:
         assert store.dead_letters() == [letter] and store.dead_letter_count() == 1
