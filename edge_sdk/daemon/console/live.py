@@ -3,7 +3,8 @@
 The daemon's stream sink calls :meth:`LiveFrames.observe` for every prediction (one per region of
 interest, or one per frame); the console asks :meth:`LiveFrames.jpeg` for the latest frame drawn
 with its label, score, regions and anomaly heat map. Frames per second and latency (from capture
-to the end of the prediction) are measured over the last ``window`` frames of each source.
+to the end of the prediction) are measured over the last ``FPS_WINDOW_S`` seconds of each source, so a
+source that stops delivering drops to 0 frames/s.
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ __all__ = ["LiveFrames", "draw"]
 
 MAX_WIDTH = 640  # the live view is downscaled to at most this width
 JPEG_QUALITY = 80
+FPS_WINDOW_S = 10.0
 
 
 @dataclass
 class _Latest:
     frame: Frame
     predictions: dict[str | None, Prediction] = field(default_factory=dict)  # by region (None: whole frame)
-    arrivals: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=30))  # (seen, latency s)
+    first_seen: float = field(default_factory=time.time)
+    arrivals: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=1000))  # (seen, latency s)
 
 
 class LiveFrames:
@@ -56,16 +59,19 @@ class LiveFrames:
             latest.predictions[roi] = prediction
 
     def stats(self, source: str) -> dict[str, Any]:
-        """``fps`` and ``latency_ms`` of the last frames (None before two frames), ``last_frame_at``."""
+        """``fps`` and mean ``latency_ms`` over the last FPS_WINDOW_S (None before the first frame; latency None
+        when no frame came within the window), and ``last_frame_at`` (Unix time)."""
+        now = time.time()
         with self._lock:
             latest = self._latest.get(source)
-            arrivals = list(latest.arrivals) if latest is not None else []
-        if not arrivals:
-            return {"fps": None, "latency_ms": None, "last_frame_at": None}
-        span = arrivals[-1][0] - arrivals[0][0]
-        fps = (len(arrivals) - 1) / span if len(arrivals) > 1 and span > 0 else None
-        latency = sum(a[1] for a in arrivals) / len(arrivals) * 1e3
-        return {"fps": fps, "latency_ms": latency, "last_frame_at": arrivals[-1][0]}
+            if latest is None:
+                return {"fps": None, "latency_ms": None, "last_frame_at": None}
+            recent = [a for a in latest.arrivals if a[0] >= now - FPS_WINDOW_S]
+            observed = min(FPS_WINDOW_S, now - latest.first_seen)
+            last = latest.arrivals[-1][0]
+        fps = len(recent) / observed if observed > 0.5 else None
+        latency = sum(a[1] for a in recent) / len(recent) * 1e3 if recent else None
+        return {"fps": fps, "latency_ms": latency, "last_frame_at": last}
 
     def jpeg(self, source: str) -> bytes | None:
         """The latest frame of ``source`` drawn with its predictions, as JPEG; None before its first frame."""

@@ -107,7 +107,8 @@ function drawHealth(health) {
   const facts = [];
   const t = health.telemetry;
   if (t) {
-    facts.push(["CPU load", fixed(t.cpu_mean_percent, 0, " %") + " (" + t.cpu_percent.length + " cores)"]);
+    const cores = t.cpu_percent.length ? " (" + t.cpu_percent.length + " cores)" : "";
+    facts.push(["CPU load", fixed(t.cpu_mean_percent, 0, " %") + cores]);
     facts.push(["GPU load", fixed(t.gpu_percent, 0, " %")]);
     const temps = Object.entries(t.temperatures).map(([zone, c]) => zone + " " + fixed(c, 1, " °C"));
     facts.push(["Temperatures", temps.length ? temps.join(", ") : "–"]);
