@@ -106,7 +106,8 @@ def _draw_region(out: np.ndarray, box: list[int], name: str, prediction: Predict
     if x + w > out.shape[1] or y + h > out.shape[0]:
         return  # the stream refuses such a region too; nothing was predicted in it
     out[y:y + h, x:x + w] = heat_map(np.ascontiguousarray(out[y:y + h, x:x + w]), prediction)
-    colour = (0, 0, 220) if prediction.over_threshold else (0, 180, 0)
+    scored = "threshold" in prediction.extra  # an anomaly score with its threshold: red over it, green under
+    colour = ((0, 0, 220) if prediction.over_threshold else (0, 160, 0)) if scored else (160, 90, 0)
     cv2.rectangle(out, (x, y), (x + w - 1, y + h - 1), colour, 2)
     text = f"{name}: {prediction.label} {prediction.score:.2f}"
     scale = max(0.35, min(out.shape[:2]) / 600)
