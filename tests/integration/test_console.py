@@ -253,3 +253,53 @@ def test_failed_logins_are_throttled(console: DaemonProcess) -> None:
     assert time.monotonic() - started >= 10 * 0.5  # every wrong token costs half a second
     locked = login(console)  # even the right token waits out the lock: no oracle for a guesser
     assert locked.status == 429 and int(locked.headers["retry-after"]) >= 1 and not locked.cookies()
+
+
+def with_report(package: Path, html: bytes) -> Path:
+    """A copy of ``package`` that carries ``html`` as its conversion report member."""
+    from edge_sdk.daemon.console.routes import REPORT_MEMBER
+    from runtime.package import Package, write_package
+
+    source = Package.open(package)
+    files = {name: source.read_bytes(name) for name in source.manifest.files}
+    out = package.with_name("reported.edgepkg")
+    write_package(source.manifest, {**files, REPORT_MEMBER: html}, out)
+    return out
+
+
+def test_the_report_member_of_the_package_is_served(tmp_path: Path, image_package: Path,
+                                                    text_package: Path) -> None:
+    reported = with_report(image_package, b"<html><body><h1>member report</h1></body></html>")
+    config, _ = console_config(tmp_path, reported, text_package)
+    daemon = DaemonProcess(config, port_of(config)).start()
+    try:
+        browser = session(daemon)
+        report = browser.get("/console/models/colors/report")
+        assert report.status == 200 and b"member report" in report.body
+        assert report.headers["content-security-policy"].startswith("sandbox")
+        assert browser.get("/console/models/words/report").status == 404
+        assert browser.get("/console/models/nothing/report").status == 404
+    finally:
+        daemon.kill()
+
+
+STATIC = Path(__file__).parents[2] / "edge_sdk" / "daemon" / "console" / "static"
+
+
+def test_the_pages_run_no_inline_script_and_put_data_in_the_dom_as_text_only() -> None:
+    import re
+
+    for page in ("index.html", "login.html"):
+        html = (STATIC / page).read_text()
+        assert all('src="/console/static/' in tag for tag in re.findall(r"<script[^>]*>", html)), page
+        assert not re.search(r"\son[a-z]+\s*=", html) and "javascript:" not in html, page
+        assert "http://" not in html and "https://" not in html, page  # nothing from a CDN or font host
+    script = (STATIC / "console.js").read_text()
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
+        assert sink not in script, sink
+
+
+def test_a_hostile_asset_name_is_refused_before_it_reaches_the_console(console: DaemonProcess) -> None:
+    answer = ask(console, "POST", "/v1/diagnose", json.dumps({"asset": "<script>x</script>", "text": "leak"}).encode(),
+                 {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    assert answer.status == 400 and b"not a valid asset id" in answer.body
