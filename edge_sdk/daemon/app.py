@@ -472,6 +472,15 @@ def create_app(daemon: Daemon) -> Starlette:
         request.scope[AUTH_SCOPE] = "console"
         return None
 
+    def counted(name: str, handler: Handler) -> Handler:
+        """A console handler (it checks its own session), refused while shutting down, counted in metrics."""
+        async def endpoint(request: Request) -> Response:
+            response = await api.guard(request, lambda: handler(request))
+            daemon.metrics.count_request(name, response.status_code)
+            return response
+
+        return endpoint
+
     def guarded(name: str, handler: Handler) -> Handler:
         async def endpoint(request: Request) -> Response:
             started = time.perf_counter()
@@ -485,7 +494,7 @@ def create_app(daemon: Daemon) -> Starlette:
 
     routes = [Route(path, guarded(handler, getattr(api, handler)), methods=[method])
               for method, path, handler, _ in ROUTES]
-    routes += console.routes()
+    routes += [Route(path, counted(name, handler), methods=[method]) for method, path, name, handler in console.routes()]
 
     async def no_route(request: Request, exc: Exception) -> Response:
         """Unknown paths and methods answer JSON like every other error (KServe clients parse the body)."""

@@ -27,7 +27,6 @@ from typing import Any, Awaitable, Callable
 import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
-from starlette.routing import Route
 
 from edge_sdk.daemon.console.sessions import COOKIE, CSRF_HEADER, LoginThrottle, Session, Sessions, csrf_ok
 from edge_sdk.errors import EdgeSDKError
@@ -213,18 +212,19 @@ class Console:
         response.headers["Content-Security-Policy"] = REPORT_CSP
         return response
 
-    def routes(self) -> list[Route]:
+    def routes(self) -> list[tuple[str, str, str, Handler]]:
+        """(method, path, name, handler) of every console route; each handler checks its own session."""
         logged_in = self._logged_in
         return [
-            Route("/", logged_in(self.index, page=True), methods=["GET"]),
-            Route("/console/login", self.login_page, methods=["GET"]),
-            Route("/console/login", self.login, methods=["POST"]),
-            Route("/console/logout", logged_in(self.logout), methods=["POST"]),
-            Route("/console/static/{file}", self.asset, methods=["GET"]),
-            Route("/console/session", logged_in(self.session_info), methods=["GET"]),
-            Route("/console/state", logged_in(self.state), methods=["GET"]),
-            Route("/console/sources/{name}/frame.jpg", logged_in(self.frame), methods=["GET"]),
-            Route("/console/models/{name}/report", logged_in(self.report), methods=["GET"]),
+            ("GET", "/", "console_page", logged_in(self.index, page=True)),
+            ("GET", "/console/login", "console_login_page", self.login_page),
+            ("POST", "/console/login", "console_login", self.login),
+            ("POST", "/console/logout", "console_logout", logged_in(self.logout)),
+            ("GET", "/console/static/{file}", "console_static", self.asset),
+            ("GET", "/console/session", "console_session", logged_in(self.session_info)),
+            ("GET", "/console/state", "console_state", logged_in(self.state)),
+            ("GET", "/console/sources/{name}/frame.jpg", "console_frame", logged_in(self.frame)),
+            ("GET", "/console/models/{name}/report", "console_report", logged_in(self.report)),
         ]
 
 

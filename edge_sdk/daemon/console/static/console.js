@@ -7,6 +7,7 @@ const EVENTS_EVERY_MS = 3000;
 const FRAME_EVERY_MS = 400;
 let csrf = "";
 let eventsShown = "";
+const reloading = new Set();  // models being reloaded: their buttons stay disabled across redraws
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -143,7 +144,8 @@ function drawModels(models) {
       ? el("a", { href: "/console/models/" + encodeURIComponent(m.name) + "/report", target: "_blank",
         rel: "noopener" }, "conversion report")
       : el("span", { class: "muted" }, "no report in this package");
-    const button = el("button", { type: "button", class: "reload", "data-model": m.name }, "Reload");
+    const button = el("button", { type: "button", class: "reload", "data-model": m.name,
+      disabled: reloading.has(m.name) }, "Reload");
     button.addEventListener("click", () => reload(m.name, button));
     return el("tr", { "data-model": m.name }, el("td", {}, m.name), el("td", {}, m.model), el("td", {}, m.version),
       el("td", {}, m.backend), el("td", {}, m.precision), el("td", {}, parityText(m.parity)), el("td", {}, skipped),
@@ -155,6 +157,7 @@ function drawModels(models) {
 async function reload(name, button) {
   const result = document.getElementById("reload-result");
   button.disabled = true;
+  reloading.add(name);
   result.hidden = false;
   result.className = "result";
   result.textContent = "reloading " + name + "…";
@@ -166,7 +169,9 @@ async function reload(name, button) {
     result.className = "result failed";
     result.textContent = "reload of " + name + " failed: " + error.message;
   } finally {
+    reloading.delete(name);
     button.disabled = false;
+    refreshState().catch(() => null);
   }
 }
 

@@ -86,7 +86,7 @@ def test_live_frames_keep_the_latest_frame_with_its_predictions() -> None:
     data = live.jpeg("cam")
     assert data is not None
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    assert image.shape == (60, 80, 3)
+    assert image is not None and image.shape == (60, 80, 3)
     assert np.abs(image[44, 20].astype(int) - 120).max() < 12  # the left region has no map: still grey
     assert np.abs(image[44, 72].astype(int) - 120).max() > 40  # the right one's heat map is drawn over it
     stats = live.stats("cam")
