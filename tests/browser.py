@@ -63,9 +63,12 @@ class Chromium:
         self.driver.get(url)
 
     def wait(self, condition: Callable[[Any], Any], timeout: float = WAIT_S, message: str = "") -> Any:
+        from selenium.common.exceptions import StaleElementReferenceException
         from selenium.webdriver.support.ui import WebDriverWait
 
-        return WebDriverWait(self.driver, timeout, poll_frequency=0.05).until(condition, message)
+        # the page re-renders its lists on every refresh: an element found a moment ago may be gone
+        return WebDriverWait(self.driver, timeout, poll_frequency=0.05,
+                             ignored_exceptions=(StaleElementReferenceException,)).until(condition, message)
 
     def css(self, selector: str) -> Any:
         from selenium.webdriver.common.by import By
