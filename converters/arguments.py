@@ -7,6 +7,7 @@ or refuses it with a message naming the value and the fix. Shared by the classif
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, replace
@@ -58,6 +59,9 @@ class Options:
     normal: str | os.PathLike[str] | None = None
     coreset_ratio: float = 0.05
     feature_layers: Sequence[str] | None = None
+    # write the HTML conversion report into the package (reports/report.html; needs matplotlib, the
+    # convert extra): plots of accuracy, latency, sensitivity, calibration, pruning, confusion
+    report: bool = True
     # sign the package: a private key file (edge-sdk keys generate) or a runtime.signing.SigningKey;
     # parse_options reads the file before any work starts
     sign: Any = None
@@ -69,6 +73,10 @@ def parse_options(options: Mapping[str, Any]) -> Options:
     if unknown:
         raise ConversionError(f"unknown option(s) {unknown}", hint=f"known options: {', '.join(sorted(known))}")
     opts = Options(**options)
+    if opts.report and importlib.util.find_spec("matplotlib") is None:
+        raise ConversionError("report=True needs matplotlib to draw the conversion report's plots",
+                              hint="pip install 'edge-sdk[convert]' (it brings matplotlib), or pass report=False "
+                                   "(--no-report) to convert without the report")
     if opts.golden_samples < 1:
         raise ConversionError(f"golden_samples is {opts.golden_samples}; expected at least 1")
     if opts.quantize not in QUANTIZE:

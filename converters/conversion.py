@@ -14,12 +14,14 @@ import logging
 import os
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from converters.arguments import Options, parse_options, read_samples
 from converters.calibration.readers import calibration_reader
 from converters.evaluate import accuracy_points
 from converters.graph import ModelSource
+from converters.html_report import REPORT_FILE, machine
 from converters.ir import name_nodes
 from converters.report import ConversionReport
 from converters.stages import load
@@ -47,6 +49,14 @@ def _prune(proto: Any, manifest: Manifest, encoder: Any, calibration: Any, valid
     return name_nodes(pruned), report
 
 
+def _html_report(manifest: Manifest, files: dict[str, bytes], golden_in: dict[str, Any], output: Any) -> bytes:
+    """The package's own report page (see ``converters.html_report``), the fp32 graph and the int8
+    graph this CPU serves timed here; listed and hashed in the manifest like any other member."""
+    from converters.html_report import render, subject
+
+    return render([subject(Path(os.fspath(output)).name, manifest, files, golden_in)]).encode("utf-8")
+
+
 def convert(
     model: ModelSource,
     output: str | os.PathLike[str],
@@ -68,7 +78,8 @@ def convert(
     ``smoothing`` (transformer migration strength, None to skip); ``prune`` (see
     ``converters.stages.prune``);
     ``name``, ``version``, ``archive``, ``golden_samples``, ``output_name``, ``threads``;
-    ``sign`` (an ed25519 private key file: the package is written signed, see ``runtime.signing``).
+    ``sign`` (an ed25519 private key file: the package is written signed, see ``runtime.signing``);
+    ``report`` (default True: ``reports/report.html`` in the package, see ``converters.html_report``).
     ``task="anomaly-detection"`` builds a PatchCore-class anomaly model onto ``model`` (any CNN) from
     ``normal`` (a folder of good images; also the default calibration data), with ``coreset_ratio``
     and ``feature_layers`` (see ``converters.patchcore``); ``labels`` default to ["ok", "defect"].
@@ -121,6 +132,10 @@ def convert(
         if fp32.evaluation:
             anomaly = {**anomaly, "latency_ms": {"fp32": fp32.evaluation.median_latency_ms}}
         manifest = replace(manifest, reports={**manifest.reports, "anomaly": anomaly})
+    manifest = replace(manifest, reports={**manifest.reports, "conversion": {**manifest.reports["conversion"],
+                                                                             "machine": machine()}})
+    if opts.report:
+        files[REPORT_FILE] = _html_report(manifest, files, fp32.golden_in, output)
     package = write_package(manifest, files, output, archive=opts.archive, sign=opts.sign)
     log.info("wrote %s", package.path)
     return ConversionReport(

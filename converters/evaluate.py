@@ -25,6 +25,8 @@ class Evaluation:
     per_class: dict[str, float] = field(default_factory=dict)
     median_latency_ms: float = 0.0
     backend: str = ""
+    #: true label -> predicted label -> count (labels as the samples and predictions name them)
+    confusion: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -33,6 +35,7 @@ class Evaluation:
             "per_class": dict(self.per_class),
             "median_latency_ms": self.median_latency_ms,
             "backend": self.backend,
+            "confusion": {truth: dict(row) for truth, row in self.confusion.items()},
         }
 
 
@@ -40,8 +43,11 @@ def evaluate(pipeline: Pipeline, samples: Sequence[Sample], *, max_batch: int = 
     """Predict every labelled sample in batches and score the top-1 label."""
     predictions: list[Prediction] = pipeline.predict_batch([s.item for s in samples], max_batch=max_batch)
     hits: dict[str, list[bool]] = {}
+    confusion: dict[str, dict[str, int]] = {}
     for sample, pred in zip(samples, predictions):
         hits.setdefault(str(sample.label), []).append(pred.label == sample.label)
+        row = confusion.setdefault(str(sample.label), {})
+        row[str(pred.label)] = row.get(str(pred.label), 0) + 1
     total = sum(sum(h) for h in hits.values())
     per_item_ms = [p.timings.total_ms / p.batch_size for p in predictions]
     return Evaluation(
@@ -50,6 +56,7 @@ def evaluate(pipeline: Pipeline, samples: Sequence[Sample], *, max_batch: int = 
         per_class={label: sum(h) / len(h) for label, h in sorted(hits.items())},
         median_latency_ms=statistics.median(per_item_ms),
         backend=pipeline.backend,
+        confusion={truth: dict(sorted(row.items())) for truth, row in sorted(confusion.items())},
     )
 
 

@@ -6,10 +6,12 @@ Expects the models built by ``demo.build_image_model`` and ``demo.build_text_mod
 Each model becomes an fp32 package and an int8 one (calibrated on the demo's
 calibration split). Prints, per model, a short table (sample, true label,
 predicted label, score, backend, latency) and the accuracy and median latency
-of fp32 and int8 over the whole held-out set. ``demo.anomaly`` fits a defect detector on the good
+of fp32 and int8 over the whole held-out set; the image model also becomes a pruned package.
+``demo.anomaly`` fits a defect detector on the good
 surfaces alone and compares it with the supervised classifier. Then ``demo.production`` streams a
 camera line through the int8 defect model and fuses reports and camera frames into
-one diagnosis per asset, with similar past incidents from a knowledge base.
+one diagnosis per asset, with similar past incidents from a knowledge base. Last, one HTML
+conversion report per model (``build/demo/packages/<model>.report.html``) sets its packages side by side.
 """
 
 from __future__ import annotations
@@ -25,6 +27,15 @@ from demo._cli import run_demo
 from demo._table import table
 
 SHOWN_PER_LABEL = 2
+#: The packages each demo model becomes. The pruned image model removes a fixed share of channels
+#: (no budget search: that takes minutes) to set a smaller, faster graph beside fp32 and int8 in
+#: its report.
+PRUNE_RATIO = 0.25
+VARIANTS: dict[str, dict[str, dict[str, object]]] = {
+    "surface-defects": {"fp32": {}, "pruned": {"prune": {"method": "structured", "ratio": PRUNE_RATIO}},
+                        "int8": {"quantize": "int8"}},
+    "fault-reports": {"fp32": {}, "int8": {"quantize": "int8"}},
+}
 
 
 @dataclass(frozen=True)
@@ -60,20 +71,36 @@ def _convert(build: Path, packages: Path) -> dict[str, Path]:
     }
     out: dict[str, Path] = {}
     for name, (model, kwargs) in jobs.items():
-        for precision in ("fp32", "int8"):
-            target = packages / f"{name}.{precision}.edgepkg"
-            out[f"{name}.{precision}"] = target
+        for variant, extra in VARIANTS[name].items():
+            target = packages / f"{name}.{variant}.edgepkg"
+            out[f"{name}.{variant}"] = target
             if target.is_file() and target.stat().st_mtime > model.stat().st_mtime:
                 continue
             started = time.perf_counter()
-            extra = {"quantize": "int8"} if precision == "int8" else {}
             report = edge_sdk.convert(model, target, name=name, **kwargs, **extra)  # type: ignore[arg-type]
             print(f"converted {target.name} in {time.perf_counter() - started:.1f} s")
             if report.int8:
                 from converters.report import int8_lines
 
                 print("\n".join(f"  {line}" for line in int8_lines(report.int8)[:6]))
+            if report.pruning:
+                from converters.report import pruning_lines
+
+                print("\n".join(f"  {line}" for line in pruning_lines(report.pruning)[:2]))
     return out
+
+
+def write_reports(packages: Path, groups: dict[str, list[Path]]) -> list[Path]:
+    """One HTML conversion report per demo model, its packages side by side, next to them as
+    ``<model>.report.html`` (where the daemon's console links it)."""
+    from converters.html_report import write_report
+
+    written = []
+    for name, paths in groups.items():
+        out = write_report(paths, packages / f"{name}.report.html")
+        print(f"report: {out} ({', '.join(p.name for p in paths)}; latency timed on CPU {isa()})")
+        written.append(out)
+    return written
 
 
 def isa() -> str:
@@ -125,6 +152,10 @@ def run(build: Path) -> None:
 
     anomaly.run(build, build / "packages")
     _run(packages, _text_heldout(build / "text"))
+    print()
+    write_reports(build / "packages", {
+        **{name: [packages[f"{name}.{v}"] for v in variants] for name, variants in VARIANTS.items()},
+        anomaly.NAME: [build / "packages" / f"{anomaly.NAME}.{p}.edgepkg" for p in ("fp32", "int8")]})
     from demo import production
 
     production.run(build)

@@ -62,6 +62,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                    budget=None if args.budget < 0 else args.budget)
     if args.no_smoothing:
         options["smoothing"] = None
+    if args.no_report:
+        options["report"] = False
     if args.sign:
         from runtime.signing import load_signing_key
 
@@ -107,6 +109,18 @@ def _labels_arg(value: str | None) -> Any:
     if value is None:
         return None
     return value if Path(value).is_file() else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    try:
+        from converters.html_report import write_report
+        import matplotlib  # noqa: F401  (the plots)
+    except ImportError as exc:
+        raise BackendUnavailableError(f"edge-sdk report needs the 'convert' extra ({exc.name} is missing)",
+                                      hint="pip install 'edge-sdk[convert]'") from None
+    out = write_report(args.packages, args.output, title=args.title, timed=not args.no_timing)
+    print(f"wrote {out} ({out.stat().st_size / 1e3:.0f} kB): {len(args.packages)} package(s)")
+    return 0
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -364,8 +378,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    '\'{"method": "structured", "ratio": 0.3}\' or \'{"method": "structured", "budget": 1.0}\'')
     p.add_argument("--sign", metavar="KEY", help="sign the package with this ed25519 private key file "
                                                  "(edge-sdk keys generate)")
+    p.add_argument("--no-report", action="store_true",
+                   help="leave the HTML conversion report (reports/report.html) out of the package")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("report", help="the HTML conversion report of one or more packages of a model, side by side")
+    p.add_argument("packages", nargs="+", metavar="PKG", help="packages to compare (e.g. its fp32, pruned and int8 ones)")
+    p.add_argument("-o", "--output", required=True, help="the .html file to write (one self-contained page)")
+    p.add_argument("--title", help="the page's title (default: from the model names)")
+    p.add_argument("--no-timing", action="store_true",
+                   help="do not time the graphs on this machine (latency columns stay empty)")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("inspect", help="verify a package (hashes, signature, that it serves) and show what it holds")
     p.add_argument("package")

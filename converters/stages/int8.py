@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -11,10 +12,12 @@ import numpy as np
 import onnx
 
 from converters.calibration.histogram import TensorHistogram
-from converters.calibration.methods import CalibrationMethod, TensorRange
+from converters.calibration.methods import CalibrationMethod, TensorRange, choose_range
+from converters.calibration.schemes import Scheme
 from converters.calibration.readers import Encoder, calibration_reader
 from converters.data import Sample
 from converters.evaluate import Evaluation, accuracy_points, evaluate, pipeline_for
+from converters.html_report import CALIBRATION_FILE
 from converters.plots import histogram_png
 from converters.ir import name_nodes
 from converters.quantize import (Calibration, Feeds, Int8Graphs, Placement, Variant, build_variant, layer_sensitivity,
@@ -28,6 +31,7 @@ log = logging.getLogger(__name__)
 GRAPH_FILES = {"u8s8": "model.int8.u8s8.onnx", "u8s7": "model.int8.u8s7.onnx", "s8s8": "model.int8.s8s8.onnx"}
 SCALES_FILE = "scales.json"
 PLOT_FILE = "reports/histograms.png"
+HISTOGRAM_COLUMNS = 256
 PLOTTED_LAYERS = 6
 #: What each graph is for; the report and README say so.
 GRAPH_TARGETS = {"u8s8": "onnxruntime CPU: x86 with VNNI (AVX-512 VNNI, AVX-VNNI), Arm64",
@@ -196,8 +200,9 @@ def run_int8(
     graphs = Int8Graphs({v: r.graph for v, r in results.items()}, {v: r.float_nodes for v, r in results.items()})
     golden = {v.value: {output: _logits(g, [golden_in], output)} for v, g in graphs.graphs.items()}
     files = {GRAPH_FILES[v.value]: g.SerializeToString() for v, g in graphs.graphs.items()}
-    files.update({SCALES_FILE: cal.scales.to_json().encode("utf-8"),
-                  PLOT_FILE: _plot(cal.model, cal, results[Variant.U8S8].sensitivity)})
+    panels = _panels(cal.model, cal, results[Variant.U8S8].sensitivity)
+    files.update({SCALES_FILE: cal.scales.to_json().encode("utf-8"), PLOT_FILE: histogram_png(panels),
+                  CALIBRATION_FILE: json.dumps(calibration_record(panels, cal), indent=1).encode("utf-8")})
     per_graph = {v.value: {"target": GRAPH_TARGETS[v.value], "metric_int8": r.metric, "weight_rounding": r.rounding,
                            "float_layers": dict(r.float_nodes), "mixed_precision_steps": r.steps,
                            **fidelity(r.graph)}
@@ -208,7 +213,8 @@ def run_int8(
     return Int8Stage(cal.prepared.SerializeToString(), files, golden, report, evaluation)
 
 
-def _plot(model: onnx.ModelProto, cal: Calibration, sensitivity: dict[str, float]) -> bytes:
+def _panels(model: onnx.ModelProto, cal: Calibration,
+            sensitivity: dict[str, float]) -> list[tuple[str, TensorHistogram, TensorRange]]:
     """Histograms of the inputs of the most sensitive layers, with their TensorRT (linear) thresholds."""
     inputs = {n.name: (n.op_type, n.input[0]) for n in model.graph.node if n.input}
     ranked = sorted(sensitivity, key=lambda n: -sensitivity[n])
@@ -220,7 +226,38 @@ def _plot(model: onnx.ModelProto, cal: Calibration, sensitivity: dict[str, float
             panels.append((title, cal.histograms[tensor], cal.linear[tensor]))
     if not panels:  # no sensitivity measured: plot the first calibrated tensors
         panels = [(n, cal.histograms[n], cal.linear[n]) for n in list(cal.histograms)[:PLOTTED_LAYERS]]
-    return histogram_png(panels)
+    return panels
+
+
+def calibration_record(panels: Sequence[tuple[str, TensorHistogram, TensorRange]], cal: Calibration) -> dict[str, Any]:
+    """Each plotted tensor's |x| histogram (``HISTOGRAM_COLUMNS`` equal bins from 0), the range the
+    graphs use and the threshold every histogram method would have chosen, with its expected error."""
+    tensors = []
+    for title, h, chosen in panels:
+        counts = h.abs_counts().astype(np.float64)
+        used = max(1, int(np.searchsorted(np.cumsum(counts), counts.sum() * (1 - 1e-7))) + 1)
+        span = max(used * h.bin_width, chosen.amax) * 1.05
+        per_column = np.histogram(h.abs_centres(), bins=np.linspace(0.0, span, HISTOGRAM_COLUMNS + 1),
+                                  weights=counts)[0]
+        candidates: dict[str, dict[str, Any]] = {}
+        for method in (CalibrationMethod.ENTROPY, CalibrationMethod.PERCENTILE, CalibrationMethod.MSE,
+                       CalibrationMethod.MINMAX):
+            try:
+                r = choose_range(h, method, Scheme.LINEAR)
+            except CalibrationError as exc:
+                candidates[method.value] = {"error": None, "amax": None, "why": exc.message}
+                continue
+            candidates[method.value] = {"amax": r.amax, "error": r.error}
+        affine = cal.affine.get(h.name)
+        tensors.append({
+            "title": title, "tensor": h.name, "span": span, "bin_width": span / HISTOGRAM_COLUMNS,
+            "counts": [int(round(c)) for c in per_column], "max_abs": h.max_abs, "values": int(h.count),
+            "linear": {"method": chosen.method.value, "amax": chosen.amax, "error": chosen.error},
+            "affine": {"method": affine.method.value, "lo": affine.lo, "hi": affine.hi} if affine else None,
+            "candidates": candidates, "fallback": cal.range_fallbacks.get(h.name),
+        })
+    return {"units": "the tensor's own values (activations, dimensionless)", "method": cal.scales.method,
+            "samples": cal.scales.samples, "tensors": tensors}
 
 
 def _report(
@@ -254,6 +291,7 @@ def _report(
         "mixed_precision_steps": main["mixed_precision_steps"], "per_graph": per_graph,
         "sizes_bytes": {"fp32": len(proto.SerializeToString()), **{k: len(v) for k, v in files.items()}},
         "graphs": dict(GRAPH_FILES), "scales": SCALES_FILE, "histogram_plot": PLOT_FILE,
+        "calibration_histograms": CALIBRATION_FILE,
     }
 
 

@@ -233,17 +233,21 @@ def test_the_live_frame_is_a_drawn_jpeg_of_the_folder_source(console: DaemonProc
     assert state["health"]["events_disk_bytes"] > 0 and state["health"]["mqtt"] is None
 
 
-def test_the_report_is_served_from_beside_the_package_or_said_missing(console: DaemonProcess,
-                                                                      image_package: Path) -> None:
+def test_the_package_report_is_served_and_one_beside_the_package_wins(console: DaemonProcess,
+                                                                       image_package: Path) -> None:
     browser = session(console)
-    missing = browser.get("/console/models/colors/report")
+    member = browser.get("/console/models/colors/report")  # written into the package by convert
+    assert member.status == 200 and b"<h1>Conversion report: colors</h1>" in member.body
+    assert b"<script" not in member.body.lower() and b"data:image/png;base64," in member.body
+    assert member.headers["content-security-policy"].startswith("sandbox")
+    missing = browser.get("/console/models/words/report")  # converted with report=False
     assert missing.status == 404 and b"no report in this package" in missing.body
-    (image_package.parent / "report.html").write_text("<html><body><h1>colors report</h1></body></html>")
-    report = browser.get("/console/models/colors/report")
-    assert report.status == 200 and b"colors report" in report.body
-    assert report.headers["content-security-policy"].startswith("sandbox")
+    (image_package.parent / "colors.report.html").write_text("<html><body><h1>colors side by side</h1></body></html>")
+    beside = browser.get("/console/models/colors/report")
+    assert beside.status == 200 and b"colors side by side" in beside.body
+    assert beside.headers["content-security-policy"].startswith("sandbox")
     models = {m["name"]: m for m in browser.get("/console/state").json()["models"]}
-    assert models["colors"]["report"] is True
+    assert models["colors"]["report"] is True and models["words"]["report"] is False
 
 
 def test_failed_logins_are_throttled(console: DaemonProcess) -> None:

@@ -109,7 +109,26 @@ def test_a_reload_shows_its_result(browser: Chromium, daemon: DaemonProcess) -> 
                  message="the reload's result is not shown")
     assert "onnxruntime-cpu" in browser.css("#reload-result").text
     row = browser.css('#models tr[data-model="colors"]').text
-    assert "no report in this package" in row and "passed" in row
+    assert "conversion report" in row and "passed" in row
+    assert "no report in this package" in browser.css('#models tr[data-model="words"]').text
+
+
+def test_the_conversion_report_opens_from_the_console(browser: Chromium, daemon: DaemonProcess) -> None:
+    logged_in(browser, daemon)
+    link = 'tr[data-model="colors"] a'
+    browser.wait(lambda d: browser.all(link), message="no report link for colors")
+    href = browser.css(link).get_attribute("href")
+    assert href == daemon.url + "/console/models/colors/report"
+    browser.console_errors()  # drains what earlier pages logged (an earlier daemon's polling)
+    browser.get(href)
+    browser.wait(lambda d: browser.script("return document.readyState") == "complete", message="the report did not load")
+    assert browser.script("return document.querySelector('h1').textContent") == "Conversion report: colors"
+    headings = browser.script("return Array.from(document.querySelectorAll('h2, h3')).map(h => h.textContent)")
+    assert "Accuracy, agreement, latency and size" in headings and "Confusion matrices (validation data)" in headings
+    widths = browser.script("return Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
+    assert len(widths) >= 2 and all(w > 0 for w in widths), widths  # every plot decodes under the report's CSP
+    assert browser.console_errors() == []
+    browser.screenshot("report")
 
 
 FETCH = "const done = arguments[arguments.length - 1]; fetch(arguments[0], {method: arguments[1]})" \

@@ -43,11 +43,16 @@ def models(daemon: Any, member: str) -> list[dict[str, Any]]:
 
 
 def _report_source(pipeline: Any, package: Path, member: str) -> str | Path | None:
-    """The package member holding the report, or a ``report.html`` file next to the package, or None."""
+    """The report the console links: a side-by-side report written next to the package
+    (``<model name>.report.html``, as ``make demo`` and ``edge-sdk report`` write it, or
+    ``report.html``), else the package member holding its own report, else None."""
+    name = pipeline.package.manifest.name if pipeline.package is not None else None
+    for beside in ([package.parent / f"{name}.report.html"] if name else []) + [package.parent / "report.html"]:
+        if beside.is_file():
+            return beside
     if pipeline.package is not None and member in pipeline.package.manifest.files:
         return member
-    beside = package.parent / "report.html"
-    return beside if beside.is_file() else None
+    return None
 
 
 def report_html(daemon: Any, name: str, member: str) -> bytes | None:
