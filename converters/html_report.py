@@ -24,7 +24,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Hashable, Iterable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
@@ -37,6 +37,7 @@ CPU_GRAPHS = ("u8s8", "u8s7")
 TIMING_ROUNDS = 15
 SENSITIVE_SHOWN = 25
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+Key = TypeVar("Key", bound=Hashable)
 METHOD_STYLES = {"entropy": ("#d62728", "-"), "percentile": ("#2ca02c", "--"), "mse": ("#9467bd", "-."),
                  "minmax": ("#7f7f7f", ":")}
 
@@ -78,55 +79,85 @@ def machine() -> dict[str, Any]:
             "cpu_int8_graph": graph, "cpu_int8_graph_reason": why, "onnxruntime": ort.__version__}
 
 
-def time_graphs(graphs: Mapping[str, bytes], feeds: Mapping[str, np.ndarray],
-                rounds: int = TIMING_ROUNDS) -> dict[str, float]:
-    """Median milliseconds per call of each graph on ``feeds`` with onnxruntime's CPU provider; the
+def time_graphs(graphs: Mapping[Key, tuple[bytes, Mapping[str, np.ndarray]]],
+                rounds: int = TIMING_ROUNDS) -> dict[Key, float]:
+    """Median milliseconds per call of each graph on its feeds with onnxruntime's CPU provider; the
     graphs take turns (one untimed warm-up each) so that a busy machine slows them alike."""
     import onnxruntime as ort
 
-    sessions = {name: ort.InferenceSession(data, providers=["CPUExecutionProvider"]) for name, data in graphs.items()}
-    for session in sessions.values():
-        session.run(None, dict(feeds))
-    times: dict[str, list[float]] = {name: [] for name in sessions}
+    sessions = {key: (ort.InferenceSession(data, providers=["CPUExecutionProvider"]), dict(feeds))
+                for key, (data, feeds) in graphs.items()}
+    for session, feeds in sessions.values():
+        session.run(None, feeds)
+    times: dict[Key, list[float]] = {key: [] for key in sessions}
     for _ in range(rounds):
-        for name, session in sessions.items():
+        for key, (session, feeds) in sessions.items():
             started = time.perf_counter()
-            session.run(None, dict(feeds))
-            times[name].append((time.perf_counter() - started) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+            session.run(None, feeds)
+            times[key].append((time.perf_counter() - started) * 1e3)
+    return {key: statistics.median(t) for key, t in times.items()}
 
 
 def _first_sample(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v[:1]) for k, v in feeds.items()}
 
 
-def subject(label: str, manifest: Manifest, files: Mapping[str, bytes], golden_in: Mapping[str, np.ndarray],
-            *, timed: bool = True) -> Subject:
-    """A subject from a package's manifest and files (at conversion, or read back from a package):
-    the fp32 graph and the int8 graph this CPU serves are timed on the first golden feed."""
+@dataclass(frozen=True)
+class _Read:
+    """A package's manifest, the files the report reads, and its golden feeds."""
+
+    label: str
+    manifest: Manifest
+    files: Mapping[str, bytes]
+    golden_in: Mapping[str, np.ndarray]
+
+    def timed_graphs(self, served: str) -> dict[str, bytes]:
+        """The graphs this CPU runs: fp32 and the int8 graph it serves."""
+        m = self.manifest
+        if not self.golden_in or m.model not in self.files:
+            return {}
+        graphs = {"fp32": self.files[m.model]}
+        if served in m.graphs and m.graphs[served] in self.files:
+            graphs[served] = self.files[m.graphs[served]]
+        return graphs
+
+
+def subjects(read: Sequence[_Read], *, timed: bool = True) -> list[Subject]:
+    """The report's view of each package; with ``timed``, the fp32 graph and the int8 graph this CPU
+    serves of every package take turns on the first golden feed (one round-robin for all of them)."""
     import json
 
-    sizes = {"fp32": len(files[manifest.model])} if manifest.model in files else {}
-    sizes.update({g: len(files[f]) for g, f in manifest.graphs.items() if f in files})
-    latency: dict[str, float] = {}
+    here = machine() if timed else None
+    latency: dict[tuple[int, str], float] = {}
     timing = ""
-    if timed and golden_in and manifest.model in files:
-        here = machine()
-        graphs = {"fp32": files[manifest.model]}
+    if here is not None:
         served = here["cpu_int8_graph"]
-        if served in manifest.graphs and manifest.graphs[served] in files:
-            graphs[served] = files[manifest.graphs[served]]
-        latency = time_graphs(graphs, _first_sample(golden_in))
-        timing = (f"median of {TIMING_ROUNDS} calls at batch 1 (the model alone, no pre-processing), onnxruntime "
-                  f"{here['onnxruntime']} CPU provider on {here['isa']} ({here['cpu']}, {here['processors']} "
-                  f"processors); the int8 graph timed is the one served here: {served}")
-    raw = files.get(CALIBRATION_FILE)
-    calibration = json.loads(raw.decode("utf-8")) if raw else None
-    return Subject(label, manifest, calibration, sizes, latency, timing)
+        graphs = {(i, g): (data, _first_sample(r.golden_in))
+                  for i, r in enumerate(read) for g, data in r.timed_graphs(served).items()}
+        latency = time_graphs(graphs) if graphs else {}
+        timing = (f"median of {TIMING_ROUNDS} calls at batch 1 (the model alone, no pre-processing; every graph "
+                  f"of every package in turn), onnxruntime {here['onnxruntime']} CPU provider on {here['isa']} "
+                  f"({here['cpu']}, {here['processors']} processors); the int8 graph timed is the one served "
+                  f"here: {served}")
+    out = []
+    for i, r in enumerate(read):
+        m, files = r.manifest, r.files
+        sizes = {"fp32": len(files[m.model])} if m.model in files else {}
+        sizes.update({g: len(files[f]) for g, f in m.graphs.items() if f in files})
+        raw = files.get(CALIBRATION_FILE)
+        calibration = json.loads(raw.decode("utf-8")) if raw else None
+        mine = {g: ms for (j, g), ms in latency.items() if j == i}
+        out.append(Subject(r.label, m, calibration, sizes, mine, timing if mine else ""))
+    return out
 
 
-def subject_from_package(path: str | Path, *, timed: bool = True) -> Subject:
-    """Open (and verify) the package at ``path`` and read what the report needs from it."""
+def subject(label: str, manifest: Manifest, files: Mapping[str, bytes], golden_in: Mapping[str, np.ndarray],
+            *, timed: bool = True) -> Subject:
+    """One package's subject from its manifest and files (at conversion, before it is written)."""
+    return subjects([_Read(label, manifest, files, golden_in)], timed=timed)[0]
+
+
+def _read_package(path: str | Path) -> _Read:
     from runtime.package import Package
 
     package = Package.open(path)
@@ -134,7 +165,12 @@ def subject_from_package(path: str | Path, *, timed: bool = True) -> Subject:
     wanted = [m.model, *m.graphs.values(), CALIBRATION_FILE]
     files = {name: package.read_bytes(name) for name in wanted if name in m.files}
     golden_in, _ = package.golden("fp32")
-    return subject(Path(path).name, m, files, golden_in, timed=timed)
+    return _Read(Path(path).name, m, files, golden_in)
+
+
+def subject_from_package(path: str | Path, *, timed: bool = True) -> Subject:
+    """Open (and verify) the package at ``path`` and read what the report needs from it."""
+    return subjects([_read_package(path)], timed=timed)[0]
 
 
 # --------------------------------------------------------------------------------------------- figures
@@ -194,8 +230,9 @@ def points(s: Subject) -> list[Point]:
         fp32_metric = 100.0 * float(r["validation"]["accuracy"])
     else:
         fp32_metric = None
-    out = [Point(f"{name} fp32", "fp32", fp32_metric, 1.0, 1.0, s.latency_ms.get("fp32"), s.sizes.get("fp32"),
-                 "prepared fp32 graph (same function)" if int8 else "")]
+    same = None if pruning else 1.0  # a pruned graph's agreement with the unpruned model is not recorded
+    out = [Point(f"{name} fp32", "fp32", fp32_metric, same, same, s.latency_ms.get("fp32"), s.sizes.get("fp32"),
+                 "prepared fp32 graph (same function)" if int8 else "pruned graph" if pruning else "")]
     for graph, g in (int8 or {}).get("per_graph", {}).items():
         note = g.get("target", "")
         if graph not in s.latency_ms and graph in CPU_GRAPHS:
@@ -533,8 +570,7 @@ def render(subjects: Sequence[Subject], *, title: str | None = None) -> str:
 def write_report(packages: Sequence[str | Path], out: str | Path, *, title: str | None = None,
                  timed: bool = True) -> Path:
     """Render the report of ``packages`` to ``out`` (written whole, then renamed into place)."""
-    subjects = [subject_from_package(p, timed=timed) for p in packages]
-    page = render(subjects, title=title)
+    page = render(subjects([_read_package(p) for p in packages], timed=timed), title=title)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staged = out.with_name(f".{out.name}.tmp")
