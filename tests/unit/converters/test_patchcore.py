@@ -248,3 +248,15 @@ def test_an_input_that_strided_convolutions_round_up_still_gets_aligned_patches(
     with edge_sdk.load(report.package) as model:
         p = model.predict(_images(parts / "val" / "defect")[0])
     assert p.extra["anomaly_map"].shape == (14, 14)
+
+
+def test_the_report_draws_the_good_and_defect_score_histograms(fitted: edge_sdk.ConversionReport) -> None:
+    from converters.html_report import REPORT_FILE, points, subject_from_package
+
+    package = Package.open(fitted.package)
+    page = package.read_bytes(REPORT_FILE).decode("utf-8")
+    assert '<img alt="anomaly score histograms"' in page and "<h3>Anomaly model</h3>" in page
+    assert fitted.anomaly is not None
+    [fp32] = points(subject_from_package(fitted.package, timed=False))
+    assert fp32.metric == pytest.approx(100 * fitted.anomaly["validation"]["auroc"])  # AUROC, not decision accuracy
+    assert "image AUROC (points)" in page
