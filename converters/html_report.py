@@ -231,7 +231,8 @@ def points(s: Subject) -> list[Point]:
     else:
         fp32_metric = None
     same = None if pruning else 1.0  # a pruned graph's agreement with the unpruned model is not recorded
-    out = [Point(f"{name} fp32", "fp32", fp32_metric, same, same, s.latency_ms.get("fp32"), s.sizes.get("fp32"),
+    label = f"{name} fp32 (in the int8 package)" if int8 else f"{name} fp32"
+    out = [Point(label, "fp32", fp32_metric, same, same, s.latency_ms.get("fp32"), s.sizes.get("fp32"),
                  "prepared fp32 graph (same function)" if int8 else "pruned graph" if pruning else "")]
     for graph, g in (int8 or {}).get("per_graph", {}).items():
         note = g.get("target", "")
@@ -344,7 +345,8 @@ def histogram_plots(calibration: Mapping[str, Any]) -> str | None:
 
 
 def allocation_plot(pruning: Mapping[str, Any]) -> str | None:
-    ratios = (pruning.get("chosen") or {}).get("ratios") or {}
+    # a budget search's choice, or an allocation given as such
+    ratios = (pruning.get("chosen") or {}).get("ratios") or (pruning.get("spec") or {}).get("ratios") or {}
     if not ratios:
         return None
     units = sorted(ratios, key=lambda u: -ratios[u])
@@ -354,7 +356,7 @@ def allocation_plot(pruning: Mapping[str, Any]) -> str | None:
     ax.set_yticks(range(len(units)), [u[:56] for u in units], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("share of the unit removed (%)")
-    ax.set_title("pruning allocation per unit (from the sensitivity analysis and the budget search)")
+    ax.set_title("pruning allocation per unit (a budget search's choice, or the allocation given)")
     ax.grid(True, axis="x", alpha=0.3)
     return _png(fig, "pruning allocation per unit")
 
@@ -364,7 +366,7 @@ def confusion_plot(matrices: Sequence[tuple[str, Mapping[str, Mapping[str, int]]
     if not matrices:
         return None
     names = list(labels) + sorted({p for _, m in matrices for row in m.values() for p in row} - set(labels))
-    fig = _figure(min(5.2 * len(matrices), 10.5), 4.6)
+    fig = _figure(min(4.0 * len(matrices), 10.5), 3.6)
     axes = np.atleast_1d(fig.subplots(1, len(matrices))).ravel()
     for ax, (title, m) in zip(axes, matrices):
         grid = np.array([[m.get(t, {}).get(p, 0) for p in names] for t in names], dtype=np.int64)

@@ -23,16 +23,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import edge_sdk
+from edge_sdk.errors import PruningError
 from demo._cli import run_demo
 from demo._table import table
 
 SHOWN_PER_LABEL = 2
-#: The packages each demo model becomes. The pruned image model removes a fixed share of channels
-#: (no budget search: that takes minutes) to set a smaller, faster graph beside fp32 and int8 in
-#: its report.
-PRUNE_RATIO = 0.25
+#: The channel allocation a pruning budget search (``{"method": "structured", "budget": 1.0}``, 5.6 min
+#: on 2 cores) chose for the demo image model: 12 channel groups of the late stages, 91.33 -> 90.67 points
+#: on the held-out surfaces, 1.27x CPU speed. Reapplied as given, the pruned package takes seconds; if
+#: the model's units ever differ from these, the demo runs the search itself.
+PRUNED_CHANNELS = {f"channels:node_Conv_{n}": r for n, r in (
+    (814, 0.125), (824, 0.125), (829, 0.375), (839, 0.25), (844, 0.5), (849, 0.25), (854, 0.625), (859, 0.625),
+    (864, 0.625), (869, 0.5), (872, 0.25), (874, 0.5))}
+PRUNE_SEARCH = {"method": "structured", "budget": 1.0}
+#: The packages each demo model becomes.
 VARIANTS: dict[str, dict[str, dict[str, object]]] = {
-    "surface-defects": {"fp32": {}, "pruned": {"prune": {"method": "structured", "ratio": PRUNE_RATIO}},
+    "surface-defects": {"fp32": {}, "pruned": {"prune": {"method": "structured", "ratios": PRUNED_CHANNELS}},
                         "int8": {"quantize": "int8"}},
     "fault-reports": {"fp32": {}, "int8": {"quantize": "int8"}},
 }
@@ -77,7 +83,12 @@ def _convert(build: Path, packages: Path) -> dict[str, Path]:
             if target.is_file() and target.stat().st_mtime > model.stat().st_mtime:
                 continue
             started = time.perf_counter()
-            report = edge_sdk.convert(model, target, name=name, **kwargs, **extra)  # type: ignore[arg-type]
+            try:
+                report = edge_sdk.convert(model, target, name=name, **kwargs, **extra)  # type: ignore[arg-type]
+            except PruningError as exc:  # the recorded allocation does not fit this model: search
+                print(f"{target.name}: {exc.message}; searching the allocation instead (minutes)")
+                extra = {**extra, "prune": PRUNE_SEARCH}
+                report = edge_sdk.convert(model, target, name=name, **kwargs, **extra)  # type: ignore[arg-type]
             print(f"converted {target.name} in {time.perf_counter() - started:.1f} s")
             if report.int8:
                 from converters.report import int8_lines

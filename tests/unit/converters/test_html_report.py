@@ -110,7 +110,7 @@ def test_edge_sdk_report_sets_packages_side_by_side(converted: dict[str, Path], 
     for name in ("colors.fp32.edgepkg", "colors.pruned.edgepkg", "colors.int8.edgepkg"):
         assert f"<h2>{name}</h2>" in page
     rows = re.findall(r"<tr><td>(colors[^<]*)</td>", page)
-    assert rows[:3] == ["colors fp32", "colors pruned fp32", "colors fp32"] and len(rows) == 6
+    assert rows[:3] == ["colors fp32", "colors pruned fp32", "colors fp32 (in the int8 package)"] and len(rows) == 6
     assert not list(out.parent.glob(".*.tmp"))  # written whole, then renamed
 
 
