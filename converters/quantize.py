@@ -121,12 +121,13 @@ def calibrate(
 def prepare_int8(
     model: onnx.ModelProto, batches: Sequence[Feeds], method: CalibrationMethod, *,
     smoothing: float | None = DEFAULT_ALPHA, equalization: bool = True, bias_correction: bool = True,
-    mask: str | None = None, progress: Callable[[int], None] | None = None,
+    mask: str | None = None, progress: Callable[[int], None] | None = None, relu6: bool = True,
 ) -> tuple[Calibration, Placement]:
     """Plan the placement; smooth transformer MatMul inputs (``smoothing`` = migration strength,
     None to skip) or equalize CNN conv pairs; then calibrate (with bias correction). The one
     entry point for ``convert`` and the benchmarks. ``mask`` names the attention-mask input of a
-    text model, so that padding positions stay out of the statistics."""
+    text model, so that padding positions stay out of the statistics. ``relu6=False`` leaves the
+    pairs joined by ReLU6 unequalized (``equalize`` without calibration data)."""
     original = model
     placement = plan_placement(model)
     smoothed: list[str] = []
@@ -136,7 +137,10 @@ def prepare_int8(
         model, smoothed = smooth_model(model, batches, placement.nodes, smoothing, mask=mask)
         placement = plan_placement(model)
     elif equalization and placement.family == "cnn":
-        model, pairs, skipped = equalize(model, batches)
+        model, pairs, skipped = equalize(model, batches if relu6 else None)
+        if not relu6:
+            skipped = {a: "followed by Clip (ReLU6): ReLU6 equalization off" if why.startswith("followed by Clip (ReLU6)")
+                       else why for a, why in skipped.items()}
     cal = calibrate(model, batches, placement, method, progress=progress, bias_correction=bias_correction,
                     mask=mask)
     return replace(cal, original=original, smoothed=tuple(smoothed), smoothing_alpha=smoothing if smoothed else None,

@@ -83,6 +83,12 @@ def int8_lines(int8: dict[str, Any]) -> list[str]:
     if int8.get("measured_by"):
         lines.append(f"int8 figures measured by the {int8['measured_by']}, "
                      f"agreement on {int8.get('agreement_measured_on', 'the calibration data')}")
+    relu6 = int8.get("relu6_equalization")
+    if relu6:
+        measured = "; ".join(f"{k}: " + ", ".join(f"{g} {m['metric']:.2f} ({m['float_layers']} float)"
+                                                  for g, m in graphs.items())
+                             for k, graphs in relu6["measured"].items())
+        lines.append(f"ReLU6 equalization {relu6['chosen']} by measurement ({measured})")
     for graph, g in int8.get("per_graph", {}).items():
         rounding = g.get("weight_rounding", {}).get("chosen", "nearest")
         lines.append(f"  {graph} ({g['target']}): metric {g['metric_int8']:.2f}, agreement "

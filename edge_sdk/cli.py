@@ -112,12 +112,16 @@ def _labels_arg(value: str | None) -> Any:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    import importlib.util
+
     try:
         from converters.html_report import write_report
-        import matplotlib  # noqa: F401  (the plots)
     except ImportError as exc:
         raise BackendUnavailableError(f"edge-sdk report needs the 'convert' extra ({exc.name} is missing)",
                                       hint="pip install 'edge-sdk[convert]'") from None
+    if importlib.util.find_spec("matplotlib") is None:
+        raise BackendUnavailableError("edge-sdk report needs matplotlib for its plots (the 'convert' extra)",
+                                      hint="pip install 'edge-sdk[convert]'")
     out = write_report(args.packages, args.output, title=args.title, timed=not args.no_timing)
     print(f"wrote {out} ({out.stat().st_size / 1e3:.0f} kB): {len(args.packages)} package(s)")
     return 0

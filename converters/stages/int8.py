@@ -19,6 +19,7 @@ from converters.data import Sample
 from converters.evaluate import Evaluation, accuracy_points, evaluate, pipeline_for
 from converters.html_report import CALIBRATION_FILE
 from converters.plots import histogram_png
+from converters.equalization import find_clip_pairs
 from converters.ir import name_nodes
 from converters.quantize import (Calibration, Feeds, Int8Graphs, Placement, Variant, build_variant, layer_sensitivity,
                                  mixed_precision, prepare_int8)
@@ -168,8 +169,6 @@ def run_int8(
     reader = calibration_reader(calibration, task=task, inputs=manifest.inputs, encode=encoder, limit=samples)
     batches = list(reader)
     mask = manifest.preprocess.attention_mask if isinstance(manifest.preprocess, TextPreprocess) else None
-    cal, placement = prepare_int8(model, batches, chosen, smoothing=smoothing, mask=mask,
-                                  progress=(lambda n: progress("calibration", n, len(reader))) if progress else None)
     output = manifest.postprocess.output
     reference = _logits(model, batches, output)
     anomaly_map = manifest.postprocess.kind == "anomaly" and manifest.postprocess.map_output is not None
@@ -186,10 +185,25 @@ def run_int8(
 
     fidelity = _anomaly_fidelity(manifest, model, held) if anomaly_map else agreement  # decisions and maps
 
-    results = {v: _fit_variant(v, model, cal, placement, batches[:1],
-                               _metric(manifest, encoder, validation, batches, reference, v), baseline, budget, progress,
-                               fidelity)
-               for v in Variant}
+    def fit(relu6: bool) -> tuple[Calibration, Placement, dict[Variant, _VariantResult]]:
+        cal, placement = prepare_int8(model, batches, chosen, smoothing=smoothing, mask=mask, relu6=relu6,
+                                      progress=(lambda n: progress("calibration", n, len(reader))) if progress else None)
+        return cal, placement, {v: _fit_variant(v, model, cal, placement, batches[:1],
+                                                _metric(manifest, encoder, validation, batches, reference, v), baseline,
+                                                budget, progress, fidelity)
+                                for v in Variant}
+
+    fits = {True: fit(True)}
+    perfect = _preference(fits[True][2], baseline, budget)[:2] == (True, 0)  # nothing to gain from the other
+    if fits[True][1].family == "cnn" and find_clip_pairs(model) and not perfect:
+        fits[False] = fit(False)  # ReLU6 equalization is kept only where it measurably helps this model
+    relu6 = max(fits, key=lambda k: _preference(fits[k][2], baseline, budget))
+    cal, placement, results = fits[relu6]
+    relu6_choice = None if len(fits) == 1 else {
+        "chosen": "on" if relu6 else "off",
+        "measured": {("on" if k else "off"): {v.value: {"metric": r.metric, "float_layers": len(r.float_nodes)}
+                                              for v, r in f[2].items()} for k, f in fits.items()},
+        "rule": "every graph within the budget, then fewest layers in float, then the highest metrics"}
     evaluation = None
     if validation:
         pipeline = pipeline_for(manifest, results[Variant.U8S8].graph, encoder, "u8s8")
@@ -210,7 +224,16 @@ def run_int8(
     report = _report(cal.model, cal, placement.family, graphs, results[Variant.U8S8].sensitivity, files, proto,
                      budget, baseline, per_graph)
     report["agreement_measured_on"] = f"{'validation' if validation else 'calibration'} data, {len(held_ref)} inputs"
+    report["relu6_equalization"] = relu6_choice
     return Int8Stage(cal.prepared.SerializeToString(), files, golden, report, evaluation)
+
+
+def _preference(results: dict[Variant, _VariantResult], baseline: float,
+                budget: float | None) -> tuple[bool, int, float]:
+    """How good a preparation's graphs are, larger is better: all within the budget, then the
+    fewest layers in float (speed), then the sum of their metrics."""
+    within = all(budget is None or baseline - r.metric <= budget + 1e-9 for r in results.values())
+    return within, -sum(len(r.float_nodes) for r in results.values()), sum(r.metric for r in results.values())
 
 
 def _panels(model: onnx.ModelProto, cal: Calibration,

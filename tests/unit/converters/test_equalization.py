@@ -133,3 +133,33 @@ def _qdq_without_stripping(model: onnx.ModelProto, ranges: dict[str, tuple[float
     from converters import qdq
 
     return qdq._quantize(model, ranges, variant, placement, reduce_range=False)
+
+
+def test_prepare_int8_can_leave_the_relu6_pairs_unequalized_and_says_so() -> None:
+    from converters.calibration.methods import CalibrationMethod
+    from converters.quantize import prepare_int8
+
+    model, calib = _relu6_chain(), _inputs(1.0)
+    on, _ = prepare_int8(model, calib, CalibrationMethod.MSE)
+    off, _ = prepare_int8(model, calib, CalibrationMethod.MSE, relu6=False)
+    assert on.equalized == (("a", "dw"), ("dw", "pw")) and any(n.name.startswith(BOUND) for n in on.model.graph.node)
+    assert off.equalized == () and not any(n.name.startswith(BOUND) for n in off.model.graph.node)
+    assert off.equalization_skipped["a"] == "followed by Clip (ReLU6): ReLU6 equalization off"
+    for feeds in calib:  # both prepared graphs compute the model's function
+        np.testing.assert_allclose(_run(off.model, feeds["x"]), _run(model, feeds["x"]), rtol=1e-5, atol=1e-6)
+
+
+def test_the_preparation_is_chosen_by_budget_then_float_layers_then_metric() -> None:
+    from converters.quantize import Variant
+    from converters.stages.int8 import _preference, _VariantResult
+
+    def graphs(*fits: tuple[float, int]) -> dict[Variant, _VariantResult]:
+        return {v: _VariantResult(None, {f"n{i}": "" for i in range(floats)}, {}, [], metric, {})  # type: ignore[arg-type]
+                for v, (metric, floats) in zip(Variant, fits)}
+
+    over = graphs((91.3, 0), (90.0, 0), (91.3, 0))  # one graph 1.3 points under a 91.3 baseline
+    within_slow = graphs((91.3, 4), (91.3, 0), (91.3, 4))
+    within_fast = graphs((91.0, 0), (91.0, 1), (91.3, 0))
+    ranked = sorted([over, within_slow, within_fast], key=lambda r: _preference(r, 91.3, 0.5), reverse=True)
+    assert ranked == [within_fast, within_slow, over]
+    assert _preference(over, 91.3, None)[0]  # no budget: every preparation is within it
