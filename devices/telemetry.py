@@ -3,8 +3,9 @@
 On a Jetson, ``tegrastats`` prints one line per interval; :func:`parse_tegrastats` reads the
 formats of JetPack 4, 5 and 6 (and L4T 38) into a frozen :class:`Telemetry`. Elsewhere (x86,
 or a Jetson whose ``tegrastats`` died) :func:`read_sysfs` reads the thermal zones under
-``sys/class/thermal`` and ``proc/meminfo`` relative to a root path, so tests use a fake root
-and any Linux machine still reports temperatures and memory.
+``sys/class/thermal``, ``proc/meminfo`` and the per-core counters of ``proc/stat`` (load between
+two polls) relative to a root path, so tests use a fake root and any Linux machine still reports
+temperatures, memory and CPU load.
 
 :class:`TelemetrySampler` keeps the latest reading: it runs ``tegrastats --interval MS`` as a
 subprocess with a reader thread when the binary is on ``PATH``, else polls sysfs. A line it
@@ -33,7 +34,7 @@ from typing import IO, Any
 
 from edge_sdk.errors import DeviceError
 
-__all__ = ["Telemetry", "TelemetrySampler", "parse_tegrastats", "read_sysfs"]
+__all__ = ["Telemetry", "TelemetrySampler", "cpu_percent", "parse_tegrastats", "read_cpu_times", "read_sysfs"]
 
 _log = logging.getLogger(__name__)
 
@@ -205,8 +206,51 @@ def _sysfs_memory(root: Path) -> tuple[int | None, int | None]:
     return (total - available) // 1024, total // 1024
 
 
-def read_sysfs(root: str | os.PathLike[str] = "/", timestamp: float | None = None) -> Telemetry:
-    """Temperatures and memory from ``sys/class/thermal`` and ``proc/meminfo`` under ``root``."""
+#: ``proc/stat`` per-core counters: cpuN user nice system idle iowait irq softirq steal ...
+_CPU_LINE = re.compile(r"^cpu(\d+)\s+(.*)$")
+CpuTimes = dict[int, tuple[int, int]]  # core -> (busy jiffies, total jiffies)
+
+
+def read_cpu_times(root: str | os.PathLike[str] = "/") -> CpuTimes:
+    """Each core's busy and total time so far from ``proc/stat`` under ``root`` (idle and iowait
+    are not busy; guest time is already inside user). Empty when the file cannot be read."""
+    text = _read(Path(os.fspath(root)) / "proc" / "stat")
+    out: CpuTimes = {}
+    for line in (text or "").splitlines():
+        match = _CPU_LINE.match(line)
+        if not match:
+            continue
+        try:
+            fields = [int(v) for v in match.group(2).split()[:8]]
+        except ValueError:
+            continue
+        if len(fields) < 4:
+            continue
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        total = sum(fields)
+        out[int(match.group(1))] = (total - idle, total)
+    return out
+
+
+def cpu_percent(before: CpuTimes, after: CpuTimes) -> tuple[float | None, ...]:
+    """Per-core load between two ``read_cpu_times`` readings, cores in order; None for a core
+    missing from either reading (offline) or with no time elapsed."""
+    if not after:
+        return ()
+    loads: list[float | None] = []
+    for core in range(max(after) + 1):
+        if core not in before or core not in after:
+            loads.append(None)
+            continue
+        busy, total = after[core][0] - before[core][0], after[core][1] - before[core][1]
+        loads.append(min(max(100.0 * busy / total, 0.0), 100.0) if total > 0 else None)
+    return tuple(loads)
+
+
+def read_sysfs(root: str | os.PathLike[str] = "/", timestamp: float | None = None,
+               cpu_before: CpuTimes | None = None) -> Telemetry:
+    """Temperatures and memory from ``sys/class/thermal`` and ``proc/meminfo`` under ``root``;
+    with ``cpu_before`` (an earlier ``read_cpu_times``) also each core's load since then."""
     base = Path(os.fspath(root))
     used, total = _sysfs_memory(base)
     return Telemetry(
@@ -214,6 +258,7 @@ def read_sysfs(root: str | os.PathLike[str] = "/", timestamp: float | None = Non
         source="sysfs",
         ram_used_mb=used,
         ram_total_mb=total,
+        cpu_percent=cpu_percent(cpu_before, read_cpu_times(base)) if cpu_before is not None else (),
         temperatures=_sysfs_temperatures(base),
     )
 
@@ -332,9 +377,11 @@ class TelemetrySampler:
             self._warn_once("telemetry: failed to parse tegrastats line %r", line.strip()[:120], exc_info=True)
 
     def _poll_sysfs(self) -> None:
+        before = read_cpu_times(self.root)
         while not self._stop.is_set():
             try:
-                self._latest = read_sysfs(self.root)
+                self._latest = read_sysfs(self.root, cpu_before=before)
+                before = read_cpu_times(self.root)
             except Exception:  # noqa: BLE001 - same reason as in _accept
                 self._warn_once("telemetry: reading sysfs under %s failed", self.root, exc_info=True)
             self._stop.wait(self.interval_s)

@@ -283,3 +283,32 @@ def test_sampler_before_start_has_no_reading(tmp_path: Path) -> None:
 def test_sampler_rejects_a_bad_interval(interval: float) -> None:
     with pytest.raises(DeviceError, match=r"interval_s=.* is not a positive number"):
         TelemetrySampler(interval_s=interval)
+
+
+def test_sysfs_cpu_load_comes_from_two_proc_stat_readings(make_root: RootFactory) -> None:
+    from devices.telemetry import cpu_percent, read_cpu_times
+
+    counters = ("cpu  300 0 100 600 0 0 0 0 0 0\n"
+            "cpu0 100 0 50 300 0 0 0 0 0 0\n"
+            "cpu1 200 0 50 300 0 0 0 0 0 0\n"
+            "intr 12345\nctxt 999\n")
+    root = make_root({**X86_FILES, "proc/stat": counters})
+    before = read_cpu_times(root)
+    assert before == {0: (150, 450), 1: (250, 550)}
+    # cpu0 busy 50 of 100 jiffies since, cpu1 idle all 100 (iowait counts as idle), cpu2 came online
+    (root / "proc/stat").write_text("cpu0 150 0 50 350 0 0 0 0\ncpu1 200 0 50 380 20 0 0 0\ncpu2 5 0 0 5 0 0 0 0\n"
+                                    "cpu3 garbage\n")
+    t = read_sysfs(root, cpu_before=before)
+    assert t.cpu_percent == (50.0, 0.0, None) and t.cpu_mean_percent == 25.0
+    assert read_sysfs(root).cpu_percent == ()  # one reading alone gives no load
+    assert cpu_percent(before, {}) == () and cpu_percent({0: (10, 100)}, {0: (10, 100)}) == (None,)
+
+
+def test_the_sampler_reports_this_machines_cpu_load_without_tegrastats(tmp_path: Path) -> None:
+    with TelemetrySampler("/", interval_s=0.05, tegrastats=str(tmp_path / "no-tegrastats")) as sampler:
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and not (sampler.latest() and sampler.latest().cpu_percent):  # type: ignore[union-attr]
+            time.sleep(0.02)
+        reading = sampler.latest()
+    assert sampler.mode == "stopped" and reading is not None and reading.source == "sysfs"
+    assert reading.cpu_percent and all(v is None or 0.0 <= v <= 100.0 for v in reading.cpu_percent)
