@@ -34,7 +34,7 @@ from runtime.manifest import Manifest
 REPORT_FILE = "reports/report.html"
 CALIBRATION_FILE = "reports/calibration.json"
 CPU_GRAPHS = ("u8s8", "u8s7")
-TIMING_ROUNDS = 15
+TIMING_ROUNDS = 30
 SENSITIVE_SHOWN = 25
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 Key = TypeVar("Key", bound=Hashable)
@@ -82,13 +82,14 @@ def machine() -> dict[str, Any]:
 def time_graphs(graphs: Mapping[Key, tuple[bytes, Mapping[str, np.ndarray]]],
                 rounds: int = TIMING_ROUNDS) -> dict[Key, float]:
     """Median milliseconds per call of each graph on its feeds with onnxruntime's CPU provider; the
-    graphs take turns (one untimed warm-up each) so that a busy machine slows them alike."""
+    graphs take turns (two untimed warm-ups each) so that a busy machine slows them alike."""
     import onnxruntime as ort
 
     sessions = {key: (ort.InferenceSession(data, providers=["CPUExecutionProvider"]), dict(feeds))
                 for key, (data, feeds) in graphs.items()}
-    for session, feeds in sessions.values():
-        session.run(None, feeds)
+    for _ in range(2):
+        for session, feeds in sessions.values():
+            session.run(None, feeds)
     times: dict[Key, list[float]] = {key: [] for key in sessions}
     for _ in range(rounds):
         for key, (session, feeds) in sessions.items():
