@@ -105,6 +105,17 @@ def image_package(tmp_path: Path, image_onnx: Path, image_folder: Path) -> Path:
 
     out = tmp_path / "colors.edgepkg"
     convert(image_onnx, out, task="image-classification", labels=builders.COLOR_LABELS,
+            preprocess=builders.preprocess_dict(), validation=image_folder, report=False)
+    return out
+
+
+@pytest.fixture
+def reported_image_package(tmp_path: Path, image_onnx: Path, image_folder: Path) -> Path:
+    """``image_package`` as convert writes it by default: with its HTML report (reports/report.html)."""
+    from converters import convert
+
+    out = tmp_path / "colors.edgepkg"
+    convert(image_onnx, out, task="image-classification", labels=builders.COLOR_LABELS,
             preprocess=builders.preprocess_dict(), validation=image_folder)
     return out
 
@@ -115,5 +126,5 @@ def text_package(tmp_path: Path, text_onnx: Path, tokenizer_file: Path, text_val
 
     out = tmp_path / "words.edgepkg"
     convert(text_onnx, out, task="text-classification", labels=builders.TEXT_LABELS, tokenizer=tokenizer_file,
-            max_length=16, validation=text_validation, report=False)  # colors carries a report, words none
+            max_length=16, validation=text_validation, report=False)
     return out

@@ -20,6 +20,14 @@ from tests.services import free_port
 
 #: A fault name with markup in it: the console must show it as text (tests/integration/test_console_browser.py).
 HOSTILE_FAULT = '<img src=x onerror="window.pwned=1">hot'
+
+
+@pytest.fixture
+def image_package(reported_image_package: Path) -> Path:
+    """The console's image model carries its conversion report (the text model none)."""
+    return reported_image_package
+
+
 CONSOLE_RULE_EXTRA = """
 [sources.line-cam]
 uri = "{frames}"

@@ -18,6 +18,12 @@ from tests.integration.test_daemon import TOKEN, DaemonProcess, png
 pytestmark = pytest.mark.skipif(missing() is not None, reason=missing() or "")
 
 
+@pytest.fixture
+def image_package(reported_image_package: Path) -> Path:
+    """The console's image model carries its conversion report (the text model none)."""
+    return reported_image_package
+
+
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chromium]:
     chromium = Chromium(tmp_path_factory.mktemp("console-screenshots"))
