@@ -13,14 +13,19 @@ from converters.calibration.methods import TensorRange
 WIDTH, HEIGHT, MARGIN, COLUMNS = 640, 170, 28, 256
 
 
-def _panel(title: str, h: TensorHistogram, r: TensorRange) -> np.ndarray:
-    panel = np.full((HEIGHT, WIDTH, 3), 255, np.uint8)
+def abs_columns(h: TensorHistogram, amax: float, columns: int = COLUMNS) -> tuple[float, np.ndarray]:
+    """``|x|`` counts of ``h`` in ``columns`` equal bins from 0 to a span covering all but a 1e-7
+    tail of the values and the threshold ``amax`` (5% beyond): the span and the counts."""
     counts = h.abs_counts().astype(np.float64)
     used = max(1, int(np.searchsorted(np.cumsum(counts), counts.sum() * (1 - 1e-7))) + 1)
-    span = max(used * h.bin_width, r.amax) * 1.05
-    edges = np.linspace(0.0, span, COLUMNS + 1)
-    centres = h.abs_centres()
-    per_column = np.histogram(centres, bins=edges, weights=counts)[0]
+    span = max(used * h.bin_width, amax) * 1.05
+    per_column = np.histogram(h.abs_centres(), bins=np.linspace(0.0, span, columns + 1), weights=counts)[0]
+    return span, per_column
+
+
+def _panel(title: str, h: TensorHistogram, r: TensorRange) -> np.ndarray:
+    panel = np.full((HEIGHT, WIDTH, 3), 255, np.uint8)
+    span, per_column = abs_columns(h, r.amax)
     heights = np.log1p(per_column)
     heights = heights / max(heights.max(), 1e-12) * (HEIGHT - 2 * MARGIN)
     plot_w = WIDTH - 2 * MARGIN

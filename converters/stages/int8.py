@@ -18,7 +18,7 @@ from converters.calibration.readers import Encoder, calibration_reader
 from converters.data import Sample
 from converters.evaluate import Evaluation, accuracy_points, evaluate, pipeline_for
 from converters.html_report import CALIBRATION_FILE
-from converters.plots import histogram_png
+from converters.plots import abs_columns, histogram_png
 from converters.equalization import find_clip_pairs
 from converters.ir import name_nodes
 from converters.quantize import (Calibration, Feeds, Int8Graphs, Placement, Variant, build_variant, layer_sensitivity,
@@ -257,11 +257,7 @@ def calibration_record(panels: Sequence[tuple[str, TensorHistogram, TensorRange]
     graphs use and the threshold every histogram method would have chosen, with its expected error."""
     tensors = []
     for title, h, chosen in panels:
-        counts = h.abs_counts().astype(np.float64)
-        used = max(1, int(np.searchsorted(np.cumsum(counts), counts.sum() * (1 - 1e-7))) + 1)
-        span = max(used * h.bin_width, chosen.amax) * 1.05
-        per_column = np.histogram(h.abs_centres(), bins=np.linspace(0.0, span, HISTOGRAM_COLUMNS + 1),
-                                  weights=counts)[0]
+        span, per_column = abs_columns(h, chosen.amax, HISTOGRAM_COLUMNS)
         candidates: dict[str, dict[str, Any]] = {}
         for method in (CalibrationMethod.ENTROPY, CalibrationMethod.PERCENTILE, CalibrationMethod.MSE,
                        CalibrationMethod.MINMAX):
