@@ -9,6 +9,8 @@
   or the fp32 graph with fp16 kernels allowed (fp16) or not (fp32), with its engine and timing
   caches under the runtime's cache directory.
 * ``onnxruntime-cuda``: onnxruntime's CUDA provider on the fp32 graph.
+* ``openvino-cpu``: OpenVINO's CPU plugin (the ``[openvino]`` extra) on the same graph
+  onnxruntime's CPU provider would run, compiled blobs cached under the runtime's cache directory.
 * ``onnxruntime-cpu``: the CPU provider on the int8 graph this CPU computes exactly (see
   :func:`cpu_int8_graph`) when the package has one, else fp32.
 
@@ -211,6 +213,23 @@ def _ort_cpu(package: Package, threads: int | None, precision: str) -> tuple[Run
     return OnnxRuntimeRunner(_graph_bytes(package, graph), m.inputs, m.outputs, threads=threads), Served.of_graph(graph)
 
 
+def _openvino_probe(package: Package) -> str | None:
+    from runtime.runners.openvino import OPENVINO_MISSING, openvino_version
+
+    return OPENVINO_MISSING if openvino_version() is None else None
+
+
+def _openvino_cpu(package: Package, threads: int | None, precision: str) -> tuple[Runner, Served]:
+    from runtime.engine_cache import EngineCache, default_cache_dir
+    from runtime.runners.openvino import OpenVinoRunner
+
+    graph = cpu_graph(package, precision)
+    m = package.manifest
+    cache = EngineCache(default_cache_dir()).openvino_cache_dir()
+    return (OpenVinoRunner(_graph_bytes(package, graph), m.inputs, m.outputs, threads=threads, cache_dir=cache),
+            Served.of_graph(graph))
+
+
 def _ort_cuda(package: Package, threads: int | None, precision: str) -> tuple[Runner, Served]:
     if precision in ("int8", "fp16"):  # CUDA kernels gain nothing from Q/DQ graphs: the provider runs fp32
         raise BackendUnavailableError(f"onnxruntime's CUDA provider serves fp32 only, not {precision}")
@@ -257,5 +276,6 @@ BACKENDS: dict[str, tuple[Probe, Factory]] = {
     "tensorrt-dla": (_tensorrt_probe(dla=True), _tensorrt_factory(dla=True)),
     "onnxruntime-tensorrt": (_ort_probe("TensorrtExecutionProvider"), _ort_tensorrt),
     "onnxruntime-cuda": (_ort_probe("CUDAExecutionProvider"), _ort_cuda),
+    "openvino-cpu": (_openvino_probe, _openvino_cpu),
     "onnxruntime-cpu": (_ort_probe("CPUExecutionProvider"), _ort_cpu),
 }

@@ -168,6 +168,13 @@ class EngineCache:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def openvino_cache_dir(self) -> Path:
+        """A directory (created) for OpenVINO's ``CACHE_DIR``: its compiled-model blobs, which OpenVINO
+        keys itself by graph, device, properties and OpenVINO version."""
+        path = self.root / "openvino"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
     def entries(self) -> list[dict[str, Any]]:
         """Every committed engine's sidecar plus its ``"path"``, sorted by path.
 

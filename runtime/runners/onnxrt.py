@@ -7,7 +7,7 @@ selection decides whether they are usable on this machine.
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -116,9 +116,18 @@ ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int64": 
              "int32": "tensor(int32)", "int8": "tensor(int8)", "uint8": "tensor(uint8)", "bool": "tensor(bool)"}
 
 
+class GraphInput(NamedTuple):
+    """A graph input as a runtime reports it (the fields of onnxruntime's ``NodeArg`` that are checked)."""
+
+    name: str
+    type: str  # onnxruntime's type string, e.g. "tensor(float)"
+    shape: Sequence[int | str | None]
+
+
 def check_graph_inputs(graph: Sequence[Any], declared: Sequence[TensorSpec]) -> None:
-    """The session's inputs (``InferenceSession.get_inputs()``) are the declared ones: names, types, ranks
-    and fixed sizes. A package whose manifest describes another graph is refused before it serves."""
+    """The session's inputs (``InferenceSession.get_inputs()``, or :class:`GraphInput` from another runtime)
+    are the declared ones: names, types, ranks and fixed sizes. A package whose manifest describes another
+    graph is refused before it serves."""
     hint = "re-convert the model; the manifest's inputs must describe its graph"
     have = {i.name: i for i in graph}
     if set(have) != {d.name for d in declared}:

@@ -1,0 +1,143 @@
+"""The OpenVINO runner (the ``[openvino]`` extra) on real graphs: fp32 and the int8 graphs, through selection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import edge_sdk
+from edge_sdk.errors import BackendUnavailableError, InferenceError, InputMismatchError, PackageError
+from runtime import backends
+from runtime.manifest import TensorSpec
+from runtime.package import Package
+from runtime.runners.onnxrt import OnnxRuntimeRunner
+from runtime.select import select_runner
+from tests import builders
+
+pytest.importorskip("openvino", reason="the [openvino] extra is not installed")
+
+from runtime.runners.openvino import OpenVinoRunner, compile_config  # noqa: E402
+
+IMAGE_INPUT = (TensorSpec("image", "float32", ("batch", 3, 8, 8)),)
+LOGITS = (TensorSpec("logits", "float32", ("batch", 3)),)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("EDGE_SDK_CACHE", str(cache))
+    return cache
+
+
+def _images(batch: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-1, 1, (batch, 3, 8, 8)).astype(np.float32)
+
+
+def test_fp32_graph_matches_onnxruntime_at_every_batch_size() -> None:
+    model = builders.cnn_model(size=8).SerializeToString()
+    with OpenVinoRunner(model, IMAGE_INPUT, LOGITS, threads=1) as ov, \
+            OnnxRuntimeRunner(model, IMAGE_INPUT, LOGITS, threads=1) as ort:
+        for batch in (1, 3, 8, 1):  # one compiled model, the batch axis dynamic
+            x = _images(batch, seed=batch)
+            got, want = ov.infer({"image": x})["logits"], ort.infer({"image": x})["logits"]
+            assert got.shape == (batch, 3)
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_outputs_are_copies_not_the_request_memory() -> None:
+    with OpenVinoRunner(builders.cnn_model(size=8).SerializeToString(), IMAGE_INPUT, LOGITS, threads=1) as runner:
+        first = runner.infer({"image": _images(2, seed=1)})["logits"]
+        kept = first.copy()
+        runner.infer({"image": _images(2, seed=2)})
+        np.testing.assert_array_equal(first, kept)
+
+
+def test_feeds_are_checked_like_every_runner() -> None:
+    with OpenVinoRunner(builders.cnn_model(size=8).SerializeToString(), IMAGE_INPUT, LOGITS) as runner:
+        with pytest.raises(InputMismatchError, match="dtype float64; expected float32"):
+            runner.infer({"image": np.zeros((1, 3, 8, 8))})
+        with pytest.raises(InputMismatchError, match="size 16 on axis 2.*expected 8"):
+            runner.infer({"image": np.zeros((1, 3, 16, 8), np.float32)})
+
+
+def test_a_manifest_that_describes_another_graph_is_refused() -> None:
+    wrong = (TensorSpec("image", "float32", ("batch", 3, 16, 16)),)
+    refused = r"graph input 'image' has shape \['\?', 3, 8, 8\] but the manifest declares \['batch', 3, 16, 16\]"
+    with pytest.raises(PackageError, match=refused):
+        OpenVinoRunner(builders.cnn_model(size=8).SerializeToString(), wrong, LOGITS).activate()
+    renamed = (TensorSpec("pixels", "float32", ("batch", 3, 8, 8)),)
+    with pytest.raises(PackageError, match=r"inputs are \['image'\] but the manifest declares \['pixels'\]"):
+        OpenVinoRunner(builders.cnn_model(size=8).SerializeToString(), renamed, LOGITS).activate()
+    scores = (TensorSpec("scores", "float32", ("batch", 3)),)
+    with pytest.raises(InferenceError, match=r"no outputs \['scores'\]"):
+        OpenVinoRunner(builders.cnn_model(size=8).SerializeToString(), IMAGE_INPUT, scores).activate()
+
+
+def test_a_graph_openvino_cannot_read_is_an_inference_error_and_threads_are_checked() -> None:
+    with pytest.raises(InferenceError, match="OpenVINO could not compile the model"):
+        OpenVinoRunner(b"not an onnx graph", IMAGE_INPUT, LOGITS).activate()
+    with pytest.raises(BackendUnavailableError, match="threads is 0"):
+        OpenVinoRunner(b"", IMAGE_INPUT, LOGITS, threads=0)
+
+
+def test_the_graph_is_computed_in_its_own_precision() -> None:
+    config = compile_config(2)
+    assert config["INFERENCE_PRECISION_HINT"] == "f32" and config["INFERENCE_NUM_THREADS"] == 2
+    assert config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] == 0
+    with OpenVinoRunner(builders.cnn_model(size=8).SerializeToString(), IMAGE_INPUT, LOGITS, threads=2) as runner:
+        assert str(runner.compiled.get_property("INFERENCE_PRECISION_HINT")) in ("<Type: 'float32'>", "f32")
+        assert runner.compiled.get_property("INFERENCE_NUM_THREADS") == 2
+
+
+def test_int8_package_serves_the_cpu_graph_through_selection_with_parity(int8_package: Any) -> None:
+    selection = select_runner(int8_package, "openvino-cpu")
+    try:
+        wanted, _ = backends.this_cpu_int8_graph()
+        assert selection.backend == "openvino-cpu" and selection.graph == wanted
+        assert selection.precision_label == f"int8-{wanted}"
+        assert selection.parity is not None and selection.parity.ok
+        # the same graph on onnxruntime: both integer pipelines agree within the int8 parity tolerance
+        inputs, _ = int8_package.golden(wanted)
+        m = int8_package.manifest
+        with OnnxRuntimeRunner(int8_package.read_bytes(m.graphs[wanted]), m.inputs, m.outputs) as ort:
+            want = ort.infer(inputs)[m.outputs[0].name]
+        got = selection.runner.infer(inputs)[m.outputs[0].name]
+        assert np.abs(got - want).max() / max(1.0, float(np.abs(want).max())) < 5e-2
+        assert (got.argmax(1) == want.argmax(1)).all()
+    finally:
+        selection.runner.deactivate()
+
+
+def test_compiled_models_are_cached_under_the_runtime_cache(int8_package: Any, _cache: Path) -> None:
+    selection = select_runner(int8_package, "openvino-cpu", precision="fp32")
+    selection.runner.deactivate()
+    blobs = list((_cache / "openvino").iterdir())
+    assert blobs, "OpenVINO wrote no compiled blob into the cache directory"
+
+
+def test_predictions_name_the_backend_and_the_graph(image_package: Path) -> None:
+    with edge_sdk.load(image_package, backend="openvino-cpu") as model:
+        assert model.info["backend"] == "openvino-cpu" and model.info["graph"] == "fp32"
+        with edge_sdk.load(image_package, backend="onnxruntime-cpu") as baseline:
+            image = builders.write_image_folder(Path(model.info["path"]).parent / "imgs")
+            files = sorted(image.rglob("*.png"))
+            got, want = model.predict_batch(files), baseline.predict_batch(files)
+        assert [p.label for p in got] == [p.label for p in want]
+        assert all(p.backend == "openvino-cpu" for p in got)
+
+
+def test_without_openvino_the_policy_moves_on_and_names_the_extra(image_package: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import runtime.runners.openvino as ov_runner
+
+    monkeypatch.setattr(ov_runner, "openvino_version", lambda: None)
+    selection = select_runner(Package.open(image_package), "openvino-cpu,onnxruntime-cpu")
+    try:
+        assert selection.backend == "onnxruntime-cpu"
+        assert [(s.backend, s.reason) for s in selection.skipped] == [("openvino-cpu", ov_runner.OPENVINO_MISSING)]
+        assert "edge-sdk[openvino]" in selection.skipped[0].reason
+    finally:
+        selection.runner.deactivate()
