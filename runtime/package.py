@@ -45,6 +45,11 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
+#: Members an archive stores as they are rather than deflated: graphs, golden vectors (already a
+#: deflated npz) and engines. Deflate saves about 11% on a graph's weights, but inflating them is most
+#: of a cold start: on the demo text package (300 MB of graphs) it took 1.57 s against 0.17 s for the
+#: sha256 every open computes anyway (x86-64 AVX-512, zlib level 1). Archives written before read alike.
+STORED_SUFFIXES = (".onnx", ".npz", ".plan", ".engine")
 _MAX_MANIFEST_BYTES = 16 << 20
 
 
@@ -358,7 +363,7 @@ def write_package(
             staged = staging / "package.zip"
             with zipfile.ZipFile(staged, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
                 for name, data in [*head, *sorted(files.items())]:
-                    zf.writestr(_fixed_time_info(name), data)
+                    zf.writestr(_fixed_time_info(name, stored=name.endswith(STORED_SUFFIXES)), data)
             _fsync(staged)
         else:
             staged = staging / "package"
@@ -404,10 +409,11 @@ def replace_signatures(package: Package, signatures: bytes) -> None:
         staged.unlink(missing_ok=True)
 
 
-def _fixed_time_info(name: str) -> zipfile.ZipInfo:
-    """A member header with a fixed timestamp, so the same content gives the same archive bytes."""
+def _fixed_time_info(name: str, stored: bool = False) -> zipfile.ZipInfo:
+    """A member header with a fixed timestamp, so the same content gives the same archive bytes;
+    deflated unless ``stored``."""
     info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
-    info.compress_type = zipfile.ZIP_DEFLATED
+    info.compress_type = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
     info.external_attr = 0o644 << 16
     return info
 

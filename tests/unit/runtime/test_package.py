@@ -100,6 +100,40 @@ def test_archive_with_a_tampered_member_is_refused(tmp_path: Path) -> None:
         Package.open(out)
 
 
+def test_graphs_and_golden_vectors_are_stored_the_rest_deflated(tmp_path: Path) -> None:
+    files = {**_files(), "model.int8.u8s8.onnx": bytes(4096), "notes/readme.txt": b"x" * 4096}
+    out = write_package(_manifest(), files, tmp_path / "demo.edgepkg").path
+    with zipfile.ZipFile(out) as zf:
+        kinds = {i.filename: i.compress_type for i in zf.infolist()}
+    assert kinds["model.onnx"] == kinds["model.int8.u8s8.onnx"] == kinds["golden.npz"] == zipfile.ZIP_STORED
+    assert kinds["tokenizer.json"] == kinds["notes/readme.txt"] == kinds[MANIFEST] == zipfile.ZIP_DEFLATED
+
+
+def test_an_archive_with_every_member_deflated_still_opens(tmp_path: Path) -> None:
+    out = tmp_path / "demo.edgepkg"
+    write_package(_manifest(), _files(), out)
+    with zipfile.ZipFile(out) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:  # as packages were written before
+        for name, data in members.items():
+            zf.writestr(name, data)
+    assert Package.open(out).read_bytes("model.onnx") == b"not really onnx but hashed"
+
+
+def test_a_flipped_byte_inside_a_stored_graph_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "demo.edgepkg"
+    write_package(_manifest(), _files(), out)
+    with zipfile.ZipFile(out) as zf:
+        info = zf.getinfo("model.onnx")
+    data = bytearray(out.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    assert bytes(data[start:start + info.file_size]) == b"not really onnx but hashed"  # stored as it is
+    data[start + 3] ^= 0x01
+    out.write_bytes(bytes(data))
+    with pytest.raises(PackageIntegrityError, match="damaged|sha256"):
+        Package.open(out)
+
+
 def test_archive_with_an_unlisted_file_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "demo.edgepkg"
     write_package(_manifest(), _files(), out)
