@@ -30,6 +30,20 @@ def _spec(**kw: object) -> ImagePreprocess:
     return ImagePreprocess.from_dict({**base, **kw})
 
 
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("color", ["rgb", "gray"])
+def test_normalization_is_float32_subtract_then_divide_bit_for_bit(layout: str, color: str) -> None:
+    mean, std = ([123.675, 116.28, 103.53], [58.395, 57.12, 57.375]) if color == "rgb" else ([127.5], [0.3])
+    spec = _spec(resize=[24, 24], mean=mean, std=std, color=color, layout=layout)
+    bgr = np.random.default_rng(5).integers(0, 256, (24, 24, 3), np.uint8)
+    img = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB) if color == "rgb" else cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)[:, :, None]
+    planes = [(img[:, :, c].astype(np.float32) - np.float32(m)) / np.float32(s) for c, (m, s) in enumerate(zip(mean, std))]
+    want = np.stack(planes) if layout == "nchw" else np.stack(planes, axis=-1)
+    got = preprocess_image(bgr, spec)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+
+
 def test_area_resize_rgb_mean_std_nchw_by_hand() -> None:
     out = preprocess_image(_blocks_image(), _spec())
     assert out.shape == (3, 2, 2) and out.dtype == np.float32
