@@ -38,6 +38,7 @@ bench: $(VENV)/.demo-deps $(VENV)/.test-deps $(VENV)/.bench-deps
 	$(BIN)/python -m bench.runtime_overhead
 	$(BIN)/python -m bench.int8_kernels --json build/bench/int8_kernels.json
 	$(BIN)/python -m bench.int8 --out build/bench/int8.json
+	$(BIN)/python -m bench.cpu --out build/bench/cpu.json
 	$(BIN)/python -m bench.prune --out build/bench/prune.json
 	$(BIN)/python -m bench.pipeline --out build/bench/pipeline.json
 	$(BIN)/python -m bench.daemon --out build/bench/daemon.json

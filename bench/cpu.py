@@ -9,7 +9,8 @@ machine's ISA (named in every table), 2 threads each:
 1. **Model alone** (rows, one round-robin so load from other processes hits every row alike):
    ORT fp32 (the baseline of every ratio and fidelity figure), ORT int8 (the int8 graph
    ``runtime.backends.this_cpu_int8_graph`` picks for this CPU), OpenVINO fp32 and OpenVINO int8
-   on the same two files, and NNCF int8 (``nncf.quantize`` of the fp32 graph on the same
+   on the same two files, OpenVINO bf16 on the fp32 file where the CPU has bf16 arithmetic
+   (AVX-512 BF16 or AMX), and NNCF int8 (``nncf.quantize`` of the fp32 graph on the same
    calibration data, ``ModelType.TRANSFORMER`` for the text models) as the peer. b1 latency
    (median of single-sample runs), b8 throughput (8 / median batch-of-8 time), fidelity on the
    held-out inputs against ORT fp32 (mean and min cosine; top-1 agreement and accuracy where it
@@ -103,15 +104,16 @@ def ort_run(model: bytes) -> Run:
     return lambda feeds: sess.run([name], feeds)[0]
 
 
-def ov_compiled(model: Any) -> Run:
-    """An OpenVINO model (or ONNX bytes) compiled as the openvino-cpu backend compiles it."""
+def ov_compiled(model: Any, precision: str = "f32") -> Run:
+    """An OpenVINO model (or ONNX bytes) compiled as the openvino-cpu backend compiles it (``precision``
+    "bf16": the float parts in bfloat16, which the backend never does by itself)."""
     import openvino as ov
 
     from runtime.runners.openvino import compile_config
 
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(model) if isinstance(model, bytes) else model, "CPU",
-                                  compile_config(THREADS))
+    config = {**compile_config(THREADS), "INFERENCE_PRECISION_HINT": precision}
+    compiled = core.compile_model(core.read_model(model) if isinstance(model, bytes) else model, "CPU", config)
     request = compiled.create_infer_request()
     out = compiled.outputs[0]
 
@@ -214,6 +216,8 @@ def bench_model(key: str, args: argparse.Namespace, isa: dict[str, Any]) -> dict
             Row(f"ORT int8 {served}", "onnxruntime", served, ort_run(int8)),
             Row("OpenVINO fp32", "openvino", "fp32", ov_compiled(fp32)),
             Row(f"OpenVINO int8 {served}", "openvino", served, ov_compiled(int8))]
+    if {"avx512_bf16", "amx_bf16"} & set(isa["cpu_flags"]):  # bf16 arithmetic in hardware
+        rows.append(Row("OpenVINO bf16 (fp32 graph)", "openvino", "bf16", ov_compiled(fp32, "bf16")))
     t = time.perf_counter()
     try:
         rows.append(Row("NNCF int8 (OpenVINO)", "nncf", "nncf", nncf_run(fp32, b.cal, b.kind == "text")))
@@ -357,7 +361,7 @@ def targets(results: dict[str, Any], isa: dict[str, Any]) -> list[str]:
         metric, floor = TARGET_FIDELITY[key]
         best = max((r for r in res["rows"] if r["graph"] != "fp32" and r["b8_ratio"] and not r["error"]
                     and r["fidelity"].get(metric, -1) >= floor), key=lambda r: r["b8_ratio"], default=None)
-        edge = [r for r in res["rows"] if r["runtime"] != "nncf" and r["graph"] != "fp32" and r["b8_ratio"]]
+        edge = [r for r in res["rows"] if r["runtime"] != "nncf" and r["graph"] not in ("fp32", "bf16") and r["b8_ratio"]]
         top = max(edge, key=lambda r: r["b8_ratio"], default=None)
         met = top is not None and top["b8_ratio"] >= want and top["fidelity"].get(metric, -1) >= floor
         lines.append(f"target {key} int8 >= {want}x ORT fp32 at {metric} >= {floor} ({isa['label']}): "

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from edge_sdk.errors import BackendUnavailableError
 from runtime.engine_spec import EngineSpec, engine_candidates, served_label
+from runtime.manifest import ImagePreprocess
 from runtime.package import Package
 from runtime.runners.base import Runner
 from runtime.runners.onnxrt import OnnxRuntimeRunner, available_providers
@@ -211,6 +212,29 @@ def _ort_cpu(package: Package, threads: int | None, precision: str) -> tuple[Run
     graph = cpu_graph(package, precision)
     m = package.manifest
     return OnnxRuntimeRunner(_graph_bytes(package, graph), m.inputs, m.outputs, threads=threads), Served.of_graph(graph)
+
+
+def openvino_gives_way(package: Package, precision: str = "auto") -> str | None:
+    """Why, under the ``auto`` policy, onnxruntime's CPU provider serves ``package`` at ``precision`` on
+    this CPU rather than OpenVINO (None: OpenVINO is the faster of the two here).
+
+    Measured by ``bench/cpu.py`` on the same graph files (onnxruntime 1.32, OpenVINO 2026.4, 2 threads,
+    x86-64 with AVX-512 VNNI): OpenVINO ran the ``u8s8`` graphs faster at batch 8 on every model (demo
+    CNN 2.60x vs 2.15x onnxruntime fp32, EfficientNet-Lite0 2.52x vs 2.25x, MiniLM-L6 3.15x vs 1.64x,
+    the demo text model 2.85x vs 2.24x) at the same fidelity, and fp32 transformer graphs 1.05-1.33x
+    faster, but fp32 CNN graphs slower (0.86-0.94x). Without VNNI OpenVINO ran the same ``u8s8`` file
+    1.24x against onnxruntime's 1.73x (both saturating), and on Arm64 it has not been timed (only
+    emulated there): onnxruntime stays."""
+    info = device_info()
+    if info.arch not in ("x86_64", "amd64", "AMD64"):
+        return f"onnxruntime's CPU provider is the measured choice on {info.arch} (OpenVINO not timed there)"
+    graph, _ = this_cpu_int8_graph()
+    if graph != "u8s8":
+        return "onnxruntime's CPU provider is faster on x86-64 without VNNI (bench/cpu.py)"
+    served = cpu_graph(package, "fp32" if precision == "fp32" else "auto")
+    if served == "fp32" and isinstance(package.manifest.preprocess, ImagePreprocess):
+        return "onnxruntime's CPU provider runs fp32 CNN graphs faster on this CPU (bench/cpu.py)"
+    return None
 
 
 def _openvino_probe(package: Package) -> str | None:

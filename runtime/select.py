@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from edge_sdk.errors import BackendUnavailableError, EdgeSDKError
-from runtime.backends import BACKENDS, Factory, Probe, Served
+from runtime.backends import BACKENDS, Factory, Probe, Served, openvino_gives_way
 from runtime.engine_spec import ENGINE_PRECISIONS
 from runtime.package import Package
 from runtime.parity import Parity, check_inputs, check_parity
@@ -22,7 +22,7 @@ from runtime.runners.base import Runner
 
 log = logging.getLogger(__name__)
 
-DEFAULT_POLICY = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
+DEFAULT_POLICY = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "openvino-cpu", "onnxruntime-cpu")
 _ALIASES = {"cpu": "onnxruntime-cpu", "cuda": "onnxruntime-cuda", "trt": "tensorrt", "trt-ep": "onnxruntime-tensorrt",
             "dla": "tensorrt-dla"}
 
@@ -72,6 +72,10 @@ _LOWER = {"int8": ("fp16", "fp32"), "fp16": ("fp32",), "fp32": ()}
 
 Registry = Mapping[str, "tuple[Probe, Factory]"]
 
+#: Under ``auto``, a backend that gives way to a later one where that one is measured faster on this CPU
+#: for this package (the reason is recorded like any other); an explicit policy is walked as written.
+GIVES_WAY: Mapping[str, Callable[[Package, str], "str | None"]] = {"openvino-cpu": openvino_gives_way}
+
 
 def parse_policy(backend: str | Sequence[str], registry: Registry = BACKENDS) -> tuple[str, ...]:
     """``"auto"`` -> the default policy; ``"a,b"`` or a list -> that order. Aliases: cpu, cuda, trt."""
@@ -110,6 +114,8 @@ def select_runner(
         probe, factory = registry[name]
         try:
             reason = probe(package)
+            if reason is None and backend == "auto" and name in GIVES_WAY:
+                reason = GIVES_WAY[name](package, precision)
         except Exception as exc:  # noqa: BLE001 - a probe must never stop the walk
             reason = _failure("probe", exc)
         if reason is None:

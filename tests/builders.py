@@ -13,6 +13,16 @@ from onnx import TensorProto, helper, numpy_helper
 if TYPE_CHECKING:
     from runtime.package import Package
 
+def auto_cpu_backend(package: Package, precision: str = "auto") -> str:
+    """The CPU backend the ``auto`` policy serves ``package`` with on this machine: OpenVINO where it is
+    installed and measured the faster one here (``runtime.backends.openvino_gives_way``), else onnxruntime."""
+    from runtime.backends import openvino_gives_way
+    from runtime.runners.openvino import openvino_version
+
+    faster = openvino_version() is not None and openvino_gives_way(package, precision) is None
+    return "openvino-cpu" if faster else "onnxruntime-cpu"
+
+
 COLOR_LABELS = ["red", "green", "blue"]
 TEXT_LABELS = ["bearing", "leak", "overheating"]
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "bearing", "noise", "grinding", "leak", "oil", "drip",

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -299,8 +300,12 @@ def test_hot_swap_keeps_serving_through_a_corrupted_package(served: DaemonProces
     client = Client(served.url, TOKEN)
     before = {m["name"]: m for m in client.models()}["colors"]
     corrupted = tmp_path / "corrupted.edgepkg"
-    data = bytearray(Path(before["package"]).read_bytes())
-    data[len(data) // 2] ^= 0xFF
+    source = Path(before["package"])
+    with zipfile.ZipFile(source) as zf:
+        member = zf.getinfo("model.onnx")
+    data = bytearray(source.read_bytes())
+    start = member.header_offset + 30 + len(member.filename.encode()) + len(member.extra)
+    data[start + member.compress_size // 2] ^= 0xFF  # inside the graph's bytes, not a header field zip ignores
     corrupted.write_bytes(bytes(data))
     with pytest.raises(DaemonRequestError, match="was not swapped") as info:
         client.reload("colors", str(corrupted))

@@ -9,6 +9,7 @@ import onnx
 import pytest
 
 from edge_sdk.cli import main
+from runtime.package import Package
 from tests import builders
 from tests.builders import INCIDENTS_CSV, embedding_model
 
@@ -40,7 +41,7 @@ def test_kb_build_and_search(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
     code, out, _ = _cli(capsys, "kb", "search", str(pkg), "oil drip at the flange", "--json", "--fault", "leak", "-k", "9")
     data = json.loads(out)
-    assert code == 0 and data["incidents"] == 6 and data["backend"] == "onnxruntime-cpu"
+    assert code == 0 and data["incidents"] == 6 and data["backend"] == builders.auto_cpu_backend(Package.open(pkg))
     assert [m["incident"]["fault"] for m in data["matches"]] == ["leak", "leak"]
     assert data["matches"][0]["incident"]["id"] == "INC-4" and 0.9 < data["matches"][0]["similarity"] <= 1.0
 

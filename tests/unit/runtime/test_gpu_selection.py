@@ -20,6 +20,7 @@ from runtime import backends
 from runtime.engine_spec import EngineSpec
 from runtime.package import Package
 from runtime.select import BACKENDS, replicate, select_runner
+from tests import builders
 from tests.threads import run_together
 
 DEVICE = "sm87-trt10.3.0"  # what the stand-ins report: compute capability 8.7, TensorRT 10.3.0
@@ -110,7 +111,7 @@ def test_dla_engines_are_built_fixed_shape_found_on_their_core_and_served_by_ten
     assert plan.spec == EngineSpec(DEVICE, "fp32", "int8", dla_core=1)
     assert plan.config.calibration_cache is not None and plan.config.calibration_cache.startswith("TRT-100300-")
     gpu_first = select_runner(int8_package)  # the default policy does not guess DLA
-    assert gpu_first.backend == "onnxruntime-cpu" and gpu_first.skipped[0].backend == "tensorrt"
+    assert gpu_first.backend == builders.auto_cpu_backend(int8_package) and gpu_first.skipped[0].backend == "tensorrt"
     gpu_first.runner.deactivate()
     selection = select_runner(int8_package, "dla,cpu")
     try:

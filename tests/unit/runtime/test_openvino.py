@@ -141,3 +141,62 @@ def test_without_openvino_the_policy_moves_on_and_names_the_extra(image_package:
         assert "edge-sdk[openvino]" in selection.skipped[0].reason
     finally:
         selection.runner.deactivate()
+
+
+def _as_cpu(monkeypatch: pytest.MonkeyPatch, arch: str, graph: str) -> None:
+    """Selection's view of another CPU family (the rule under test reads only these two facts)."""
+    import dataclasses
+
+    info = dataclasses.replace(backends.device_info(), arch=arch)
+    monkeypatch.setattr(backends, "device_info", lambda: info)
+    monkeypatch.setattr(backends, "this_cpu_int8_graph", lambda: (graph, f"{arch} facts"))
+
+
+def test_auto_prefers_openvino_only_where_it_was_measured_faster(int8_package: Any, image_package: Path,
+                                                                 text_package: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    image_fp32, text_fp32 = Package.open(image_package), Package.open(text_package)
+    _as_cpu(monkeypatch, "x86_64", "u8s8")  # x86-64 with VNNI
+    assert backends.openvino_gives_way(int8_package) is None
+    assert backends.openvino_gives_way(text_fp32) is None
+    assert "fp32 CNN graphs faster" in (backends.openvino_gives_way(image_fp32) or "")
+    assert "fp32 CNN graphs faster" in (backends.openvino_gives_way(int8_package, "fp32") or "")
+    _as_cpu(monkeypatch, "x86_64", "u8s7")  # x86-64 without VNNI
+    assert "without VNNI" in (backends.openvino_gives_way(int8_package) or "")
+    _as_cpu(monkeypatch, "aarch64", "u8s8")
+    assert "aarch64" in (backends.openvino_gives_way(text_fp32) or "")
+
+
+def test_under_auto_the_faster_cpu_backend_serves_and_the_other_says_why(int8_package: Any, image_package: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    _as_cpu(monkeypatch, "x86_64", "u8s8")
+    selection = select_runner(int8_package, "auto")
+    try:
+        assert selection.backend == "openvino-cpu" and selection.precision_label == "int8-u8s8"
+    finally:
+        selection.runner.deactivate()
+    selection = select_runner(Package.open(image_package), "auto")
+    try:
+        assert selection.backend == "onnxruntime-cpu"
+        reasons = {s.backend: s.reason for s in selection.skipped}
+        assert "fp32 CNN graphs faster" in reasons["openvino-cpu"]
+    finally:
+        selection.runner.deactivate()
+    # an explicit policy is walked as written
+    selection = select_runner(Package.open(image_package), "openvino-cpu,onnxruntime-cpu")
+    try:
+        assert selection.backend == "openvino-cpu" and selection.skipped == ()
+    finally:
+        selection.runner.deactivate()
+
+
+def test_auto_on_this_machine_serves_int8_from_the_backend_its_cpu_facts_name(int8_package: Any) -> None:
+    graph, _ = backends.this_cpu_int8_graph()
+    arch = backends.device_info().arch
+    selection = select_runner(int8_package, "auto")
+    try:
+        expected = "openvino-cpu" if arch == "x86_64" and graph == "u8s8" else "onnxruntime-cpu"
+        assert selection.backend == expected, f"{arch}, CPU int8 graph {graph}"
+        assert selection.graph == graph and selection.parity is not None and selection.parity.ok
+    finally:
+        selection.runner.deactivate()

@@ -33,7 +33,8 @@ def test_auto_falls_back_to_cpu_and_records_why(image_package: Path) -> None:
     try:
         assert selection.backend == "onnxruntime-cpu" and selection.runner.is_active
         reasons = {s.backend: s.reason for s in selection.skipped}
-        assert list(reasons) == ["tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda"]
+        # OpenVINO is skipped on every machine for an fp32 CNN: not installed, or measured slower here
+        assert list(reasons) == ["tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "openvino-cpu"]
         assert "not TensorrtExecutionProvider" in reasons["onnxruntime-tensorrt"]
         assert "edge-sdk[tensorrt]" in reasons["tensorrt"] or "engine" in reasons["tensorrt"]
         assert "not CUDAExecutionProvider" in reasons["onnxruntime-cuda"]
