@@ -22,8 +22,9 @@ machine's ISA (named in every table), 2 threads each:
    ``bench.int8`` has the rest of the int8 story).
 2. **End to end vs model alone** (demo packages, each CPU backend, ``edge_sdk.load``): throughput of
    ``model.predict_batch`` on the encoded test files (PNG / text lines; decode, preprocessing or
-   tokenization, inference, postprocessing) against ``model.pipeline.infer`` on the already
-   encoded feeds, batch 8 both.
+   tokenization, inference, postprocessing) against ``model.pipeline.infer`` on the feeds
+   ``model.pipeline.encode_batches`` gives (the very batches ``predict_batch`` runs: for text, each
+   length bucket's windows), batch 8 both.
 3. **Cold start** (demo packages, each CPU backend, a fresh Python process per run): package
    open -> first prediction, after the imports (reported apart). OpenVINO runs twice, with an
    empty and then a filled compiled-model cache.
@@ -254,10 +255,9 @@ def end_to_end(key: str, backend: str, rounds: int) -> dict[str, Any]:
         _, _, texts, _, _, _ = _models.demo_text(DEMO_ROOT / "text")
         items = texts[:64]
     with edge_sdk.load(path, backend=backend, threads=THREADS) as model:
-        batches = [items[i:i + BATCH] for i in range(0, len(items), BATCH)]
-        feeds = [model.pipeline.encode(batch) for batch in batches]
+        feeds = model.pipeline.encode_batches(items, max_batch=BATCH)  # exactly what predict_batch runs
         alone, whole = [], []
-        model.predict_batch(batches[0])
+        model.predict_batch(items[:BATCH], max_batch=BATCH)
         for _ in range(rounds):
             t = time.perf_counter()
             for f in feeds:

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 Encoder = Callable[[Sequence[Any]], dict[str, np.ndarray]]
 DEFAULT_MAX_BATCH = 32
+#: Texts whose windows ``predict_batch`` reads in one tokenizer call before running their buckets.
+TEXTS_PER_PASS = 1024
 
 
 def make_encoder(m: Manifest, tokenizer_json: str | None = None) -> Encoder:
@@ -92,14 +94,33 @@ class Pipeline(Closing):
         return self.predict_batch([item])[0]
 
     def predict_batch(self, items: Sequence[Any], *, max_batch: int = DEFAULT_MAX_BATCH) -> list[Prediction]:
-        """Predict every item, running at most ``max_batch`` at a time."""
+        """Predict every item, running at most ``max_batch`` at a time.
+
+        Text classification reads the windows of every text first (up to :data:`TEXTS_PER_PASS` texts
+        per tokenizer call) and runs each length bucket ``max_batch`` windows at a time, so texts of
+        mixed lengths fill whole batches per bucket instead of many small ones per chunk of texts."""
         if isinstance(items, (str, bytes)):
             raise PipelineError("predict_batch takes a sequence of inputs, not a single str/bytes",
                                 hint="use predict(x) for one input or predict_batch([x])")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise PipelineError(f"max_batch is {max_batch!r}; expected an int >= 1")
+        windowed = self._windowed()
+        step = TEXTS_PER_PASS if windowed is not None else max_batch
         out: list[Prediction] = []
-        for start in range(0, len(items), max_batch):
-            out.extend(self._run(items[start : start + max_batch]))
+        for start in range(0, len(items), step):
+            chunk = items[start : start + step]
+            out.extend(self._run_windows(chunk, windowed, max_batch) if windowed is not None else self._run(chunk))
         return out
+
+    def encode_batches(self, items: Sequence[Any], *, max_batch: int = DEFAULT_MAX_BATCH) -> list[dict[str, np.ndarray]]:
+        """The feeds ``predict_batch(items, max_batch=...)`` runs the graph on, in order: to time the model
+        alone (``[pipeline.infer(f) for f in feeds]``) on exactly the batches a prediction runs."""
+        windowed = self._windowed()
+        if windowed is None:
+            return [self.encode(items[s : s + max_batch]) for s in range(0, len(items), max_batch)]
+        return [feeds for s in range(0, len(items), TEXTS_PER_PASS)
+                for group in windowed.windows(items[s : s + TEXTS_PER_PASS]).groups
+                for feeds in _row_chunks(group.feeds, max_batch)]
 
     def encode(self, items: Sequence[Any]) -> dict[str, np.ndarray]:
         """Stage 1: raw inputs -> the graph's feeds, as the manifest's preprocessing declares."""
@@ -132,9 +153,16 @@ class Pipeline(Closing):
                                        timings=timings, maps=maps)
         return to_predictions(scores, post, backend=self.backend, model=name, precision=precision, timings=timings)
 
-    def _run(self, items: Sequence[Any]) -> list[Prediction]:
+    def _windowed(self) -> TextFeeds | None:
+        """The text preprocessing when this pipeline classifies texts by windows, else None."""
         if isinstance(self._encode, TextFeeds) and self.manifest.postprocess.kind != "embedding":
-            return self._run_windows(items, self._encode)
+            return self._encode
+        return None
+
+    def _run(self, items: Sequence[Any]) -> list[Prediction]:
+        windowed = self._windowed()
+        if windowed is not None:
+            return self._run_windows(items, windowed, max(1, len(items)))
         t0 = time.perf_counter()
         feeds = self.encode(items)
         t1 = time.perf_counter()
@@ -145,14 +173,15 @@ class Pipeline(Closing):
         timing = Timings((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
         return self.wrap(probs, [timing] * len(items), self.maps(outputs))
 
-    def _run_windows(self, texts: Sequence[Any], text: TextFeeds) -> list[Prediction]:
-        """Text classification: windows padded to length buckets, one inference per bucket, windows aggregated."""
+    def _run_windows(self, texts: Sequence[Any], text: TextFeeds, max_batch: int) -> list[Prediction]:
+        """Text classification: windows padded to length buckets, each bucket run ``max_batch`` windows at a
+        time, windows aggregated per text."""
         t0 = time.perf_counter()
         batch = text.windows(texts)
         t1 = time.perf_counter()
-        outputs = [self.infer(group.feeds) for group in batch.groups]
+        outputs = [[self.infer(feeds) for feeds in _row_chunks(group.feeds, max_batch)] for group in batch.groups]
         t2 = time.perf_counter()
-        window_scores = batch.place([self.scores(o) for o in outputs])
+        window_scores = batch.place([np.concatenate([self.scores(o) for o in runs]) for runs in outputs])
         probs = aggregate_windows(window_scores, batch.owner, batch.n_texts, text.encoder.spec.aggregate)
         t3 = time.perf_counter()
         timing = Timings((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)
@@ -160,6 +189,12 @@ class Pipeline(Closing):
 
     def close(self) -> None:
         self.selection.runner.deactivate()
+
+
+def _row_chunks(feeds: Mapping[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
+    """``feeds`` split along the batch axis into runs of at most ``size`` rows (views, no copies)."""
+    rows = len(next(iter(feeds.values())))
+    return [{k: v[s : s + size] for k, v in feeds.items()} for s in range(0, rows, size)]
 
 
 def _with_windows(prediction: Prediction, batch: TextBatch, index: int) -> Prediction:

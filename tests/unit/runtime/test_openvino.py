@@ -200,3 +200,16 @@ def test_auto_on_this_machine_serves_int8_from_the_backend_its_cpu_facts_name(in
         assert selection.graph == graph and selection.parity is not None and selection.parity.ok
     finally:
         selection.runner.deactivate()
+
+
+def test_the_cached_graph_file_is_named_by_its_content_and_rewritten_when_it_changed(tmp_path: Path) -> None:
+    model = builders.cnn_model(size=8).SerializeToString()
+    cache = tmp_path / "ov"
+    with OpenVinoRunner(model, IMAGE_INPUT, LOGITS, threads=1, cache_dir=cache) as runner:
+        want = runner.infer({"image": _images(2)})["logits"]
+    [graph] = (cache / "graphs").iterdir()
+    assert graph.read_bytes() == model and graph.name.endswith(".onnx")
+    graph.write_bytes(builders.cnn_model(size=8, seed=7).SerializeToString())  # another graph under this name
+    with OpenVinoRunner(model, IMAGE_INPUT, LOGITS, threads=1, cache_dir=cache) as runner:
+        np.testing.assert_allclose(runner.infer({"image": _images(2)})["logits"], want, rtol=1e-5, atol=1e-6)
+    assert graph.read_bytes() == model

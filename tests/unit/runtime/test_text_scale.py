@@ -129,6 +129,40 @@ def test_bucket_padding_gives_the_scores_of_the_old_path(pipeline_for: Any, toke
     assert all("windows" not in p.extra for p in pipeline.predict_batch(texts))
 
 
+class _Recording(OnnxRuntimeRunner):
+    """The real onnxruntime runner, recording the input_ids shape of every inference."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.shapes: list[tuple[int, ...]] = []
+
+    def _infer_impl(self, feeds: Any) -> dict[str, np.ndarray]:
+        self.shapes.append(tuple(feeds["input_ids"].shape))
+        return super()._infer_impl(feeds)
+
+
+def test_predict_batch_fills_whole_batches_per_bucket_and_encode_batches_are_what_it_runs(tokenizer: str) -> None:
+    pre = TextPreprocess(max_length=16, buckets=(4, 8))
+    m = _manifest(pre)
+    runner = _Recording(_graph(), m.inputs, m.outputs, threads=1).activate()
+    pipeline = Pipeline(m, Selection("onnxruntime-cpu", runner, ()), make_encoder(m, tokenizer))
+    # 21 texts interleaved: 11 short ones (3 tokens with [CLS]/[SEP]: bucket 4), 10 of 10 tokens (bucket 16)
+    texts = ["oil", "the pump is hot and the oil drips"] * 10 + ["leak"]
+    try:
+        got = pipeline.predict_batch(texts, max_batch=4)
+        assert runner.shapes == [(4, 4), (4, 4), (3, 4), (4, 16), (4, 16), (2, 16)]  # not 6 chunks x 2 buckets
+        one_by_one = [pipeline.predict(t) for t in texts]
+        assert [p.label for p in got] == [p.label for p in one_by_one]
+        np.testing.assert_allclose([list(p.scores.values()) for p in got],
+                                   [list(p.scores.values()) for p in one_by_one], rtol=0, atol=1e-6)
+        feeds = pipeline.encode_batches(texts, max_batch=4)
+        assert [tuple(f["input_ids"].shape) for f in feeds] == runner.shapes[:6]
+        with pytest.raises(PipelineError, match="max_batch is 0; expected an int >= 1"):
+            pipeline.predict_batch(texts, max_batch=0)
+    finally:
+        pipeline.close()
+
+
 def test_a_fixed_sequence_axis_collapses_the_buckets(pipeline_for: Any, tokenizer: str) -> None:
     pipeline = pipeline_for(TextPreprocess(max_length=16, buckets=(4, 8)), sequence=16)
     batch = pipeline._encode.windows(["oil", "the pump is hot", LONG_REPORT])
