@@ -88,7 +88,11 @@ def int8_lines(int8: dict[str, Any]) -> list[str]:
         measured = "; ".join(f"{k}: " + ", ".join(f"{g} {m['metric']:.2f} ({m['float_layers']} float)"
                                                   for g, m in graphs.items())
                              for k, graphs in relu6["measured"].items())
-        lines.append(f"ReLU6 equalization {relu6['chosen']} by measurement ({measured})")
+        per_graph = relu6.get("per_graph", {})
+        mixed = [g for g, k in per_graph.items() if k != relu6["chosen"]]
+        taken = f"; {', '.join(mixed)} from the {'equalized' if relu6['chosen'] == 'off' else 'unequalized'} one" \
+            if mixed else ""
+        lines.append(f"ReLU6 equalization {relu6['chosen']} by measurement ({measured}){taken}")
     for graph, g in int8.get("per_graph", {}).items():
         rounding = g.get("weight_rounding", {}).get("chosen", "nearest")
         lines.append(f"  {graph} ({g['target']}): metric {g['metric_int8']:.2f}, agreement "

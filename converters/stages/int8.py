@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -197,13 +197,17 @@ def run_int8(
     perfect = _preference(fits[True][2], baseline, budget)[:2] == (True, 0)  # nothing to gain from the other
     if fits[True][1].family == "cnn" and find_clip_pairs(model) and not perfect:
         fits[False] = fit(False)  # ReLU6 equalization is kept only where it measurably helps this model
-    relu6 = max(fits, key=lambda k: _preference(fits[k][2], baseline, budget))
-    cal, placement, results = fits[relu6]
+    relu6 = max(fits, key=lambda k: _preference(fits[k][2], baseline, budget))  # the fp32 graph's and the scales'
+    cal, placement, _ = fits[relu6]
+    source = _graph_sources({k: f[2] for k, f in fits.items()}, relu6, baseline, budget)
+    results = {v: fits[source[v]][2][v] for v in Variant}
     relu6_choice = None if len(fits) == 1 else {
         "chosen": "on" if relu6 else "off",
+        "per_graph": {v.value: "on" if k else "off" for v, k in source.items()},
         "measured": {("on" if k else "off"): {v.value: {"metric": r.metric, "float_layers": len(r.float_nodes)}
                                               for v, r in f[2].items()} for k, f in fits.items()},
-        "rule": "every graph within the budget, then fewest layers in float, then the highest metrics"}
+        "rule": "every graph within the budget, then fewest layers in float, then the highest metrics; "
+                "each int8 graph from the preparation that ranks best for it alone"}
     evaluation = None
     if validation:
         pipeline = pipeline_for(manifest, results[Variant.U8S8].graph, encoder, "u8s8")
@@ -228,7 +232,17 @@ def run_int8(
     return Int8Stage(cal.prepared.SerializeToString(), files, golden, report, evaluation)
 
 
-def _preference(results: dict[Variant, _VariantResult], baseline: float,
+def _graph_sources(fits: Mapping[bool, Mapping[Variant, _VariantResult]], primary: bool, baseline: float,
+                   budget: float | None) -> dict[Variant, bool]:
+    """Which preparation (ReLU6 equalization on or off) each int8 graph comes from: the one that ranks
+    best for that graph alone (:func:`_preference`), the package's own (``primary``) on a tie.
+    Equalization keeps the model's function, so a graph of either preparation computes the package's
+    fp32 model; the fp32 graph and the scales stay the primary preparation's."""
+    ordered = sorted(fits, key=lambda k: k != primary)
+    return {v: max(ordered, key=lambda k: _preference({v: fits[k][v]}, baseline, budget)) for v in Variant}
+
+
+def _preference(results: Mapping[Variant, _VariantResult], baseline: float,
                 budget: float | None) -> tuple[bool, int, float]:
     """How good a preparation's graphs are, larger is better: all within the budget, then the
     fewest layers in float (speed), then the sum of their metrics."""

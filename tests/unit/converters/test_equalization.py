@@ -163,3 +163,24 @@ def test_the_preparation_is_chosen_by_budget_then_float_layers_then_metric() -> 
     ranked = sorted([over, within_slow, within_fast], key=lambda r: _preference(r, 91.3, 0.5), reverse=True)
     assert ranked == [within_fast, within_slow, over]
     assert _preference(over, 91.3, None)[0]  # no budget: every preparation is within it
+
+
+def test_each_int8_graph_comes_from_the_preparation_that_ranks_best_for_it() -> None:
+    from converters.quantize import Variant
+    from converters.stages.int8 import _graph_sources, _VariantResult
+
+    def result(metric: float, floats: int) -> _VariantResult:
+        return _VariantResult(None, {f"n{i}": "" for i in range(floats)}, {}, [], metric, {})  # type: ignore[arg-type]
+
+    # as measured on the demo CNN (x86-64 VNNI): equalized, the CPU graphs need 46 float layers and the
+    # TensorRT graph none; unequalized, the CPU graphs need 0 / 4 and the TensorRT graph 33
+    fits = {True: {Variant.U8S8: result(91.33, 46), Variant.U8S7: result(91.33, 46), Variant.S8S8: result(91.33, 0)},
+            False: {Variant.U8S8: result(91.33, 0), Variant.U8S7: result(91.33, 4), Variant.S8S8: result(91.33, 33)}}
+    assert _graph_sources(fits, False, 91.33, 0.5) == {Variant.U8S8: False, Variant.U8S7: False, Variant.S8S8: True}
+    # within the budget first: a faster graph over the budget loses to a slower one within it
+    fits[True][Variant.S8S8] = result(90.0, 0)
+    assert _graph_sources(fits, False, 91.33, 0.5)[Variant.S8S8] is False
+    # a tie keeps the package's own preparation
+    tie = {k: {v: result(91.33, 2) for v in Variant} for k in (True, False)}
+    assert set(_graph_sources(tie, True, 91.33, 0.5).values()) == {True}
+    assert set(_graph_sources(tie, False, 91.33, 0.5).values()) == {False}
