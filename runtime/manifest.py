@@ -31,6 +31,7 @@ DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
 INTERPOLATIONS = ("nearest", "linear", "area", "cubic", "lanczos")
 COLORS = ("rgb", "bgr", "gray")
 LAYOUTS = ("nchw", "nhwc")
+DECODES = ("full", "reduced")  # see ImagePreprocess.decode
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 Dim = int | str
@@ -76,7 +77,10 @@ class ImagePreprocess:
 
     Order: decode (BGR) -> colour conversion -> resize -> centre crop -> float
     -> (x - mean) / std -> layout -> dtype. ``mean``/``std`` are in the
-    *output* colour order, on the 0-255 scale.
+    *output* colour order, on the 0-255 scale. ``decode`` is "full" (every pixel) or "reduced": a JPEG
+    at least twice the resize in both directions is decoded at 1/2, 1/4 or 1/8 of its size (libjpeg's
+    DCT scaling, OpenCV's ``IMREAD_REDUCED_COLOR_*``), the largest reduction that still covers the
+    resize, then resized as usual; other inputs decode in full.
     """
 
     resize: tuple[int, int]
@@ -87,10 +91,11 @@ class ImagePreprocess:
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
     layout: str = "nchw"
     dtype: str = "float32"
+    decode: str = "full"
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ImagePreprocess:
-        known = {"resize", "interpolation", "crop", "color", "mean", "std", "layout", "dtype"}
+        known = {"resize", "interpolation", "crop", "color", "mean", "std", "layout", "dtype", "decode"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise PackageError(
@@ -116,6 +121,7 @@ class ImagePreprocess:
             std=std,
             layout=_choice(data.get("layout", cls.layout), LAYOUTS, "preprocess layout"),
             dtype=_choice(data.get("dtype", cls.dtype), ("float32", "float16", "uint8"), "preprocess dtype"),
+            decode=_choice(data.get("decode", cls.decode), DECODES, "preprocess decode"),
         )
 
     @property
@@ -131,6 +137,8 @@ class ImagePreprocess:
         out["resize"] = list(self.resize)
         out["crop"] = list(self.crop) if self.crop else None
         out["mean"], out["std"] = list(self.mean), list(self.std)
+        if self.decode == ImagePreprocess.decode:
+            del out["decode"]  # written only when asked for, so runtimes that predate it read the package
         return out
 
 

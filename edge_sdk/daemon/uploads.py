@@ -16,7 +16,6 @@ Only then does OpenCV decode the bytes.
 
 from __future__ import annotations
 
-import re
 import struct
 import threading
 from contextlib import contextmanager
@@ -28,6 +27,14 @@ import numpy as np
 
 from edge_sdk.daemon.kserve import BadRequest
 from edge_sdk.daemon.limits import Busy
+from runtime.preprocess.jpeg import EOI as _EOI
+from runtime.preprocess.jpeg import MAX_SEGMENTS as _MAX_SEGMENTS
+from runtime.preprocess.jpeg import SOF as _SOF
+from runtime.preprocess.jpeg import SOI as _SOI
+from runtime.preprocess.jpeg import SOS as _SOS
+from runtime.preprocess.jpeg import JpegDamaged as _Damaged
+from runtime.preprocess.jpeg import jpeg_frame as _jpeg_frame
+from runtime.preprocess.jpeg import jpeg_segments as _jpeg_segments
 
 MiB = 1 << 20
 MAX_PIXELS = 40_000_000  # 40 MP: larger than any industrial camera frame we expect
@@ -36,14 +43,6 @@ MAX_PIXELS = 40_000_000  # 40 MP: larger than any industrial camera frame we exp
 MAX_DECODE_BYTES = 288 * MiB
 _DECODER_STATE = 8 * MiB  # codec state and row buffers: 1.5 to 3 MiB measured (OpenCV 5.0)
 
-_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
-_PROGRESSIVE = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
-_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0-7: no length follows
-_SOI, _EOI, _SOS = 0xD8, 0xD9, 0xDA
-_FILL = re.compile(rb"\xff+")
-#: JPEG segments before the first scan, PNG chunks before the first IDAT: real files have a few dozen
-#: (ICC profiles and XMP split over APPn); walking more only spends CPU.
-_MAX_SEGMENTS = 1024
 #: PNG colour type -> (name, samples a pixel once expanded: a palette may carry alpha, allowed bit depths)
 _PNG_COLOUR = {0: ("gray", 1, (1, 2, 4, 8, 16)), 2: ("RGB", 3, (8, 16)), 3: ("palette", 4, (1, 2, 4, 8)),
                4: ("gray+alpha", 2, (8, 16)), 6: ("RGBA", 4, (8, 16))}
@@ -130,65 +129,6 @@ class DecodeBudget:
 
 
 DECODE_BUDGET = DecodeBudget()  # shared by every decode in this process
-
-
-class _Damaged(Exception):
-    """A JPEG header the decoder would not read as we do; the message says where and why."""
-
-
-def _jpeg_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
-    """``(marker, offset of its length field, length)`` for each marker after SOI, as libjpeg walks them.
-
-    Any run of 0xFF fill bytes may precede a marker. TEM, RST0-7, SOI and EOI have no length (0);
-    every other marker is followed by a two-byte big-endian length that counts itself. libjpeg would
-    skip stray non-0xFF bytes between segments with a warning; we refuse them, so we never guess.
-    """
-    i = 2
-    for _ in range(_MAX_SEGMENTS):
-        if i >= len(data):
-            raise _Damaged(f"the data ends at byte {i} before a frame header (SOF)")
-        fill = _FILL.match(data, i)
-        if fill is None:
-            raise _Damaged(f"byte {i} is 0x{data[i]:02X} where a marker (0xFF) must start")
-        start, i = i, fill.end()
-        if i >= len(data) or data[i] == 0x00:
-            raise _Damaged(f"the 0xFF bytes at byte {start} are not followed by a marker")
-        marker, i = data[i], i + 1
-        if marker in _STANDALONE or marker in (_SOI, _EOI):
-            yield marker, i, 0
-            continue
-        length = int.from_bytes(data[i:i + 2], "big") if i + 2 <= len(data) else 0
-        if length < 2 or i + length > len(data):
-            raise _Damaged(f"the 0xFF{marker:02X} segment at byte {i - 2} declares {length} bytes; "
-                           f"expected 2 to {len(data) - i}")
-        yield marker, i, length
-        i += length
-    raise _Damaged(f"more than {_MAX_SEGMENTS} segments come before the first scan; real files have a few dozen")
-
-
-@dataclass(frozen=True)
-class _Frame:
-    width: int
-    height: int
-    precision: int
-    components: int
-    progressive: bool
-    coefficients: int  # bytes of DCT coefficients a multi-scan decode buffers
-
-
-def _jpeg_frame(data: bytes, marker: int, at: int, length: int) -> _Frame:
-    """The image a start-of-frame segment declares, with the checks libjpeg makes."""
-    if length < 8 or length != 8 + 3 * data[at + 7]:
-        raise _Damaged(f"the frame header (SOF) at byte {at - 2} is {length} bytes; expected 8 + 3 per component")
-    precision, height, width, count = struct.unpack(">BHHB", data[at + 2:at + 8])
-    factors = [(data[at + 9 + 3 * c] >> 4, data[at + 9 + 3 * c] & 15) for c in range(count)]
-    if count < 1 or not all(1 <= h <= 4 and 1 <= v <= 4 for h, v in factors):
-        raise _Damaged(f"the frame header (SOF) declares {count} components sampled {factors}; "
-                       "expected 1 or more, each factor 1 to 4")
-    # 64 two-byte coefficients for each 8x8 block of each component, counted in whole MCUs
-    mcus = -(-width // (8 * max(h for h, _ in factors))) * -(-height // (8 * max(v for _, v in factors)))
-    return _Frame(width, height, precision, count, marker in _PROGRESSIVE,
-                  sum(mcus * h * v * 64 * 2 for h, v in factors))
 
 
 def _jpeg_header(data: bytes) -> ImageHeader:

@@ -44,6 +44,46 @@ def test_normalization_is_float32_subtract_then_divide_bit_for_bit(layout: str, 
     np.testing.assert_array_equal(got, want)
 
 
+def _jpeg(height: int, width: int) -> bytes:
+    y, x = np.mgrid[0:height, 0:width]
+    smooth = np.stack([(x * 255 // width), (y * 255 // height), ((x + y) * 255 // (width + height))], -1)
+    ok, data = cv2.imencode(".jpg", smooth.astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert ok
+    return data.tobytes()
+
+
+@pytest.mark.parametrize(("reduce_to", "shape"), [((224, 224), (384, 512)), ((100, 100), (192, 256)),
+                                                  ((90, 120), (96, 128)), ((400, 600), (768, 1024)), (None, (768, 1024))])
+def test_a_large_jpeg_decodes_at_the_largest_reduction_that_covers_the_resize(
+        reduce_to: tuple[int, int] | None, shape: tuple[int, int]) -> None:
+    assert decode_image(_jpeg(768, 1024), reduce_to).shape == (*shape, 3)
+
+
+def test_reduced_decode_leaves_other_formats_and_unreadable_headers_to_the_full_decode(tmp_path: Path) -> None:
+    ok, png = cv2.imencode(".png", np.zeros((768, 1024, 3), np.uint8))
+    assert decode_image(png.tobytes(), (100, 100)).shape == (768, 1024, 3)
+    data = bytearray(_jpeg(768, 1024))
+    data[2:4] = b"\x00\x00"  # no marker where libjpeg expects one: we do not guess, OpenCV decides
+    with pytest.raises(PipelineError, match="could not be decoded"):
+        decode_image(bytes(data), (100, 100))
+    path = tmp_path / "frame.jpg"
+    path.write_bytes(_jpeg(768, 1024))
+    assert decode_image(path, (100, 100)).shape == (192, 256, 3)
+
+
+def test_preprocess_decode_reduced_is_close_to_the_full_decode_and_only_written_when_asked() -> None:
+    levels = {"resize": [96, 128], "mean": [0, 0, 0], "std": [1, 1, 1]}  # outputs in pixel levels
+    full, reduced = _spec(**levels), _spec(**levels, decode="reduced")
+    data = _jpeg(768, 1024)
+    a, b = preprocess_image(data, full), preprocess_image(data, reduced)
+    assert a.shape == b.shape == (3, 96, 128)
+    assert float(np.abs(a - b).mean()) < 1.0  # a smooth picture: under one level on average
+    assert "decode" not in full.to_dict() and reduced.to_dict()["decode"] == "reduced"
+    assert ImagePreprocess.from_dict(reduced.to_dict()) == reduced
+    with pytest.raises(PackageError, match="decode"):
+        _spec(decode="fast")
+
+
 def test_area_resize_rgb_mean_std_nchw_by_hand() -> None:
     out = preprocess_image(_blocks_image(), _spec())
     assert out.shape == (3, 2, 2) and out.dtype == np.float32
