@@ -86,3 +86,25 @@ def test_unavailable_backend_is_explained(image_package: Path) -> None:
 def test_gray_array_input(image_package: Path) -> None:
     with edge_sdk.load(image_package) as model:
         assert set(model.predict(np.full((8, 8), 200, np.uint8)).scores) == {"red", "green", "blue"}
+
+
+def test_images_decode_beside_the_model_when_it_leaves_cores_idle(image_package: Path, image_folder: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    import os
+
+    files = sorted(str(p) for p in image_folder.rglob("*.png"))
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    with edge_sdk.load(image_package, backend="onnxruntime-cpu", threads=1) as split, \
+            edge_sdk.load(image_package, backend="onnxruntime-cpu") as whole:
+        assert split.pipeline.decode_workers() == 3 and whole.pipeline.decode_workers() == 0
+        prefetched = split.predict_batch(files, max_batch=2)  # several batches: the next one decodes ahead
+        plain = whole.predict_batch(files, max_batch=2)
+        assert [p.label for p in prefetched] == [p.label for p in plain]
+        np.testing.assert_allclose([list(p.scores.values()) for p in prefetched],
+                                   [list(p.scores.values()) for p in plain], rtol=0, atol=1e-6)
+        assert all(p.batch_size == 2 or p is prefetched[-1] for p in prefetched)
+        broken = tmp_path / "broken.png"
+        broken.write_bytes(b"\x89PNG not really")
+        with pytest.raises(PipelineError, match="broken.png.*could not be decoded"):
+            split.predict_batch([*files[:3], str(broken), *files[3:]], max_batch=2)
