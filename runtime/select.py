@@ -75,6 +75,10 @@ Registry = Mapping[str, "tuple[Probe, Factory]"]
 #: Under ``auto``, a backend that gives way to a later one where that one is measured faster on this CPU
 #: for this package (the reason is recorded like any other); an explicit policy is walked as written.
 GIVES_WAY: Mapping[str, Callable[[Package, str], "str | None"]] = {"openvino-cpu": openvino_gives_way}
+#: Backends that run the very graphs a later one runs: when their int8 graph fails the golden vectors
+#: and that one is later in the policy, it serves next (its int8 first, then its own fp32) instead of
+#: this backend stepping down to fp32 while an exact int8 is still to be tried.
+SAME_GRAPHS = {"openvino-cpu": "onnxruntime-cpu"}
 
 
 def parse_policy(backend: str | Sequence[str], registry: Registry = BACKENDS) -> tuple[str, ...]:
@@ -104,13 +108,15 @@ def select_runner(
     the precision it computes in, before it is chosen; one that fails is deactivated and recorded
     with the difference. With precision "auto" a failing int8 graph is followed by the same
     backend's fp16 then fp32 (a CPU whose int8 kernels diverge serves fp32, never a silently wrong
-    int8), then by the next backend.
+    int8), then by the next backend; a backend that runs the same graphs as a later one in the policy
+    (:data:`SAME_GRAPHS`: OpenVINO before onnxruntime) passes a failing int8 graph on to it instead.
     """
     if precision not in PRECISIONS:
         raise BackendUnavailableError(f"precision is {precision!r}; expected one of {', '.join(PRECISIONS)}")
     check_inputs(package.manifest)  # a manifest at odds with its own preprocessing fits no backend
     skipped: list[Skipped] = []
-    for name in parse_policy(backend, registry):
+    policy = parse_policy(backend, registry)
+    for index, name in enumerate(policy):
         probe, factory = registry[name]
         try:
             reason = probe(package)
@@ -119,7 +125,8 @@ def select_runner(
         except Exception as exc:  # noqa: BLE001 - a probe must never stop the walk
             reason = _failure("probe", exc)
         if reason is None:
-            chosen = _try(package, name, factory, threads, precision, verify, skipped)
+            step_down = SAME_GRAPHS.get(name) not in policy[index + 1:]
+            chosen = _try(package, name, factory, threads, precision, verify, skipped, step_down)
             if chosen is not None:
                 return chosen
             continue
@@ -141,9 +148,10 @@ def _failure(stage: str, exc: BaseException) -> str:
 
 
 def _try(package: Package, name: str, factory: Factory, threads: int | None, precision: str, verify: bool,
-         skipped: list[Skipped]) -> Selection | None:
-    """Activate backend ``name`` and check its parity; with precision "auto", a graph that fails the
-    golden vectors is recorded and the same backend is tried at each lower precision it serves."""
+         skipped: list[Skipped], step_down: bool = True) -> Selection | None:
+    """Activate backend ``name`` and check its parity; with precision "auto" (and ``step_down``), a graph
+    that fails the golden vectors is recorded and the same backend is tried at each lower precision it
+    serves."""
     attempts = [precision]
     for attempt in attempts:
         runner: Runner | None = None
@@ -165,7 +173,7 @@ def _try(package: Package, name: str, factory: Factory, threads: int | None, pre
             label = name if served.label == "fp32" else f"{name} ({served.label})"
             skipped.append(Skipped(label, f"failed the golden-vector check: {_failure('parity', exc)}"))
             log.warning("backend %s passed over: %s", label, skipped[-1].reason)
-            if precision == "auto":
+            if precision == "auto" and step_down:
                 attempts.extend(p for p in _LOWER[served.precision] if p not in attempts)
             continue
         for s in skipped:

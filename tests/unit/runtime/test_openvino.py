@@ -167,14 +167,9 @@ def test_auto_prefers_openvino_only_where_it_was_measured_faster(int8_package: A
     assert "aarch64" in (backends.openvino_gives_way(text_fp32) or "")
 
 
-def test_under_auto_the_faster_cpu_backend_serves_and_the_other_says_why(int8_package: Any, image_package: Path,
+def test_under_auto_the_faster_cpu_backend_serves_and_the_other_says_why(image_package: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    _as_cpu(monkeypatch, "x86_64", "u8s8")
-    selection = select_runner(int8_package, "auto")
-    try:
-        assert selection.backend == "openvino-cpu" and selection.precision_label == "int8-u8s8"
-    finally:
-        selection.runner.deactivate()
+    _as_cpu(monkeypatch, "x86_64", "u8s8")  # the rule's view only: fp32 is exact on every CPU
     selection = select_runner(Package.open(image_package), "auto")
     try:
         assert selection.backend == "onnxruntime-cpu"
@@ -213,3 +208,46 @@ def test_the_cached_graph_file_is_named_by_its_content_and_rewritten_when_it_cha
     with OpenVinoRunner(model, IMAGE_INPUT, LOGITS, threads=1, cache_dir=cache) as runner:
         np.testing.assert_allclose(runner.infer({"image": _images(2)})["logits"], want, rtol=1e-5, atol=1e-6)
     assert graph.read_bytes() == model
+
+
+@pytest.fixture(scope="module")
+def anomaly_int8(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PatchCore package on a small CNN with an int8 backbone: OpenVINO 2026.4 computes its head wrongly."""
+    root = tmp_path_factory.mktemp("anomaly")
+    parts = builders.write_parts(root / "parts", size=96)
+    edge_sdk.convert(builders.save(builders.backbone_model(size=96), root / "backbone.onnx"), root / "p.edgepkg",
+                     task="anomaly-detection", normal=parts / "good", validation=parts / "val", coreset_ratio=0.1,
+                     preprocess={"resize": [96, 96], "mean": [127, 127, 127], "std": [64, 64, 64]},
+                     quantize="int8", budget=None, report=False)
+    return root / "p.edgepkg"
+
+
+def test_an_int8_graph_openvino_gets_wrong_is_served_by_onnxruntime_int8_not_openvino_fp32(anomaly_int8: Path) -> None:
+    package = Package.open(anomaly_int8)
+    graph, _ = backends.this_cpu_int8_graph()
+    selection = select_runner(package, "openvino-cpu,onnxruntime-cpu")
+    try:
+        assert selection.backend == "onnxruntime-cpu" and selection.precision_label == f"int8-{graph}"
+        [skipped] = selection.skipped
+        assert skipped.backend == f"openvino-cpu (int8-{graph})" and "failed the golden-vector check" in skipped.reason
+    finally:
+        selection.runner.deactivate()
+    alone = select_runner(package, "openvino-cpu")  # nothing after it: it steps down to its own fp32
+    try:
+        assert alone.backend == "openvino-cpu" and alone.precision_label == "fp32"
+    finally:
+        alone.runner.deactivate()
+
+
+def test_auto_leaves_int8_anomaly_packages_to_onnxruntime(anomaly_int8: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    package = Package.open(anomaly_int8)
+    with monkeypatch.context() as faked:
+        _as_cpu(faked, "x86_64", "u8s8")  # where OpenVINO serves other int8 graphs
+        assert "anomaly head" in (backends.openvino_gives_way(package) or "")
+    graph, _ = backends.this_cpu_int8_graph()
+    selection = select_runner(package, "auto")  # this machine, whatever its ISA
+    try:
+        assert selection.backend == "onnxruntime-cpu" and selection.precision_label == f"int8-{graph}"
+        assert "openvino-cpu" in {s.backend for s in selection.skipped}
+    finally:
+        selection.runner.deactivate()
