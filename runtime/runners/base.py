@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from edge_sdk.errors import InferenceError, InputMismatchError
+from edge_sdk.errors import BackendUnavailableError, InferenceError, InputMismatchError
 from runtime.manifest import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,13 @@ class Runner(abc.ABC):
 
     @abc.abstractmethod
     def _deactivate_impl(self) -> None: ...
+
+
+def check_threads(threads: int | None) -> int | None:
+    """``threads`` for a CPU runner: a positive int, or None for every core."""
+    if threads is not None and threads < 1:
+        raise BackendUnavailableError(f"threads is {threads}; expected a positive int or None for all cores")
+    return threads
 
 
 def check_feeds(feeds: Feeds, specs: Sequence[TensorSpec]) -> None:

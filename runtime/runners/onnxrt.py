@@ -13,7 +13,7 @@ import numpy as np
 
 from edge_sdk.errors import BackendUnavailableError, InferenceError, PackageError
 from runtime.manifest import TensorSpec
-from runtime.runners.base import Feeds, Runner
+from runtime.runners.base import Feeds, Runner, check_threads
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,10 @@ class OnnxRuntimeRunner(Runner):
         session_config: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(inputs, outputs)
-        if threads is not None and threads < 1:
-            raise BackendUnavailableError(f"threads is {threads}; expected a positive int or None for all cores")
         self._model = model
         self.providers = tuple(providers)
         self.provider_options = list(provider_options) if provider_options else None
-        self.threads = threads
+        self.threads = check_threads(threads)
         self.session_config = dict(session_config or {})  # onnxruntime session config entries
         self.backend = _PROVIDER_BACKENDS.get(self.providers[0], self.providers[0])
         self._session: Any = None

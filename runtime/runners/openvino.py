@@ -24,7 +24,7 @@ import numpy as np
 from edge_sdk.errors import BackendUnavailableError, InferenceError
 from runtime.files import write_atomic
 from runtime.manifest import TensorSpec
-from runtime.runners.base import Feeds, Runner
+from runtime.runners.base import Feeds, Runner, check_threads
 from runtime.runners.onnxrt import GraphInput, check_graph_inputs
 
 OPENVINO_MISSING = "the openvino Python package is not installed (pip install 'edge-sdk[openvino]')"
@@ -65,10 +65,8 @@ class OpenVinoRunner(Runner):
     def __init__(self, model: bytes, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], *,
                  threads: int | None = None, cache_dir: Path | None = None) -> None:
         super().__init__(inputs, outputs)
-        if threads is not None and threads < 1:
-            raise BackendUnavailableError(f"threads is {threads}; expected a positive int or None for all cores")
         self._model = model
-        self.threads = threads
+        self.threads = check_threads(threads)
         self.cache_dir = cache_dir
         self._compiled: Any = None
         self._request: Any = None
