@@ -156,13 +156,13 @@ def test_auto_prefers_openvino_only_where_it_was_measured_faster(int8_package: A
                                                                  text_package: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     image_fp32, text_fp32 = Package.open(image_package), Package.open(text_package)
-    _as_cpu(monkeypatch, "x86_64", "u8s8")  # x86-64 with VNNI
-    assert backends.openvino_gives_way(int8_package) is None
+    _as_cpu(monkeypatch, "x86_64", "u8s8")  # x86-64 with VNNI: transformers on OpenVINO, CNNs on onnxruntime
     assert backends.openvino_gives_way(text_fp32) is None
-    assert "fp32 CNN graphs faster" in (backends.openvino_gives_way(image_fp32) or "")
-    assert "fp32 CNN graphs faster" in (backends.openvino_gives_way(int8_package, "fp32") or "")
+    assert backends.openvino_gives_way(text_fp32, "int8") is None
+    assert "CNN graphs as fast or faster" in (backends.openvino_gives_way(image_fp32) or "")
+    assert "CNN graphs as fast or faster" in (backends.openvino_gives_way(int8_package) or "")
     _as_cpu(monkeypatch, "x86_64", "u8s7")  # x86-64 without VNNI
-    assert "without VNNI" in (backends.openvino_gives_way(int8_package) or "")
+    assert "without VNNI" in (backends.openvino_gives_way(text_fp32) or "")
     _as_cpu(monkeypatch, "aarch64", "u8s8")
     assert "aarch64" in (backends.openvino_gives_way(text_fp32) or "")
 
@@ -174,7 +174,7 @@ def test_under_auto_the_faster_cpu_backend_serves_and_the_other_says_why(image_p
     try:
         assert selection.backend == "onnxruntime-cpu"
         reasons = {s.backend: s.reason for s in selection.skipped}
-        assert "fp32 CNN graphs faster" in reasons["openvino-cpu"]
+        assert "CNN graphs as fast or faster" in reasons["openvino-cpu"]
     finally:
         selection.runner.deactivate()
     # an explicit policy is walked as written
@@ -185,14 +185,19 @@ def test_under_auto_the_faster_cpu_backend_serves_and_the_other_says_why(image_p
         selection.runner.deactivate()
 
 
-def test_auto_on_this_machine_serves_int8_from_the_backend_its_cpu_facts_name(int8_package: Any) -> None:
+def test_auto_on_this_machine_serves_from_the_backend_its_cpu_facts_name(int8_package: Any, text_package: Path) -> None:
     graph, _ = backends.this_cpu_int8_graph()
     arch = backends.device_info().arch
-    selection = select_runner(int8_package, "auto")
+    selection = select_runner(Package.open(text_package), "auto")  # a transformer
     try:
         expected = "openvino-cpu" if arch == "x86_64" and graph == "u8s8" else "onnxruntime-cpu"
         assert selection.backend == expected, f"{arch}, CPU int8 graph {graph}"
-        assert selection.graph == graph and selection.parity is not None and selection.parity.ok
+        assert selection.parity is not None and selection.parity.ok
+    finally:
+        selection.runner.deactivate()
+    selection = select_runner(int8_package, "auto")  # a CNN: onnxruntime on every CPU measured
+    try:
+        assert selection.backend == "onnxruntime-cpu" and selection.graph == graph
     finally:
         selection.runner.deactivate()
 
@@ -239,13 +244,9 @@ def test_an_int8_graph_openvino_gets_wrong_is_served_by_onnxruntime_int8_not_ope
         alone.runner.deactivate()
 
 
-def test_auto_leaves_int8_anomaly_packages_to_onnxruntime(anomaly_int8: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    package = Package.open(anomaly_int8)
-    with monkeypatch.context() as faked:
-        _as_cpu(faked, "x86_64", "u8s8")  # where OpenVINO serves other int8 graphs
-        assert "anomaly head" in (backends.openvino_gives_way(package) or "")
+def test_auto_leaves_int8_anomaly_packages_to_onnxruntime(anomaly_int8: Path) -> None:
     graph, _ = backends.this_cpu_int8_graph()
-    selection = select_runner(package, "auto")  # this machine, whatever its ISA
+    selection = select_runner(Package.open(anomaly_int8), "auto")  # this machine, whatever its ISA
     try:
         assert selection.backend == "onnxruntime-cpu" and selection.precision_label == f"int8-{graph}"
         assert "openvino-cpu" in {s.backend for s in selection.skipped}
