@@ -184,9 +184,7 @@ class Pipeline(Closing):
         return None
 
     def _run(self, items: Sequence[Any]) -> list[Prediction]:
-        windowed = self._windowed()
-        if windowed is not None:
-            return self._run_windows(items, windowed, max(1, len(items)))
+        """One batch of images (or an embedding model's texts): encode, infer, score."""
         t0 = time.perf_counter()
         feeds = self.encode(items)
         t1 = time.perf_counter()
