@@ -135,6 +135,16 @@ def nncf_run(fp32: bytes, calibration: Sequence[Feeds], text: bool) -> Run:
     return ov_compiled(quantized)
 
 
+def _cpuinfo_flags() -> set[str]:
+    """Every flag /proc/cpuinfo lists (``devices`` keeps only the int8 ones)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    return set(line.partition(":")[2].split())
+
+
 def _n(feeds: Feeds) -> int:
     return len(next(iter(feeds.values())))
 
@@ -217,7 +227,7 @@ def bench_model(key: str, args: argparse.Namespace, isa: dict[str, Any]) -> dict
             Row(f"ORT int8 {served}", "onnxruntime", served, ort_run(int8)),
             Row("OpenVINO fp32", "openvino", "fp32", ov_compiled(fp32)),
             Row(f"OpenVINO int8 {served}", "openvino", served, ov_compiled(int8))]
-    if {"avx512_bf16", "amx_bf16"} & set(isa["cpu_flags"]):  # bf16 arithmetic in hardware
+    if {"avx512_bf16", "amx_bf16"} & _cpuinfo_flags():  # bf16 arithmetic in hardware
         rows.append(Row("OpenVINO bf16 (fp32 graph)", "openvino", "bf16", ov_compiled(fp32, "bf16")))
     t = time.perf_counter()
     try:
