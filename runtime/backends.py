@@ -224,7 +224,9 @@ def openvino_gives_way(package: Package, precision: str = "auto") -> str | None:
     2.60-2.85x against 1.90-2.24x at batch 8; fp32 1.05-1.33x); on CNNs it was not (``u8s8`` 7-12%
     faster at batch 8 but 6-16% slower at batch 1, fp32 0.80-0.94x, and it computes an anomaly head
     after an int8 backbone wrongly, which parity refuses). Without VNNI OpenVINO ran the demo ``u8s8``
-    file 1.24x against onnxruntime's 1.73x, and on Arm64 it has not been timed: onnxruntime stays."""
+    file 1.24x against onnxruntime's 1.73x, and on Arm64 it has not been timed: onnxruntime stays.
+    ``precision`` is the one asked (every rule in ``select.GIVES_WAY`` takes it); this one measured the
+    same order at every precision, so it does not read it."""
     info = device_info()
     if info.arch not in ("x86_64", "amd64", "AMD64"):
         return f"onnxruntime's CPU provider is the measured choice on {info.arch} (OpenVINO not timed there)"
