@@ -77,6 +77,7 @@ class DeviceInfo:
     cuda_python_version: str | None = None
     onnxruntime_version: str | None = None
     onnxruntime_providers: tuple[str, ...] = ()
+    openvino_version: str | None = None  # the installed distribution's (not imported: the CPU backend's extra)
     opencv_version: str | None = None
     opencv_gstreamer: bool | None = None  # this OpenCV can open GStreamer pipelines (CSI cameras on Jetson)
     opencv_location: str | None = None  # where cv2 was imported from: a pip wheel, or the system's (JetPack's)
@@ -156,6 +157,7 @@ class DeviceInfo:
             f"cuda-python: {show(self.cuda_python_version)}",
             f"onnxruntime: {show(self.onnxruntime_version)}",
             f"onnxruntime providers: {providers if self.modules_probed else 'not probed'}",
+            f"openvino: {show(self.openvino_version)}",
             f"opencv: {show(self.opencv_version)}" + (
                 f" (GStreamer: {'yes' if self.opencv_gstreamer else 'no'}; {self.opencv_location})"
                 if self.opencv_version else ""),
@@ -389,6 +391,17 @@ def _probe_modules(problems: _Problems) -> tuple[dict[str, str | None], tuple[st
     return versions, providers
 
 
+def _distribution_version(name: str) -> str | None:
+    """An installed distribution's version from its metadata, without importing it (importing OpenVINO
+    costs a quarter of a second, and every backend selection probes the device once)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def _probe_opencv(problems: _Problems) -> tuple[str | None, bool | None, str | None]:
     """OpenCV's version, whether it was built with GStreamer, and where it was imported from."""
     try:
@@ -476,6 +489,7 @@ def detect(
         cuda_python_version=versions.get("cuda-python"),
         onnxruntime_version=versions.get("onnxruntime"),
         onnxruntime_providers=providers,
+        openvino_version=_distribution_version("openvino") if probed else None,
         opencv_version=opencv,
         opencv_gstreamer=gstreamer,
         opencv_location=opencv_at,

@@ -389,6 +389,17 @@ def test_module_probes_read_versions_and_report_failures(
     )
     assert info.onnxruntime_version == __import__("onnxruntime").__version__
     assert "CPUExecutionProvider" in info.onnxruntime_providers
+    assert info.openvino_version == _installed("openvino")  # read from its metadata
+    assert f"openvino: {info.openvino_version or 'not available'}" in info.summary_lines()
+
+
+def _installed(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt installed")
