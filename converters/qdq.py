@@ -14,16 +14,21 @@
   does not); depthwise convolutions keep 8-bit weights, since their kernels widen to int16
   before multiplying. ``bench/int8_kernels.py`` measures which forms each CPU runs exactly.
 
-Placement is model-aware: in transformers only the linear projections (MatMul /
-Gemm with a constant weight) are quantized; softmax, LayerNorm and GELU stay in
-float. Insertion itself is onnxruntime's QDQ quantizer, fed our own ranges.
+Placement is model-aware: in transformers the linear projections (MatMul / Gemm with a
+constant weight) are quantized, and in the S8S8 and U8S8 graphs the attention MatMuls
+(activation x activation: query x key, probabilities x value) get symmetric int8 on both
+inputs too, which onnxruntime (VNNI, Arm64) and OpenVINO run as integer kernels and TensorRT
+as int8 batched MatMuls; softmax, LayerNorm and GELU stay in float. U8S7 leaves attention in
+float: without VNNI onnxruntime's int8 x int8 kernels sum pairs in int16 and saturate.
+Insertion of the projections' Q/DQ is onnxruntime's QDQ quantizer, fed our own ranges; the
+attention pairs are written here.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -50,6 +55,10 @@ class Variant(str, enum.Enum):
     U8S7 = "u8s7"  # onnxruntime CPU: x86 without VNNI
 
 
+#: The graphs whose attention MatMuls take symmetric int8 on both inputs (see the module docstring).
+ATTENTION_VARIANTS = (Variant.S8S8, Variant.U8S8)
+
+
 REDUCED_WEIGHT_MAX = 64  # onnxruntime's reduce_range int8 weights: [-64, 64]
 
 
@@ -69,27 +78,39 @@ class Placement:
     """Which nodes get quantized, and for which op types, in a model family."""
 
     family: str  # "transformer" or "cnn"
-    nodes: tuple[str, ...]
+    nodes: tuple[str, ...]  # weighted layers (a constant weight)
     op_types: Mapping[Variant, tuple[str, ...]]
+    attention: tuple[str, ...] = ()  # activation x activation MatMuls, int8 in ATTENTION_VARIANTS
+
+    def layers(self, variant: Variant) -> tuple[str, ...]:
+        """Every node ``variant`` quantizes: the weighted layers, then the attention MatMuls it takes."""
+        return self.nodes + (self.attention if variant in ATTENTION_VARIANTS else ())
+
+    def without(self, floats: "set[str] | frozenset[str]") -> "Placement":
+        """The placement with ``floats`` (weighted or attention nodes) left in float."""
+        return replace(self, nodes=tuple(n for n in self.nodes if n not in floats),
+                       attention=tuple(n for n in self.attention if n not in floats))
 
 
 def plan_placement(model: onnx.ModelProto, exclude: Sequence[str] = ()) -> Placement:
     """Decide what to quantize: weighted ops with a constant weight, never float-sensitive paths."""
     graph = Graph(model)
     constants, family = graph.constants, graph.family
-    nodes = []
+    nodes, attention = [], []
     for node in graph.nodes:
         if node.op_type not in WEIGHTED_OPS or node.name in exclude or node.name.startswith(FLOAT_SCOPE):
             continue
         weight = node.input[1] if len(node.input) > 1 else ""
-        if weight in constants:  # activation x activation MatMuls (attention scores) stay float
+        if weight in constants:
             nodes.append(node.name)
+        elif family == "transformer" and node.op_type == "MatMul" and node.input[0] not in constants:
+            attention.append(node.name)  # query x key, probabilities x value
     op_types: dict[Variant, tuple[str, ...]]
     if family == "transformer":
         op_types = {Variant.S8S8: ("MatMul", "Gemm"), Variant.U8S8: ("MatMul", "Gemm"), Variant.U8S7: ("MatMul", "Gemm")}
     else:
         op_types = {Variant.S8S8: WEIGHTED_OPS, Variant.U8S8: CPU_CNN_OPS, Variant.U8S7: CPU_CNN_OPS}
-    return Placement(family, tuple(nodes), op_types)
+    return Placement(family, tuple(nodes), op_types, tuple(attention))
 
 
 def write_qdq(
@@ -97,20 +118,66 @@ def write_qdq(
     ranges: Mapping[str, tuple[float, float]],
     variant: Variant,
     placement: Placement,
+    attention_amax: Mapping[str, float] | None = None,
 ) -> onnx.ModelProto:
-    """Insert Q/DQ for ``variant`` using ``ranges`` (tensor -> (lo, hi); symmetric for S8S8).
+    """Insert Q/DQ for ``variant`` using ``ranges`` (tensor -> (lo, hi); symmetric for S8S8), and on
+    the attention MatMuls' inputs with ``attention_amax`` (tensor -> symmetric range; ``ranges``'
+    largest magnitude where it is not given).
 
     A placement with no node left (mixed precision returned every layer to float) gives an
     unchanged copy of ``model``."""
+    attention = placement.attention if variant in ATTENTION_VARIANTS else ()
+    if not placement.nodes and not attention:
+        return ir.copy(model)
     if not placement.nodes:
         out = ir.copy(model)
-        return out
-    model = strip_bounds(model, ranges, set(placement.nodes))
-    if variant is Variant.U8S7:
-        full = _quantize(model, ranges, Variant.U8S8, placement, reduce_range=False)
-        reduced = _quantize(model, ranges, Variant.U8S7, placement, reduce_range=True)
-        return _keep_depthwise_weights(reduced, full)
-    return _quantize(model, ranges, variant, placement, reduce_range=False)
+    else:
+        model = strip_bounds(model, ranges, set(placement.nodes))
+        if variant is Variant.U8S7:
+            full = _quantize(model, ranges, Variant.U8S8, placement, reduce_range=False)
+            reduced = _quantize(model, ranges, Variant.U8S7, placement, reduce_range=True)
+            return _keep_depthwise_weights(reduced, full)
+        out = _quantize(model, ranges, variant, placement, reduce_range=False)
+    if attention:
+        amax = dict(attention_amax or {})
+        for name, (lo, hi) in ranges.items():
+            amax.setdefault(name, max(abs(lo), abs(hi)))
+        quantize_attention(out, amax, attention)
+        onnx.checker.check_model(out)
+    return out
+
+
+def quantize_attention(model: onnx.ModelProto, amax: Mapping[str, float], nodes: Sequence[str]) -> onnx.ModelProto:
+    """Give both inputs of each MatMul in ``nodes`` a symmetric int8 QuantizeLinear/DequantizeLinear
+    pair (scale ``amax / 127``, zero point 0), in place: only these MatMuls read the dequantized
+    tensors, every other reader keeps the float one. A node whose input has no range stays float."""
+    chosen = set(nodes)
+    wanted: dict[str, str] = {}  # float tensor -> its dequantized name
+    for node in model.graph.node:
+        if node.name in chosen and node.op_type == "MatMul" and all(t in amax for t in node.input[:2]):
+            for k, tensor in enumerate(node.input[:2]):
+                dq = wanted.setdefault(tensor, f"{tensor}_attention_dq")
+                node.input[k] = dq
+    if not wanted:
+        return model
+    inits = {i.name for i in model.graph.initializer}
+    pairs: dict[str, list[onnx.NodeProto]] = {}
+    for tensor, dq in wanted.items():
+        scale, zero = f"{tensor}_attention_scale", f"{tensor}_attention_zero_point"
+        if scale not in inits:
+            model.graph.initializer.extend([
+                onnx.numpy_helper.from_array(np.array(max(float(amax[tensor]), 1e-30) / 127.0, np.float32), scale),
+                onnx.numpy_helper.from_array(np.array(0, np.int8), zero)])
+        q = f"{tensor}_attention_q"
+        pairs[tensor] = [onnx.helper.make_node("QuantizeLinear", [tensor, scale, zero], [q], name=f"{tensor}_attention_Q"),
+                         onnx.helper.make_node("DequantizeLinear", [q, scale, zero], [dq], name=f"{tensor}_attention_DQ")]
+    ordered = [q for name in (i.name for i in model.graph.input) if name in pairs for q in pairs.pop(name)]
+    for node in model.graph.node:
+        ordered.append(node)
+        ordered.extend(q for out in node.output if out in pairs for q in pairs.pop(out))
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
+    return model
 
 
 def _quantize(
@@ -210,7 +277,7 @@ def _float_readers_read_float(model: onnx.ModelProto, quantized: set[str]) -> No
 
 
 def _excluded(model: onnx.ModelProto, placement: Placement) -> set[str]:
-    """Weighted nodes the placement left in float (mixed precision or non-constant weights)."""
+    """Weighted nodes the placement left in float (mixed precision, attention, non-constant weights)."""
     chosen = set(placement.nodes)
     return {n.name for n in model.graph.node
             if (n.op_type in WEIGHTED_OPS and n.name not in chosen) or n.name.startswith(FLOAT_SCOPE)}

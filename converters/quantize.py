@@ -27,7 +27,7 @@ from converters.calibration.methods import CalibrationMethod, TensorRange, choos
 from converters.calibration.scales import ScaleFile, TensorScale, data_hash, graph_hash
 from converters.calibration.schemes import (Scheme, affine_scale_zero_point, dequantize,
                                               per_channel_weight_params, quantize)
-from converters.qdq import Placement, Variant, plan_placement, weight_max, write_qdq
+from converters.qdq import Placement, Variant, plan_placement, quantize_attention, weight_max, write_qdq
 from converters.reference import run_reference
 from converters.rounding import InputStatistics, layer_of, reconstruct, statistics_for
 from converters.smoothing import DEFAULT_ALPHA, smooth_model
@@ -228,8 +228,9 @@ def build_variant(calibration: Calibration, placement: Placement, variant: Varia
     """One Q/DQ graph; layers outside ``placement`` stay float with their fp32 weights and biases."""
     ranges = calibration.linear if variant is Variant.S8S8 else calibration.affine
     graph = write_qdq(quantizable_model(calibration, placement, variant, reconstruction),
-                      {n: (r.lo, r.hi) for n, r in ranges.items()}, variant, placement)
-    if variant is Variant.S8S8 and placement.nodes:
+                      {n: (r.lo, r.hi) for n, r in ranges.items()}, variant, placement,
+                      attention_amax={n: r.amax for n, r in calibration.linear.items()})
+    if variant is Variant.S8S8 and placement.layers(variant):
         assert_trt_compatible(graph)
     return graph
 
@@ -280,18 +281,27 @@ def layer_sensitivity(
     progress: Callable[[int], None] | None = None, variant: Variant = Variant.S8S8, reconstruction: bool = False,
 ) -> dict[str, float]:
     """Relative output error (MSE / output power) of each layer quantized alone as ``variant`` does it,
-    computed by the exact reference on a few batches (the same on every CPU)."""
+    computed by the exact reference on a few batches (the same on every CPU). The attention MatMuls
+    ``variant`` quantizes are layers too (both inputs in int8)."""
     reference = run_reference(model, batches).astype(np.float64)
     power = float(np.mean(reference**2)) or 1.0
-    inputs = {n.name: n.input[0] for n in calibration.model.graph.node if n.input}
+    inputs = {n.name: list(n.input) for n in calibration.model.graph.node if n.input}
     ranges = calibration.linear if variant is Variant.S8S8 else calibration.affine
     result = {}
-    for node in placement.nodes:
-        act = ranges.get(inputs[node])
-        if act is None:
-            continue
-        single = quantizable_model(calibration, replace(placement, nodes=(node,)), variant, reconstruction)
-        quantized = run_reference(fake_quantize_node(single, node, act, variant), batches).astype(np.float64)
+    attention = set(placement.layers(variant)) - set(placement.nodes)
+    for node in placement.layers(variant):
+        if node in attention:
+            amax = {t: calibration.linear[t].amax for t in inputs[node][:2] if t in calibration.linear}
+            if len(amax) < 2:
+                continue
+            quantized_graph = quantize_attention(ir.copy(calibration.model), amax, [node])
+        else:
+            act = ranges.get(inputs[node][0])
+            if act is None:
+                continue
+            single = quantizable_model(calibration, replace(placement, nodes=(node,)), variant, reconstruction)
+            quantized_graph = fake_quantize_node(single, node, act, variant)
+        quantized = run_reference(quantized_graph, batches).astype(np.float64)
         result[node] = float(np.mean((quantized - reference) ** 2)) / power
         if progress:
             progress(1)
@@ -312,13 +322,13 @@ def mixed_precision(
     measured within the budget. Returns the graph, its float layers with reasons, and every step.
     """
     order = sorted(sensitivity, key=lambda n: sensitivity[n], reverse=True)
+    order += [n for n in placement.layers(variant) if n not in sensitivity]  # unmeasured: last, yet float at the end
     steps: list[dict[str, Any]] = []
     graphs: dict[int, onnx.ModelProto] = {}
 
     def within(k: int) -> bool:
-        floats = set(order[:k])
-        current = replace(placement, nodes=tuple(n for n in placement.nodes if n not in floats))
-        graphs[k] = (build_variant(calibration, current, variant, reconstruction) if current.nodes
+        current = placement.without(set(order[:k]))
+        graphs[k] = (build_variant(calibration, current, variant, reconstruction) if current.layers(variant)
                      else calibration.original or calibration.model)
         score = metric(graphs[k])
         steps.append({"float_layers": k, "metric": score, "drop": baseline - score,
@@ -339,7 +349,8 @@ def mixed_precision(
                 failing = middle
     else:
         passing = 0
-    reasons = {n: f"mixed precision: sensitivity rank {i + 1} (error {sensitivity[n]:.2e})"
+    reasons = {n: f"mixed precision: sensitivity rank {i + 1} " + (f"(error {sensitivity[n]:.2e})" if n in sensitivity
+                                                                     else "(not measured)")
                for i, n in enumerate(order[:passing])}
     return graphs[passing], reasons, steps
 

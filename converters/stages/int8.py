@@ -144,7 +144,7 @@ def _fit_variant(
     over = budget is not None and baseline - achieved > budget
     sensitivity: dict[str, float] = {}
     if over or variant is Variant.U8S8:  # U8S8's sensitivities are reported; the others only when needed
-        tick = (lambda n: progress(f"sensitivity {variant.value}", n, len(placement.nodes))) if progress else None
+        tick = (lambda n: progress(f"sensitivity {variant.value}", n, len(placement.layers(variant)))) if progress else None
         sensitivity = layer_sensitivity(model, sens_batches, cal, placement, progress=tick, variant=variant,
                                         reconstruction=reconstruction)
     if budget is not None and over:
@@ -225,7 +225,7 @@ def run_int8(
                            "float_layers": dict(r.float_nodes), "mixed_precision_steps": r.steps,
                            **fidelity(r.graph)}
                  for v, r in results.items()}
-    report = _report(cal.model, cal, placement.family, graphs, results[Variant.U8S8].sensitivity, files, proto,
+    report = _report(cal.model, cal, placement, graphs, results[Variant.U8S8].sensitivity, files, proto,
                      budget, baseline, per_graph)
     report["agreement_measured_on"] = f"{'validation' if validation else 'calibration'} data, {len(held_ref)} inputs"
     report["relu6_equalization"] = relu6_choice
@@ -294,7 +294,7 @@ def calibration_record(panels: Sequence[tuple[str, TensorHistogram, TensorRange]
 
 
 def _report(
-    model: onnx.ModelProto, cal: Calibration, family: str, graphs: Int8Graphs, sensitivity: dict[str, float],
+    model: onnx.ModelProto, cal: Calibration, placement: Placement, graphs: Int8Graphs, sensitivity: dict[str, float],
     files: dict[str, bytes], proto: onnx.ModelProto, budget: float | None, baseline: float,
     per_graph: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
@@ -309,7 +309,8 @@ def _report(
             "node": node.name, "op_type": node.op_type, "input": node.input[0],
             "method": r.method.value if r else None, "amax": r.amax if r else None, "error": r.error if r else None,
             "sensitivity": sensitivity.get(node.name),
-            "precision": {v.value: "fp32" if node.name in graphs.float_nodes.get(v, {}) else "int8" for v in graphs.graphs},
+            "precision": {v.value: "int8" if node.name in placement.layers(v) and node.name not in
+                          graphs.float_nodes.get(v, {}) else "fp32" for v in graphs.graphs},
         })
     return {
         "method": cal.scales.method, "samples": cal.scales.samples, "calibration_seconds": round(cal.seconds, 2),
@@ -318,7 +319,8 @@ def _report(
         "smoothing": {"alpha": cal.smoothing_alpha, "layers": list(cal.smoothed)} if cal.smoothed else None,
         "equalized_pairs": [list(p) for p in cal.equalized], "equalization_skipped": dict(cal.equalization_skipped),
         "range_fallbacks": dict(cal.range_fallbacks),
-        "family": family, "tensors": len(cal.linear), "layers": layers,
+        "family": placement.family, "attention_layers": list(placement.attention),
+        "tensors": len(cal.linear), "layers": layers,
         "float_layers": dict(cpu_floats), "budget": budget, "metric_fp32": baseline, "metric_int8": main["metric_int8"],
         "agreement_with_fp32": {k: main[k] for k in ("top1_agreement", "mean_cosine")},
         "mixed_precision_steps": main["mixed_precision_steps"], "per_graph": per_graph,

@@ -92,7 +92,7 @@ def test_loading_picks_int8_on_cpu_unless_fp32_is_asked(cnn_int8: tuple[Path, Pa
         assert a.scores.keys() == b.scores.keys()
 
 
-def test_transformer_int8_quantizes_only_projections(tmp_path: Path, tokenizer_file: Path) -> None:
+def test_transformer_int8_quantizes_projections_and_attention(tmp_path: Path, tokenizer_file: Path) -> None:
     onnx.save(builders.transformer_model(), tmp_path / "enc.onnx")
     words = builders.VOCAB[4:]
     rng = np.random.default_rng(4)
@@ -102,13 +102,30 @@ def test_transformer_int8_quantizes_only_projections(tmp_path: Path, tokenizer_f
                               labels=builders.TEXT_LABELS, tokenizer=tokenizer_file, calibration=tmp_path / "calib.txt",
                               quantize="int8", budget=None, max_length=16)
     assert report.int8 is not None and report.int8["family"] == "transformer"
-    quantized = {l["node"] for l in report.int8["layers"]}
-    assert quantized == {"mm_q", "mm_k", "mm_v", "mm_o", "mm_f1", "mm_f2", "mm_logits"}  # not scores / ctx
+    projections = {"mm_q", "mm_k", "mm_v", "mm_o", "mm_f1", "mm_f2", "mm_logits"}
+    layers = {l["node"]: l["precision"] for l in report.int8["layers"]}
+    assert set(layers) == projections | {"mm_scores", "mm_ctx"}
+    assert report.int8["attention_layers"] == ["mm_scores", "mm_ctx"]
+    for node in ("mm_scores", "mm_ctx"):  # int8 where the kernels are exact, float for x86 without VNNI
+        assert layers[node] == {"u8s8": "int8", "s8s8": "int8", "u8s7": "fp32"}
     package = Package.open(tmp_path / "enc.edgepkg")
-    u8 = onnx.load_from_string(package.read_bytes(package.manifest.graphs["u8s8"]))
-    consumers = {n.name: n for n in u8.graph.node}
-    assert not any(i.endswith("DequantizeLinear_Output") for i in consumers["mm_scores"].input)
-    assert not any(i.endswith("DequantizeLinear_Output") for i in consumers["softmax"].input)
+    graphs = {v: onnx.load_from_string(package.read_bytes(package.manifest.graphs[v])) for v in ("u8s8", "s8s8", "u8s7")}
+    for variant, graph in graphs.items():
+        nodes = {n.name: n for n in graph.graph.node}
+        writers = {o: n for n in graph.graph.node for o in n.output}
+        inits = {i.name: i for i in graph.graph.initializer}
+        for node in ("mm_scores", "mm_ctx"):
+            feeding = [writers.get(i) for i in nodes[node].input]
+            if variant == "u8s7":
+                assert not any(w is not None and w.op_type == "DequantizeLinear" for w in feeding)
+                continue
+            assert [w.op_type for w in feeding] == ["DequantizeLinear", "DequantizeLinear"]  # type: ignore[union-attr]
+            for dq in feeding:  # symmetric int8: zero point 0
+                zero = onnx.numpy_helper.to_array(inits[dq.input[2]])  # type: ignore[union-attr]
+                assert zero.dtype == np.int8 and int(zero) == 0
+        softmax_in = writers.get(nodes["softmax"].input[0])
+        assert softmax_in is None or softmax_in.op_type != "DequantizeLinear"  # softmax stays float
+    assert not check_trt_qdq(graphs["s8s8"])
     per_graph = report.int8["per_graph"]
     assert per_graph["u8s8"]["mean_cosine"] >= 0.99 and per_graph["s8s8"]["mean_cosine"] >= 0.99  # exact reference
     with edge_sdk.load(tmp_path / "enc.edgepkg") as int8, edge_sdk.load(tmp_path / "enc.edgepkg", precision="fp32") as fp32:
@@ -164,6 +181,7 @@ def test_unsmoothed_transformer_keeps_float_readers_on_float_tensors(tmp_path: P
         graph = onnx.load_from_string(package.read_bytes(package.manifest.graphs[variant])).graph
         dq_outputs = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
         readers = {n.name for n in graph.node for i in n.input if i in dq_outputs}
-        assert readers == {"mm_q", "mm_k", "mm_v", "mm_o", "mm_f1", "mm_f2", "mm_logits"}, variant
+        attention = set() if variant == "u8s7" else {"mm_scores", "mm_ctx"}  # int8 attention where it is exact
+        assert readers == {"mm_q", "mm_k", "mm_v", "mm_o", "mm_f1", "mm_f2", "mm_logits"} | attention, variant
         nodes = {n.name: n for n in graph.node}
         assert list(nodes["res1"].input) == ["h0", "o"] and list(nodes["res2"].input) == ["h1", "f2"]

@@ -137,7 +137,7 @@ def test_every_layer_in_float_is_exactly_the_fp32_graph(kind: str) -> None:
     fp32 = run_reference(name_nodes(model), batches)
     for variant in Variant:
         assert any(n.op_type == "QuantizeLinear" for n in build_variant(cal, placement, variant).graph.node)
-        none = build_variant(cal, replace(placement, nodes=()), variant)
+        none = build_variant(cal, replace(placement, nodes=(), attention=()), variant)  # every layer in float
         assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in none.graph.node)
         assert np.array_equal(run_reference(none, batches), run_reference(cal.model, batches))
     # the search's all-float graph is the original one: exactly fp32, no smoothing or equalization left
@@ -150,9 +150,9 @@ def test_every_layer_in_float_is_exactly_the_fp32_graph(kind: str) -> None:
 
     sensitivity = {n: float(i) for i, n in enumerate(placement.nodes)}
     graph, floats, steps = mixed_precision(cal, placement, Variant.U8S8, sensitivity, metric, 100.0, 0.0)
-    assert set(floats) == set(placement.nodes) and np.array_equal(run_reference(graph, batches), fp32)
+    assert set(floats) == set(placement.layers(Variant.U8S8)) and np.array_equal(run_reference(graph, batches), fp32)
     assert steps[-1]["within_budget"] or any(s["within_budget"] and s["float_layers"] == len(floats) for s in steps)
-    assert len(steps) <= int(np.ceil(np.log2(len(placement.nodes)))) + 2 and score["calls"] == len(steps)
+    assert len(steps) <= int(np.ceil(np.log2(len(placement.layers(Variant.U8S8))))) + 2 and score["calls"] == len(steps)
 
 
 def test_mixed_precision_ends_within_the_budget_with_every_step_reported(tmp_path: Path, image_folder: Path) -> None:
