@@ -18,8 +18,10 @@ machine's ISA (named in every table), 2 threads each:
    meaning (``converters.reference``: the Q/DQ graph as the spec defines it, the same on every CPU).
    The demo models' int8 graph is the one in ``build/demo/packages/<name>.int8.edgepkg`` (``make
    demo``); MiniLM-L6 (sequence 128) and EfficientNet-Lite0 (ImageNet head, 224) get theirs from
-   ``converters.quantize`` with the SDK's default method and nearest rounding (no mixed precision:
-   ``bench.int8`` has the rest of the int8 story).
+   ``converters.quantize`` with the SDK's default method and the weight rounding ``convert`` would keep
+   (nearest or reconstructed, whichever is more faithful on the held-out inputs; no mixed precision:
+   ``bench.int8`` has the rest of the int8 story). OpenVINO compiles every model (NNCF's too) with the
+   batch axis bounded, as the ``openvino-cpu`` backend does.
 2. **End to end vs model alone** (demo packages, each CPU backend, ``edge_sdk.load``): throughput of
    ``model.predict_batch`` on the encoded test files (PNG / text lines; decode, preprocessing or
    tokenization, inference, postprocessing) against ``model.pipeline.infer`` on the feeds
@@ -54,7 +56,7 @@ import numpy as np
 
 from bench import _models
 from bench._log import Log
-from bench.int8 import DEMO_ROOT, Bench, edge_int8, fidelity, isa_info, load_bench, run_exact
+from bench.int8 import DEMO_ROOT, Bench, choose_rounding, edge_int8, fidelity, isa_info, load_bench, run_exact
 
 Feeds = dict[str, np.ndarray]
 Run = Callable[[Feeds], np.ndarray]
@@ -110,11 +112,13 @@ def ov_compiled(model: Any, precision: str = "f32") -> Run:
     "bf16": the float parts in bfloat16, which the backend never does by itself)."""
     import openvino as ov
 
-    from runtime.runners.openvino import compile_config
+    from runtime.runners.openvino import bound_batch, compile_config
 
     core = ov.Core()
     config = {**compile_config(THREADS), "INFERENCE_PRECISION_HINT": precision}
-    compiled = core.compile_model(core.read_model(model) if isinstance(model, bytes) else model, "CPU", config)
+    model = core.read_model(model) if isinstance(model, bytes) else model
+    bound_batch(model)  # the batch axis bounded, as the backend compiles it (NNCF's model too)
+    compiled = core.compile_model(model, "CPU", config)
     request = compiled.create_infer_request()
     out = compiled.outputs[0]
 
@@ -199,7 +203,7 @@ def time_rows(rows: list[Row], b1: Feeds, b8: Feeds, rounds: int) -> None:
 # --- per model ------------------------------------------------------------------------------------
 
 
-def model_files(key: str, b: Bench, served: str) -> tuple[bytes, bytes, str]:
+def model_files(key: str, b: Bench, served: str, reference: np.ndarray) -> tuple[bytes, bytes, str]:
     """(fp32 graph, int8 graph this CPU serves, where they come from)."""
     if key in PACKAGES:
         from runtime.backends import cpu_graph
@@ -212,16 +216,20 @@ def model_files(key: str, b: Bench, served: str) -> tuple[bytes, bytes, str]:
         graph = cpu_graph(package, "int8")
         m = package.manifest
         return package.read_bytes(m.model), package.read_bytes(m.graphs[graph]), f"{path.name}, graph {graph}"
-    rows, _ = edge_int8(b.path, b.cal, served, roundings=("nearest",))
-    chosen = next(r for r in rows if r.graph == served and r.model is not None)
-    return b.path.read_bytes(), chosen.model, f"converters.quantize ({served}, nearest rounding)"  # type: ignore[return-value]
+    rows, _ = edge_int8(b.path, b.cal, served)
+    for r in rows:  # the weight rounding convert would keep, by the exact fidelity on the held-out data
+        if r.graph == served and r.model is not None:
+            r.exact = fidelity(b.task, reference, run_exact(r.model, b.held), b.labels)
+    choose_rounding(b.task, rows)
+    chosen = next(r for r in rows if r.graph == served and r.chosen)
+    return b.path.read_bytes(), chosen.model, f"converters.quantize ({served}, {chosen.rounding} rounding)"  # type: ignore[return-value]
 
 
 def bench_model(key: str, args: argparse.Namespace, isa: dict[str, Any]) -> dict[str, Any]:
     cal_n, held_n = (32, 32) if args.quick else (128, 160)
     b = load_bench(key, Path("build/bench"), cal_n, held_n)
     served = isa["served_graph"]
-    fp32, int8, source = model_files(key, b, served)
+    fp32, int8, source = model_files(key, b, served, outputs(ort_run(b.path.read_bytes()), b.held))
     log(f"{b.title}: int8 graph from {source}; {sum(map(_n, b.held))} held-out inputs")
     rows = [Row("ORT fp32", "onnxruntime", "fp32", ort_run(fp32)),
             Row(f"ORT int8 {served}", "onnxruntime", served, ort_run(int8)),

@@ -219,14 +219,15 @@ def openvino_gives_way(package: Package, precision: str = "auto") -> str | None:
     this CPU rather than OpenVINO (None: OpenVINO is the faster of the two here).
 
     Measured by ``bench/cpu.py`` on the same graph files (onnxruntime 1.32, OpenVINO 2026.4, 2 threads,
-    x86-64 with AVX-512 VNNI, two runs): on transformers OpenVINO was faster at every batch size and
-    precision (``u8s8`` MiniLM-L6 2.88-3.15x onnxruntime fp32 against 1.64-2.10x, the demo text model
-    2.60-2.85x against 1.90-2.24x at batch 8; fp32 1.05-1.33x); on CNNs it was not (``u8s8`` 7-12%
-    faster at batch 8 but 6-16% slower at batch 1, fp32 0.80-0.94x, and it computes an anomaly head
-    after an int8 backbone wrongly, which parity refuses). Without VNNI OpenVINO ran the demo ``u8s8``
-    file 1.24x against onnxruntime's 1.73x, and on Arm64 it has not been timed: onnxruntime stays.
-    ``precision`` is the one asked (every rule in ``select.GIVES_WAY`` takes it); this one measured the
-    same order at every precision, so it does not read it."""
+    x86-64 with AVX-512 VNNI, OpenVINO's batch axis bounded as the backend compiles it): on transformers
+    OpenVINO was faster at every batch size and precision (``u8s8`` MiniLM-L6 2.54x / 3.15x onnxruntime
+    fp32 at batch 1 / 8 against 1.88x / 2.10x, the demo text model 2.74x / 3.20x against 2.00x / 2.18x;
+    fp32 1.04-1.09x); on CNNs its int8 tied at batch 1 and won at batch 8 (the demo CNN 2.14x / 2.58x
+    against 2.12x / 2.21x, EfficientNet-Lite0 2.17x / 2.60x against 2.16x / 2.21x) but its fp32 was
+    slower (0.89-0.92x), and it computes an anomaly head after an int8 backbone wrongly (parity refuses
+    it). Without VNNI OpenVINO ran the demo ``u8s8`` file 1.24x against onnxruntime's 1.73x, and on
+    Arm64 it has not been timed: onnxruntime stays. ``precision`` is the one asked (every rule in
+    ``select.GIVES_WAY`` takes it): for a CNN it decides whether an int8 graph would serve."""
     info = device_info()
     if info.arch not in ("x86_64", "amd64", "AMD64"):
         return f"onnxruntime's CPU provider is the measured choice on {info.arch} (OpenVINO not timed there)"
@@ -234,7 +235,10 @@ def openvino_gives_way(package: Package, precision: str = "auto") -> str | None:
     if graph != "u8s8":
         return "onnxruntime's CPU provider is faster on x86-64 without VNNI (bench/cpu.py)"
     if isinstance(package.manifest.preprocess, ImagePreprocess):
-        return "onnxruntime's CPU provider runs CNN graphs as fast or faster on this CPU (bench/cpu.py)"
+        if package.manifest.postprocess.kind == "anomaly":
+            return "onnxruntime's CPU provider serves anomaly models: OpenVINO computes their head after an int8 backbone wrongly"
+        if cpu_graph(package, precision) == "fp32":
+            return "onnxruntime's CPU provider runs fp32 CNN graphs faster on this CPU (bench/cpu.py)"
     return None
 
 

@@ -25,13 +25,12 @@ from runtime.prediction import (Prediction, Timings, anomaly_predictions, anomal
 from runtime.preprocess.image import preprocess_image, preprocess_images
 from runtime.preprocess.text import TextBatch, TextEncoder, TextFeeds, aggregate_windows, fixed_sequence_length
 from runtime.parity import Parity
-from runtime.runners.base import Runner
+from runtime.runners.base import DEFAULT_MAX_BATCH, Runner
 from runtime.select import Selection, Skipped, select_runner
 
 log = logging.getLogger(__name__)
 
 Encoder = Callable[[Sequence[Any]], dict[str, np.ndarray]]
-DEFAULT_MAX_BATCH = 32
 #: Texts whose windows ``predict_batch`` reads in one tokenizer call before running their buckets.
 TEXTS_PER_PASS = 1024
 #: At most this many image decode threads beside the model (see Pipeline.decode_workers).

@@ -21,6 +21,9 @@ from runtime.manifest import TensorSpec
 log = logging.getLogger(__name__)
 
 Feeds = Mapping[str, np.ndarray]
+#: Rows a pipeline runs at a time unless told otherwise (``predict_batch``); also the batch bound a
+#: runner may compile for (OpenVINO), running larger batches in chunks of this many.
+DEFAULT_MAX_BATCH = 32
 
 
 class Runner(abc.ABC):

@@ -5,16 +5,24 @@ the fp32 graph, or the int8 Q/DQ graph this CPU computes exactly, whose Quantize
 DequantizeLinear pairs its low-precision transformations turn into integer kernels. It computes in
 the precision the graph states: ``INFERENCE_PRECISION_HINT`` is f32, so a CPU with bf16 or AMX
 does not quietly run an fp32 graph in bf16 (which the fp32 parity tolerance would refuse anyway),
-and dynamic quantization of float weights is off. One compiled model serves every batch size (the
-graph's batch axis stays dynamic); compiled blobs are cached under the runtime's cache directory
-(``CACHE_DIR``) so a restart does not compile again. With a cache the graph is compiled from a file
-there named by its sha256 (OpenVINO then finds its blob without reading and hashing the graph:
-0.11 s instead of 0.30 s for the demo text graph's cached compile, 1.24 s uncached).
+and dynamic quantization of float weights is off. One compiled model serves every batch size: the
+batch axis is compiled bounded to [1, ``DEFAULT_MAX_BATCH``] (OpenVINO plans kernels and memory for a
+bounded shape: EfficientNet-Lite0 ``u8s8`` at batch 1 ran in 2.4 ms against 4.4 ms with the axis
+unbounded, MiniLM-L6 in 5.6 ms against 8.8 ms; x86-64 AVX-512 VNNI, 2 threads), and a larger batch runs
+in chunks of that many rows. Compiled blobs are cached under the runtime's cache directory
+(``CACHE_DIR``) so a restart does not compile again. With a cache the graph is compiled from OpenVINO IR
+files there (the bounded model, saved once, named by the package graph's sha256 and checked against
+the digests recorded beside them before each compile), so OpenVINO finds its blob without reading and
+hashing the graph (0.09 s for a 59 MB MiniLM graph, against 0.22 s reading and bounding it first).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,7 +32,7 @@ import numpy as np
 from edge_sdk.errors import BackendUnavailableError, InferenceError
 from runtime.files import write_atomic
 from runtime.manifest import TensorSpec
-from runtime.runners.base import Feeds, Runner, check_threads
+from runtime.runners.base import DEFAULT_MAX_BATCH, Feeds, Runner, check_threads
 from runtime.runners.onnxrt import GraphInput, check_graph_inputs
 
 OPENVINO_MISSING = "the openvino Python package is not installed (pip install 'edge-sdk[openvino]')"
@@ -57,6 +65,28 @@ def compile_config(threads: int | None) -> dict[str, Any]:
     return config
 
 
+#: Names the prepared IR files in the cache: change it when what ``_prepared`` writes changes.
+IR_LAYOUT = f"b{DEFAULT_MAX_BATCH}-v1"
+
+
+def bound_batch(model: Any, max_batch: int = DEFAULT_MAX_BATCH) -> bool:
+    """Bound axis 0 of every input of ``model`` (an ``openvino.Model``) to [1, ``max_batch``], in place,
+    when it is a batch axis: dynamic on every input and output. Returns whether it did."""
+    import openvino as ov
+
+    ports = [*model.inputs, *model.outputs]
+    shapes = [p.get_partial_shape() for p in ports]
+    if not shapes or not all(s.rank.is_static and s.rank.get_length() > 0 and s[0].is_dynamic for s in shapes):
+        return False
+    model.reshape({port: ov.PartialShape([ov.Dimension(1, max_batch), *list(shape)[1:]])
+                   for port, shape in zip(model.inputs, shapes)})
+    return True
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 class OpenVinoRunner(Runner):
     """Runs an ONNX graph with OpenVINO's CPU plugin."""
 
@@ -70,6 +100,7 @@ class OpenVinoRunner(Runner):
         self.cache_dir = cache_dir
         self._compiled: Any = None
         self._request: Any = None
+        self._bounded = False  # the batch axis compiled as [1, DEFAULT_MAX_BATCH]: larger batches run in chunks
         self._lock = threading.Lock()  # an infer request runs one inference at a time
 
     @property
@@ -85,11 +116,13 @@ class OpenVinoRunner(Runner):
         core = ov.Core()
         try:
             if self.cache_dir is None:
-                self._compiled = core.compile_model(core.read_model(self._model), "CPU", compile_config(self.threads))
+                model = core.read_model(self._model)
+                self._bounded = bound_batch(model)
+                self._compiled = core.compile_model(model, "CPU", compile_config(self.threads))
             else:
                 core.set_property({"CACHE_DIR": str(self.cache_dir)})
-                self._compiled = core.compile_model(str(self._graph_file(self.cache_dir)), "CPU",
-                                                    compile_config(self.threads))
+                path, self._bounded = self._prepared(core, self.cache_dir)
+                self._compiled = core.compile_model(str(path), "CPU", compile_config(self.threads))
         except Exception as exc:  # OpenVINO raises RuntimeError for graphs its frontend or plugin refuses
             raise InferenceError(f"OpenVINO could not compile the model: {exc}") from None
         check_graph_inputs([_graph_input(port) for port in self._compiled.inputs], self.inputs)
@@ -99,17 +132,44 @@ class OpenVinoRunner(Runner):
             raise InferenceError(f"OpenVINO's compiled model has no outputs {missing} (it has {sorted(names)})")
         self._request = self._compiled.create_infer_request()
 
-    def _graph_file(self, cache: Path) -> Path:
-        """The graph as a file in the cache, named by its content: written once, atomically, and rewritten
-        when the file there no longer hashes to its name."""
-        digest = hashlib.sha256(self._model).hexdigest()
-        path = cache / "graphs" / f"{digest}.onnx"
-        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, self._model)
-        return path
+    def _prepared(self, core: Any, cache: Path) -> tuple[Path, bool]:
+        """The bounded model as IR files in the cache (``<sha256 of the graph>.<layout>.xml`` / ``.bin``
+        and a ``.json`` record of their digests): written once, the record last, and written again
+        when a file no longer matches its record. Returns the ``.xml`` path and whether the batch axis
+        is bounded."""
+        import openvino as ov
+
+        folder = cache / "graphs"
+        stem = f"{hashlib.sha256(self._model).hexdigest()}.{IR_LAYOUT}"
+        xml, weights, record = (folder / f"{stem}.{kind}" for kind in ("xml", "bin", "json"))
+        try:
+            saved = json.loads(record.read_text())
+            if saved["xml"] == _sha256(xml) and saved["bin"] == _sha256(weights):
+                return xml, bool(saved["bounded"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # missing, partly written or changed: prepare it again
+        model = core.read_model(self._model)
+        bounded = bound_batch(model)
+        folder.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".ir-", dir=folder))
+        try:
+            ov.save_model(model, str(scratch / "model.xml"), compress_to_fp16=False)
+            os.replace(scratch / "model.bin", weights)
+            os.replace(scratch / "model.xml", xml)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        write_atomic(record, json.dumps({"xml": _sha256(xml), "bin": _sha256(weights), "bounded": bounded}).encode())
+        return xml, bounded
 
     def _infer_impl(self, feeds: Feeds) -> dict[str, np.ndarray]:
+        rows = len(next(iter(feeds.values()))) if feeds else 0
+        if not self._bounded or rows <= DEFAULT_MAX_BATCH:
+            return self._run(feeds)
+        parts = [self._run({k: v[s:s + DEFAULT_MAX_BATCH] for k, v in feeds.items()})
+                 for s in range(0, rows, DEFAULT_MAX_BATCH)]
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+    def _run(self, feeds: Feeds) -> dict[str, np.ndarray]:
         with self._lock:
             try:
                 self._request.infer({name: np.ascontiguousarray(value) for name, value in feeds.items()})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,8 @@ from tests import builders
 
 pytest.importorskip("openvino", reason="the [openvino] extra is not installed")
 
-from runtime.runners.openvino import OpenVinoRunner, compile_config  # noqa: E402
+from runtime.runners.base import DEFAULT_MAX_BATCH  # noqa: E402
+from runtime.runners.openvino import IR_LAYOUT, OpenVinoRunner, compile_config  # noqa: E402
 
 IMAGE_INPUT = (TensorSpec("image", "float32", ("batch", 3, 8, 8)),)
 LOGITS = (TensorSpec("logits", "float32", ("batch", 3)),)
@@ -40,7 +43,7 @@ def test_fp32_graph_matches_onnxruntime_at_every_batch_size() -> None:
     model = builders.cnn_model(size=8).SerializeToString()
     with OpenVinoRunner(model, IMAGE_INPUT, LOGITS, threads=1) as ov, \
             OnnxRuntimeRunner(model, IMAGE_INPUT, LOGITS, threads=1) as ort:
-        for batch in (1, 3, 8, 1):  # one compiled model, the batch axis dynamic
+        for batch in (1, 3, 8, 1, DEFAULT_MAX_BATCH + 9):  # one compiled model; past its batch bound, in chunks
             x = _images(batch, seed=batch)
             got, want = ov.infer({"image": x})["logits"], ort.infer({"image": x})["logits"]
             assert got.shape == (batch, 3)
@@ -156,11 +159,12 @@ def test_auto_prefers_openvino_only_where_it_was_measured_faster(int8_package: A
                                                                  text_package: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     image_fp32, text_fp32 = Package.open(image_package), Package.open(text_package)
-    _as_cpu(monkeypatch, "x86_64", "u8s8")  # x86-64 with VNNI: transformers on OpenVINO, CNNs on onnxruntime
+    _as_cpu(monkeypatch, "x86_64", "u8s8")  # x86-64 with VNNI: transformers and int8 CNNs on OpenVINO
     assert backends.openvino_gives_way(text_fp32) is None
     assert backends.openvino_gives_way(text_fp32, "int8") is None
-    assert "CNN graphs as fast or faster" in (backends.openvino_gives_way(image_fp32) or "")
-    assert "CNN graphs as fast or faster" in (backends.openvino_gives_way(int8_package) or "")
+    assert "fp32 CNN graphs faster" in (backends.openvino_gives_way(image_fp32) or "")
+    assert backends.openvino_gives_way(int8_package) is None and backends.openvino_gives_way(int8_package, "int8") is None
+    assert "fp32 CNN graphs faster" in (backends.openvino_gives_way(int8_package, "fp32") or "")
     _as_cpu(monkeypatch, "x86_64", "u8s7")  # x86-64 without VNNI
     assert "without VNNI" in (backends.openvino_gives_way(text_fp32) or "")
     _as_cpu(monkeypatch, "aarch64", "u8s8")
@@ -174,7 +178,7 @@ def test_under_auto_the_faster_cpu_backend_serves_and_the_other_says_why(image_p
     try:
         assert selection.backend == "onnxruntime-cpu"
         reasons = {s.backend: s.reason for s in selection.skipped}
-        assert "CNN graphs as fast or faster" in reasons["openvino-cpu"]
+        assert "fp32 CNN graphs faster" in reasons["openvino-cpu"]
     finally:
         selection.runner.deactivate()
     # an explicit policy is walked as written
@@ -195,24 +199,58 @@ def test_auto_on_this_machine_serves_from_the_backend_its_cpu_facts_name(int8_pa
         assert selection.parity is not None and selection.parity.ok
     finally:
         selection.runner.deactivate()
-    selection = select_runner(int8_package, "auto")  # a CNN: onnxruntime on every CPU measured
+    selection = select_runner(int8_package, "auto")  # an int8 CNN: where OpenVINO's int8 was measured faster
     try:
-        assert selection.backend == "onnxruntime-cpu" and selection.graph == graph
+        assert selection.backend == expected and selection.graph == graph, f"{arch}, CPU int8 graph {graph}"
+    finally:
+        selection.runner.deactivate()
+    selection = select_runner(int8_package, "auto", precision="fp32")  # its fp32 graph: onnxruntime everywhere
+    try:
+        assert selection.backend == "onnxruntime-cpu" and selection.graph == "fp32"
     finally:
         selection.runner.deactivate()
 
 
-def test_the_cached_graph_file_is_named_by_its_content_and_rewritten_when_it_changed(tmp_path: Path) -> None:
+def test_the_batch_axis_is_compiled_bounded_with_and_without_a_cache(tmp_path: Path) -> None:
+    model = builders.cnn_model(size=8).SerializeToString()
+    for cache in (None, tmp_path / "ov"):
+        with OpenVinoRunner(model, IMAGE_INPUT, LOGITS, threads=1, cache_dir=cache) as runner:
+            batch = runner.compiled.inputs[0].get_partial_shape()[0]
+            assert (batch.get_min_length(), batch.get_max_length()) == (1, DEFAULT_MAX_BATCH)
+    fixed = builders.cnn_model(size=8)  # batch 2 fixed in the graph: nothing to bound, compiled as it says
+    for value in (*fixed.graph.input, *fixed.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 2
+    with OpenVinoRunner(fixed.SerializeToString(), (TensorSpec("image", "float32", (2, 3, 8, 8)),),
+                        (TensorSpec("logits", "float32", (2, 3)),), threads=1) as runner:
+        assert runner.compiled.inputs[0].get_partial_shape().is_static
+        assert runner.infer({"image": _images(2)})["logits"].shape == (2, 3)
+
+
+def test_the_cached_ir_is_named_by_the_graph_content_and_rewritten_when_it_changed(tmp_path: Path) -> None:
     model = builders.cnn_model(size=8).SerializeToString()
     cache = tmp_path / "ov"
     with OpenVinoRunner(model, IMAGE_INPUT, LOGITS, threads=1, cache_dir=cache) as runner:
         want = runner.infer({"image": _images(2)})["logits"]
-    [graph] = (cache / "graphs").iterdir()
-    assert graph.read_bytes() == model and graph.name.endswith(".onnx")
-    graph.write_bytes(builders.cnn_model(size=8, seed=7).SerializeToString())  # another graph under this name
+    files = sorted(p.name for p in (cache / "graphs").iterdir())
+    stem = f"{hashlib.sha256(model).hexdigest()}.{IR_LAYOUT}"
+    assert files == [f"{stem}.bin", f"{stem}.json", f"{stem}.xml"]  # no scratch folder left behind
+    weights = cache / "graphs" / f"{stem}.bin"
+    record = json.loads((cache / "graphs" / f"{stem}.json").read_text())
+    assert record["bin"] == hashlib.sha256(weights.read_bytes()).hexdigest() and record["bounded"] is True
+    good = weights.read_bytes()
+    other = OpenVinoRunner(builders.cnn_model(size=8, seed=7).SerializeToString(), IMAGE_INPUT, LOGITS, threads=1,
+                           cache_dir=tmp_path / "other")
+    with other:
+        pass
+    [wrong] = (tmp_path / "other" / "graphs").glob("*.bin")
+    weights.write_bytes(wrong.read_bytes())  # another model's weights under this name
     with OpenVinoRunner(model, IMAGE_INPUT, LOGITS, threads=1, cache_dir=cache) as runner:
         np.testing.assert_allclose(runner.infer({"image": _images(2)})["logits"], want, rtol=1e-5, atol=1e-6)
-    assert graph.read_bytes() == model
+    assert weights.read_bytes() == good
+    (cache / "graphs" / f"{stem}.json").write_text("{")  # a record cut short by a crash
+    with OpenVinoRunner(model, IMAGE_INPUT, LOGITS, threads=1, cache_dir=cache) as runner:
+        np.testing.assert_allclose(runner.infer({"image": _images(2)})["logits"], want, rtol=1e-5, atol=1e-6)
+    assert json.loads((cache / "graphs" / f"{stem}.json").read_text())["bin"] == record["bin"]
 
 
 @pytest.fixture(scope="module")
@@ -249,6 +287,9 @@ def test_auto_leaves_int8_anomaly_packages_to_onnxruntime(anomaly_int8: Path) ->
     selection = select_runner(Package.open(anomaly_int8), "auto")  # this machine, whatever its ISA
     try:
         assert selection.backend == "onnxruntime-cpu" and selection.precision_label == f"int8-{graph}"
-        assert "openvino-cpu" in {s.backend for s in selection.skipped}
+        skipped = {s.backend: s.reason for s in selection.skipped}
+        assert "openvino-cpu" in skipped
+        if backends.device_info().arch == "x86_64" and graph == "u8s8":
+            assert "anomaly models" in skipped["openvino-cpu"]
     finally:
         selection.runner.deactivate()
