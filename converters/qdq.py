@@ -127,8 +127,6 @@ def write_qdq(
     A placement with no node left (mixed precision returned every layer to float) gives an
     unchanged copy of ``model``."""
     attention = placement.attention if variant in ATTENTION_VARIANTS else ()
-    if not placement.nodes and not attention:
-        return ir.copy(model)
     if not placement.nodes:
         out = ir.copy(model)
     else:
